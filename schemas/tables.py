@@ -1,0 +1,152 @@
+"""Arrow schemas of every lake table, declared once.
+
+Every table is partitioned by ``night`` (``YYYY-MM-DD``) and keyed as listed in :data:`KEYS`.
+Array columns (``flux``, ``ivar``, ``mask``) hold one spectrum per row on the camera's linear
+wavelength grid ``wave_min + dwave * arange(nwave)``; ``nwave`` is the same for every arm of an
+instrument, so readers may view them as fixed-size arrays (the Python API does). They are stored
+as Arrow ``list`` columns because the Delta Lake protocol has no fixed-size list type.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+
+def _schema(fields: list[tuple[str, pa.DataType, str]]) -> pa.Schema:
+    return pa.schema(
+        [pa.field(name, dtype, nullable=True, metadata={"description": doc}) for name, dtype, doc in fields]
+    )
+
+
+EXPOSURES = _schema([
+    ("night", pa.string(), "observing night YYYY-MM-DD (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("camera", pa.string(), "camera name <arm><spectrograph>"),
+    ("spectrograph", pa.int16(), "spectrograph number, 1-based"),
+    ("arm", pa.string(), "arm, b or r"),
+    ("obstype", pa.string(), "frame type from the header: BIAS DARK FLAT ARC SCIENCE STANDARD"),
+    ("exptime", pa.float32(), "exposure time (s)"),
+    ("mjd_obs", pa.float64(), "MJD of exposure start"),
+    ("date_obs", pa.string(), "UTC start, ISO 8601"),
+    ("instrument", pa.string(), "INSTRUME keyword"),
+    ("filename", pa.string(), "name of the delivered file"),
+    ("file_sha256", pa.string(), "SHA-256 of the delivered file's bytes: the frame's identity"),
+    ("file_size", pa.int64(), "size of the delivered file (bytes)"),
+    ("file_version", pa.int32(), "1 for the first file of this (night, expid, camera), +1 per changed re-delivery"),
+    ("pixel_sha256", pa.string(), "SHA-256 of the raw pixel array (C order, little-endian uint16)"),
+    ("raw_path", pa.string(), "Zarr array of the pixels, relative to the lake root"),
+    ("ny", pa.int32(), "rows of the raw array"),
+    ("nx", pa.int32(), "columns of the raw array (including overscan)"),
+    ("gain", pa.float32(), "GAIN keyword (e-/ADU)"),
+    ("read_noise", pa.float32(), "RDNOISE keyword (e-)"),
+    ("header_json", pa.string(), "the full primary header as JSON (cards in order)"),
+    ("ingested_at", TS, "time the row was committed"),
+])
+
+QUARANTINE = _schema([
+    ("night", pa.string(), "night of the delivery directory (partition)"),
+    ("filename", pa.string(), "name of the delivered file"),
+    ("file_sha256", pa.string(), "SHA-256 of the bytes (empty file: hash of nothing)"),
+    ("file_size", pa.int64(), "bytes"),
+    ("reason", pa.string(), "why the frame was refused, in words"),
+    ("error_class", pa.string(), "short machine-readable class, e.g. truncated, missing_keyword"),
+    ("stored_path", pa.string(), "copy of the refused bytes, relative to the lake root"),
+    ("quarantined_at", TS, "time the row was committed"),
+])
+
+FIBERMAP = _schema([
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("spectrograph", pa.int16(), "spectrograph number"),
+    ("fiber", pa.int16(), "fiber index within the spectrograph, 0-based"),
+    ("targetid", pa.int64(), "target id"),
+    ("ra", pa.float64(), "right ascension (deg)"),
+    ("dec", pa.float64(), "declination (deg)"),
+    ("mag", pa.float32(), "catalogue magnitude"),
+    ("objtype", pa.string(), "TGT, SKY or STD"),
+])
+
+SPECTRA_META = [
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("camera", pa.string(), "camera"),
+    ("spectrograph", pa.int16(), "spectrograph number"),
+    ("arm", pa.string(), "arm"),
+    ("fiber", pa.int16(), "fiber index within the spectrograph"),
+    ("targetid", pa.int64(), "target id from the fiber map (-1 when unknown)"),
+    ("objtype", pa.string(), "TGT, SKY, STD (from the fiber map)"),
+    ("obstype", pa.string(), "SCIENCE or STANDARD"),
+    ("extraction", pa.string(), "box or optimal"),
+    ("run_id", pa.string(), "run that produced the row (see table runs)"),
+    ("wave_min", pa.float64(), "wavelength of the first bin centre (Angstrom, air)"),
+    ("dwave", pa.float64(), "bin width (Angstrom)"),
+    ("nwave", pa.int32(), "number of bins"),
+    ("fiber_status", pa.int32(), "OR of mask bits that apply to the whole fiber (e.g. DEADFIBER)"),
+]
+
+SPECTRA = _schema(SPECTRA_META + [
+    ("flux", pa.list_(pa.float32()), "sky-subtracted, fiber-flatted flux (electrons per Angstrom)"),
+    ("ivar", pa.list_(pa.float32()), "inverse variance of flux; 0 where masked"),
+    ("mask", pa.list_(pa.uint32()), "mask bits (schemas.maskbits.Mask)"),
+    ("sky", pa.list_(pa.float32()), "sky model that was subtracted (electrons per Angstrom)"),
+])
+
+METRICS = _schema([
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("camera", pa.string(), "camera"),
+    ("fiber", pa.int16(), "fiber index"),
+    ("extraction", pa.string(), "box or optimal"),
+    ("run_id", pa.string(), "run id"),
+    ("objtype", pa.string(), "TGT, SKY, STD"),
+    ("snr_eq15", pa.float32(), "SNR against an 11-pixel median continuum (seed 000 eq. 15)"),
+    ("variance_eq14", pa.float32(), "variance of the spectrum (seed 000 eq. 14)"),
+    ("der_snr", pa.float32(), "DER_SNR (Stoehr et al. 2008)"),
+    ("median_snr", pa.float32(), "median of flux * sqrt(ivar) over unmasked bins"),
+    ("median_flux", pa.float32(), "median flux (electrons per Angstrom)"),
+    ("frac_masked", pa.float32(), "fraction of bins with ivar 0"),
+    ("wave_rms", pa.float32(), "RMS of the fiber's arc-line fit (Angstrom)"),
+    ("wave_nlines", pa.int32(), "arc lines used in the fiber's wavelength solution"),
+    ("trace_rms", pa.float32(), "RMS of the fiber's trace fit on the master flat (pixels)"),
+    ("trace_offset", pa.float32(), "median cross-dispersion offset of this frame's light from the calibration trace (pixels)"),
+    ("sky_chi2", pa.float32(), "for sky fibers: mean (residual/sigma)^2 after sky subtraction"),
+])
+
+RUNS = _schema([
+    ("run_id", pa.string(), "unique id of the run"),
+    ("night", pa.string(), "night processed (partition)"),
+    ("command", pa.string(), "the job that ran"),
+    ("code_version", pa.string(), "fiberlake version and git commit when known"),
+    ("config_json", pa.string(), "every stage parameter of the run, as JSON"),
+    ("config_hash", pa.string(), "SHA-256 of config_json"),
+    ("started_at", TS, "start time"),
+    ("finished_at", TS, "end time"),
+    ("n_frames", pa.int32(), "frames processed"),
+    ("n_failed", pa.int32(), "frames that failed (see status_json)"),
+    ("status_json", pa.string(), "per-frame outcome and error text"),
+])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "exposures": EXPOSURES,
+    "quarantine": QUARANTINE,
+    "fibermap": FIBERMAP,
+    "spectra": SPECTRA,
+    "metrics": METRICS,
+    "runs": RUNS,
+}
+
+KEYS: dict[str, tuple[str, ...]] = {
+    "exposures": ("night", "expid", "camera", "file_version"),
+    "quarantine": ("night", "filename", "file_sha256"),
+    "fibermap": ("night", "expid", "spectrograph", "fiber"),
+    "spectra": ("night", "expid", "camera", "fiber", "extraction"),
+    "metrics": ("night", "expid", "camera", "fiber", "extraction"),
+    "runs": ("run_id",),
+}
+
+ARRAY_COLUMNS: tuple[str, ...] = ("flux", "ivar", "mask", "sky")
+"""List columns that hold one value per wavelength bin."""
+
+PARTITION_COLUMN = "night"

@@ -1,0 +1,119 @@
+"""Where everything lives in a lake, and the lake's own description.
+
+A lake is one root directory::
+
+    lake.json                       instrument and format version (written once)
+    raw/<night>/<expid>/<camera>    Zarr v3 array per frame, pixels bit-exact, header as attributes
+    calib/<night>/<camera>          Zarr group: master bias, master flat, traces, wavelength solution
+    tables/<name>                   Delta Lake tables (see schemas.tables), partitioned by night
+    quarantine/<night>/<sha256>-<filename>   the refused bytes, kept so nothing is lost
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+LAKE_FORMAT_VERSION = 1
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class LakeError(RuntimeError):
+    """A lake that cannot be used as asked (wrong instrument, missing, corrupt)."""
+
+
+def safe_component(value: str, what: str) -> str:
+    """Return ``value`` if it is safe as one path component, else raise ``ValueError``.
+
+    Header values end up in paths; this refuses ``..``, separators, NUL, non-ASCII and very long
+    strings so that no header can write outside the lake.
+    """
+    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} is not a safe path component")
+    return value
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Paths of one lake root.
+
+    Parameters
+    ----------
+    root : Path
+        The lake directory (created on first write).
+    """
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> "Lake":
+        """Lake rooted at ``root`` (absolute path)."""
+        return cls(Path(root).expanduser().resolve())
+
+    # --- description -------------------------------------------------------------------
+    @property
+    def description_path(self) -> Path:
+        """``lake.json``."""
+        return self.root / "lake.json"
+
+    def describe(self) -> dict:
+        """The lake description, or ``{}`` for a lake not yet created."""
+        if not self.description_path.exists():
+            return {}
+        return json.loads(self.description_path.read_text())
+
+    def ensure(self, instrument: str) -> None:
+        """Create the lake for ``instrument``, or check that it already holds that instrument.
+
+        Raises
+        ------
+        LakeError
+            If the lake was created for a different instrument.
+        """
+        desc = self.describe()
+        if desc:
+            if desc.get("instrument") != instrument:
+                raise LakeError(
+                    f"lake {self.root} holds instrument {desc.get('instrument')!r}, not {instrument!r}"
+                )
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.description_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"instrument": instrument, "format_version": LAKE_FORMAT_VERSION}, indent=2))
+        os.replace(tmp, self.description_path)
+
+    @property
+    def instrument(self) -> str:
+        """Instrument name the lake holds.
+
+        Raises
+        ------
+        LakeError
+            If there is no lake at the root.
+        """
+        desc = self.describe()
+        if not desc:
+            raise LakeError(f"no lake at {self.root} (run 'fiberlake ingest' first)")
+        return desc["instrument"]
+
+    # --- paths -------------------------------------------------------------------------
+    def raw_relpath(self, night: str, expid: int, camera: str, version: int = 1) -> str:
+        """Path of a raw frame array relative to the root."""
+        name = safe_component(camera, "camera") + ("" if version == 1 else f".v{int(version)}")
+        return f"raw/{safe_component(night, 'night')}/{int(expid):08d}/{name}"
+
+    def calib_path(self, night: str, camera: str) -> Path:
+        """Zarr group of a night's calibration set for one camera."""
+        return self.root / "calib" / safe_component(night, "night") / safe_component(camera, "camera")
+
+    def table_path(self, name: str) -> Path:
+        """Delta table directory."""
+        return self.root / "tables" / safe_component(name, "table")
+
+    def quarantine_relpath(self, night: str, sha256: str, filename: str) -> str:
+        """Where refused bytes are kept, relative to the root."""
+        clean = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(filename))[:100] or "unnamed"
+        return f"quarantine/{safe_component(night, 'night')}/{sha256[:16]}-{clean}"

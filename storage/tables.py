@@ -1,0 +1,178 @@
+"""Lake tables: Delta Lake over Parquet, atomic and idempotent commits.
+
+Every write is one Delta commit, so a reader sees all of it or none of it. Two kinds of write:
+
+* :meth:`TableStore.append` adds rows; when given a ``txn`` (an application id and a
+  monotonically increasing version), the commit records it and a later call with a version that
+  is not newer is a no-op, so a retried job cannot add its rows twice.
+* :meth:`TableStore.replace` deletes the rows matching a predicate and adds the new rows in the
+  same commit (Delta's ``overwrite`` with ``predicate``): re-processing an exposure swaps its rows
+  atomically and never leaves two copies.
+
+Files are ZSTD-compressed Parquet with row groups of 512 rows and BYTE_STREAM_SPLIT encoding
+for float columns (the layout measured best here for per-fiber spectra, ``anchors/lake.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+from deltalake import (
+    ColumnProperties,
+    CommitProperties,
+    DeltaTable,
+    Transaction,
+    WriterProperties,
+    write_deltalake,
+)
+
+from fiberlake.schemas.tables import ARRAY_COLUMNS, PARTITION_COLUMN, SCHEMAS
+
+ROW_GROUP_ROWS = 512
+
+
+@dataclass(frozen=True)
+class Txn:
+    """An application transaction: ``app_id`` commits at most once per ``version``."""
+
+    app_id: str
+    version: int
+
+
+def _writer_properties(schema: pa.Schema) -> WriterProperties:
+    # Scalar float columns: BYTE_STREAM_SPLIT, no dictionary. delta-rs applies per-column
+    # properties only to top-level leaves, so list columns (spectra) get the table default,
+    # which turns dictionaries off (float spectra do not repeat; zstd does the work).
+    float_cols = {
+        field.name: ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT")
+        for field in schema
+        if pa.types.is_floating(field.type)
+    }
+    has_lists = any(pa.types.is_list(field.type) for field in schema)
+    return WriterProperties(
+        compression="ZSTD",
+        compression_level=3,
+        max_row_group_size=ROW_GROUP_ROWS,
+        default_column_properties=ColumnProperties(dictionary_enabled=False) if has_lists else None,
+        column_properties=float_cols,
+    )
+
+
+def conform(table_name: str, data: pa.Table | list[dict] | dict) -> pa.Table:
+    """Cast rows to the declared schema of ``table_name`` (column order and types).
+
+    Raises
+    ------
+    ValueError
+        If a declared column is missing or an extra column is present.
+    """
+    schema = SCHEMAS[table_name]
+    if isinstance(data, list):
+        data = pa.Table.from_pylist(data, schema=schema)
+    elif isinstance(data, dict):
+        data = pa.table(data)
+    missing = set(schema.names) - set(data.column_names)
+    extra = set(data.column_names) - set(schema.names)
+    if missing or extra:
+        raise ValueError(f"table {table_name}: missing columns {sorted(missing)}, unexpected {sorted(extra)}")
+    return data.select(schema.names).cast(schema)
+
+
+class TableStore:
+    """The Delta tables of one lake.
+
+    Parameters
+    ----------
+    tables_root : Path
+        Directory that holds one sub-directory per table.
+    """
+
+    def __init__(self, tables_root: Path):
+        self.root = Path(tables_root)
+
+    def path(self, name: str) -> Path:
+        """Directory of table ``name``."""
+        if name not in SCHEMAS:
+            raise KeyError(f"unknown table {name!r}; tables: {sorted(SCHEMAS)}")
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        """Whether table ``name`` has been created."""
+        return DeltaTable.is_deltatable(str(self.path(name)))
+
+    def delta(self, name: str, version: int | None = None) -> DeltaTable:
+        """The :class:`deltalake.DeltaTable`, optionally as of ``version``."""
+        return DeltaTable(str(self.path(name)), version=version)
+
+    def committed_version(self, name: str, app_id: str) -> int | None:
+        """Last version committed by application ``app_id`` on table ``name`` (None if never)."""
+        if not self.exists(name):
+            return None
+        return self.delta(name).transaction_version(app_id)
+
+    def _write(self, name: str, table: pa.Table, mode: str, predicate: str | None, txn: Txn | None) -> bool:
+        if txn is not None:
+            done = self.committed_version(name, txn.app_id)
+            if done is not None and done >= txn.version:
+                return False
+        commit = CommitProperties(app_transactions=[Transaction(txn.app_id, txn.version)]) if txn else None
+        if not self.exists(name):
+            self.path(name).mkdir(parents=True, exist_ok=True)
+            mode = "append" if mode == "overwrite" else mode
+            predicate = None
+        write_deltalake(
+            str(self.path(name)),
+            table,
+            partition_by=[PARTITION_COLUMN],
+            mode=mode,
+            predicate=predicate,
+            writer_properties=_writer_properties(table.schema),
+            commit_properties=commit,
+        )
+        return True
+
+    def append(self, name: str, data: pa.Table | list[dict], txn: Txn | None = None) -> bool:
+        """Append rows in one commit.
+
+        Returns
+        -------
+        bool
+            False when ``txn`` was already committed (nothing written), True otherwise.
+        """
+        table = conform(name, data)
+        if table.num_rows == 0:
+            return False
+        return self._write(name, table, "append", None, txn)
+
+    def replace(self, name: str, data: pa.Table | list[dict], predicate: str, txn: Txn | None = None) -> bool:
+        """Atomically delete rows matching ``predicate`` (SQL) and add ``data`` in one commit.
+
+        The new rows must all satisfy ``predicate`` (Delta checks this).
+        """
+        table = conform(name, data)
+        return self._write(name, table, "overwrite", predicate, txn)
+
+    def read(self, name: str, filters: list | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Read table ``name`` into an Arrow table (empty with the declared schema if absent)."""
+        if not self.exists(name):
+            return SCHEMAS[name].empty_table()
+        return self.delta(name).to_pyarrow_table(filters=filters, columns=columns)
+
+    def scan(self, name: str, version: int | None = None) -> pl.LazyFrame:
+        """Polars LazyFrame over table ``name``; array columns as fixed-size ``pl.Array`` where uniform."""
+        if not self.exists(name):
+            return pl.LazyFrame(schema=pl.from_arrow(SCHEMAS[name].empty_table()).schema)
+        lf = pl.scan_delta(str(self.path(name)), version=version)
+        return lf
+
+    def version(self, name: str) -> int:
+        """Current table version (-1 if the table does not exist)."""
+        return self.delta(name).version() if self.exists(name) else -1
+
+
+def array_columns(schema: pa.Schema) -> list[str]:
+    """Names of per-wavelength list columns present in ``schema``."""
+    return [c for c in ARRAY_COLUMNS if c in schema.names]
