@@ -1,0 +1,219 @@
+"""Read and validate one raw FITS frame against the header contract and its instrument.
+
+Every way a delivered file can be unusable raises :class:`FrameRejected` with a short machine
+class (``error_class``) and a sentence a person can act on (``reason``). Nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from fiberlake.schemas.header import (
+    CAMERA_PATTERN,
+    NIGHT_PATTERN,
+    OBSTYPES,
+    REQUIRED_KEYWORDS,
+    parse_section,
+)
+from fiberlake.schemas.instrument import Instrument, get_instrument
+
+FITS_BLOCK = 2880
+
+
+class FrameRejected(Exception):
+    """A delivered file that cannot enter the lake.
+
+    Parameters
+    ----------
+    error_class : str
+        Short class, e.g. ``"truncated"``, ``"missing_keyword"``, ``"bad_shape"``.
+    reason : str
+        What is wrong, in words.
+    """
+
+    def __init__(self, error_class: str, reason: str):
+        super().__init__(reason)
+        self.error_class = error_class
+        self.reason = reason
+
+
+@dataclass
+class RawFrame:
+    """A validated raw frame."""
+
+    pixels: np.ndarray
+    header: fits.Header
+    instrument: Instrument
+    night: str
+    expid: int
+    camera: str
+    spectrograph: int
+    arm: str
+    obstype: str
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> tuple[str, int]:
+    """SHA-256 hex digest and size of a file, read in blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _card_value(header: fits.Header, key: str, kind: type):
+    if key not in header:
+        raise FrameRejected("missing_keyword", f"required header keyword {key} is missing")
+    value = header[key]
+    try:
+        if kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            out = float(value)
+            if not np.isfinite(out):
+                raise ValueError
+            return out
+        if not isinstance(value, str):
+            raise ValueError
+        return value.strip()
+    except (TypeError, ValueError):
+        raise FrameRejected("bad_keyword", f"header keyword {key} = {value!r} is not a valid {kind.__name__}") from None
+
+
+def validate_header(header: fits.Header, instrument: Instrument | None = None) -> dict:
+    """Check the header contract; return the typed values of the required keywords.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        Primary header of the frame.
+    instrument : Instrument, optional
+        Instrument the lake holds; the frame must belong to it.
+
+    Raises
+    ------
+    FrameRejected
+        On any missing, mistyped or inconsistent keyword, or values unsafe to use in paths.
+    """
+    values = {kw.name: _card_value(header, kw.name, kw.kind) for kw in REQUIRED_KEYWORDS}
+    for key in ("INSTRUME", "NIGHT", "CAMERA", "ARM", "OBSTYPE"):
+        text = values[key]
+        if not text.isascii() or not text.isprintable() or len(text) > 64 or "/" in text or ".." in text:
+            raise FrameRejected("unsafe_keyword", f"header keyword {key} = {text[:80]!r} is not a safe identifier")
+    if not NIGHT_PATTERN.match(values["NIGHT"]):
+        raise FrameRejected("bad_keyword", f"NIGHT = {values['NIGHT']!r} is not YYYY-MM-DD")
+    if not CAMERA_PATTERN.match(values["CAMERA"]):
+        raise FrameRejected("bad_keyword", f"CAMERA = {values['CAMERA']!r} is not <arm letter><spectrograph>")
+    obstype = values["OBSTYPE"].upper()
+    if obstype not in OBSTYPES:
+        raise FrameRejected("bad_keyword", f"OBSTYPE = {values['OBSTYPE']!r} is not one of {', '.join(OBSTYPES)}")
+    values["OBSTYPE"] = obstype
+    if values["CAMERA"] != f"{values['ARM']}{values['SPECID']}":
+        raise FrameRejected(
+            "bad_keyword", f"CAMERA = {values['CAMERA']!r} disagrees with ARM = {values['ARM']!r}, SPECID = {values['SPECID']}"
+        )
+    if values["EXPID"] < 0:
+        raise FrameRejected("bad_keyword", f"EXPID = {values['EXPID']} is negative")
+    if values["EXPTIME"] < 0 or values["GAIN"] <= 0 or values["RDNOISE"] < 0:
+        raise FrameRejected("bad_keyword", "EXPTIME, GAIN or RDNOISE is out of range")
+    try:
+        inst = get_instrument(values["INSTRUME"])
+    except KeyError as err:
+        raise FrameRejected("unknown_instrument", str(err.args[0])) from None
+    if instrument is not None and inst.name != instrument.name:
+        raise FrameRejected("wrong_instrument", f"frame is from {inst.name!r} but the lake holds {instrument.name!r}")
+    arm = values["ARM"]
+    if arm not in {a.name for a in inst.arms} or not 1 <= values["SPECID"] <= inst.n_spectrographs:
+        raise FrameRejected("bad_keyword", f"camera {values['CAMERA']!r} does not exist on instrument {inst.name!r}")
+    for key in ("DATASEC", "BIASSEC"):
+        try:
+            parse_section(values[key])
+        except ValueError as err:
+            raise FrameRejected("bad_keyword", f"{key}: {err}") from None
+    values["_instrument"] = inst
+    return values
+
+
+def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
+    """Open, verify and validate a raw frame.
+
+    Checks, in order: the file is non-empty and a whole number of FITS blocks; astropy can parse
+    it; CHECKSUM/DATASUM match when present; the header contract; BITPIX/BZERO give uint16;
+    the shape is the instrument's raw shape; the pixels are not all zero or all saturated.
+
+    Raises
+    ------
+    FrameRejected
+        With a readable reason for any failure.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise FrameRejected("empty", "the file is empty (0 bytes)")
+    if size % FITS_BLOCK:
+        raise FrameRejected(
+            "truncated", f"file size {size} is not a multiple of the FITS block (2880 bytes): truncated or still being written"
+        )
+    with open(path, "rb") as handle:
+        if not handle.read(30).startswith(b"SIMPLE  =                    T"):
+            raise FrameRejected("not_fits", "the file does not start with a FITS primary header (SIMPLE = T)")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, memmap=False, checksum=True, do_not_scale_image_data=False, uint=True) as hdul:
+                hdu = hdul[0]
+                header = hdu.header.copy()
+                bitpix, bzero = header.get("BITPIX"), header.get("BZERO", 0)
+                data = hdu.data
+                data = None if data is None else np.array(data)
+    except FrameRejected:
+        raise
+    except Exception as err:  # astropy raises many types for corrupt files
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        cls = "truncated" if "truncat" in text.lower() or "smaller than" in text.lower() else "unreadable"
+        raise FrameRejected(cls, f"astropy could not read the FITS file: {text}") from None
+    for warning in caught:
+        message = str(warning.message)
+        if "checksum" in message.lower() or "datasum" in message.lower():
+            raise FrameRejected("checksum", f"CHECKSUM/DATASUM verification failed: {message[:200]}")
+        if "truncat" in message.lower():
+            raise FrameRejected("truncated", f"the file is truncated: {message[:200]}")
+    values = validate_header(header, instrument)
+    inst: Instrument = values["_instrument"]
+    if data is None:
+        raise FrameRejected("no_data", "the primary HDU has no pixel data")
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise FrameRejected("nonfinite", f"{bad} pixels are NaN or infinite (raw frames must be uint16)")
+    if not (bitpix == 16 and bzero == 32768 and data.dtype == np.uint16):
+        raise FrameRejected(
+            "bad_bitpix", f"pixels are BITPIX={bitpix}, BZERO={bzero} ({data.dtype}); raw frames must be uint16 (BITPIX=16, BZERO=32768)"
+        )
+    if data.shape != inst.raw_shape:
+        raise FrameRejected("bad_shape", f"shape {data.shape} differs from the {inst.name} raw shape {inst.raw_shape}")
+    if not data.any():
+        raise FrameRejected("all_zero", "every pixel is zero (dead readout)")
+    if np.all(data >= inst.saturation):
+        raise FrameRejected("saturated", "every pixel is saturated")
+    return RawFrame(
+        pixels=data,
+        header=header,
+        instrument=inst,
+        night=values["NIGHT"],
+        expid=values["EXPID"],
+        camera=values["CAMERA"],
+        spectrograph=values["SPECID"],
+        arm=values["ARM"],
+        obstype=values["OBSTYPE"],
+    )
