@@ -1,0 +1,65 @@
+"""``fiberlake demo``: simulate a mini night, ingest it, process it, and report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+
+from fiberlake.jobs.ingest import ingest_night
+from fiberlake.jobs.process import process_night
+from fiberlake.jobs.query import sql
+from fiberlake.storage.layout import Lake
+
+NIGHT = "2026-11-21"
+
+REPORT_QUERY = """
+SELECT m.extraction, f.objtype, count(*) AS n_fibers,
+       round(median(m.median_snr), 2) AS median_snr,
+       round(median(m.snr_eq15), 2) AS median_snr_eq15,
+       round(median(m.wave_rms), 4) AS median_wave_rms_A
+FROM metrics m JOIN fibermap f
+  ON m.night = f.night AND m.expid = f.expid AND m.fiber = f.fiber
+GROUP BY m.extraction, f.objtype
+ORDER BY m.extraction, f.objtype
+"""
+
+
+def run_demo(workdir: Path, *, seed: int = 0, progress: bool = True) -> pl.DataFrame:
+    """Run the whole chain on a simulated ``mini`` night and print a short report.
+
+    Parameters
+    ----------
+    workdir : Path
+        Directory for the simulated night (``workdir/nights``) and the lake (``workdir/lake``).
+    seed : int
+        Simulation seed.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    polars.DataFrame
+        The report query's result.
+    """
+    from fiberlake.ingest.simulate import simulate_night
+
+    workdir = Path(workdir)
+    lake = Lake.at(workdir / "lake")
+    t0 = time.perf_counter()
+    paths = simulate_night("mini", NIGHT, workdir / "nights", seed=seed, progress=progress)
+    t1 = time.perf_counter()
+    ingest = ingest_night(lake, workdir / "nights" / NIGHT, progress=progress)
+    t2 = time.perf_counter()
+    processed = process_night(lake, NIGHT, progress=progress)
+    t3 = time.perf_counter()
+    print(f"simulated {len(paths)} frames in {t1 - t0:.1f} s")
+    print(f"ingest:  {ingest.summary()} in {t2 - t1:.1f} s")
+    print(f"process: {processed.summary()} in {t3 - t2:.1f} s")
+    print(f"lake:    {lake.root}")
+    result = sql(lake, REPORT_QUERY)
+    with pl.Config(tbl_rows=50, tbl_cols=-1):
+        print(result)
+    print(f'try: fiberlake query --lake {lake.root} "SELECT camera, count(*) FROM spectra GROUP BY camera"')
+    return result

@@ -1,0 +1,262 @@
+"""The classical reduction of one camera, as pure functions over arrays.
+
+Two steps, each a list of calls to the stage modules:
+
+* :func:`build_calibration`: master bias -> master flat -> traces -> wavelength solution from
+  the arcs -> fiber flats (one per extraction method, extracted the same way as science);
+* :func:`reduce_frame`: CCD correction -> extraction on the row grid -> fiber flat ->
+  resampling onto the camera's wavelength grid -> sky subtraction -> quality metrics.
+
+No file or table I/O happens here; ``jobs/process.py`` reads frames and writes products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fiberlake.processors import ccd, extract, fiberflat, quality, resample, sky, tracing, wavecal
+from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.calib import TraceSet, WaveSolution
+from fiberlake.schemas.instrument import Instrument
+from fiberlake.schemas.linelists import arc_lines
+from fiberlake.schemas.maskbits import Mask
+
+EXTRACTIONS = ("box", "optimal")
+
+
+@dataclass(frozen=True)
+class ReductionParams:
+    """Parameters of the classical reduction (recorded in the ``runs`` table).
+
+    Attributes
+    ----------
+    extractions : tuple of str
+        Extraction methods to run, from ``("box", "optimal")``.
+    cosmics : bool
+        Detect cosmic rays on science and standard frames (astroscrappy).
+    box_halfwidth : float
+        Half width (pixels) of the box and optimal apertures.
+    trace_deg : int
+        Legendre degree of the fiber traces.
+    wave_deg : int
+        Legendre degree of the wavelength solutions.
+    optimal_reject_sigma : float
+        Outlier rejection threshold of the optimal extraction.
+    """
+
+    extractions: tuple[str, ...] = EXTRACTIONS
+    cosmics: bool = True
+    box_halfwidth: float = 7.0
+    trace_deg: int = 5
+    wave_deg: int = 4
+    optimal_reject_sigma: float = 5.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.extractions) - set(EXTRACTIONS)
+        if unknown or not self.extractions:
+            raise ValueError(f"unknown extraction {sorted(unknown)}; choose from {EXTRACTIONS}")
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable parameters."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Calibration:
+    """A night's calibration set for one camera."""
+
+    master_bias: np.ndarray
+    master_flat: np.ndarray
+    master_flat_ivar: np.ndarray
+    traces: TraceSet
+    wave: WaveSolution
+    fiberflats: dict[str, Spectra1D]
+    grid: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReducedFrame:
+    """Calibrated spectra of one frame for one extraction method."""
+
+    spectra: Spectra1D
+    sky: Spectra1D
+    metrics: dict[str, np.ndarray]
+    frame_metrics: dict[str, float]
+
+
+def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: ReductionParams) -> Spectra1D:
+    if method == "box":
+        return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box_halfwidth)
+    return extract.optimal_extract(
+        image.image, image.ivar, image.mask, traces,
+        halfwidth=params.box_halfwidth, reject_sigma=params.optimal_reject_sigma,
+    )
+
+
+def build_calibration(
+    biases: list[np.ndarray],
+    flats: list[np.ndarray],
+    arcs: list[np.ndarray],
+    ccd_params: ccd.CCDParams,
+    instrument: Instrument,
+    arm: str,
+    params: ReductionParams,
+) -> Calibration:
+    """Build the calibration set of one camera from its raw calibration frames.
+
+    Parameters
+    ----------
+    biases, flats, arcs : list of ndarray
+        Raw frames (ADU, with overscan). At least one of each is needed.
+    ccd_params : CCDParams
+        Gain, read noise and sections of the camera.
+    instrument : Instrument
+        Instrument description (nominal fiber positions, arm dispersion, output grid).
+    arm : str
+        Arm of the camera.
+    params : ReductionParams
+        Reduction parameters.
+
+    Returns
+    -------
+    Calibration
+    """
+    for kind, frames in (("BIAS", biases), ("FLAT", flats), ("ARC", arcs)):
+        if not frames:
+            raise ValueError(f"no {kind} frame for this camera: cannot build its calibration set")
+    bias_images = [ccd.overscan_subtract(raw, ccd_params.datasec, ccd_params.biassec) for raw in biases]
+    master_bias = ccd.combine_frames(bias_images) if len(bias_images) > 1 else bias_images[0]
+
+    flat_images = [ccd.preprocess(raw, ccd_params, master_bias) for raw in flats]
+    master_flat = ccd.combine_frames([f.image for f in flat_images]) if len(flat_images) > 1 else flat_images[0].image
+    flat_mask = np.bitwise_or.reduce([f.mask for f in flat_images])
+    # variance of a mean of n frames: Poisson + read noise each, divided by n
+    n = len(flat_images)
+    flat_var = (ccd_params.read_noise**2 + np.clip(master_flat, 0, None)) / n
+    flat_ivar = np.where(flat_mask == 0, 1.0 / flat_var, 0.0).astype(np.float32)
+    flat = ccd.CCDImage(image=master_flat.astype(np.float32), ivar=flat_ivar, mask=flat_mask)
+
+    traces = tracing.trace_fibers(flat.image, flat.ivar, instrument.nominal_fiber_columns(), deg=params.trace_deg)
+
+    arc_images = [ccd.preprocess(raw, ccd_params, master_bias) for raw in arcs]
+    arc_image = ccd.combine_frames([a.image for a in arc_images]) if len(arc_images) > 1 else arc_images[0].image
+    arc_var = (ccd_params.read_noise**2 + np.clip(arc_image, 0, None)) / len(arc_images)
+    arc_mask = np.bitwise_or.reduce([a.mask for a in arc_images])
+    arc_ivar = np.where(arc_mask == 0, 1.0 / arc_var, 0.0).astype(np.float32)
+    spec = instrument.arm(arm)
+    wave = wavecal.calibrate_wavelength(
+        arc_image, arc_ivar, traces, arc_lines()["wave_air"], spec.wave_center, spec.dispersion, deg=params.wave_deg
+    )
+
+    fiberflats = {}
+    for method in params.extractions:
+        flat_spectra = _extract(method, flat, traces, params)
+        fiberflats[method] = fiberflat.compute_fiberflat(flat_spectra, traces.dead)
+    return Calibration(
+        master_bias=master_bias.astype(np.float32),
+        master_flat=flat.image,
+        master_flat_ivar=flat.ivar,
+        traces=traces,
+        wave=wave,
+        fiberflats=fiberflats,
+        grid=instrument.wavelengths(arm),
+        info={"n_bias": len(biases), "n_flat": len(flats), "n_arc": len(arcs)},
+    )
+
+
+def _trace_offsets(image: ccd.CCDImage, traces: TraceSet, halfwidth: float) -> np.ndarray:
+    """Median flux-weighted offset (pixels) of each fiber's light from its calibration trace."""
+    ny, nx = image.image.shape
+    rows = np.arange(ny)
+    xc = traces.x(rows)  # [nf, ny]
+    offsets = np.arange(-int(halfwidth), int(halfwidth) + 1)
+    cols = np.rint(xc)[..., None].astype(int) + offsets  # [nf, ny, nw]
+    inside = (cols >= 0) & (cols < nx)
+    colsc = np.clip(cols, 0, nx - 1)
+    values = image.image[rows[None, :, None], colsc] * inside * (image.ivar[rows[None, :, None], colsc] > 0)
+    values = np.clip(values, 0, None)
+    total = values.sum(-1)
+    centroid = (values * (colsc - xc[..., None])).sum(-1) / np.where(total > 0, total, 1)
+    weight = total > np.nanpercentile(total, 50, axis=1, keepdims=True)
+    out = np.array([np.median(c[w]) if w.any() else np.nan for c, w in zip(centroid, weight)])
+    return out.astype(np.float32)
+
+
+def reduce_frame(
+    raw: np.ndarray,
+    ccd_params: ccd.CCDParams,
+    calib: Calibration,
+    sky_fibers: np.ndarray,
+    params: ReductionParams,
+) -> dict[str, ReducedFrame]:
+    """Reduce one science or standard frame to calibrated spectra, per extraction method.
+
+    Parameters
+    ----------
+    raw : ndarray
+        Raw frame (ADU, with overscan).
+    ccd_params : CCDParams
+        Camera parameters from the frame's header.
+    calib : Calibration
+        The camera's calibration set.
+    sky_fibers : ndarray of bool, shape (n_fibers,)
+        Fibers that point at blank sky (from the fiber map).
+    params : ReductionParams
+        Reduction parameters.
+
+    Returns
+    -------
+    dict of str to ReducedFrame
+        Keyed by extraction method.
+    """
+    image = ccd.preprocess(raw, ccd_params, calib.master_bias, cosmics=params.cosmics)
+    wave_rows = calib.wave.wave()
+    dead = calib.traces.dead
+    sky_fibers = np.asarray(sky_fibers, bool) & ~dead
+    offsets = _trace_offsets(image, calib.traces, params.box_halfwidth)
+    out: dict[str, ReducedFrame] = {}
+    for method in params.extractions:
+        rows = _extract(method, image, calib.traces, params)
+        flatted = fiberflat.apply_fiberflat(rows, calib.fiberflats[method])
+        on_grid = resample.resample_to_grid(wave_rows, flatted, calib.grid)
+        on_grid.mask[dead] |= np.uint32(Mask.DEADFIBER)
+        on_grid.ivar[dead] = 0
+        sky_model = sky.sky_model(on_grid, sky_fibers)
+        final = sky.subtract_sky(on_grid, sky_model)
+        residuals = sky.sky_residuals(on_grid, sky_fibers) if sky_fibers.sum() >= 3 else {}
+        out[method] = ReducedFrame(
+            spectra=final,
+            sky=sky_model,
+            metrics=fiber_metrics(final, calib, offsets, sky_fibers),
+            frame_metrics={k: float(v) for k, v in residuals.items()}
+            | {"trace_offset_rms": float(np.sqrt(np.nanmean(offsets[~dead] ** 2)))},
+        )
+    return out
+
+
+def fiber_metrics(spectra: Spectra1D, calib: Calibration, offsets: np.ndarray, sky_fibers: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-fiber quality figures of calibrated spectra (columns of the ``metrics`` table)."""
+    good = spectra.ivar > 0
+    flux = np.where(good, spectra.flux, np.nan)
+    snr_pix = np.where(good, spectra.flux * np.sqrt(np.clip(spectra.ivar, 0, None)), np.nan)
+    with np.errstate(all="ignore"):
+        median_snr = np.nanmedian(snr_pix, axis=1)
+        median_flux = np.nanmedian(flux, axis=1)
+        chi2 = np.nanmean(np.where(good, spectra.flux**2 * spectra.ivar, np.nan), axis=1)
+    mask = ~good
+    return {
+        "snr_eq15": quality.snr_eq15(spectra.flux, mask),
+        "variance_eq14": quality.variance_eq14(spectra.flux, mask),
+        "der_snr": quality.der_snr(spectra.flux, mask),
+        "median_snr": median_snr,
+        "median_flux": median_flux,
+        "frac_masked": mask.mean(axis=1),
+        "wave_rms": calib.wave.rms,
+        "wave_nlines": calib.wave.n_lines,
+        "trace_rms": calib.traces.rms,
+        "trace_offset": offsets,
+        "sky_chi2": np.where(sky_fibers, chi2, np.nan),
+    }
