@@ -144,6 +144,20 @@ def validate_header(header: fits.Header, instrument: Instrument | None = None) -
     return values
 
 
+def _declared_size(path: Path) -> int | None:
+    """Bytes the primary HDU should occupy according to its header (None if unreadable)."""
+    try:
+        with open(path, "rb") as handle:
+            header = fits.Header.fromfile(handle)
+            header_bytes = handle.tell()
+        nbytes = abs(int(header["BITPIX"])) // 8
+        for axis in range(1, int(header["NAXIS"]) + 1):
+            nbytes *= int(header[f"NAXIS{axis}"])
+        return header_bytes + -(-nbytes // FITS_BLOCK) * FITS_BLOCK
+    except Exception:
+        return None
+
+
 def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
     """Open, verify and validate a raw frame.
 
@@ -180,6 +194,11 @@ def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
         raise
     except Exception as err:  # astropy raises many types for corrupt files
         text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        expected = _declared_size(path)
+        if expected is not None and size < expected:
+            raise FrameRejected(
+                "truncated", f"the file has {size} bytes but its header declares {expected}: truncated or still being written"
+            ) from None
         cls = "truncated" if "truncat" in text.lower() or "smaller than" in text.lower() else "unreadable"
         raise FrameRejected(cls, f"astropy could not read the FITS file: {text}") from None
     for warning in caught:

@@ -71,6 +71,12 @@ def conform(table_name: str, data: pa.Table | list[dict] | dict) -> pa.Table:
     """
     schema = SCHEMAS[table_name]
     if isinstance(data, list):
+        keys = set().union(*(row.keys() for row in data)) if data else set(schema.names)
+        if keys != set(schema.names):
+            raise ValueError(
+                f"table {table_name}: missing columns {sorted(set(schema.names) - keys)}, "
+                f"unexpected {sorted(keys - set(schema.names))}"
+            )
         data = pa.Table.from_pylist(data, schema=schema)
     elif isinstance(data, dict):
         data = pa.table(data)

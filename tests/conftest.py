@@ -1,0 +1,45 @@
+"""Shared fixtures: small hand-built raw frames for the ingest and storage tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from fiberlake.schemas.instrument import MINI
+
+
+def make_raw_header(**overrides) -> fits.Header:
+    """A header that satisfies the contract for a MINI b1 frame."""
+    ny, nx = MINI.ny, MINI.nx
+    cards = {
+        "INSTRUME": "mini", "NIGHT": "2026-11-21", "EXPID": 2150001, "OBSTYPE": "SCIENCE",
+        "EXPTIME": 1200.0, "DATE-OBS": "2026-11-21T14:00:00", "MJD-OBS": 61365.58, "SPECID": 1,
+        "ARM": "b", "CAMERA": "b1", "GAIN": 1.2, "RDNOISE": 3.5,
+        "DATASEC": f"[1:{nx},1:{ny}]", "BIASSEC": f"[{nx + 1}:{nx + MINI.n_overscan},1:{ny}]",
+    }
+    cards.update(overrides)
+    header = fits.Header()
+    for key, value in cards.items():
+        if value is not None:
+            header[key] = value
+    return header
+
+
+def write_raw(path: Path, data: np.ndarray | None = None, checksum: bool = True, **overrides) -> Path:
+    """Write a MINI-shaped raw frame (uint16 with BZERO) and return its path."""
+    if data is None:
+        rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+        data = (1000 + rng.normal(0, 3, MINI.raw_shape)).astype(np.uint16)
+    hdu = fits.PrimaryHDU(data=data, header=make_raw_header(**overrides))
+    hdu.writeto(path, checksum=checksum, overwrite=True)
+    return path
+
+
+@pytest.fixture
+def raw_frame_path(tmp_path: Path) -> Path:
+    night = tmp_path / "2026-11-21"
+    night.mkdir()
+    return write_raw(night / "fl-02150001-b1.fits")
