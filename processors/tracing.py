@@ -1,0 +1,582 @@
+"""Fiber tracing on a flat: centroids in row bands, a Legendre series per fiber, dead fibers.
+
+Steps (all pure array processing):
+
+1. Median-combine the flat in bands of ``band_rows`` rows (:func:`band_profiles`).
+2. In the central band, find the fiber peaks near the nominal columns: a global offset by
+   cross-correlating with a comb of the nominal positions, then a walk outward from the centre
+   fiber that predicts each next peak from the local (distorted) spacing, so edge fibers pushed
+   outward by the distortion and missing (dead) fibers do not shift the assignment.
+3. Follow every fiber band by band, up and down from the central band, with a batched fit of a
+   pixel-integrated Gaussian (:func:`fit_pixel_gaussians`).
+4. Refine all bands at once with the neighbours' Gaussian models subtracted, so the overlapping
+   wings of adjacent fibers do not pull the centroids (end fibers simply have one neighbour).
+5. Fit a Legendre series per fiber with iterative sigma clipping, weighted by the centroid
+   errors; flag dead fibers and interpolate their coefficients from live neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.stats import mad_std
+from numpy.polynomial import legendre
+from scipy.ndimage import gaussian_filter1d
+from scipy.signal import find_peaks
+from scipy.special import erf
+
+from fiberlake.schemas.calib import TraceSet
+
+_SQRT2 = np.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched Gaussian fitting (shared with wavecal)
+# --------------------------------------------------------------------------------------------
+def _pixel_gauss(t: np.ndarray, mu: np.ndarray, s: np.ndarray):
+    up = (t + 0.5 - mu[..., None]) / s[..., None]
+    um = (t - 0.5 - mu[..., None]) / s[..., None]
+    g = 0.5 * (erf(up / _SQRT2) - erf(um / _SQRT2))
+    pp = np.exp(-0.5 * up * up) * _INV_SQRT2PI
+    pm = np.exp(-0.5 * um * um) * _INV_SQRT2PI
+    dmu = (pm - pp) / s[..., None]
+    ds = (pm * um - pp * up) / s[..., None]
+    return g, dmu, ds
+
+
+def pixel_gaussian(t: np.ndarray, amp: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Gaussian of total flux ``amp`` integrated over unit pixels centred on ``t``.
+
+    Parameters
+    ----------
+    t : ndarray, shape (..., W)
+        Pixel centres.
+    amp, mu, sigma : ndarray, shape (...)
+        Total flux, centre and Gaussian sigma (pixels).
+
+    Returns
+    -------
+    ndarray, shape (..., W)
+    """
+    g, _, _ = _pixel_gauss(np.asarray(t, float), np.asarray(mu, float), np.asarray(sigma, float))
+    return np.asarray(amp, float)[..., None] * g
+
+
+@dataclass
+class GaussFit:
+    """Result of :func:`fit_pixel_gaussians` (arrays of the batch shape)."""
+
+    amp: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    bkg: np.ndarray
+    mu_err: np.ndarray
+    chi2: np.ndarray
+    ok: np.ndarray
+
+
+def fit_pixel_gaussians(y: np.ndarray, t: np.ndarray, weight: np.ndarray, amp: np.ndarray, mu: np.ndarray,
+                        sigma: np.ndarray, bkg: np.ndarray | None = None, *, n_iter: int = 10,
+                        sigma_bounds: tuple[float, float] = (0.3, 8.0), max_step: float = 1.0) -> GaussFit:
+    """Fit many pixel-integrated Gaussians (plus an optional constant) at once.
+
+    A vectorised Levenberg-Marquardt loop: every problem of the batch has its own damping and
+    accepts a step only if it lowers its chi^2.
+
+    Parameters
+    ----------
+    y, t, weight : ndarray, shape (..., W)
+        Data, pixel centres and weights (inverse variances; 0 ignores a pixel).
+    amp, mu, sigma : ndarray, shape (...)
+        Starting total flux, centre and sigma.
+    bkg : ndarray, shape (...), optional
+        Starting constant background; ``None`` fits no background.
+    n_iter : int
+        Levenberg-Marquardt iterations.
+    sigma_bounds : (float, float)
+        Sigma is kept inside these bounds.
+    max_step : float
+        Largest change of the centre per iteration (pixels).
+
+    Returns
+    -------
+    GaussFit
+        Best parameters, the formal centre error ``mu_err`` (from the weights), chi^2 and
+        ``ok`` (finite, positive flux, fitted pixels present).
+    """
+    y = np.asarray(y, float)
+    t = np.asarray(t, float)
+    w = np.asarray(weight, float)
+    p = [np.array(amp, float), np.array(mu, float), np.array(sigma, float)]
+    with_bkg = bkg is not None
+    if with_bkg:
+        p.append(np.array(bkg, float))
+    p = np.stack(np.broadcast_arrays(*p), axis=-1)  # (..., k)
+    k = p.shape[-1]
+    lo, hi = sigma_bounds
+
+    def evaluate(par):
+        g, dmu, ds = _pixel_gauss(t, par[..., 1], par[..., 2])
+        a = par[..., 0][..., None]
+        model = a * g + (par[..., 3][..., None] if with_bkg else 0.0)
+        cols = [g, a * dmu, a * ds] + ([np.ones_like(g)] if with_bkg else [])
+        jac = np.stack(cols, axis=-2)  # (..., k, W)
+        return model, jac
+
+    model, jac = evaluate(p)
+    chi2 = np.sum(w * (y - model) ** 2, axis=-1)
+    lam = np.full(chi2.shape, 1e-2)
+    eye = np.eye(k)
+    for _ in range(n_iter):
+        jw = jac * w[..., None, :]
+        jtj = np.einsum("...iw,...jw->...ij", jw, jac)
+        jtr = np.einsum("...iw,...w->...i", jw, y - model)
+        diag = np.einsum("...ii->...i", jtj)
+        a_mat = jtj + (lam[..., None] * np.maximum(diag, 1e-12))[..., None] * eye
+        try:
+            step = np.linalg.solve(a_mat, jtr[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = np.zeros_like(p)
+            good = np.linalg.cond(a_mat) < 1e12
+            step[good] = np.linalg.solve(a_mat[good], jtr[good][..., None])[..., 0]
+        step[..., 1] = np.clip(step[..., 1], -max_step, max_step)
+        trial = p + np.where(np.isfinite(step), step, 0.0)
+        trial[..., 2] = np.clip(trial[..., 2], lo, hi)
+        m_t, j_t = evaluate(trial)
+        chi2_t = np.sum(w * (y - m_t) ** 2, axis=-1)
+        better = chi2_t < chi2
+        p = np.where(better[..., None], trial, p)
+        model = np.where(better[..., None], m_t, model)
+        jac = np.where(better[..., None, None], j_t, jac)
+        chi2 = np.where(better, chi2_t, chi2)
+        lam = np.where(better, lam / 3.0, lam * 4.0)
+    jw = jac * w[..., None, :]
+    jtj = np.einsum("...iw,...jw->...ij", jw, jac)
+    det_ok = np.abs(np.linalg.det(jtj)) > 0
+    cov_mu = np.full(chi2.shape, np.inf)
+    if det_ok.any():
+        cov_mu[det_ok] = np.linalg.inv(jtj[det_ok])[..., 1, 1]
+    mu_err = np.sqrt(np.where(cov_mu > 0, cov_mu, np.inf))
+    ok = np.all(np.isfinite(p), axis=-1) & (p[..., 0] > 0) & np.isfinite(mu_err) & (np.sum(w > 0, axis=-1) > k)
+    return GaussFit(amp=p[..., 0], mu=p[..., 1], sigma=p[..., 2],
+                    bkg=p[..., 3] if with_bkg else np.zeros(chi2.shape), mu_err=mu_err, chi2=chi2, ok=ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Band centroids
+# --------------------------------------------------------------------------------------------
+def band_profiles(image: np.ndarray, ivar: np.ndarray, band_rows: int = 16):
+    """Median of each band of ``band_rows`` rows, ignoring pixels with ``ivar == 0``.
+
+    Parameters
+    ----------
+    image, ivar : ndarray, shape (ny, nx)
+    band_rows : int
+
+    Returns
+    -------
+    profiles : ndarray, shape (n_bands, nx)
+        Band medians (0 where every pixel of the band column is masked).
+    weight : ndarray, shape (n_bands, nx)
+        Inverse variance of each median (``2/pi`` times the summed ivar), 0 where masked.
+    rows : ndarray, shape (n_bands,)
+        Centre row of each band. A last partial band is dropped.
+    """
+    ny, nx = image.shape
+    nb = ny // band_rows
+    cube = np.asarray(image[: nb * band_rows], dtype=np.float64).reshape(nb, band_rows, nx)
+    icube = np.asarray(ivar[: nb * band_rows], dtype=np.float64).reshape(nb, band_rows, nx)
+    bad = ~(icube > 0) | ~np.isfinite(cube)
+    if bad.any():
+        with np.errstate(all="ignore"):
+            prof = np.nanmedian(np.where(bad, np.nan, cube), axis=1)
+        prof = np.nan_to_num(prof, nan=0.0)
+    else:
+        prof = np.median(cube, axis=1)
+    weight = (2.0 / np.pi) * np.sum(np.where(bad, 0.0, icube), axis=1)
+    rows = np.arange(nb) * band_rows + (band_rows - 1) / 2.0
+    return prof, weight, rows
+
+
+def _match_central_peaks(profile: np.ndarray, weight: np.ndarray, nominal_x: np.ndarray, sigma: float,
+                         max_offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the fibers in one band profile: global offset, then an outward walk."""
+    nx = profile.size
+    nf = nominal_x.size
+    smooth = gaussian_filter1d(profile, sigma, mode="constant")
+    cols = np.arange(nx, dtype=float)
+    # global offset from the inner half of the fibers, where the distortion is small
+    inner = np.abs(np.arange(nf) - (nf - 1) / 2.0) <= max(1.0, nf / 4.0)
+    shifts = np.arange(-max_offset, max_offset + 0.125, 0.25)
+    score = np.array([np.interp(nominal_x[inner] + s, cols, smooth, left=0, right=0).sum() for s in shifts])
+    shift = shifts[np.argmax(score)]
+    # candidate peaks
+    with np.errstate(divide="ignore"):
+        noise = np.sqrt(np.median(1.0 / weight[weight > 0])) if np.any(weight > 0) else 1.0
+    height = max(5.0 * noise / np.sqrt(2 * np.sqrt(np.pi) * sigma), 0.01 * np.percentile(smooth, 99.5))
+    pitch = np.median(np.diff(nominal_x)) if nf > 1 else 16.0
+    peaks, _ = find_peaks(smooth, height=height, distance=max(1, int(0.4 * pitch)))
+    if peaks.size == 0:
+        return nominal_x + shift, np.zeros(nf, bool)
+    # sub-pixel peak by a 3-point parabola
+    p = peaks[(peaks > 0) & (peaks < nx - 1)]
+    y0, y1, y2 = smooth[p - 1], smooth[p], smooth[p + 1]
+    den = y0 - 2 * y1 + y2
+    ppos = p + np.where(den < 0, 0.5 * (y0 - y2) / np.where(den < 0, den, -1), 0.0)
+    tol = 0.35 * pitch
+
+    x = nominal_x + shift
+    found = np.zeros(nf, bool)
+
+    def nearest(pred):
+        j = np.argmin(np.abs(ppos - pred))
+        return (ppos[j], True) if abs(ppos[j] - pred) < tol else (pred, False)
+
+    # anchor: the found fiber closest to the centre
+    order = np.argsort(np.abs(np.arange(nf) - (nf - 1) / 2.0), kind="stable")
+    anchor = None
+    for f in order:
+        xf, ok = nearest(nominal_x[f] + shift)
+        if ok:
+            anchor, x[f], found[f] = f, xf, True
+            break
+    if anchor is None:
+        return x, found
+    for direction in (1, -1):
+        stretch = 1.0
+        f = anchor + direction
+        while 0 <= f < nf:
+            prev = f - direction
+            pred = x[prev] + (nominal_x[f] - nominal_x[prev]) * stretch
+            x[f], found[f] = nearest(pred)
+            if found[f] and found[prev]:
+                stretch = 0.5 * stretch + 0.5 * (x[f] - x[prev]) / (nominal_x[f] - nominal_x[prev])
+            f += direction
+    return x, found
+
+
+def _windows(x: np.ndarray, hw: int, pad: int) -> np.ndarray:
+    """Integer column windows (in the padded frame) centred on round(x)."""
+    return np.rint(x).astype(int)[..., None] + pad + np.arange(-hw, hw + 1)
+
+
+@dataclass
+class BandCentroids:
+    """Per-band fiber measurements on a flat.
+
+    Attributes
+    ----------
+    rows : ndarray, shape (n_bands,)
+        Centre row of each band.
+    x, x_err : ndarray, shape (n_fibers, n_bands)
+        Fitted centre column and its formal error (pixels).
+    amp, sigma : ndarray, shape (n_fibers, n_bands)
+        Fitted total flux per row and Gaussian sigma of the profile.
+    valid : ndarray of bool, shape (n_fibers, n_bands)
+        The fit converged close to the followed trace.
+    """
+
+    rows: np.ndarray
+    x: np.ndarray
+    x_err: np.ndarray
+    amp: np.ndarray
+    sigma: np.ndarray
+    valid: np.ndarray
+
+
+def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray, *,
+                           band_rows: int = 16, sigma_guess: float = 2.4, max_offset: float | None = None,
+                           n_refine: int = 3) -> BandCentroids:
+    """Fiber centroids in row bands of a flat, robust to overlapping neighbour wings.
+
+    Parameters
+    ----------
+    flat, flat_ivar : ndarray, shape (ny, nx)
+        Flat field (electrons) and its inverse variance (0 = masked).
+    nominal_x : ndarray, shape (n_fibers,)
+        Expected fiber columns, increasing (e.g. ``Instrument.nominal_fiber_columns()``).
+    band_rows : int
+        Rows median-combined per band.
+    sigma_guess : float
+        Starting profile sigma (pixels).
+    max_offset : float, optional
+        Largest global offset of the fibers from ``nominal_x`` searched in the central band
+        (default 0.45 fiber pitch; a larger offset is ambiguous by whole pitches).
+    n_refine : int
+        Passes of the fit with the neighbours' models subtracted.
+
+    Returns
+    -------
+    BandCentroids
+    """
+    nominal_x = np.asarray(nominal_x, float)
+    nf = nominal_x.size
+    pitch = float(np.median(np.diff(nominal_x))) if nf > 1 else 16.0
+    if max_offset is None:
+        max_offset = 0.45 * pitch
+    prof, wgt, rows = band_profiles(flat, flat_ivar, band_rows)
+    nb, nx = prof.shape
+    hw = max(3, int(round(0.5 * pitch)))  # fit half-window
+    mw = max(hw, int(np.ceil(5 * sigma_guess)))  # model half-window
+    pad = hw + mw + 2
+    prof_p = np.pad(prof, ((0, 0), (pad, pad)))
+    wgt_p = np.pad(wgt, ((0, 0), (pad, pad)))
+    offs = np.arange(-hw, hw + 1)
+
+    # 1. central band
+    bc = nb // 2
+    x0, _ = _match_central_peaks(prof[bc], wgt[bc], nominal_x, sigma_guess, max_offset)
+
+    def fit_band(b, xpred, sig, y=None):
+        cols = _windows(xpred, hw, pad)
+        yy = prof_p[b][cols] if y is None else y
+        ww = wgt_p[b][cols]
+        t = cols - pad
+        amp0 = np.maximum(yy.sum(-1) - yy.min(-1) * cols.shape[-1], 1e-3)
+        return fit_pixel_gaussians(yy, t, ww, amp0, xpred, sig, np.maximum(yy.min(-1), 0.0), n_iter=8)
+
+    # 2. follow band by band from the centre
+    x = np.zeros((nf, nb))
+    sig = np.full((nf, nb), float(sigma_guess))
+    fit = fit_band(bc, x0, np.full(nf, sigma_guess))
+    good = fit.ok & (np.abs(fit.mu - x0) < 0.25 * pitch)
+    x[:, bc] = np.where(good, fit.mu, x0)
+    sig[:, bc] = np.where(good, fit.sigma, sigma_guess)
+    for direction in (1, -1):
+        b = bc + direction
+        hist = [x[:, bc]]
+        while 0 <= b < nb:
+            prev = hist[-1]
+            slope = (hist[-1] - hist[-4]) / 3.0 if len(hist) >= 4 else 0.0
+            pred = prev + slope
+            s0 = sig[:, b - direction]
+            fit = fit_band(b, pred, s0)
+            good = fit.ok & (np.abs(fit.mu - pred) < 1.5) & (fit.sigma > 0.5) & (fit.sigma < 3 * sigma_guess)
+            x[:, b] = np.where(good, fit.mu, pred)
+            sig[:, b] = np.where(good, fit.sigma, s0)
+            hist.append(x[:, b])
+            b += direction
+
+    # 3. refine with neighbour models subtracted (all bands at once)
+    xb = x.T.copy()  # (nb, nf)
+    sb = sig.T.copy()
+    x_follow = xb.copy()
+    ab = np.zeros_like(xb)
+    bkg = np.zeros_like(xb)
+    mcols = np.arange(-mw, mw + 1)
+    band_idx = np.repeat(np.arange(nb), nf * mcols.size)
+    fit = None
+    for it in range(n_refine + 1):
+        cols = _windows(xb, hw, pad)  # (nb, nf, W)
+        yy = np.take_along_axis(prof_p, cols.reshape(nb, -1), axis=1).reshape(cols.shape)
+        ww = np.take_along_axis(wgt_p, cols.reshape(nb, -1), axis=1).reshape(cols.shape)
+        if it > 0:
+            # model of every fiber, then remove each fiber's own model from the total
+            mc = np.rint(xb).astype(int)[..., None] + pad + mcols  # (nb, nf, M)
+            own = pixel_gaussian(mc - pad, ab, xb, sb)
+            total = np.bincount((band_idx * prof_p.shape[1] + mc.ravel()), weights=own.ravel(),
+                                minlength=nb * prof_p.shape[1]).reshape(nb, -1)
+            own_w = pixel_gaussian(cols - pad, ab, xb, sb)
+            neigh = np.take_along_axis(total, cols.reshape(nb, -1), axis=1).reshape(cols.shape) - own_w
+            yy = yy - neigh
+        if fit is None:
+            amp0 = np.maximum(yy.sum(-1) - yy.min(-1) * cols.shape[-1], 1e-3)
+            b0 = np.maximum(yy.min(-1), 0.0)
+        else:
+            amp0, b0 = ab, bkg
+        fit = fit_pixel_gaussians(yy, cols - pad, ww, amp0, xb, sb, b0, n_iter=8 if it == 0 else 5)
+        ok = fit.ok & (np.abs(fit.mu - x_follow) < 1.5) & (fit.sigma > 0.5) & (fit.sigma < 3 * sigma_guess)
+        xb = np.where(ok, fit.mu, xb)
+        sb = np.where(ok, fit.sigma, sb)
+        ab = np.where(ok, fit.amp, 0.0)
+        bkg = np.where(ok, fit.bkg, 0.0)
+    valid = ok & (wgt[np.arange(nb)[:, None], np.clip(np.rint(xb).astype(int), 0, nx - 1)] > 0)
+    return BandCentroids(rows=rows, x=xb.T, x_err=np.where(valid, fit.mu_err, np.inf).T, amp=ab.T,
+                         sigma=sb.T, valid=valid.T)
+
+
+# --------------------------------------------------------------------------------------------
+# Legendre fits and dead fibers
+# --------------------------------------------------------------------------------------------
+def _normalise(rows: np.ndarray, ny: int) -> np.ndarray:
+    return 2.0 * np.asarray(rows, float) / (ny - 1) - 1.0
+
+
+def fit_legendre_clipped(u: np.ndarray, y: np.ndarray, weight: np.ndarray, deg: int, *, clip: float = 3.0,
+                         maxiters: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted Legendre fits of many series at once, with iterative sigma clipping.
+
+    Parameters
+    ----------
+    u : ndarray, shape (n,) or (m, n)
+        Abscissae in ``[-1, 1]`` (shared, or one row per series).
+    y, weight : ndarray, shape (m, n)
+        Values and weights (inverse variances; 0 excludes a point).
+    deg : int
+        Degree of the series.
+    clip : float
+        Clipping threshold, in units of ``max(1, MAD-based std)`` of the normalised residuals
+        ``resid * sqrt(weight)``; iterated (one point set per iteration) until stable.
+    maxiters : int
+        Clipping iterations.
+
+    Returns
+    -------
+    coeffs : ndarray, shape (m, deg + 1)
+    used : ndarray of bool, shape (m, n)
+        Points kept in the final fit. Series with fewer than ``deg + 1`` usable points get
+        NaN coefficients.
+    """
+    y = np.atleast_2d(np.asarray(y, float))
+    weight = np.atleast_2d(np.asarray(weight, float))
+    u = np.broadcast_to(np.asarray(u, float), y.shape)
+    vander = legendre.legvander(u, deg)  # (m, n, k)
+    used = (weight > 0) & np.isfinite(y)
+    coeffs = np.full((y.shape[0], deg + 1), np.nan)
+    for _ in range(maxiters + 1):
+        w = np.where(used, weight, 0.0)
+        ata = np.einsum("mnk,mn,mnl->mkl", vander, w, vander)
+        atb = np.einsum("mnk,mn,mn->mk", vander, w, np.where(used, y, 0.0))
+        solvable = used.sum(axis=1) > deg
+        solvable &= np.abs(np.linalg.det(ata)) > 0 if solvable.any() else solvable
+        coeffs[:] = np.nan
+        if solvable.any():
+            coeffs[solvable] = np.linalg.solve(ata[solvable], atb[solvable][..., None])[..., 0]
+        resid = y - np.einsum("mnk,mk->mn", vander, np.nan_to_num(coeffs))
+        # normalised residuals, clipped per series about zero; the scale is a MAD-based std,
+        # never below 1 (weights are inverse variances: a point within ``clip`` of its own
+        # error is never rejected, even when an over-fitted series makes the MAD tiny)
+        z = np.where(used, resid * np.sqrt(np.where(used, weight, 0.0)), np.nan)
+        scale = np.maximum(mad_std(z, axis=1, ignore_nan=True), 1.0)
+        new_used = used & (np.abs(z) <= clip * np.nan_to_num(scale, nan=1.0)[:, None])
+        # never clip below deg + 2 points
+        keep_old = new_used.sum(axis=1) < deg + 2
+        new_used[keep_old] = used[keep_old]
+        if np.array_equal(new_used, used):
+            break
+        used = new_used
+    return coeffs, used
+
+
+def interpolate_fibers(coeffs: np.ndarray, pos: np.ndarray, bad: np.ndarray, n_side: int = 3) -> np.ndarray:
+    """Replace the coefficients of ``bad`` fibers by interpolation from good neighbours.
+
+    Parameters
+    ----------
+    coeffs : ndarray, shape (n_fibers, k)
+        Per-fiber series coefficients (e.g. of traces or wavelength solutions).
+    pos : ndarray, shape (n_fibers,)
+        Abscissa of the interpolation (fiber index or nominal column), increasing.
+    bad : ndarray of bool, shape (n_fibers,)
+        Fibers to replace.
+    n_side : int
+        Good fibers used on each side: a local quadratic in ``pos`` through them (linear when
+        extrapolating past the first or last good fiber).
+
+    Returns
+    -------
+    ndarray, shape (n_fibers, k)
+        A copy with the bad rows replaced (unchanged if no fiber is good).
+    """
+    out = coeffs.copy()
+    good_idx = np.flatnonzero(~bad)
+    if good_idx.size == 0:
+        return out
+    for f in np.flatnonzero(bad):
+        left = good_idx[good_idx < f][-n_side:]
+        right = good_idx[good_idx > f][:n_side]
+        nb = np.concatenate([left, right])
+        order = min(2, nb.size - 1)
+        if order < 0:
+            continue
+        if left.size == 0 or right.size == 0:
+            order = min(order, 1)  # extrapolating: keep it linear
+        for k in range(coeffs.shape[1]):
+            cf = np.polyfit(pos[nb] - pos[f], coeffs[nb, k], order)
+            out[f, k] = cf[-1]
+    return out
+
+
+def _neighbour_median(values: np.ndarray, live: np.ndarray, n_side: int) -> np.ndarray:
+    nf = values.size
+    out = np.full(nf, np.nan)
+    for f in range(nf):
+        lo, hi = max(0, f - n_side), min(nf, f + n_side + 1)
+        sel = np.arange(lo, hi)
+        sel = sel[(sel != f) & live[sel]]
+        if sel.size:
+            out[f] = np.median(values[sel])
+    return out
+
+
+def trace_fibers(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray, *, deg: int = 5,
+                 band_rows: int = 16, dead_fraction: float = 0.1, sigma_guess: float = 2.4,
+                 max_offset: float | None = None, clip: float = 3.0, n_neighbours: int = 5,
+                 min_valid_fraction: float = 0.3, err_floor: float = 0.01) -> TraceSet:
+    """Trace every fiber on a flat.
+
+    Parameters
+    ----------
+    flat, flat_ivar : ndarray, shape (ny, nx)
+        Flat field (electrons, e.g. a master flat) and its inverse variance (0 = masked).
+    nominal_x : ndarray, shape (n_fibers,)
+        Expected fiber columns, increasing; may be off by several pixels (distortion), the
+        peaks are found first.
+    deg : int
+        Degree of the Legendre series of ``x(row)``.
+    band_rows : int
+        Rows median-combined per centroid measurement.
+    dead_fraction : float
+        A fiber is dead when its flux is below this fraction of the median flux of its live
+        neighbours (or when fewer than ``min_valid_fraction`` of its bands could be measured).
+    sigma_guess : float
+        Starting cross-dispersion sigma (pixels).
+    max_offset : float, optional
+        Largest global offset from ``nominal_x`` searched (default 0.45 fiber pitch).
+    clip : float
+        Sigma-clipping threshold of the Legendre fits.
+    n_neighbours : int
+        Fibers on each side used for the dead-fiber flux comparison.
+    min_valid_fraction : float
+        Minimum fraction of bands with a valid centroid for a fiber to be traced.
+    err_floor : float
+        Floor (pixels) added in quadrature to the formal centroid errors used as fit weights.
+
+    Returns
+    -------
+    TraceSet
+        Coefficients in the normalised row coordinate, per-fiber residual RMS (pixels, of the
+        points kept), median profile sigma, and the dead flags (dead fibers' coefficients are
+        interpolated from live neighbours; their ``rms`` is NaN and ``sigma`` the neighbours').
+    """
+    ny = flat.shape[0]
+    nominal_x = np.asarray(nominal_x, float)
+    nf = nominal_x.size
+    bc = measure_band_centroids(flat, flat_ivar, nominal_x, band_rows=band_rows, sigma_guess=sigma_guess,
+                                max_offset=max_offset)
+    nb = bc.rows.size
+    u = _normalise(bc.rows, ny)
+    weight = np.where(bc.valid, 1.0 / (bc.x_err ** 2 + err_floor ** 2), 0.0)
+    coeffs, used = fit_legendre_clipped(u, bc.x, weight, deg, clip=clip)
+
+    # dead fibers: low flux against live neighbours, or too few measurable bands
+    flux = np.array([np.median(bc.amp[f, bc.valid[f]]) if bc.valid[f].any() else 0.0 for f in range(nf)])
+    dead = (bc.valid.sum(axis=1) < max(deg + 2, min_valid_fraction * nb)) | ~np.all(np.isfinite(coeffs), axis=1)
+    for _ in range(3):
+        ref = _neighbour_median(flux, ~dead, n_neighbours)
+        new = dead | (flux < dead_fraction * np.nan_to_num(ref, nan=np.inf))
+        if np.array_equal(new, dead):
+            break
+        dead = new
+
+    resid = bc.x - np.einsum("nk,fk->fn", legendre.legvander(u, deg), np.nan_to_num(coeffs))
+    rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / np.maximum(used.sum(axis=1), 1))
+    sig = np.array([np.median(bc.sigma[f, used[f]]) if used[f].any() else np.nan for f in range(nf)])
+    if dead.any() and not dead.all():
+        coeffs = interpolate_fibers(np.nan_to_num(coeffs), nominal_x, dead)
+        live_sig = np.flatnonzero(~dead)
+        sig[dead] = np.interp(np.flatnonzero(dead), live_sig, sig[live_sig])
+    rms[dead] = np.nan
+    return TraceSet(coeffs=coeffs, ny=ny, dead=dead, rms=rms, sigma=sig)
