@@ -73,6 +73,19 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from fiberlake.jobs.evaluate import evaluate_night, format_report
+    from fiberlake.storage.layout import Lake
+
+    night_dir = Path(args.truth)
+    results = evaluate_night(Lake.at(args.lake), args.night, night_dir)
+    with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=250):
+        print(format_report(results))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fiberlake.jobs.demo import run_demo
 
@@ -117,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", type=int, default=None, help="read every table as of this Delta version")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown with --format table")
     p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("evaluate", help="compare a processed simulated night with its truth files")
+    p.add_argument("--night", required=True, help="night, YYYY-MM-DD")
+    p.add_argument("--truth", required=True, help="the simulated night directory (with truth/)")
+    _add_lake(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="simulate a mini night, ingest, process and report")
     p.add_argument("--workdir", default="./fiberlake-demo", help="directory for the night and the lake")

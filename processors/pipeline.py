@@ -12,6 +12,7 @@ No file or table I/O happens here; ``jobs/process.py`` reads frames and writes p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -221,7 +222,7 @@ def reduce_frame(
     for method in params.extractions:
         rows = _extract(method, image, calib.traces, params)
         flatted = fiberflat.apply_fiberflat(rows, calib.fiberflats[method])
-        on_grid = resample.resample_to_grid(wave_rows, flatted, calib.grid)
+        on_grid = resample.resample_to_grid(wave_rows, flatted, calib.grid, row_range=calib.wave.row_range)
         on_grid.mask[dead] |= np.uint32(Mask.DEADFIBER)
         on_grid.ivar[dead] = 0
         sky_model = sky.sky_model(on_grid, sky_fibers)
@@ -242,7 +243,8 @@ def fiber_metrics(spectra: Spectra1D, calib: Calibration, offsets: np.ndarray, s
     good = spectra.ivar > 0
     flux = np.where(good, spectra.flux, np.nan)
     snr_pix = np.where(good, spectra.flux * np.sqrt(np.clip(spectra.ivar, 0, None)), np.nan)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-masked (dead) fibers give NaN
         median_snr = np.nanmedian(snr_pix, axis=1)
         median_flux = np.nanmedian(flux, axis=1)
         chi2 = np.nanmean(np.where(good, spectra.flux**2 * spectra.ivar, np.nan), axis=1)

@@ -119,11 +119,11 @@ def sky_residuals(spectra: Spectra1D, sky_fibers: np.ndarray, *,
         ``median_abs_chi`` (median of ``|residual| / sigma``; 0.674 for Gaussian noise),
         ``rms_chi`` (rms of ``residual / sigma``; 1 when the model and errors are right),
         ``line_rms_chi`` (the same over bright-sky-line bins),
-        ``line_frac_resid`` (fractional sky-model error in bright-line bins:
-        ``sqrt(max(0, mean((r^2 - sigma^2) / sky^2)))``, i.e. the residual in excess of the
-        noise, relative to the sky; 0 for a perfect model), ``cont_frac_resid`` (the same over
-        the continuum bins), ``n_line_bins`` (fiber-bins in the line statistics) and
-        ``n_used`` (fiber-bins in the chi statistics).
+        ``line_frac_resid`` (fractional residual in bright sky lines: the rms over sky fibers
+        of each fiber's ``sum(residual) / sum(sky)`` over the bright-line bins; a scale error of
+        one fiber shows, the noise averages away), ``cont_frac_resid`` (the same over the
+        continuum bins), ``n_line_bins`` (fiber-bins in the line statistics) and ``n_used``
+        (fiber-bins in the chi statistics).
     """
     nf, nw = spectra.flux.shape
     idx = _as_index(sky_fibers, nf)
@@ -143,22 +143,25 @@ def sky_residuals(spectra: Spectra1D, sky_fibers: np.ndarray, *,
         var = 1.0 / np.where(ok, spectra.ivar[i], 1.0) + 1.0 / np.where(ok, m.ivar[0], 1.0)
         r = spectra.flux[i].astype(float) - m.flux[0]
         chis.append((r / np.sqrt(var))[ok])
-        sky2 = m.flux[0].astype(float) ** 2
-        # excess of r^2 over its expected noise, relative to the sky: fractional model error
+        sky_i = m.flux[0].astype(float)
         bright = ok & line & (model - cont > BRIGHT_SNR * np.sqrt(var))
-        quiet = ok & ~line & (sky2 > 0)
-        ex_line.append(((r**2 - var) / sky2)[bright])
-        ex_cont.append(((r**2 - var) / np.where(quiet, sky2, 1.0))[quiet])
+        quiet = ok & ~line & (sky_i > 0)
+        # signed mean fractional residual per fiber: a scale (throughput, LSF) error survives,
+        # the noise averages away
+        if bright.any():
+            ex_line.append(np.sum(r[bright]) / np.sum(sky_i[bright]))
+        if quiet.any():
+            ex_cont.append(np.sum(r[quiet]) / np.sum(sky_i[quiet]))
         chi_line.append((r / np.sqrt(var))[bright])
     chi = np.concatenate(chis)
-    el, ec, cl = np.concatenate(ex_line), np.concatenate(ex_cont), np.concatenate(chi_line)
+    el, ec, cl = np.array(ex_line), np.array(ex_cont), np.concatenate(chi_line)
     nan = float("nan")
     return {
         "median_abs_chi": float(np.median(np.abs(chi))) if chi.size else nan,
         "rms_chi": float(np.sqrt(np.mean(chi**2))) if chi.size else nan,
         "line_rms_chi": float(np.sqrt(np.mean(cl**2))) if cl.size else nan,
-        "line_frac_resid": float(np.sqrt(max(0.0, np.mean(el)))) if el.size else nan,
-        "cont_frac_resid": float(np.sqrt(max(0.0, np.mean(ec)))) if ec.size else nan,
+        "line_frac_resid": float(np.sqrt(np.mean(el**2))) if el.size else nan,
+        "cont_frac_resid": float(np.sqrt(np.mean(ec**2))) if ec.size else nan,
         "n_line_bins": float(cl.size),
         "n_used": float(chi.size),
     }

@@ -9,8 +9,9 @@ Steps (all pure array processing):
    outward by the distortion and missing (dead) fibers do not shift the assignment.
 3. Follow every fiber band by band, up and down from the central band, with a batched fit of a
    pixel-integrated Gaussian (:func:`fit_pixel_gaussians`).
-4. Refine all bands at once with the neighbours' Gaussian models subtracted, so the overlapping
-   wings of adjacent fibers do not pull the centroids (end fibers simply have one neighbour).
+4. Refine all bands at once with the neighbours' Gaussian models subtracted, even and odd fibers
+   in turn, so the overlapping wings of adjacent fibers do not pull the centroids (end fibers
+   simply have one neighbour).
 5. Fit a Legendre series per fiber with iterative sigma clipping, weighted by the centroid
    errors; flag dead fibers and interpolate their coefficients from live neighbours.
 """
@@ -359,41 +360,54 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
             hist.append(x[:, b])
             b += direction
 
-    # 3. refine with neighbour models subtracted (all bands at once)
+    # 3. refine with the neighbours' models subtracted (all bands at once); even and odd fibers
+    #    alternate (red-black), so two overlapping fibers never both absorb the same residual
     xb = x.T.copy()  # (nb, nf)
     sb = sig.T.copy()
     x_follow = xb.copy()
     ab = np.zeros_like(xb)
     bkg = np.zeros_like(xb)
+    err = np.full_like(xb, np.inf)
+    ok = np.zeros(xb.shape, bool)
     mcols = np.arange(-mw, mw + 1)
-    band_idx = np.repeat(np.arange(nb), nf * mcols.size)
-    fit = None
-    for it in range(n_refine + 1):
-        cols = _windows(xb, hw, pad)  # (nb, nf, W)
-        yy = np.take_along_axis(prof_p, cols.reshape(nb, -1), axis=1).reshape(cols.shape)
-        ww = np.take_along_axis(wgt_p, cols.reshape(nb, -1), axis=1).reshape(cols.shape)
-        if it > 0:
-            # model of every fiber, then remove each fiber's own model from the total
+    width = prof_p.shape[1]
+
+    def refit(sel: np.ndarray, subtract: bool, first: bool) -> None:
+        cols = _windows(xb[:, sel], hw, pad)  # (nb, ns, W)
+        flat_cols = cols.reshape(nb, -1)
+        yy = np.take_along_axis(prof_p, flat_cols, axis=1).reshape(cols.shape)
+        ww = np.take_along_axis(wgt_p, flat_cols, axis=1).reshape(cols.shape)
+        if subtract:
             mc = np.rint(xb).astype(int)[..., None] + pad + mcols  # (nb, nf, M)
             own = pixel_gaussian(mc - pad, ab, xb, sb)
-            total = np.bincount((band_idx * prof_p.shape[1] + mc.ravel()), weights=own.ravel(),
-                                minlength=nb * prof_p.shape[1]).reshape(nb, -1)
-            own_w = pixel_gaussian(cols - pad, ab, xb, sb)
-            neigh = np.take_along_axis(total, cols.reshape(nb, -1), axis=1).reshape(cols.shape) - own_w
-            yy = yy - neigh
-        if fit is None:
+            band_idx = np.broadcast_to(np.arange(nb)[:, None, None], mc.shape)
+            total = np.bincount((band_idx * width + mc).ravel(), weights=own.ravel(),
+                                minlength=nb * width).reshape(nb, width)
+            own_w = pixel_gaussian(cols - pad, ab[:, sel], xb[:, sel], sb[:, sel])
+            yy = yy - (np.take_along_axis(total, flat_cols, axis=1).reshape(cols.shape) - own_w)
+        if first:
             amp0 = np.maximum(yy.sum(-1) - yy.min(-1) * cols.shape[-1], 1e-3)
             b0 = np.maximum(yy.min(-1), 0.0)
         else:
-            amp0, b0 = ab, bkg
-        fit = fit_pixel_gaussians(yy, cols - pad, ww, amp0, xb, sb, b0, n_iter=8 if it == 0 else 5)
-        ok = fit.ok & (np.abs(fit.mu - x_follow) < 1.5) & (fit.sigma > 0.5) & (fit.sigma < 3 * sigma_guess)
-        xb = np.where(ok, fit.mu, xb)
-        sb = np.where(ok, fit.sigma, sb)
-        ab = np.where(ok, fit.amp, 0.0)
-        bkg = np.where(ok, fit.bkg, 0.0)
+            amp0, b0 = np.maximum(ab[:, sel], 1e-3), bkg[:, sel]
+        fit = fit_pixel_gaussians(yy, cols - pad, ww, amp0, xb[:, sel], sb[:, sel], b0, n_iter=8 if first else 5)
+        good = (fit.ok & (np.abs(fit.mu - x_follow[:, sel]) < 1.5) & (fit.sigma > 0.5)
+                & (fit.sigma < 3 * sigma_guess))
+        xb[:, sel] = np.where(good, fit.mu, xb[:, sel])
+        sb[:, sel] = np.where(good, fit.sigma, sb[:, sel])
+        ab[:, sel] = np.where(good, fit.amp, 0.0)
+        bkg[:, sel] = np.where(good, fit.bkg, 0.0)
+        err[:, sel] = np.where(good, fit.mu_err, np.inf)
+        ok[:, sel] = good
+
+    every = np.ones(nf, bool)
+    refit(every, subtract=False, first=True)
+    parity = np.arange(nf) % 2
+    for _ in range(n_refine):
+        for p in (0, 1):
+            refit(parity == p, subtract=True, first=False)
     valid = ok & (wgt[np.arange(nb)[:, None], np.clip(np.rint(xb).astype(int), 0, nx - 1)] > 0)
-    return BandCentroids(rows=rows, x=xb.T, x_err=np.where(valid, fit.mu_err, np.inf).T, amp=ab.T,
+    return BandCentroids(rows=rows, x=xb.T, x_err=np.where(valid, err, np.inf).T, amp=ab.T,
                          sigma=sb.T, valid=valid.T)
 
 
