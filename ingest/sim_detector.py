@@ -76,8 +76,11 @@ def bias_drift(rng: np.random.Generator, ny: int, params: SimParams = DEFAULT_PA
     t = np.arange(ny) / ny
     offset = rng.normal(0.0, 1.5)
     amp = params.bias_drift_adu
-    return (offset + amp * rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(0.5, 2.0) * t + rng.uniform(0, 2 * np.pi))
-            + amp * rng.normal(0.0, 0.5) * (t - 0.5))
+    wave_amp = amp * rng.uniform(0.3, 1.0)
+    cycles = rng.uniform(0.5, 2.0)
+    phase = rng.uniform(0, 2 * np.pi)
+    slope = amp * rng.normal(0.0, 0.5)
+    return offset + wave_amp * np.sin(2 * np.pi * cycles * t + phase) + slope * (t - 0.5)
 
 
 def cosmic_rays(rng: np.random.Generator, shape: tuple[int, int], exptime: float,
@@ -92,9 +95,9 @@ def cosmic_rays(rng: np.random.Generator, shape: tuple[int, int], exptime: float
     ny, nx = shape
     area_cm2 = ny * nx * (params.pixel_um * 1e-4) ** 2
     n = rng.poisson(params.cosmic_rate * area_cm2 * max(exptime, 0.0) / 60.0)
-    out = np.zeros(ny * nx, dtype=np.float64)
+    out = np.zeros(ny * nx, dtype=np.float32)
     if n == 0:
-        return out.reshape(ny, nx).astype(np.float32)
+        return out.reshape(ny, nx)
     y0 = rng.uniform(-0.5, ny - 0.5, n)
     x0 = rng.uniform(-0.5, nx - 0.5, n)
     energy = np.clip(rng.lognormal(np.log(2500.0), 1.0, n), 200.0, 60000.0)
@@ -114,8 +117,8 @@ def cosmic_rays(rng: np.random.Generator, shape: tuple[int, int], exptime: float
     for dy, dx, w in ((0, 0, 0.92), (1, 0, 0.02), (-1, 0, 0.02), (0, 1, 0.02), (0, -1, 0.02)):
         yy, xx = iy + dy, ix + dx
         ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-        out += np.bincount(yy[ok] * nx + xx[ok], weights=w * q[ok], minlength=ny * nx)
-    return out.reshape(ny, nx).astype(np.float32)
+        np.add.at(out, yy[ok] * nx + xx[ok], (w * q[ok]).astype(np.float32))
+    return out.reshape(ny, nx)
 
 
 def digitize(electrons: np.ndarray, det: DetectorModel, drift: np.ndarray, n_overscan: int,

@@ -43,6 +43,11 @@ class SimParams:
     flat_peak_adu: float = _p(30000.0, "flat-field peak counts (ADU above bias) per arm at 10 s")
     flat_temperature: float = _p(3100.0, "flat-lamp colour temperature (K)")
 
+    stellar_model: str = _p(
+        "analytic",
+        "stellar spectra: 'analytic' (blackbody + class-dependent lines; always available), "
+        "'cannon' (thedoppler's Cannon models when their pickles are found, else analytic) or 'auto'")
+
     # --- optics ---------------------------------------------------------------------------
     distortion_scatter: float = _p(0.05, "relative per-camera scatter of the pincushion coefficient k")
     distortion_centre_scatter: float = _p(0.01, "per-camera scatter of the distortion centre (units of R)")

@@ -397,7 +397,24 @@ def _r_band_grid() -> FineGrid:
     return FineGrid.covering(R_BAND[0], R_BAND[1], 0.1)
 
 
-def stellar_spectra(grid: FineGrid, teff, logg, feh, rv) -> np.ndarray:
+def resolve_stellar_model(name: str) -> tuple[str, str | None]:
+    """Which stellar model a request gets: ``("analytic", None)`` or ``("cannon", folder)``.
+
+    ``"analytic"`` always works; ``"cannon"`` and ``"auto"`` use the Cannon models of
+    ``thedoppler`` when their pickles are found (:func:`~fiberlake.ingest.sim_cannon.find_cannon_dir`)
+    and fall back to the analytic model otherwise.
+    """
+    if name not in ("analytic", "cannon", "auto"):
+        raise ValueError(f"stellar model {name!r} is not 'analytic', 'cannon' or 'auto'")
+    if name == "analytic":
+        return "analytic", None
+    from fiberlake.ingest.sim_cannon import find_cannon_dir
+
+    folder = find_cannon_dir()
+    return ("cannon", str(folder)) if folder is not None else ("analytic", None)
+
+
+def stellar_spectra(grid: FineGrid, teff, logg, feh, rv, model: str = "analytic") -> np.ndarray:
     """Observed-frame photon spectra, normalised to a mean of 1 over the r band.
 
     A star of magnitude ``m`` then has photon rate ``rate_mag16 * 10**(-0.4 (m - 16))`` times
@@ -409,6 +426,8 @@ def stellar_spectra(grid: FineGrid, teff, logg, feh, rv) -> np.ndarray:
         Output grid (any wavelengths; need not contain the r band).
     teff, logg, feh, rv : array_like, shape (n_stars,)
         Effective temperature (K), surface gravity, metallicity, radial velocity (km/s).
+    model : str, optional
+        ``"analytic"`` (default), ``"cannon"`` or ``"auto"`` (see :func:`resolve_stellar_model`).
 
     Returns
     -------
@@ -418,11 +437,18 @@ def stellar_spectra(grid: FineGrid, teff, logg, feh, rv) -> np.ndarray:
     logg = np.broadcast_to(np.asarray(logg, dtype=float), teff.shape)
     feh = np.broadcast_to(np.asarray(feh, dtype=float), teff.shape)
     rv = np.broadcast_to(np.asarray(rv, dtype=float), teff.shape)
-    rgrid = _r_band_grid()
-    norm = stellar_rest_spectra(rgrid, teff, logg, feh).mean(axis=1)
+    kind, folder = resolve_stellar_model(model)
+    if kind == "cannon":
+        from fiberlake.ingest.sim_cannon import cannon_rest_spectra
+
+        def rest_spectra(g: FineGrid) -> np.ndarray:
+            return cannon_rest_spectra(g, teff, logg, feh, folder)
+    else:
+        def rest_spectra(g: FineGrid) -> np.ndarray:
+            return stellar_rest_spectra(g, teff, logg, feh)
+    norm = rest_spectra(_r_band_grid()).mean(axis=1)
     # Compute on a slightly wider rest grid so the shift never reads beyond its ends.
     pad = int(np.ceil(0.004 * (grid.w0 + grid.dw * grid.n) / grid.dw))
     wide = FineGrid(grid.w0 - pad * grid.dw, grid.dw, grid.n + 2 * pad)
-    rest = stellar_rest_spectra(wide, teff, logg, feh)
-    shifted = _shift(rest, wide, rv)[:, pad:pad + grid.n]
+    shifted = _shift(rest_spectra(wide), wide, rv)[:, pad:pad + grid.n]
     return shifted / norm[:, None]

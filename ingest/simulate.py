@@ -36,6 +36,7 @@ from fiberlake.ingest.sim_spectra import (
     draw_stellar_params,
     flat_lamp,
     sky_continuum,
+    resolve_stellar_model,
     sky_line_list,
     stellar_spectra,
 )
@@ -291,8 +292,9 @@ def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, 
         wave = grid.wave
         idx = np.flatnonzero(has_star)
         shape = stellar_spectra(grid, np.array(info["TEFF"])[idx], np.array(info["LOGG"])[idx],
-                                np.array(info["FEH"])[idx], np.array(info["RV"])[idx])
-        scale = cam.params.rate_mag16 * 10.0 ** (-0.4 * (fib["MAG"][idx].astype(float) - 16.0)) * fluxfrac[idx] * exptime
+                                np.array(info["FEH"])[idx], np.array(info["RV"])[idx], cam.params.stellar_model)
+        mag = fib["MAG"][idx].astype(float)
+        scale = cam.params.rate_mag16 * 10.0 ** (-0.4 * (mag - 16.0)) * fluxfrac[idx] * exptime
         common = atmosphere_transmission(wave, cond.airmass) * cam.efficiency(wave)
         photons = shape * (scale[:, None] * common[None, :])
         binned = np.zeros((nf,) + cam.wave_ext.shape[1:])
@@ -313,14 +315,13 @@ def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, 
     return rows, targets
 
 
-def _flat_rows(cam: CameraModel, cond: Conditions, exptime: float) -> tuple[np.ndarray, float]:
+def _flat_rows(cam: CameraModel, det: DetectorModel, cond: Conditions, exptime: float) -> tuple[np.ndarray, float]:
     p = cam.params
     grid = cam.fine_grid
     wave = grid.wave
     unit = cam.convolve_lsf(cam.bin_continuum(grid, flat_lamp(wave, p.flat_temperature) * cam.efficiency(wave)))
     weights, _ = cam.profile
     peak = np.percentile(unit * weights.max(axis=0), 99.5)
-    det = detector_truth(cam.instrument, cam.camera, cam.seed, p)
     scale = p.flat_peak_adu * det.gain / peak * (exptime / DEFAULT_EXPTIME["FLAT"]) * cond.lamp_scale
     return unit * scale, scale
 
@@ -454,9 +455,10 @@ def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, n
         sky = _sky_rows(cam, cond, exptime, night, expid, seed)
         truth.update({"OBJ_ROWS": obj.astype(np.float32), "SKY_ROWS": sky.astype(np.float32), "TARGETS": targets})
         light = obj + sky
-        meta.update({"AIRMASS": cond.airmass, "TRANSP": cond.transparency, "SKYSCALE": cond.sky_scale})
+        meta.update({"AIRMASS": cond.airmass, "TRANSP": cond.transparency, "SKYSCALE": cond.sky_scale,
+                     "SPECMODL": resolve_stellar_model(params.stellar_model)[0]})
     elif obstype == "FLAT":
-        light, scale = _flat_rows(cam, cond, exptime)
+        light, scale = _flat_rows(cam, det, cond, exptime)
         truth["LAMP_ROWS"] = light.astype(np.float32)
         meta["LAMPSCAL"] = scale
     elif obstype == "ARC":
@@ -623,7 +625,7 @@ def write_spectra_truth(path: str | os.PathLike, frame: SimulatedFrame) -> Path:
     for key in ("EXPID", "CAMERA", "OBSTYPE", "NIGHT"):
         h[key] = frame.header[key]
     for key, value in t["meta"].items():
-        h[key] = float(value)
+        h[key] = value if isinstance(value, str) else float(value)
     hdus: list = [fits.PrimaryHDU(header=h)]
     for key in ("OBJ_ROWS", "SKY_ROWS", "LAMP_ROWS"):
         if key in t:

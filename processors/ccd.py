@@ -8,6 +8,7 @@ out. No file I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import warnings
 from dataclasses import dataclass
 
 import astroscrappy
@@ -224,7 +225,8 @@ def combine_frames(frames: Sequence[np.ndarray], sigma: float = 3.0, *, block_ro
             mean = np.ma.mean(clipped, axis=0).filled(np.nan)
         bad = ~np.isfinite(mean)
         if bad.any():
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
                 med = np.nanmedian(np.where(np.isfinite(cube), cube, np.nan), axis=0)
             mean = np.where(bad, np.nan_to_num(med, nan=0.0), mean)
         out[r0:r0 + block_rows] = mean

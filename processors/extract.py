@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.polynomial import legendre
 from scipy.special import ndtr
 
 from fiberlake.schemas.calib import TraceSet
@@ -113,9 +114,65 @@ def _prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
     return img, good, var, msk
 
 
-def _fiber_sigma(traces: TraceSet, profile_sigma: np.ndarray | float | None) -> np.ndarray:
-    """Profile sigma per fiber per row, shape (n_fibers, ny)."""
+def _per_fiber_row(a, n_fibers: int, ny: int) -> np.ndarray:
+    """Scalar, (n_fibers,) or (n_fibers, ny) -> float array (n_fibers, ny)."""
+    a = np.asarray(a, dtype=float)
+    return np.broadcast_to(a[:, None] if a.ndim == 1 else a, (n_fibers, ny)).astype(float)
+
+
+@dataclass
+class ProfileModel:
+    """Cross-dispersion profile of every fiber: a Gaussian core plus a wider Gaussian wing.
+
+    The profile's flux centroid is the trace; the core sits at ``-wing_fraction * wing_offset``
+    and the wing at ``(1 - wing_fraction) * wing_offset`` from it. ``wing_fraction = 0`` is a
+    plain Gaussian.
+
+    Attributes
+    ----------
+    sigma : ndarray, shape (n_fibers, ny)
+        Core Gaussian sigma (px).
+    wing_fraction : ndarray, shape (n_fibers, ny)
+        Flux fraction in the wing.
+    wing_offset : ndarray, shape (n_fibers, ny)
+        Wing centre minus core centre (px, signed, along columns).
+    wing_ratio : float or ndarray, shape (n_fibers, ny)
+        Wing sigma over core sigma.
+    """
+
+    sigma: np.ndarray
+    wing_fraction: np.ndarray
+    wing_offset: np.ndarray
+    wing_ratio: float = 1.5
+
+    @classmethod
+    def gaussian(cls, sigma: np.ndarray, n_fibers: int, ny: int) -> "ProfileModel":
+        """Plain Gaussian profiles; ``sigma`` scalar, per fiber or per fiber and row."""
+        zero = np.zeros((n_fibers, ny))
+        return cls(_per_fiber_row(sigma, n_fibers, ny), zero, zero.copy())
+
+    def stacked(self, n_fibers: int, ny: int) -> np.ndarray:
+        """Parameters as one array ``(n_fibers, ny, 4)``: sigma, wing fraction, wing offset,
+        wing ratio."""
+        par = np.stack([_per_fiber_row(a, n_fibers, ny)
+                        for a in (self.sigma, self.wing_fraction, self.wing_offset, self.wing_ratio)],
+                       axis=-1)
+        if not (np.all(np.isfinite(par)) and np.all(par[..., 0] > 0)
+                and np.all((par[..., 1] >= 0) & (par[..., 1] < 1)) and np.all(par[..., 3] > 0)):
+            raise ValueError("profile: sigma > 0, 0 <= wing_fraction < 1 and wing_ratio > 0 required")
+        return par
+
+    def max_extent(self) -> float:
+        """Largest Gaussian sigma of core or wing (px)."""
+        wing = np.any(np.asarray(self.wing_fraction) > 0)
+        return float(np.max(self.sigma)) * (max(1.0, float(np.max(self.wing_ratio))) if wing else 1.0)
+
+
+def _resolve_profile(traces: TraceSet, profile_sigma, profile: ProfileModel | None) -> ProfileModel:
+    """The profile to use: ``profile``, else Gaussians of ``profile_sigma`` or ``traces.sigma``."""
     nf, ny = traces.n_fibers, traces.ny
+    if profile is not None:
+        return profile
     if profile_sigma is None:
         s = np.asarray(traces.sigma, dtype=float)
         if s.size != nf or not np.any(s > 0):
@@ -124,13 +181,20 @@ def _fiber_sigma(traces: TraceSet, profile_sigma: np.ndarray | float | None) -> 
             s = np.where(s > 0, s, np.median(s[s > 0]))
     else:
         s = np.asarray(profile_sigma, dtype=float)
-    s = np.broadcast_to(s[:, None] if s.ndim == 1 else s, (nf, ny)).astype(float)
-    if not np.all(np.isfinite(s) & (s > 0)):
-        raise ValueError("profile sigma must be positive and finite")
-    return s
+    return ProfileModel.gaussian(s, nf, ny)
 
 
-def _box_profile(start: np.ndarray, nw: int, xc: np.ndarray, sig: np.ndarray, hw: float):
+def _profile_cdf(e: np.ndarray, par: np.ndarray, wings: bool) -> np.ndarray:
+    """Cumulative profile at positions ``e`` (..., m) relative to the centroid; par (..., 4)."""
+    sig = par[..., 0:1]
+    if not wings:
+        return ndtr(e / sig)
+    wf, wo, wr = par[..., 1:2], par[..., 2:3], par[..., 3:4]
+    return (1.0 - wf) * ndtr((e + wf * wo) / sig) + wf * ndtr((e - (1.0 - wf) * wo) / (wr * sig))
+
+
+def _box_profile(start: np.ndarray, nw: int, xc: np.ndarray, par: np.ndarray, hw: float,
+                 wings: bool):
     """Box aperture weights and the truncated profile inside it.
 
     Parameters
@@ -139,35 +203,35 @@ def _box_profile(start: np.ndarray, nw: int, xc: np.ndarray, sig: np.ndarray, hw
         First column of each window; the window is ``start + arange(nw)``.
     nw : int
         Window width.
-    xc, sig : arrays (...)
-        Trace centre and profile sigma.
+    xc : array (...)
+        Trace centre.
+    par : array (..., 4)
+        Profile parameters (:meth:`ProfileModel.stacked`).
     hw : float
         Aperture half-width; the aperture is ``[xc - hw, xc + hw]``.
 
     Returns
     -------
     P, w : arrays (..., nw)
-        Pixel-integrated Gaussian mass inside the aperture, normalised to unit sum over the
+        Pixel-integrated profile mass inside the aperture, normalised to unit sum over the
         aperture, and the pixel's overlap length (0..1) with the aperture.
     """
     edges = np.clip(start[..., None] - 0.5 + np.arange(nw + 1) - xc[..., None], -hw, hw)
-    norm = 2.0 * ndtr(hw / sig) - 1.0
-    P = np.diff(ndtr(edges / sig[..., None]), axis=-1) / norm[..., None]
+    cdf = _profile_cdf(edges, par, wings)
+    P = np.diff(cdf, axis=-1) / (cdf[..., -1:] - cdf[..., :1])
     return P, np.diff(edges, axis=-1)
 
 
-def _pixel_profile(start: np.ndarray, nw: int, xc: np.ndarray, sig: np.ndarray,
-                   hw: float) -> np.ndarray:
-    """Un-normalised pixel-integrated Gaussian on the window ``start + arange(nw)``.
+def _pixel_profile(start: np.ndarray, nw: int, xc: np.ndarray, par: np.ndarray, hw: float,
+                   wings: bool) -> np.ndarray:
+    """Un-normalised pixel-integrated profile on the window ``start + arange(nw)``.
 
     Pixels whose centre lies farther than ``hw`` from ``xc`` get 0 (whole-pixel support).
-    One ``ndtr`` per pixel edge.
+    One cumulative evaluation per pixel edge.
     """
-    x = xc[..., None]
-    edges = (start[..., None] - 0.5 + np.arange(nw + 1)) - x
-    P = np.diff(ndtr(edges / sig[..., None]), axis=-1)
-    centres = edges[..., :-1] + 0.5
-    return np.where(np.abs(centres) <= hw, P, 0.0)
+    edges = (start[..., None] - 0.5 + np.arange(nw + 1)) - xc[..., None]
+    P = np.diff(_profile_cdf(edges, par, wings), axis=-1)
+    return np.where(np.abs(edges[..., :-1] + 0.5) <= hw, P, 0.0)
 
 
 def _window_start(xc: np.ndarray, hw: float) -> tuple[np.ndarray, int]:
@@ -211,7 +275,8 @@ def _flag(flux, var, gfrac, ofrac, pixbits, dead):
 
 def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet,
                 *, halfwidth: float = 7.0,
-                profile_sigma: np.ndarray | float | None = None) -> Spectra1D:
+                profile_sigma: np.ndarray | float | None = None,
+                profile: ProfileModel | None = None) -> Spectra1D:
     """Aperture (box) extraction with fractional edge pixels.
 
     Parameters
@@ -227,7 +292,9 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     halfwidth : float
         Half-width (px) of the aperture ``|x - x_f(row)| <= halfwidth``.
     profile_sigma : float or ndarray, shape (n_fibers,) or (n_fibers, ny), optional
-        Profile sigma used only to correct for masked pixels; default ``traces.sigma``.
+        Gaussian profile sigma, used only to correct for masked pixels; default ``traces.sigma``.
+    profile : ProfileModel, optional
+        Core + wing profile (e.g. from :func:`measure_profile`); overrides ``profile_sigma``.
 
     Returns
     -------
@@ -241,18 +308,20 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     if traces.ny != ny:
         raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")
     xc_all = traces.x()
-    sig_all = _fiber_sigma(traces, profile_sigma)
+    prof = _resolve_profile(traces, profile_sigma, profile)
+    par_all = prof.stacked(traces.n_fibers, ny)
+    wings = bool(np.any(par_all[..., 1] > 0))
     nf = traces.n_fibers
     nw = int(np.floor(2 * halfwidth)) + 2
     out = [np.zeros((nf, ny)) for _ in range(5)]
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
     for r0, r1 in _row_blocks(ny, nf, nw):
-        xc, sig = xc_all[:, r0:r1], sig_all[:, r0:r1]
+        xc, par = xc_all[:, r0:r1], par_all[:, r0:r1]
         start, _ = _window_start(xc, halfwidth)
         cols = start[..., None] + np.arange(nw)
         on = (cols >= 0) & (cols < nx)
         idx = np.arange(r0, r1)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
-        P, w = _box_profile(start, nw, xc, sig, halfwidth)
+        P, w = _box_profile(start, nw, xc, par, halfwidth, wings)
         g = good.ravel()[idx] & on
         D = img.ravel()[idx]
         V = np.where(g, var.ravel()[idx], 0.0)
@@ -330,7 +399,8 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
                     halfwidth: float = 7.0, reject_sigma: float = 5.0, max_iter: int = 5,
                     deblend: bool = True, read_noise: float | None = None,
                     deblend_halfwidth: float | None = None,
-                    profile_error: float = 0.02) -> Spectra1D:
+                    profile_error: float = 0.02,
+                    profile: ProfileModel | None = None) -> Spectra1D:
     """Horne (1986) optimal extraction, optionally as a per-row simultaneous fit of all fibers.
 
     Each fiber's normalised profile ``P`` (module notes) is fitted to the data ``D`` with
@@ -371,6 +441,10 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
         Fractional profile-model error added (as ``(profile_error * model)^2``) to the
         variance in the rejection test only, so bright fibers do not lose core pixels to
         small profile mismatches.
+    profile : ProfileModel, optional
+        Core + wing profile (e.g. from :func:`measure_profile` on the master flat); overrides
+        ``profile_sigma``. Modelling the wings is what removes most of the crosstalk from
+        bright neighbours with ``deblend=True``.
 
     Returns
     -------
@@ -385,9 +459,10 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
         raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")
     nf = traces.n_fibers
     xc_all = traces.x()
-    sig_all = _fiber_sigma(traces, profile_sigma)
+    prof = _resolve_profile(traces, profile_sigma, profile)
+    par_all = prof.stacked(nf, ny)
     order = np.argsort(np.median(xc_all, axis=1), kind="stable")
-    xc_all, sig_all = xc_all[order], sig_all[order]
+    xc_all, par_all = xc_all[order], par_all[order]
     dead = _dead(traces)[order]
     rn2 = read_noise**2 if read_noise is not None else _estimate_read_noise_var(img, good, var)
 
@@ -396,7 +471,7 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     if coupled:
         spacing = float(np.min(np.diff(xc_all, axis=0)))
         if deblend_halfwidth is None:
-            hw = min(max(hw, 4.5 * float(sig_all.max())), 0.95 * spacing)
+            hw = min(max(hw, 4.5 * prof.max_extent()), 0.95 * spacing)
         else:
             hw = float(deblend_halfwidth)
         if not hw < spacing:
@@ -406,7 +481,7 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     res = {k: np.zeros((nf, ny)) for k in ("flux", "var", "gfrac", "ofrac", "chi2", "npix")}
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
     for r0, r1 in _row_blocks(ny, nf, nw):
-        blk = _optimal_block(img, good, var, msk, xc_all[:, r0:r1], sig_all[:, r0:r1], r0, r1,
+        blk = _optimal_block(img, good, var, msk, xc_all[:, r0:r1], par_all[:, r0:r1], r0, r1,
                              hw, coupled, rn2, reject_sigma, max_iter, profile_error)
         for k in res:
             res[k][:, r0:r1] = blk[k]
@@ -423,9 +498,14 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
                      npix=res["npix"][inv].astype(np.float32))
 
 
-def _optimal_block(img, good, var, msk, xc, sig, r0, r1, hw, coupled, rn2, reject_sigma,
-                   max_iter, profile_error):
-    """Fit / reject iterations on rows ``r0:r1`` for all fibers (sorted by column)."""
+def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, reject_sigma,
+                   max_iter, profile_error, residuals=False):
+    """Fit / reject iterations on rows ``r0:r1`` for all fibers (sorted by column).
+
+    With ``residuals`` (and ``max_iter=0``: a single fit with the input variance) return only
+    the normalised residuals ``(D - model) / sqrt(V_in)`` on each fiber's window (0 off the
+    support or where masked), shape ``(n_fibers, n_rows, n_window)``.
+    """
     ny, nx = img.shape
     nf, nr = xc.shape
     start, nw = _window_start(xc, hw)
@@ -433,7 +513,8 @@ def _optimal_block(img, good, var, msk, xc, sig, r0, r1, hw, coupled, rn2, rejec
     on = (cols >= 0) & (cols < nx)
     lidx = np.arange(nr)[None, :, None] * nx + np.clip(cols, 0, nx - 1)  # block's 2D arrays
     gidx = lidx + r0 * nx                                              # full frame
-    P = _pixel_profile(start, nw, xc, sig, hw)
+    wings = bool(np.any(par[..., 1] > 0))
+    P = _pixel_profile(start, nw, xc, par, hw, wings)
     norm = P.sum(axis=-1)
     inside = P > 0
     P /= np.maximum(norm, 1e-300)[..., None]
@@ -444,7 +525,8 @@ def _optimal_block(img, good, var, msk, xc, sig, r0, r1, hw, coupled, rn2, rejec
     if coupled:
         # profile of fiber f + 1 on fiber f's window (zero outside f + 1's support)
         Q = np.zeros_like(P)
-        Q[:-1] = _pixel_profile(start[:-1], nw, xc[1:], sig[1:], hw) / np.maximum(norm[1:], 1e-300)[..., None]
+        Q[:-1] = (_pixel_profile(start[:-1], nw, xc[1:], par[1:], hw, wings)
+                  / np.maximum(norm[1:], 1e-300)[..., None])
 
     rejected = np.zeros(nr * nx, bool)
     thr2 = float(reject_sigma) ** 2
@@ -492,6 +574,8 @@ def _optimal_block(img, good, var, msk, xc, sig, r0, r1, hw, coupled, rn2, rejec
             break
 
     model = model_of(a)
+    if residuals:
+        return np.where(M, (D - model) / np.sqrt(np.where(M, Vin, 1.0)), 0.0)
     Vm = rn2 + np.maximum(model, 0.0)
     npix = np.sum(M, axis=-1)
     chi2 = np.sum(np.where(M, (D - model) ** 2 / Vm, 0.0), axis=-1) / np.maximum(npix - 1, 1)
@@ -501,3 +585,147 @@ def _optimal_block(img, good, var, msk, xc, sig, r0, r1, hw, coupled, rn2, rejec
     pixbits = np.bitwise_or.reduce(np.where(sig_pix, msk.ravel()[gidx], MASK_DTYPE(0)), axis=-1)
     return {"flux": a, "var": va, "gfrac": gfrac, "ofrac": ofrac, "chi2": chi2,
             "npix": npix.astype(float), "pixbits": pixbits}
+
+
+# ----------------------------------------------------------------------------- profile on the flat
+
+
+def _legfit2d(u: np.ndarray, v: np.ndarray, y: np.ndarray, deg: tuple[int, int],
+              clip: float = 3.0, iters: int = 3) -> np.ndarray:
+    """Least-squares 2D Legendre fit with iterative sigma clipping; returns coefficients."""
+    A = legendre.legvander2d(u, v, list(deg))
+    keep = np.isfinite(y)
+    coef = np.zeros(A.shape[1])
+    for _ in range(iters):
+        if keep.sum() < A.shape[1]:
+            break
+        coef, *_ = np.linalg.lstsq(A[keep], y[keep], rcond=None)
+        r = y - A @ coef
+        s = 1.4826 * np.median(np.abs(r[keep])) + 1e-12
+        new = np.isfinite(y) & (np.abs(r) <= clip * s)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return coef.reshape(deg[0] + 1, deg[1] + 1)
+
+
+def measure_profile(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None,
+                    traces: TraceSet, *, n_bands: int = 12, rows_per_band: int = 6,
+                    max_sweeps: int = 8, deg: tuple[int, int] = (2, 2)) -> ProfileModel:
+    """Measure core + wing cross-dispersion profiles on a (master) flat.
+
+    In ``n_bands`` bands of ``rows_per_band`` rows, the core sigma, wing fraction, wing offset
+    and wing/core sigma ratio of every fiber are chosen to minimise the chi^2 of the deblended
+    (all fibers at once) profile fit to the flat, by damped Newton (Levenberg-Marquardt)
+    iterations with finite-difference gradients and Hessians, vectorized over fibers and bands.
+    The wing ratio is then fixed to its median and the other three are refined. Finally the band measurements are smoothed over the CCD with a 2D
+    Legendre fit of degree ``deg`` in (column, row), 3-sigma clipped; the core sigma keeps each
+    live fiber's median offset from that surface (fiber-to-fiber focus differences).
+
+    Parameters
+    ----------
+    image, ivar, mask
+        Master flat in electrons, as for :func:`optimal_extract`.
+    traces : TraceSet
+        Traces measured on the same flat.
+    n_bands, rows_per_band : int
+        Row sampling of the measurement.
+    max_sweeps : int
+        Newton iterations of the first stage (half as many, at least 2, in the second).
+    deg : (int, int)
+        Degrees of the 2D smoothing in column and row.
+
+    Returns
+    -------
+    ProfileModel
+        Parameters for every fiber and row (dead fibers from the smooth surfaces); a scalar
+        wing ratio.
+    """
+    img, good, var, msk = _prepare(image, ivar, mask)
+    ny, nx = img.shape
+    nf = traces.n_fibers
+    if traces.ny != ny:
+        raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")
+    nb, rpb = int(n_bands), int(rows_per_band)
+    centres = np.round(np.linspace(0, ny - 1, nb + 2)[1:-1]).astype(int)
+    rows = np.clip(centres[:, None] + np.arange(rpb) - rpb // 2, 0, ny - 1).ravel()
+    order = np.argsort(np.median(traces.x(), axis=1), kind="stable")
+    xc = traces.x(rows)[order]
+    dead = _dead(traces)[order]
+    live = ~dead
+    rn2 = _estimate_read_noise_var(img, good, var)
+    sub = [a[rows] for a in (img, good, var, msk)]
+    s0 = _resolve_profile(traces, None, None).sigma[order][:, 0]
+    coupled = nf > 1
+    spacing = float(np.min(np.diff(xc, axis=0))) if coupled else np.inf
+    hw = min(max(7.0, 4.5 * 3.0 * float(s0.max())), 0.95 * spacing)
+    h = np.array([0.02, 0.01, 0.05, 0.05])     # finite-difference steps: sigma, wf, offset, ratio
+    lo = np.array([0.5, 0.0, -5.0, 1.05])
+    hi = np.array([8.0, 0.6, 5.0, 5.0])
+    max_move = np.array([0.5, 0.1, 1.0, 0.5])
+
+    def residuals(par_b: np.ndarray) -> np.ndarray:
+        r = _optimal_block(*sub, xc, np.repeat(par_b, rpb, axis=1), 0, rows.size, hw, coupled,
+                           rn2, np.inf, 0, 0.0, residuals=True)
+        return r.reshape(nf, nb, -1)  # one residual vector per fiber-band
+
+    def gauss_newton(par: np.ndarray, coords: list[int], iters: int) -> None:
+        """Levenberg-Marquardt on each fiber-band's residuals, in place. Every fiber moves at
+        once, so the Jacobian is common-mode: neighbours (with nearly the same parameters)
+        move with the fiber, as their wings do in its window."""
+        cidx = np.asarray(coords)
+        lam = np.full((nf, nb), 1e-2)
+        r0 = residuals(par)
+        c0 = np.sum(r0**2, axis=-1)
+        for _ in range(iters):
+            J = np.stack([(residuals(np.concatenate([par[..., :k], par[..., k:k + 1] + h[k], par[..., k + 1:]],
+                                                    axis=-1)) - r0) / h[k] for k in coords], axis=-1)
+            JtJ = np.einsum("fbpi,fbpj->fbij", J, J)
+            Jtr = np.einsum("fbpi,fbp->fbi", J, r0)
+            dJ = np.diagonal(JtJ, axis1=-2, axis2=-1) + 1e-12
+            for _ in range(3):  # raise the damping where the step does not lower chi^2
+                A = JtJ + lam[..., None, None] * np.eye(len(coords)) * dJ[..., None, :]
+                step = -np.linalg.solve(A, Jtr[..., None])[..., 0]
+                step = np.clip(np.where(np.isfinite(step), step, 0.0), -max_move[cidx], max_move[cidx])
+                trial = par.copy()
+                trial[..., cidx] = np.clip(par[..., cidx] + step, lo[cidx], hi[cidx])
+                r1 = residuals(trial)
+                c1 = np.sum(r1**2, axis=-1)
+                better = (c1 < c0) & live[:, None]
+                par[better] = trial[better]
+                r0 = np.where(better[..., None], r1, r0)
+                c0 = np.where(better, c1, c0)
+                lam = np.clip(np.where(better, lam / 10, lam * 10), 1e-6, 1e6)
+                if better.mean() > 0.8:
+                    break
+            # the accepted moves changed the neighbours of rejected fiber-bands too
+            r0 = residuals(par)
+            c0 = np.sum(r0**2, axis=-1)
+
+    par = np.zeros((nf, nb, 4))
+    par[..., 0] = s0[:, None]
+    par[..., 1] = 0.1
+    par[..., 3] = 2.0
+    gauss_newton(par, [0, 1, 2, 3], max_sweeps)
+    ratio = float(np.median(par[live][..., 3])) if live.any() else 2.0
+    par[..., 3] = ratio
+    gauss_newton(par, [0, 1, 2], max(2, max_sweeps // 2))
+
+    global _DEBUG_BANDS
+    _DEBUG_BANDS = (par.copy(), order.copy())
+    # smooth over the CCD; (u, v) of each fiber-band measurement
+    u = 2.0 * xc.reshape(nf, nb, rpb).mean(axis=-1) / (nx - 1) - 1.0
+    v = np.broadcast_to(2.0 * centres / (ny - 1) - 1.0, (nf, nb))
+    U = 2.0 * traces.x()[order] / (nx - 1) - 1.0
+    V = np.broadcast_to(2.0 * np.arange(ny) / (ny - 1) - 1.0, U.shape)
+    smooth = []
+    for k in range(3):
+        coef = _legfit2d(u[live].ravel(), v[live].ravel(), par[live][..., k].ravel(), deg)
+        surf = legendre.legval2d(U, V, coef)
+        if k == 0:  # keep each live fiber's own focus offset
+            resid = par[..., 0] - legendre.legval2d(u, v, coef)
+            surf = surf + np.where(live, np.median(resid, axis=1), 0.0)[:, None]
+        smooth.append(np.clip(surf, lo[k], hi[k]))
+    inv = np.argsort(order)
+    return ProfileModel(sigma=smooth[0][inv], wing_fraction=smooth[1][inv],
+                        wing_offset=smooth[2][inv], wing_ratio=ratio)

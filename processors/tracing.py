@@ -18,6 +18,7 @@ Steps (all pure array processing):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,34 +35,104 @@ _INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)
 
 
 # --------------------------------------------------------------------------------------------
-# Batched Gaussian fitting (shared with wavecal)
+# Batched profile fitting (shared with wavecal)
 # --------------------------------------------------------------------------------------------
-def _pixel_gauss(t: np.ndarray, mu: np.ndarray, s: np.ndarray):
-    up = (t + 0.5 - mu[..., None]) / s[..., None]
-    um = (t - 0.5 - mu[..., None]) / s[..., None]
-    g = 0.5 * (erf(up / _SQRT2) - erf(um / _SQRT2))
-    pp = np.exp(-0.5 * up * up) * _INV_SQRT2PI
-    pm = np.exp(-0.5 * um * um) * _INV_SQRT2PI
-    dmu = (pm - pp) / s[..., None]
-    ds = (pm * um - pp * up) / s[..., None]
-    return g, dmu, ds
+PROFILES = ("gauss", "hermite", "halo")
+"""Profile models of :func:`fit_pixel_gaussians`; all are parametrised by their flux centroid.
+
+* ``gauss``: a Gaussian (no shape parameters).
+* ``hermite``: ``phi(z) (1 + h3 He3(z) + h4 He4(z)) / sigma``; He3 and He4 are orthogonal to
+  1, z and z^2 under the Gaussian weight, so flux, centroid and rms width are those of the
+  Gaussian whatever ``(h3, h4)``.
+* ``halo``: a core Gaussian (sigma) plus a broader halo (``halo_ratio * sigma``) holding the
+  flux fraction ``frac``, offset by ``sep`` pixels from the core; the core sits at
+  ``mu - frac * sep`` and the halo at ``mu + (1 - frac) * sep``, so ``mu`` is the centroid.
+  The shape parameters are ``(frac, sep)``.
+"""
+N_SHAPE = {"gauss": 0, "hermite": 2, "halo": 2}
+_SHAPE_BOUNDS = {"hermite": ((-0.3, 0.3), (-0.3, 0.3)), "halo": ((0.01, 0.45), (-4.0, 4.0))}
+_SHAPE_START = {"hermite": (0.0, 0.0), "halo": (0.1, 0.0)}
+_SHAPE_PRIOR = {"hermite": ((0.0, 0.1), (0.0, 0.1)), "halo": ((0.1, 0.1), (0.0, 1.0))}
+# Gaussian priors (mean, sigma) on the shape parameters: they keep them near a symmetric
+# profile where the data cannot tell (e.g. a plain Gaussian, where frac and sep are degenerate
+# and a wandering ``sep`` would move the centroid), and barely act on a well-measured halo.
 
 
-def pixel_gaussian(t: np.ndarray, amp: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Gaussian of total flux ``amp`` integrated over unit pixels centred on ``t``.
+def _he(n: int, z: np.ndarray) -> np.ndarray:
+    """Probabilists' Hermite polynomial He_n (n <= 4)."""
+    if n == 0:
+        return np.ones_like(z)
+    z2 = z * z
+    return (z, z2 - 1.0, z * (z2 - 3.0), z2 * (z2 - 6.0) + 3.0)[n - 1]
+
+
+def _gauss_terms(t: np.ndarray, mu: np.ndarray, s: np.ndarray, orders=()):
+    """Pixel integrals of ``phi(z) He_n(z) / s`` for n = 0 and ``orders``, with their
+    derivatives in ``mu`` and ``s``; closed form since ``int phi He_n dz = -phi He_(n-1)``."""
+    mu = mu[..., None]
+    s = s[..., None]
+    zb = (t + 0.5 - mu) / s
+    za = (t - 0.5 - mu) / s
+    pb = np.exp(-0.5 * zb * zb) * _INV_SQRT2PI
+    pa = np.exp(-0.5 * za * za) * _INV_SQRT2PI
+    vals = [0.5 * (erf(zb / _SQRT2) - erf(za / _SQRT2))]
+    dmu = [-(pb - pa) / s]
+    ds = [-(zb * pb - za * pa) / s]
+    for n in orders:
+        hb, ha = _he(n, zb), _he(n, za)
+        vals.append(pa * _he(n - 1, za) - pb * _he(n - 1, zb))
+        dmu.append(-(pb * hb - pa * ha) / s)
+        ds.append(-(zb * pb * hb - za * pa * ha) / s)
+    return vals, dmu, ds
+
+
+def _pixel_profile(t: np.ndarray, mu: np.ndarray, s: np.ndarray, profile: str = "gauss",
+                   shape: np.ndarray | None = None, halo_ratio: float = 1.5):
+    """Unit-flux pixel-integrated profile, d/dmu, d/ds and d/d(shape parameters) (a list)."""
+    if profile == "gauss":
+        (g,), (gm,), (gs,) = _gauss_terms(t, mu, s)
+        return g, gm, gs, []
+    if profile == "hermite":
+        h3, h4 = shape[..., 0][..., None], shape[..., 1][..., None]
+        (g, i3, i4), (gm, m3, m4), (gs, s3, s4) = _gauss_terms(t, mu, s, (3, 4))
+        return g + h3 * i3 + h4 * i4, gm + h3 * m3 + h4 * m4, gs + h3 * s3 + h4 * s4, [i3, i4]
+    if profile == "halo":
+        f, d = shape[..., 0], shape[..., 1]
+        (g1,), (m1,), (s1,) = _gauss_terms(t, mu - f * d, s)
+        (g2,), (m2,), (s2,) = _gauss_terms(t, mu + (1 - f) * d, halo_ratio * s)
+        f, d = f[..., None], d[..., None]
+        val = (1 - f) * g1 + f * g2
+        dmu = (1 - f) * m1 + f * m2
+        dsig = (1 - f) * s1 + f * halo_ratio * s2
+        dfrac = g2 - g1 - d * dmu
+        dsep = f * (1 - f) * (m2 - m1)
+        return val, dmu, dsig, [dfrac, dsep]
+    raise ValueError(f"profile {profile!r} not one of {PROFILES}")
+
+
+def pixel_gaussian(t: np.ndarray, amp: np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, profile: str = "gauss",
+                   shape: np.ndarray | None = None, halo_ratio: float = 1.5) -> np.ndarray:
+    """A profile of total flux ``amp`` and flux centroid ``mu`` integrated over unit pixels.
 
     Parameters
     ----------
     t : ndarray, shape (..., W)
         Pixel centres.
     amp, mu, sigma : ndarray, shape (...)
-        Total flux, centre and Gaussian sigma (pixels).
+        Total flux, flux centroid and (core) Gaussian sigma (pixels).
+    profile : str
+        One of :data:`PROFILES`.
+    shape : ndarray, shape (..., 2), optional
+        Shape parameters of the ``hermite`` / ``halo`` profiles.
+    halo_ratio : float
+        Halo sigma over core sigma (``halo`` profile).
 
     Returns
     -------
     ndarray, shape (..., W)
     """
-    g, _, _ = _pixel_gauss(np.asarray(t, float), np.asarray(mu, float), np.asarray(sigma, float))
+    g = _pixel_profile(np.asarray(t, float), np.asarray(mu, float), np.asarray(sigma, float), profile,
+                       None if shape is None else np.asarray(shape, float), halo_ratio)[0]
     return np.asarray(amp, float)[..., None] * g
 
 
@@ -76,12 +147,16 @@ class GaussFit:
     mu_err: np.ndarray
     chi2: np.ndarray
     ok: np.ndarray
+    shape: np.ndarray
+    """Shape parameters, shape ``(..., N_SHAPE[profile])``."""
 
 
 def fit_pixel_gaussians(y: np.ndarray, t: np.ndarray, weight: np.ndarray, amp: np.ndarray, mu: np.ndarray,
-                        sigma: np.ndarray, bkg: np.ndarray | None = None, *, n_iter: int = 10,
+                        sigma: np.ndarray, bkg: np.ndarray | None = None, *, profile: str = "gauss",
+                        shape: np.ndarray | None = None, fit_shape: bool = True, halo_ratio: float = 1.5,
+                        n_iter: int = 10,
                         sigma_bounds: tuple[float, float] = (0.3, 8.0), max_step: float = 1.0) -> GaussFit:
-    """Fit many pixel-integrated Gaussians (plus an optional constant) at once.
+    """Fit many pixel-integrated profiles (plus an optional constant) at once.
 
     A vectorised Levenberg-Marquardt loop: every problem of the batch has its own damping and
     accepts a step only if it lowers its chi^2.
@@ -91,9 +166,18 @@ def fit_pixel_gaussians(y: np.ndarray, t: np.ndarray, weight: np.ndarray, amp: n
     y, t, weight : ndarray, shape (..., W)
         Data, pixel centres and weights (inverse variances; 0 ignores a pixel).
     amp, mu, sigma : ndarray, shape (...)
-        Starting total flux, centre and sigma.
+        Starting total flux, centroid and sigma.
     bkg : ndarray, shape (...), optional
         Starting constant background; ``None`` fits no background.
+    profile : str
+        ``gauss``, ``hermite`` or ``halo`` (see :data:`PROFILES`); for the last two ``mu`` is the
+        flux centroid of an asymmetric profile rather than the centre of its core.
+    shape : ndarray, shape (..., 2), optional
+        Starting shape parameters (default: symmetric).
+    fit_shape : bool
+        Fit the shape parameters; if False they stay at ``shape`` (a known profile shape).
+    halo_ratio : float
+        Halo sigma over core sigma (``halo`` profile).
     n_iter : int
         Levenberg-Marquardt iterations.
     sigma_bounds : (float, float)
@@ -104,49 +188,82 @@ def fit_pixel_gaussians(y: np.ndarray, t: np.ndarray, weight: np.ndarray, amp: n
     Returns
     -------
     GaussFit
-        Best parameters, the formal centre error ``mu_err`` (from the weights), chi^2 and
-        ``ok`` (finite, positive flux, fitted pixels present).
+        Best parameters, the formal centre error ``mu_err`` (from the weights), chi^2 (with the
+        weak Gaussian priors that keep free shape parameters near a symmetric profile when the
+        data cannot constrain them) and ``ok`` (finite, positive flux, fitted pixels present).
     """
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r} not one of {PROFILES}")
     y = np.asarray(y, float)
     t = np.asarray(t, float)
     w = np.asarray(weight, float)
-    p = [np.array(amp, float), np.array(mu, float), np.array(sigma, float)]
     with_bkg = bkg is not None
+    batch = np.broadcast_shapes(np.shape(amp), np.shape(mu), np.shape(sigma))
+    cols0 = [np.broadcast_to(np.asarray(v, float), batch) for v in (amp, mu, sigma)]
+    ib = 3 if with_bkg else None
     if with_bkg:
-        p.append(np.array(bkg, float))
-    p = np.stack(np.broadcast_arrays(*p), axis=-1)  # (..., k)
+        cols0.append(np.broadcast_to(np.asarray(bkg, float), batch))
+    n_all = N_SHAPE[profile]
+    start = np.broadcast_to(np.asarray(_SHAPE_START.get(profile, ()) if shape is None else shape, float),
+                            batch + (n_all,))
+    ns = n_all if fit_shape else 0
+    ish = len(cols0)
+    if ns:
+        cols0 += [start[..., j] for j in range(ns)]
+    p = np.stack(cols0, axis=-1).astype(float)  # (..., k)
     k = p.shape[-1]
     lo, hi = sigma_bounds
 
+    prior = _SHAPE_PRIOR.get(profile, ()) if ns else ()
+    prior_mean = np.array([m for m, _ in prior])
+    prior_ivar = np.array([1.0 / sg ** 2 for _, sg in prior])
+
+    def prior_chi2(par):
+        if not ns:
+            return 0.0
+        return np.sum((par[..., ish:ish + ns] - prior_mean) ** 2 * prior_ivar, axis=-1)
+
     def evaluate(par):
-        g, dmu, ds = _pixel_gauss(t, par[..., 1], par[..., 2])
+        g, dmu, ds, dshape = _pixel_profile(t, par[..., 1], par[..., 2], profile,
+                                            par[..., ish:ish + ns] if ns else start, halo_ratio)
         a = par[..., 0][..., None]
-        model = a * g + (par[..., 3][..., None] if with_bkg else 0.0)
-        cols = [g, a * dmu, a * ds] + ([np.ones_like(g)] if with_bkg else [])
-        jac = np.stack(cols, axis=-2)  # (..., k, W)
-        return model, jac
+        model = a * g
+        cols = [g, a * dmu, a * ds]
+        if with_bkg:
+            model = model + par[..., ib][..., None]
+            cols.append(np.ones_like(g))
+        if ns:
+            cols += [a * d for d in dshape]
+        return model, np.stack(cols, axis=-2)  # (..., k, W)
 
     model, jac = evaluate(p)
-    chi2 = np.sum(w * (y - model) ** 2, axis=-1)
+    chi2 = np.sum(w * (y - model) ** 2, axis=-1) + prior_chi2(p)
     lam = np.full(chi2.shape, 1e-2)
     eye = np.eye(k)
     for _ in range(n_iter):
         jw = jac * w[..., None, :]
         jtj = np.einsum("...iw,...jw->...ij", jw, jac)
         jtr = np.einsum("...iw,...w->...i", jw, y - model)
+        if ns:
+            idx = np.arange(ish, ish + ns)
+            jtj[..., idx, idx] += prior_ivar
+            jtr[..., idx] += (prior_mean - p[..., idx]) * prior_ivar
         diag = np.einsum("...ii->...i", jtj)
-        a_mat = jtj + (lam[..., None] * np.maximum(diag, 1e-12))[..., None] * eye
+        scale = np.maximum(diag, 1e-12 * np.maximum(diag.max(axis=-1, keepdims=True), 1e-300))
+        a_mat = jtj + (lam[..., None] * scale)[..., None] * eye
         try:
             step = np.linalg.solve(a_mat, jtr[..., None])[..., 0]
         except np.linalg.LinAlgError:
             step = np.zeros_like(p)
-            good = np.linalg.cond(a_mat) < 1e12
+            good = np.linalg.cond(a_mat) < 1e14
             step[good] = np.linalg.solve(a_mat[good], jtr[good][..., None])[..., 0]
         step[..., 1] = np.clip(step[..., 1], -max_step, max_step)
         trial = p + np.where(np.isfinite(step), step, 0.0)
         trial[..., 2] = np.clip(trial[..., 2], lo, hi)
+        for j, (blo, bhi) in enumerate(_SHAPE_BOUNDS.get(profile, ()) if ns else ()):
+            trial[..., ish + j] = np.clip(trial[..., ish + j], blo, bhi)
         m_t, j_t = evaluate(trial)
-        chi2_t = np.sum(w * (y - m_t) ** 2, axis=-1)
+        chi2_t = np.sum(w * (y - m_t) ** 2, axis=-1) + prior_chi2(trial)
         better = chi2_t < chi2
         p = np.where(better[..., None], trial, p)
         model = np.where(better[..., None], m_t, model)
@@ -155,14 +272,18 @@ def fit_pixel_gaussians(y: np.ndarray, t: np.ndarray, weight: np.ndarray, amp: n
         lam = np.where(better, lam / 3.0, lam * 4.0)
     jw = jac * w[..., None, :]
     jtj = np.einsum("...iw,...jw->...ij", jw, jac)
-    det_ok = np.abs(np.linalg.det(jtj)) > 0
-    cov_mu = np.full(chi2.shape, np.inf)
-    if det_ok.any():
-        cov_mu[det_ok] = np.linalg.inv(jtj[det_ok])[..., 1, 1]
-    mu_err = np.sqrt(np.where(cov_mu > 0, cov_mu, np.inf))
+    if ns:
+        idx = np.arange(ish, ish + ns)
+        jtj[..., idx, idx] += prior_ivar
+    mu_err = np.full(chi2.shape, np.inf)
+    with np.errstate(all="ignore"):
+        cond_ok = np.linalg.cond(jtj) < 1e14
+        if cond_ok.any():
+            cov_mu = np.linalg.inv(jtj[cond_ok])[..., 1, 1]
+            mu_err[cond_ok] = np.sqrt(np.where(cov_mu > 0, cov_mu, np.inf))
     ok = np.all(np.isfinite(p), axis=-1) & (p[..., 0] > 0) & np.isfinite(mu_err) & (np.sum(w > 0, axis=-1) > k)
-    return GaussFit(amp=p[..., 0], mu=p[..., 1], sigma=p[..., 2],
-                    bkg=p[..., 3] if with_bkg else np.zeros(chi2.shape), mu_err=mu_err, chi2=chi2, ok=ok)
+    return GaussFit(amp=p[..., 0], mu=p[..., 1], sigma=p[..., 2], bkg=p[..., ib] if with_bkg else np.zeros(chi2.shape),
+                    mu_err=mu_err, chi2=chi2, ok=ok, shape=p[..., ish:ish + ns] if ns else start.copy())
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +312,8 @@ def band_profiles(image: np.ndarray, ivar: np.ndarray, band_rows: int = 16):
     icube = np.asarray(ivar[: nb * band_rows], dtype=np.float64).reshape(nb, band_rows, nx)
     bad = ~(icube > 0) | ~np.isfinite(cube)
     if bad.any():
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-masked band columns
             prof = np.nanmedian(np.where(bad, np.nan, cube), axis=1)
         prof = np.nan_to_num(prof, nan=0.0)
     else:
@@ -272,9 +394,10 @@ class BandCentroids:
     rows : ndarray, shape (n_bands,)
         Centre row of each band.
     x, x_err : ndarray, shape (n_fibers, n_bands)
-        Fitted centre column and its formal error (pixels).
+        Fitted flux centroid column and its formal error (pixels).
     amp, sigma : ndarray, shape (n_fibers, n_bands)
-        Fitted total flux per row and Gaussian sigma of the profile.
+        Fitted total flux per row and sigma of the profile (its rms width, wings included, for
+        a Gauss-Hermite fit).
     valid : ndarray of bool, shape (n_fibers, n_bands)
         The fit converged close to the followed trace.
     """
@@ -287,9 +410,31 @@ class BandCentroids:
     valid: np.ndarray
 
 
+def _smooth_surface(u: np.ndarray, v: np.ndarray, values: np.ndarray, use: np.ndarray, deg: int,
+                    clip: float = 3.0) -> np.ndarray:
+    """Sigma-clipped least-squares 2D Legendre surface of degree ``deg`` in ``(u, v)``."""
+    use = use & np.isfinite(values)
+    n_terms = (deg + 1) ** 2
+    if use.sum() <= n_terms:
+        return np.where(use, values, np.nanmedian(values[use]) if use.any() else 0.0)
+    design = legendre.legvander2d(u.ravel(), v.ravel(), [deg, deg])
+    y = values.ravel()
+    keep = use.ravel().copy()
+    for _ in range(5):
+        coef = np.linalg.lstsq(design[keep], y[keep], rcond=None)[0]
+        resid = y - design @ coef
+        scale = mad_std(resid[keep])
+        new = keep & (np.abs(resid) <= clip * max(scale, 1e-12))
+        if new.sum() <= n_terms or np.array_equal(new, keep):
+            break
+        keep = new
+    return (design @ coef).reshape(values.shape)
+
+
 def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray, *,
                            band_rows: int = 16, sigma_guess: float = 2.4, max_offset: float | None = None,
-                           n_refine: int = 3) -> BandCentroids:
+                           n_refine: int = 3, profile: str = "halo", halo_ratio: float = 1.5,
+                           shape_deg: int = 2, half_window: float = 0.5) -> BandCentroids:
     """Fiber centroids in row bands of a flat, robust to overlapping neighbour wings.
 
     Parameters
@@ -307,6 +452,18 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
         (default 0.45 fiber pitch; a larger offset is ambiguous by whole pitches).
     n_refine : int
         Passes of the fit with the neighbours' models subtracted.
+    half_window : float
+        Half width of the fitted window around each fiber, in fiber pitches.
+    profile : str
+        Profile fitted in those passes (:data:`PROFILES`): ``halo`` (default) and ``hermite``
+        measure the flux centroid of an asymmetric profile (a core with an offset wing) and
+        model the neighbours' wings; ``gauss`` measures the centre of the core.
+    halo_ratio : float
+        Halo sigma over core sigma of the ``halo`` profile.
+    shape_deg : int
+        After the refinement passes, each shape parameter is replaced by a 2D Legendre surface
+        of this degree in row and column (sigma-clipped), and two more passes fit with the
+        shape fixed.
 
     Returns
     -------
@@ -319,7 +476,7 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
         max_offset = 0.45 * pitch
     prof, wgt, rows = band_profiles(flat, flat_ivar, band_rows)
     nb, nx = prof.shape
-    hw = max(3, int(round(0.5 * pitch)))  # fit half-window
+    hw = max(3, int(round(half_window * pitch)))  # fit half-window
     mw = max(hw, int(np.ceil(5 * sigma_guess)))  # model half-window
     pad = hw + mw + 2
     prof_p = np.pad(prof, ((0, 0), (pad, pad)))
@@ -368,29 +525,35 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
     ab = np.zeros_like(xb)
     bkg = np.zeros_like(xb)
     err = np.full_like(xb, np.inf)
+    shp = np.zeros(xb.shape + (N_SHAPE[profile],))
+    shp[:] = _SHAPE_START.get(profile, ())
     ok = np.zeros(xb.shape, bool)
     mcols = np.arange(-mw, mw + 1)
     width = prof_p.shape[1]
 
-    def refit(sel: np.ndarray, subtract: bool, first: bool) -> None:
+    def refit(sel: np.ndarray, subtract: bool, first: bool, free_shape: bool = True) -> None:
+        prof_now = "gauss" if first else profile
         cols = _windows(xb[:, sel], hw, pad)  # (nb, ns, W)
         flat_cols = cols.reshape(nb, -1)
         yy = np.take_along_axis(prof_p, flat_cols, axis=1).reshape(cols.shape)
         ww = np.take_along_axis(wgt_p, flat_cols, axis=1).reshape(cols.shape)
         if subtract:
             mc = np.rint(xb).astype(int)[..., None] + pad + mcols  # (nb, nf, M)
-            own = pixel_gaussian(mc - pad, ab, xb, sb)
+            own = pixel_gaussian(mc - pad, ab, xb, sb, profile=profile, shape=shp, halo_ratio=halo_ratio)
             band_idx = np.broadcast_to(np.arange(nb)[:, None, None], mc.shape)
             total = np.bincount((band_idx * width + mc).ravel(), weights=own.ravel(),
                                 minlength=nb * width).reshape(nb, width)
-            own_w = pixel_gaussian(cols - pad, ab[:, sel], xb[:, sel], sb[:, sel])
+            own_w = pixel_gaussian(cols - pad, ab[:, sel], xb[:, sel], sb[:, sel], profile=profile,
+                                   shape=shp[:, sel], halo_ratio=halo_ratio)
             yy = yy - (np.take_along_axis(total, flat_cols, axis=1).reshape(cols.shape) - own_w)
         if first:
             amp0 = np.maximum(yy.sum(-1) - yy.min(-1) * cols.shape[-1], 1e-3)
             b0 = np.maximum(yy.min(-1), 0.0)
         else:
             amp0, b0 = np.maximum(ab[:, sel], 1e-3), bkg[:, sel]
-        fit = fit_pixel_gaussians(yy, cols - pad, ww, amp0, xb[:, sel], sb[:, sel], b0, n_iter=8 if first else 5)
+        fit = fit_pixel_gaussians(yy, cols - pad, ww, amp0, xb[:, sel], sb[:, sel], b0, profile=prof_now,
+                                  shape=shp[:, sel] if not first else None, fit_shape=free_shape,
+                                  halo_ratio=halo_ratio, n_iter=8 if first else 6)
         good = (fit.ok & (np.abs(fit.mu - x_follow[:, sel]) < 1.5) & (fit.sigma > 0.5)
                 & (fit.sigma < 3 * sigma_guess))
         xb[:, sel] = np.where(good, fit.mu, xb[:, sel])
@@ -398,6 +561,8 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
         ab[:, sel] = np.where(good, fit.amp, 0.0)
         bkg[:, sel] = np.where(good, fit.bkg, 0.0)
         err[:, sel] = np.where(good, fit.mu_err, np.inf)
+        if not first:
+            shp[:, sel] = np.where(good[..., None], fit.shape, shp[:, sel])
         ok[:, sel] = good
 
     every = np.ones(nf, bool)
@@ -406,7 +571,19 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
     for _ in range(n_refine):
         for p in (0, 1):
             refit(parity == p, subtract=True, first=False)
-    valid = ok & (wgt[np.arange(nb)[:, None], np.clip(np.rint(xb).astype(int), 0, nx - 1)] > 0)
+    if N_SHAPE[profile] and n_refine > 0:
+        # the profile shape is a smooth property of the optics across the CCD: replace the fitted
+        # shape parameters by a smooth surface in (column, row), then refit with the shape fixed
+        # (its noise, and the freedom of a halo to lean into an empty neighbour's gap, no longer
+        # enter the centroids)
+        uu = np.broadcast_to(_normalise(rows, flat.shape[0])[:, None], xb.shape)
+        vv = 2.0 * xb / (nx - 1) - 1.0
+        for j in range(shp.shape[-1]):
+            shp[..., j] = _smooth_surface(uu, vv, shp[..., j], ok & (ab > 0), shape_deg)
+        for _ in range(2):
+            for p in (0, 1):
+                refit(parity == p, subtract=True, first=False, free_shape=False)
+    valid = ok
     return BandCentroids(rows=rows, x=xb.T, x_err=np.where(valid, err, np.inf).T, amp=ab.T,
                          sigma=sb.T, valid=valid.T)
 
@@ -486,8 +663,8 @@ def interpolate_fibers(coeffs: np.ndarray, pos: np.ndarray, bad: np.ndarray, n_s
     bad : ndarray of bool, shape (n_fibers,)
         Fibers to replace.
     n_side : int
-        Good fibers used on each side: a local quadratic in ``pos`` through them (linear when
-        extrapolating past the first or last good fiber).
+        Good fibers used on each side: a local least-squares quadratic in ``pos`` through them
+        (also past the first or last good fiber, from the ``n_side`` nearest ones).
 
     Returns
     -------
@@ -505,8 +682,6 @@ def interpolate_fibers(coeffs: np.ndarray, pos: np.ndarray, bad: np.ndarray, n_s
         order = min(2, nb.size - 1)
         if order < 0:
             continue
-        if left.size == 0 or right.size == 0:
-            order = min(order, 1)  # extrapolating: keep it linear
         for k in range(coeffs.shape[1]):
             cf = np.polyfit(pos[nb] - pos[f], coeffs[nb, k], order)
             out[f, k] = cf[-1]

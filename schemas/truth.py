@@ -46,8 +46,9 @@ Camera truth (``truth/camera-<camera>.fits``)
         within +-12 columns (cross-dispersion) and +-8 rows (LSF).
 
 Spectra truth (``truth/spectra-<expid:08d>-<camera>.fits``)
-    Primary header: ``EXPID``, ``CAMERA``, ``OBSTYPE``, ``EXPTIME`` and the exposure's conditions
-    (``AIRMASS``, ``TRANSP``, ``SKYSCALE`` for sky frames; ``LAMPSCAL`` for lamps).
+    Primary header: ``EXPID``, ``CAMERA``, ``OBSTYPE``, ``NIGHT``, ``EXPTIME``, the camera's true
+    ``GAIN``, ``RDNOISE``, ``BIASLVL`` and the exposure's conditions (``AIRMASS``, ``TRANSP``,
+    ``SKYSCALE`` and the stellar model ``SPECMODL`` for sky frames; ``LAMPSCAL`` for lamps).
 
     ``OBJ_ROWS``, ``SKY_ROWS`` float32 [n_fibers, ny] (SCIENCE, STANDARD)
         Noiseless electrons per CCD row from the object / the sky in each fiber, for a fiber of

@@ -1,8 +1,8 @@
 """Raw frames as Zarr v3 arrays: lossless, sharded (one shard per frame), published atomically.
 
 Each frame is one array whose single shard holds inner chunks of ``RAW_CHUNK`` pixels: a column
-bundle of fibers over a block of rows, so an extraction of a fiber bundle reads only the chunks it
-needs while the frame stays one file (no thousands of small files, and no two writers ever share a
+bundle (256 columns = 16 fibers) over every row, so an extraction of a fiber bundle reads only the
+chunks it needs while the frame stays one file (no thousands of small files, and no two writers ever share a
 shard). The codec is Blosc zstd level 1 with bit-shuffle: on 2 cores it keeps ~1.8x compression at
 disk-like speed, where zstd level 5 loses a factor 3 in speed for +10 % ratio
 (``/work/shared/anchors/lake.md``; measured again by ``bench/ingest.py``).
@@ -24,7 +24,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-RAW_CHUNK: tuple[int, int] = (512, 256)
+RAW_CHUNK: tuple[int, int] = (4096, 256)
+"""Inner chunk: all rows (up to 4096) x 256 columns. On a full LAMOST frame this wrote at 289 MB/s
+against 181 MB/s for 512 x 256 chunks, same 1.80x ratio (zstd-1, bit-shuffle, one run)."""
 RAW_CODEC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 TMP_PREFIX = ".tmp-"
 

@@ -40,8 +40,13 @@ def with_columns(traces: TraceSet, x: np.ndarray) -> TraceSet:
 
 
 def render(traces: TraceSet, flux: np.ndarray, nx: int, *, sigma: np.ndarray | float | None = None,
-           wing_fraction: float = 0.0, wing_sigma: float = 8.0) -> np.ndarray:
-    """Noise-free image: ``flux[f, row]`` electrons spread over the pixel-integrated profile."""
+           wing_fraction: float = 0.0, wing_sigma: float = 8.0,
+           wing_offset: np.ndarray | float = 0.0) -> np.ndarray:
+    """Noise-free image: ``flux[f, row]`` electrons spread over the pixel-integrated profile.
+
+    With a wing, the core sits at ``x - wing_fraction * wing_offset[f]`` and the wing at
+    ``x + (1 - wing_fraction) * wing_offset[f]`` so the flux centroid stays on the trace.
+    """
     nf, ny = flux.shape
     rows = np.arange(ny)
     u = 2.0 * rows / (ny - 1) - 1.0
@@ -51,11 +56,13 @@ def render(traces: TraceSet, flux: np.ndarray, nx: int, *, sigma: np.ndarray | f
                           else np.asarray(sigma, float), (nf, ny))
     edges = np.arange(nx + 1) - 0.5
     image = np.zeros((ny, nx))
+    offs = np.broadcast_to(np.asarray(wing_offset, float), (nf,))
     for f in range(nf):
-        t = (edges[None, :] - xc[f][:, None]) / sig[f][:, None]
+        core = xc[f] - wing_fraction * offs[f]
+        t = (edges[None, :] - core[:, None]) / sig[f][:, None]
         prof = np.diff(norm.cdf(t), axis=1)
         if wing_fraction:
-            tw = (edges[None, :] - xc[f][:, None]) / wing_sigma
+            tw = (edges[None, :] - (core + offs[f])[:, None]) / wing_sigma
             prof = (1 - wing_fraction) * prof + wing_fraction * np.diff(norm.cdf(tw), axis=1)
         image += flux[f][:, None] * prof
     return image

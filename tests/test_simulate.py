@@ -211,13 +211,14 @@ def test_flat_light_centred_on_trace_x():
     for row in (20, 300, 512, 800, 1000):
         for fib in np.flatnonzero(~cam.dead):
             x = cam.trace_x[fib, row]
-            c = np.arange(int(round(x)) - 12, int(round(x)) + 13)
+            c = np.arange(int(round(x)) - 7, int(round(x)) + 8)
             band = img[row - 2:row + 3, c].sum(axis=0)
             assert c[np.argmax(band)] == pytest.approx(x, abs=1.0)
             errs.append((band * c).sum() / band.sum() - x)
     errs = np.array(errs)
-    # neighbours' wings bias a +-12 px centroid a little; the median stays tiny
-    assert abs(np.median(errs)) < 0.05 and np.percentile(np.abs(errs), 90) < 0.25
+    # a +-7 px window clips the asymmetric wings and catches the neighbours' (measured on the
+    # noiseless image: 90 % within 0.06 px); a trace off by 0.1 px fails this
+    assert abs(np.median(errs)) < 0.03 and np.percentile(np.abs(errs), 90) < 0.1
 
 
 def test_dead_fibers_dark_and_throughputs_normalised():
@@ -405,3 +406,27 @@ def test_simulate_night_writes_the_contract(tmp_path):
         assert np.array_equal(hdul["CRMASK"].data, again.truth["CRMASK"])
         assert set(hdul["TARGETS"].columns.names) >= {"FIBER", "TARGETID", "OBJTYPE", "SPECTYPE", "TEFF",
                                                        "LOGG", "FEH", "MAG"}
+
+
+def test_cannon_stellar_model_optional():
+    from fiberlake.ingest.sim_cannon import find_cannon_dir
+    from fiberlake.ingest.sim_spectra import resolve_stellar_model
+
+    assert resolve_stellar_model("analytic") == ("analytic", None)
+    with pytest.raises(ValueError):
+        resolve_stellar_model("phoenix")
+    if find_cannon_dir() is None:
+        assert resolve_stellar_model("cannon")[0] == "analytic"  # the documented fallback
+        pytest.skip("thedoppler Cannon pickles not installed (set FIBERLAKE_CANNON_DIR)")
+    grid = FineGrid.covering(4000.0, 9000.0, 0.1)
+    teff, logg, feh, rv = np.array([6500.0, 4500.0]), np.array([4.3, 4.6]), np.zeros(2), np.zeros(2)
+    c = stellar_spectra(grid, teff, logg, feh, rv, "cannon")
+    a = stellar_spectra(grid, teff, logg, feh, rv, "analytic")
+    w = grid.wave
+    nad = np.abs(w - 5890.0) < 0.3
+    assert c[1, nad].min() / c[1, np.abs(w - 5860) < 5].max() < c[0, nad].min() / c[0, np.abs(w - 5860) < 5].max()
+    band = (w >= R_BAND[0]) & (w <= R_BAND[1])
+    assert np.allclose(c[:, band].mean(axis=1), 1.0, rtol=0.01)
+    blue, red = np.abs(w - 4500) < 50, np.abs(w - 8000) < 50
+    for s in (a, c):  # the hotter star is the bluer one in both models
+        assert s[0, blue].mean() / s[0, red].mean() > 1.5 * s[1, blue].mean() / s[1, red].mean()

@@ -64,7 +64,7 @@ def test_fit_legendre_clipped_rejects_outliers_like_a_clean_fit():
     bad[2, 50] = True
     y[bad] += 1.0
     weight = np.full_like(y, 1 / 0.02 ** 2)
-    coeffs, used = fit_legendre_clipped(u, y, weight, 3)
+    coeffs, used = fit_legendre_clipped(u, y, weight, 3, clip=4.0)
     assert not used[bad].any() and used[~bad].all()
     for i in range(3):
         ref = legendre.legfit(u[~bad[i]], y[i, ~bad[i]], 3)
@@ -78,9 +78,7 @@ def test_interpolate_fibers_is_exact_for_smooth_coefficients():
     bad[[0, 4, 5, 11]] = True
     out = interpolate_fibers(np.where(bad[:, None], 0.0, coeffs), pos, bad)
     np.testing.assert_allclose(out[~bad], coeffs[~bad])
-    np.testing.assert_allclose(out[[4, 5]], coeffs[[4, 5]], atol=1e-9)  # quadratic inside
-    # linear extrapolation past the ends: close for the smooth quadratic
-    np.testing.assert_allclose(out[[0, 11]], coeffs[[0, 11]], atol=0.2)
+    np.testing.assert_allclose(out[[0, 4, 5, 11]], coeffs[[0, 4, 5, 11]], atol=1e-9)  # local quadratics
 
 
 NY, NX, NF = 1024, 608, 32
@@ -94,9 +92,9 @@ def mini_flat():
     nom = nominal_columns(NX, NF)
     xt = distorted_traces(NY, NX, nom, k=0.012, shift=5.0)
     sig = np.linspace(2.4, 3.0, NF)
-    flux = rng.uniform(1.5e4, 2.5e4, NF) * (0.6 + 0.4 * np.linspace(0, 1, NY))[None, :]
+    flux = rng.uniform(1.5e4, 2.5e4, NF)[:, None] * (0.6 + 0.4 * np.linspace(0, 1, NY))[None, :]
     flux[DEAD] = 0.0
-    flux[10] = 0.05 * 2e4  # a nearly dead fiber: 5 % of its neighbours
+    flux[10] = 0.05 * 2e4 * flux[11] / flux[11].mean()  # a nearly dead fiber: 5 % of the others
     truth = fiber_image(xt, NX, sig, flux)
     img = truth + rng.normal(0, 1, truth.shape) * np.sqrt(3.5 ** 2 + truth)
     ivar = 1.0 / (3.5 ** 2 + np.maximum(img, 0))
@@ -118,7 +116,7 @@ def test_trace_fibers_recovers_distorted_traces(mini_flat):
     assert np.abs(err[live]).max() < 0.05
     # dead fibers: interpolated from neighbours (pincushion is smooth across fibers)
     assert np.abs(err[~live]).max() < 0.15
-    assert np.all(ts.rms[live] < 0.02) and np.all(np.isnan(ts.rms[~live]))
+    assert np.all(ts.rms[live] < 0.03) and np.all(np.isnan(ts.rms[~live]))
     np.testing.assert_allclose(ts.sigma[live], sig[live], atol=0.03)
     assert np.all(np.isfinite(ts.sigma))
 
@@ -128,7 +126,7 @@ def test_band_centroids_follow_traces_from_the_centre(mini_flat):
     bc = measure_band_centroids(img, ivar, nom, band_rows=32)
     live = np.setdiff1d(np.arange(NF), DEAD)
     truth = np.stack([np.interp(bc.rows, np.arange(NY), xt[f]) for f in live])
-    assert bc.valid[live].mean() > 0.99
+    assert bc.valid[live].all()  # fiber 25, across the masked column, too
     assert np.abs(bc.x[live] - truth).max() < 0.05
     # the formal errors describe the scatter
     z = (bc.x[live] - truth) / bc.x_err[live]
