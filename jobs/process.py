@@ -93,6 +93,10 @@ def _save_calibration(lake: Lake, night: str, camera: str, calib: Calibration, s
     }
     arrays |= {f"traces/{k}": v for k, v in calib.traces.to_arrays().items()}
     arrays |= {f"wave/{k}": v for k, v in calib.wave.to_arrays().items()}
+    if calib.profile is not None:
+        p = calib.profile
+        arrays |= {"profile/sigma": p.sigma, "profile/wing_fraction": p.wing_fraction,
+                   "profile/wing_offset": p.wing_offset, "profile/wing_ratio": np.asarray(p.wing_ratio)}
     for method, ff in calib.fiberflats.items():
         arrays |= {f"fiberflat_{method}/flux": ff.flux, f"fiberflat_{method}/ivar": ff.ivar, f"fiberflat_{method}/mask": ff.mask}
     meta = {"night": night, "camera": camera, "sources": sources, **calib.info,
@@ -103,7 +107,7 @@ def _save_calibration(lake: Lake, night: str, camera: str, calib: Calibration, s
 
 def load_calibration(lake: Lake, night: str, camera: str) -> Calibration:
     """Read a stored calibration set back into memory."""
-    from fiberlake.processors.extract import Spectra1D
+    from fiberlake.processors.extract import ProfileModel, Spectra1D
 
     arrays, meta = read_calib_set(lake.calib_path(night, camera))
     fiberflats = {}
@@ -118,6 +122,7 @@ def load_calibration(lake: Lake, night: str, camera: str) -> Calibration:
         wave=WaveSolution.from_arrays(subset(arrays, "wave")),
         fiberflats=fiberflats,
         grid=arrays["grid"],
+        profile=ProfileModel(**subset(arrays, "profile")) if "profile/sigma" in arrays else None,
         info=meta,
     )
 

@@ -45,6 +45,12 @@ class ReductionParams:
         Legendre degree of the wavelength solutions.
     optimal_reject_sigma : float
         Outlier rejection threshold of the optimal extraction.
+    measure_profile : bool
+        Fit the cross-dispersion profile (Gaussian core + offset wing) on the master flat and
+        use it in both extractions; otherwise a Gaussian of the traced width. Off by default: on
+        the held-out mini night the fitted wing model lowered the optimal pull width (1.09 -> 1.03)
+        but raised its flux bias against the truth (+0.1..0.9 % -> +0.8..1.6 %), and costs ~15 s
+        per full-size flat.
     """
 
     extractions: tuple[str, ...] = EXTRACTIONS
@@ -53,6 +59,7 @@ class ReductionParams:
     trace_deg: int = 5
     wave_deg: int = 4
     optimal_reject_sigma: float = 5.0
+    measure_profile: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.extractions) - set(EXTRACTIONS)
@@ -75,6 +82,7 @@ class Calibration:
     wave: WaveSolution
     fiberflats: dict[str, Spectra1D]
     grid: np.ndarray
+    profile: extract.ProfileModel | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -88,12 +96,14 @@ class ReducedFrame:
     frame_metrics: dict[str, float]
 
 
-def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: ReductionParams) -> Spectra1D:
+def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: ReductionParams,
+             profile: extract.ProfileModel | None) -> Spectra1D:
     if method == "box":
-        return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box_halfwidth)
+        return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box_halfwidth,
+                                   profile=profile)
     return extract.optimal_extract(
         image.image, image.ivar, image.mask, traces,
-        halfwidth=params.box_halfwidth, reject_sigma=params.optimal_reject_sigma,
+        halfwidth=params.box_halfwidth, reject_sigma=params.optimal_reject_sigma, profile=profile,
     )
 
 
@@ -152,10 +162,12 @@ def build_calibration(
         arc_image, arc_ivar, traces, arc_lines()["wave_air"], spec.wave_center, spec.dispersion, deg=params.wave_deg
     )
 
+    profile = extract.measure_profile(flat.image, flat.ivar, flat.mask, traces) if params.measure_profile else None
     fiberflats = {}
+    wave_rows = wave.wave()
     for method in params.extractions:
-        flat_spectra = _extract(method, flat, traces, params)
-        fiberflats[method] = fiberflat.compute_fiberflat(flat_spectra, traces.dead)
+        flat_spectra = _extract(method, flat, traces, params, profile)
+        fiberflats[method] = fiberflat.compute_fiberflat(flat_spectra, traces.dead, wave_rows=wave_rows)
     return Calibration(
         master_bias=master_bias.astype(np.float32),
         master_flat=flat.image,
@@ -164,6 +176,7 @@ def build_calibration(
         wave=wave,
         fiberflats=fiberflats,
         grid=instrument.wavelengths(arm),
+        profile=profile,
         info={"n_bias": len(biases), "n_flat": len(flats), "n_arc": len(arcs)},
     )
 
@@ -220,7 +233,7 @@ def reduce_frame(
     offsets = _trace_offsets(image, calib.traces, params.box_halfwidth)
     out: dict[str, ReducedFrame] = {}
     for method in params.extractions:
-        rows = _extract(method, image, calib.traces, params)
+        rows = _extract(method, image, calib.traces, params, calib.profile)
         flatted = fiberflat.apply_fiberflat(rows, calib.fiberflats[method])
         on_grid = resample.resample_to_grid(wave_rows, flatted, calib.grid, row_range=calib.wave.row_range)
         on_grid.mask[dead] |= np.uint32(Mask.DEADFIBER)

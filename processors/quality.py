@@ -152,7 +152,10 @@ def der_snr(flux: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         signal = np.nanmedian(c, axis=1)
-        d = np.abs(2.0 * c[:, 2:-2] - c[:, :-4] - c[:, 4:]) if c.shape[1] > 4 else np.full((c.shape[0], 1), np.nan)
+        if c.shape[1] > 4:
+            d = np.abs(2.0 * c[:, 2:-2] - c[:, :-4] - c[:, 4:])
+        else:
+            d = np.full((c.shape[0], 1), np.nan)
         noise = DER_SNR_NOISE * np.nanmedian(d, axis=1)
         snr = np.where((n > 4) & (noise > 0), signal / noise, np.nan)
     return _out(snr, one_d)

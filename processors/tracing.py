@@ -68,16 +68,33 @@ def _he(n: int, z: np.ndarray) -> np.ndarray:
 
 def _gauss_terms(t: np.ndarray, mu: np.ndarray, s: np.ndarray, orders=()):
     """Pixel integrals of ``phi(z) He_n(z) / s`` for n = 0 and ``orders``, with their
-    derivatives in ``mu`` and ``s``; closed form since ``int phi He_n dz = -phi He_(n-1)``."""
+    derivatives in ``mu`` and ``s``; closed form since ``int phi He_n dz = -phi He_(n-1)``.
+
+    When the pixels of each problem are contiguous (unit steps along the last axis, as in every
+    fitting window here) the special functions are evaluated once per pixel edge, not twice.
+    """
     mu = mu[..., None]
     s = s[..., None]
-    zb = (t + 0.5 - mu) / s
-    za = (t - 0.5 - mu) / s
-    pb = np.exp(-0.5 * zb * zb) * _INV_SQRT2PI
-    pa = np.exp(-0.5 * za * za) * _INV_SQRT2PI
-    vals = [0.5 * (erf(zb / _SQRT2) - erf(za / _SQRT2))]
-    dmu = [-(pb - pa) / s]
-    ds = [-(zb * pb - za * pa) / s]
+    t = np.asarray(t, float)
+    contiguous = t.shape[-1] > 1 and np.all(np.diff(t, axis=-1) == 1.0)
+    if contiguous:
+        edges = np.concatenate([t[..., :1] - 0.5, t + 0.5], axis=-1)
+        z = (edges - mu) / s
+        phi = np.exp(-0.5 * z * z) * _INV_SQRT2PI
+        cdf = 0.5 * erf(z / _SQRT2)
+        za, zb, pa, pb = z[..., :-1], z[..., 1:], phi[..., :-1], phi[..., 1:]
+        vals = [cdf[..., 1:] - cdf[..., :-1]]
+        zp = z * phi
+        dmu = [-(pb - pa) / s]
+        ds = [-(zp[..., 1:] - zp[..., :-1]) / s]
+    else:
+        zb = (t + 0.5 - mu) / s
+        za = (t - 0.5 - mu) / s
+        pb = np.exp(-0.5 * zb * zb) * _INV_SQRT2PI
+        pa = np.exp(-0.5 * za * za) * _INV_SQRT2PI
+        vals = [0.5 * (erf(zb / _SQRT2) - erf(za / _SQRT2))]
+        dmu = [-(pb - pa) / s]
+        ds = [-(zb * pb - za * pa) / s]
     for n in orders:
         hb, ha = _he(n, zb), _he(n, za)
         vals.append(pa * _he(n - 1, za) - pb * _he(n - 1, zb))
@@ -395,9 +412,12 @@ class BandCentroids:
         Centre row of each band.
     x, x_err : ndarray, shape (n_fibers, n_bands)
         Fitted flux centroid column and its formal error (pixels).
-    amp, sigma : ndarray, shape (n_fibers, n_bands)
-        Fitted total flux per row and sigma of the profile (its rms width, wings included, for
-        a Gauss-Hermite fit).
+    amp : ndarray, shape (n_fibers, n_bands)
+        Fitted total flux per row.
+    sigma : ndarray, shape (n_fibers, n_bands)
+        RMS width (square root of the second central moment) of the fitted profile: the
+        Gaussian sigma for ``gauss`` and ``hermite``, the width of core and halo together for
+        ``halo``.
     valid : ndarray of bool, shape (n_fibers, n_bands)
         The fit converged close to the followed trace.
     """
@@ -584,8 +604,12 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
             for p in (0, 1):
                 refit(parity == p, subtract=True, first=False, free_shape=False)
     valid = ok
+    width = sb
+    if profile == "halo" and n_refine > 0:
+        frac, sep = shp[..., 0], shp[..., 1]
+        width = sb * np.sqrt((1 - frac) + frac * halo_ratio ** 2 + frac * (1 - frac) * (sep / sb) ** 2)
     return BandCentroids(rows=rows, x=xb.T, x_err=np.where(valid, err, np.inf).T, amp=ab.T,
-                         sigma=sb.T, valid=valid.T)
+                         sigma=np.where(ok, width, np.nan).T, valid=valid.T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +727,7 @@ def _neighbour_median(values: np.ndarray, live: np.ndarray, n_side: int) -> np.n
 def trace_fibers(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray, *, deg: int = 5,
                  band_rows: int = 16, dead_fraction: float = 0.1, sigma_guess: float = 2.4,
                  max_offset: float | None = None, clip: float = 3.0, n_neighbours: int = 5,
-                 min_valid_fraction: float = 0.3, err_floor: float = 0.01) -> TraceSet:
+                 min_valid_fraction: float = 0.3, err_floor: float = 0.01, profile: str = "halo") -> TraceSet:
     """Trace every fiber on a flat.
 
     Parameters
@@ -732,19 +756,24 @@ def trace_fibers(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray,
         Minimum fraction of bands with a valid centroid for a fiber to be traced.
     err_floor : float
         Floor (pixels) added in quadrature to the formal centroid errors used as fit weights.
+    profile : str
+        Cross-dispersion profile fitted (see :func:`measure_band_centroids`): ``halo`` traces the
+        flux centroid of profiles with an offset wing; ``gauss`` the centre of a Gaussian core
+        (slightly less noisy for truly Gaussian profiles).
 
     Returns
     -------
     TraceSet
         Coefficients in the normalised row coordinate, per-fiber residual RMS (pixels, of the
-        points kept), median profile sigma, and the dead flags (dead fibers' coefficients are
+        points kept), median rms width of the profile (the sigma of a Gaussian profile), and
+        the dead flags (dead fibers' coefficients are
         interpolated from live neighbours; their ``rms`` is NaN and ``sigma`` the neighbours').
     """
     ny = flat.shape[0]
     nominal_x = np.asarray(nominal_x, float)
     nf = nominal_x.size
     bc = measure_band_centroids(flat, flat_ivar, nominal_x, band_rows=band_rows, sigma_guess=sigma_guess,
-                                max_offset=max_offset)
+                                max_offset=max_offset, profile=profile)
     nb = bc.rows.size
     u = _normalise(bc.rows, ny)
     weight = np.where(bc.valid, 1.0 / (bc.x_err ** 2 + err_floor ** 2), 0.0)
@@ -762,7 +791,8 @@ def trace_fibers(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray,
 
     resid = bc.x - np.einsum("nk,fk->fn", legendre.legvander(u, deg), np.nan_to_num(coeffs))
     rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / np.maximum(used.sum(axis=1), 1))
-    sig = np.array([np.median(bc.sigma[f, used[f]]) if used[f].any() else np.nan for f in range(nf)])
+    sig_ok = used & np.isfinite(bc.sigma)
+    sig = np.array([np.median(bc.sigma[f, sig_ok[f]]) if sig_ok[f].any() else np.nan for f in range(nf)])
     if dead.any() and not dead.all():
         coeffs = interpolate_fibers(np.nan_to_num(coeffs), nominal_x, dead)
         live_sig = np.flatnonzero(~dead)

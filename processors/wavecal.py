@@ -22,6 +22,7 @@ Steps (pure array processing):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,6 @@ from fiberlake.processors.tracing import fit_legendre_clipped, fit_pixel_gaussia
 from fiberlake.schemas.calib import TraceSet, WaveSolution
 
 FAILED_RMS = 99.0
-_DEBUG = False
 """``WaveSolution.rms`` (Angstrom) of fibers whose solution is interpolated from neighbours."""
 
 
@@ -108,7 +108,8 @@ class ArcLines:
 
 
 def detect_lines(flux: np.ndarray, flux_ivar: np.ndarray, *, nsig: float = 5.0, lsf_sigma: float = 1.4,
-                 min_sep: float = 4.0, cont_width: int = 51, half_window: int = 4) -> ArcLines:
+                 min_sep: float = 4.0, cont_width: int = 51, half_window: int = 4,
+                 profile: str = "halo") -> ArcLines:
     """Find and centroid emission lines in 1D spectra.
 
     Parameters
@@ -126,6 +127,11 @@ def detect_lines(flux: np.ndarray, flux_ivar: np.ndarray, *, nsig: float = 5.0, 
         Width of the running median that estimates the continuum.
     half_window : int
         Rows fitted on each side of a peak.
+    profile : str
+        Line profile fitted after a first Gaussian fit (see
+        :data:`fiberlake.processors.tracing.PROFILES`): ``halo`` (default) or ``hermite`` give the
+        flux centroid of an asymmetric line-spread function, the row at which the wavelength
+        solution is defined; ``gauss`` gives the centre of its core.
 
     Returns
     -------
@@ -159,6 +165,9 @@ def detect_lines(flux: np.ndarray, flux_ivar: np.ndarray, *, nsig: float = 5.0, 
     amp0 = np.maximum(y[:, half_window] * np.sqrt(2 * np.pi) * lsf_sigma, 1e-3)
     fit = fit_pixel_gaussians(y, t, wgt, amp0, pk.astype(float), np.full(pk.size, lsf_sigma),
                               np.zeros(pk.size), n_iter=10, sigma_bounds=(0.3, 4 * lsf_sigma))
+    if profile != "gauss":
+        fit = fit_pixel_gaussians(y, t, wgt, np.maximum(fit.amp, 1e-3), fit.mu, fit.sigma, fit.bkg, profile=profile,
+                                  n_iter=10, sigma_bounds=(0.3, 4 * lsf_sigma))
     amp_err = np.sqrt(np.sum(np.where(wgt > 0, 1.0 / np.where(wgt > 0, wgt, 1.0), 0.0), axis=1))
     good = (fit.ok & complete & (np.abs(fit.mu - pk) < 1.5) & (fit.sigma > 0.4 * lsf_sigma)
             & (fit.sigma < 3 * lsf_sigma) & (fit.amp > nsig * amp_err) & np.isfinite(fit.mu_err))
@@ -271,7 +280,6 @@ def _fit_fiber(lines: ArcLines, cat: np.ndarray, ny: int, coeffs0: np.ndarray, r
         coeffs, shift = fit_c, 0.0
         used_idx, used_j = idx[used[0]], jcat[used[0]]
         key = (d, umax, tuple(used_idx))
-        if _DEBUG: print('stage', umax, d, round(tol,2), idx.size, used_idx.size, np.round(np.std((cat[used_j]-legendre.legval(u_det[used_idx], fit_c))/np.abs(disp[used_idx])),3))
         if prev == key and tol == tol_final:
             break
         prev = key
@@ -366,7 +374,8 @@ def calibrate_wavelength(arc: np.ndarray, arc_ivar: np.ndarray, traces: TraceSet
                          max_shift: float | None = None, max_stretch: float = 0.04,
                          max_curvature: float | None = None, tol0: float = 3.0,
                          tol_final: float = 0.6, clip: float = 3.0, min_lines: int | None = None,
-                         max_rms_px: float = 0.25, err_floor: float = 0.01, n_seeds: int = 3) -> WaveSolution:
+                         max_rms_px: float = 0.25, err_floor: float = 0.01, n_seeds: int = 3,
+                         line_profile: str = "halo") -> WaveSolution:
     """Wavelength solution of every fiber from an arc frame.
 
     Parameters
@@ -410,6 +419,8 @@ def calibrate_wavelength(arc: np.ndarray, arc_ivar: np.ndarray, traces: TraceSet
         Floor (pixels) added in quadrature to line centroid errors in the fit weights.
     n_seeds : int
         Candidate seed fibers tried.
+    line_profile : str
+        Profile fitted to the lines (see :func:`detect_lines`).
 
     Returns
     -------
@@ -436,7 +447,7 @@ def calibrate_wavelength(arc: np.ndarray, arc_ivar: np.ndarray, traces: TraceSet
     flux, fivar = extract_boxcar(arc, arc_ivar, traces, half_width)
     live = ~np.asarray(traces.dead, bool)
     fivar[~live] = 0.0
-    lines = detect_lines(flux, fivar, nsig=nsig, lsf_sigma=lsf_sigma, min_sep=min_sep)
+    lines = detect_lines(flux, fivar, nsig=nsig, lsf_sigma=lsf_sigma, min_sep=min_sep, profile=line_profile)
     per_fiber = [lines.of(f) for f in range(nf)]
     n_det = np.array([p.row.size for p in per_fiber])
 
@@ -449,17 +460,23 @@ def calibrate_wavelength(arc: np.ndarray, arc_ivar: np.ndarray, traces: TraceSet
     # seed: fibers with many lines near the middle of the slit
     centre = (nf - 1) / 2.0
     score = n_det * live * (1.0 - 0.5 * np.abs(np.arange(nf) - centre) / max(centre, 1.0))
-    candidates = np.argsort(-score, kind="stable")[: max(1, n_seeds)]
+    order = [f for f in np.argsort(-score, kind="stable") if live[f] and n_det[f] >= 3]
     best = None
-    for f in candidates:
-        if not live[f] or n_det[f] < 3:
-            continue
+    for i, f in enumerate(order[: max(1, n_seeds) + 10]):
+        if i >= n_seeds and best is not None:
+            break  # the first n_seeds candidates are compared; more are tried only on failure
         fit = _seed_solution(per_fiber[f], cat, ny, wave_center, dispersion, max_shift, max_stretch,
                              max_curvature, **kw)
         if acceptable(fit) and (best is None or (fit.n_lines, -fit.rms_px) > (best[1].n_lines, -best[1].rms_px)):
             best = (f, fit)
     if best is None:
-        raise RuntimeError("wavelength calibration failed: no seed fiber could be identified")
+        warnings.warn("wavelength calibration failed: no fiber could be identified; returning the nominal "
+                      "linear solution with rms = FAILED_RMS", RuntimeWarning, stacklevel=2)
+        coeffs = np.zeros((nf, deg + 1))
+        coeffs[:, 0] = wave_center
+        coeffs[:, 1] = dispersion * (ny - 1) / 2.0
+        return WaveSolution(coeffs=coeffs, ny=ny, rms=np.full(nf, FAILED_RMS), n_lines=np.zeros(nf, int),
+                            row_range=np.tile([0.0, ny - 1.0], (nf, 1)))
     seed, sols[seed] = best
 
     # walk outward from the seed, each fiber from its last good neighbour

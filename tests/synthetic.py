@@ -50,6 +50,24 @@ def fiber_image(xtrace: np.ndarray, nx: int, sigma, flux) -> np.ndarray:
     return image
 
 
+def halo_fiber_image(xtrace: np.ndarray, nx: int, sigma: float, flux: float, frac: np.ndarray,
+                     sep: np.ndarray, ratio: float = 1.5) -> np.ndarray:
+    """Like :func:`fiber_image`, with a core + halo profile whose flux centroid is ``xtrace``.
+
+    The halo (``ratio * sigma``, flux fraction ``frac[fiber, row]``) is offset by
+    ``sep[fiber, row]`` pixels from the core: core at ``x - frac * sep``, halo at
+    ``x + (1 - frac) * sep``.
+    """
+    nf, ny = xtrace.shape
+    cols = np.arange(nx, dtype=float)[None, :]
+    image = np.zeros((ny, nx))
+    for f in range(nf):
+        x, fr, d = xtrace[f][:, None], frac[f][:, None], sep[f][:, None]
+        image += flux * ((1 - fr) * pixel_gauss(cols, x - fr * d, sigma)
+                         + fr * pixel_gauss(cols, x + (1 - fr) * d, ratio * sigma))
+    return image
+
+
 def wave_solutions(n_fibers: int, ny: int, wave_center: float, dispersion: float, rng: np.random.Generator,
                    offset_px: float = 4.0, quad_px: float = 6.0, cubic_px: float = 3.0) -> np.ndarray:
     """Per-fiber cubic wavelength solutions, Legendre coefficients ``[fiber, 4]`` in ``u``.

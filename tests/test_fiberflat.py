@@ -17,7 +17,8 @@ def _setup(seed: int, tilt: float = 0.0, disp_spread: float = 0.02, max_shift: f
     rng = np.random.default_rng(seed)
     rows = np.arange(NY)
     shift = rng.uniform(-max_shift, max_shift, (NF, 1))        # Angstrom, fiber to fiber
-    disp = 0.54 * (1 + 0.05 * (rows - NY / 2) / NY)[None, :] * rng.uniform(1 - disp_spread, 1 + disp_spread, (NF, 1))
+    disp = (0.54 * (1 + 0.05 * (rows - NY / 2) / NY)[None, :]
+            * rng.uniform(1 - disp_spread, 1 + disp_spread, (NF, 1)))
     wave = 4800 + shift + np.cumsum(disp, axis=1)
     lamp = 2e5 * np.exp(-0.5 * ((wave - 5000) / 600) ** 2) * (1 + 0.2 * np.sin(wave / 90))
     through = rng.uniform(0.6, 1.4, (NF, 1)) * (1 + tilt * rng.uniform(-1, 1, (NF, 1)) * (wave - 5100) / 500)

@@ -24,7 +24,8 @@ def _truth():
     is_obj = np.ones(NF, bool)
     is_obj[SKY_FIBERS] = False
     rng = np.random.default_rng(0)
-    obj[is_obj] = rng.uniform(20, 400, (is_obj.sum(), 1)) * (1 - 0.3 * np.exp(-0.5 * ((WAVE - 6563) / 4) ** 2))
+    halpha = 1 - 0.3 * np.exp(-0.5 * ((WAVE - 6563) / 4) ** 2)
+    obj[is_obj] = rng.uniform(20, 400, (is_obj.sum(), 1)) * halpha
     return sky, obj
 
 
