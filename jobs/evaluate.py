@@ -64,7 +64,11 @@ def evaluate_night(lake: Lake, night: str, truth_dir: str | Path) -> dict:
         calib = load_calibration(lake, night, camera)
         with fits.open(truth_dir / camera_truth_name(camera)) as hdul:
             true_x, true_wave = hdul["TRACE_X"].data.astype(float), hdul["WAVE"].data.astype(float)
-            live = hdul["THROUGHPUT"].data > 0
+            throughput = hdul["THROUGHPUT"].data
+            live = throughput > 0
+            # fiber flats are normalised to a median live-fiber response of 1, the simulator's
+            # throughputs to a mean of 1: the expected flux scale is the median throughput
+            flat_scale = float(np.median(throughput[live]))
         results["calibration"][camera] = (
             accuracy.trace_error(calib.traces.x(), true_x, live)
             | accuracy.wavelength_error(calib.wave.wave(), true_wave, live)
@@ -76,7 +80,7 @@ def evaluate_night(lake: Lake, night: str, truth_dir: str | Path) -> dict:
             with fits.open(truth_dir / spectra_truth_name(exp["expid"], camera)) as hdul:
                 obj_rows = hdul["OBJ_ROWS"].data.astype(np.float32)
                 targets = {name: np.asarray(hdul["TARGETS"].data[name]) for name in ("FIBER", "OBJTYPE", "MAG")}
-            truth = accuracy.truth_on_grid(obj_rows, true_wave, calib.grid)
+            truth = accuracy.truth_on_grid(obj_rows, true_wave, calib.grid) * flat_scale
             objtype = np.array([str(t).strip() for t in targets["OBJTYPE"]])
             stars = np.flatnonzero((objtype != "SKY") & live)
             sky_fibers = (objtype == "SKY") & live

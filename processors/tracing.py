@@ -415,9 +415,9 @@ class BandCentroids:
     amp : ndarray, shape (n_fibers, n_bands)
         Fitted total flux per row.
     sigma : ndarray, shape (n_fibers, n_bands)
-        RMS width (square root of the second central moment) of the fitted profile: the
-        Gaussian sigma for ``gauss`` and ``hermite``, the width of core and halo together for
-        ``halo``.
+        Equivalent Gaussian sigma of the fitted profile: the Gaussian sigma for ``gauss`` and
+        ``hermite``; for ``halo`` the sigma of the Gaussian with the same flux and peak height
+        (well defined even where core and halo are degenerate).
     valid : ndarray of bool, shape (n_fibers, n_bands)
         The fit converged close to the followed trace.
     """
@@ -607,7 +607,8 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
     width = sb
     if profile == "halo" and n_refine > 0:
         frac, sep = shp[..., 0], shp[..., 1]
-        width = sb * np.sqrt((1 - frac) + frac * halo_ratio ** 2 + frac * (1 - frac) * (sep / sb) ** 2)
+        halo_peak = np.exp(-0.5 * (sep / (halo_ratio * sb)) ** 2) / halo_ratio  # at the core centre
+        width = sb / ((1 - frac) + frac * halo_peak)
     return BandCentroids(rows=rows, x=xb.T, x_err=np.where(valid, err, np.inf).T, amp=ab.T,
                          sigma=np.where(ok, width, np.nan).T, valid=valid.T)
 
@@ -765,8 +766,8 @@ def trace_fibers(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: np.ndarray,
     -------
     TraceSet
         Coefficients in the normalised row coordinate, per-fiber residual RMS (pixels, of the
-        points kept), median rms width of the profile (the sigma of a Gaussian profile), and
-        the dead flags (dead fibers' coefficients are
+        points kept), median equivalent Gaussian sigma of the profile (same flux and peak
+        height), and the dead flags (dead fibers' coefficients are
         interpolated from live neighbours; their ``rms`` is NaN and ``sigma`` the neighbours').
     """
     ny = flat.shape[0]
