@@ -497,19 +497,19 @@ def measure_band_centroids(flat: np.ndarray, flat_ivar: np.ndarray, nominal_x: n
     prof, wgt, rows = band_profiles(flat, flat_ivar, band_rows)
     nb, nx = prof.shape
     hw = max(3, int(round(half_window * pitch)))  # fit half-window
-    mw = max(hw, int(np.ceil(5 * sigma_guess)))  # model half-window
+    widest = sigma_guess * (halo_ratio if profile == "halo" else 1.0)
+    mw = max(hw, int(np.ceil(5 * widest)))  # half-window of the neighbour models
     pad = hw + mw + 2
     prof_p = np.pad(prof, ((0, 0), (pad, pad)))
     wgt_p = np.pad(wgt, ((0, 0), (pad, pad)))
-    offs = np.arange(-hw, hw + 1)
 
     # 1. central band
     bc = nb // 2
     x0, _ = _match_central_peaks(prof[bc], wgt[bc], nominal_x, sigma_guess, max_offset)
 
-    def fit_band(b, xpred, sig, y=None):
+    def fit_band(b, xpred, sig):
         cols = _windows(xpred, hw, pad)
-        yy = prof_p[b][cols] if y is None else y
+        yy = prof_p[b][cols]
         ww = wgt_p[b][cols]
         t = cols - pad
         amp0 = np.maximum(yy.sum(-1) - yy.min(-1) * cols.shape[-1], 1e-3)
