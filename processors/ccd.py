@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import astroscrappy
 import numpy as np
 from astropy.stats import sigma_clip
+from scipy.ndimage import binary_dilation
 from scipy.signal import savgol_filter
 
 from fiberlake.schemas.header import format_section, parse_section
@@ -234,11 +235,7 @@ def combine_frames(frames: Sequence[np.ndarray], sigma: float = 3.0, *, block_ro
 
 
 def _grow(mask: np.ndarray, npix: int) -> np.ndarray:
-    if npix <= 0:
-        return mask
-    from scipy.ndimage import binary_dilation
-
-    return binary_dilation(mask, iterations=int(npix))
+    return binary_dilation(mask, iterations=int(npix)) if npix > 0 else mask
 
 
 def preprocess(raw: np.ndarray, params: CCDParams, master_bias: np.ndarray | None = None, *,
@@ -256,7 +253,11 @@ def preprocess(raw: np.ndarray, params: CCDParams, master_bias: np.ndarray | Non
         :func:`overscan_subtract` outputs); removes the 2D bias structure.
     cosmics : bool
         Detect cosmic rays with ``astroscrappy.detect_cosmics`` (gain and read noise set from
-        ``params``); flagged pixels get ``Mask.COSMIC`` and ``ivar = 0``.
+        ``params``); flagged pixels get ``Mask.COSMIC`` and ``ivar = 0``. Meant for science and
+        standard exposures: on bright flats and arcs L.A.Cosmic takes some sharp fiber peaks
+        and line cores for hits (its noise model comes from a median-filtered image), so
+        calibration frames should instead be combined with :func:`combine_frames`, whose
+        clipping removes their (few) hits.
 
     Returns
     -------

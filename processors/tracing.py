@@ -9,9 +9,11 @@ Steps (all pure array processing):
    outward by the distortion and missing (dead) fibers do not shift the assignment.
 3. Follow every fiber band by band, up and down from the central band, with a batched fit of a
    pixel-integrated Gaussian (:func:`fit_pixel_gaussians`).
-4. Refine all bands at once with the neighbours' Gaussian models subtracted, even and odd fibers
-   in turn, so the overlapping wings of adjacent fibers do not pull the centroids (end fibers
-   simply have one neighbour).
+4. Refine all bands at once with the neighbours' models subtracted, even and odd fibers in
+   turn, so the overlapping wings of adjacent fibers do not pull the centroids (end fibers
+   simply have one neighbour). The default profile is a core plus an offset halo, parametrised
+   by its flux centroid (the trace convention of the simulator), whose shape is then smoothed
+   over the CCD and held fixed for the last passes.
 5. Fit a Legendre series per fiber with iterative sigma clipping, weighted by the centroid
    errors; flag dead fibers and interpolate their coefficients from live neighbours.
 """

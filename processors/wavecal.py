@@ -15,9 +15,9 @@ Steps (pure array processing):
    searches only a shift (per-fiber zero points differ by up to tens of pixels), then iterates
    as above.
 5. Fibers that fail (too few lines, too large an rms) are retried with a prior interpolated from
-   good neighbours on both sides, then with an independent search as for the seed; those with fewer than ``min_lines`` lines, and dead fibers,
-   get the interpolated solution (with a shift fitted to their few lines if any) and
-   ``rms = FAILED_RMS``.
+   good neighbours on both sides, then with an independent search as for the seed. Those that
+   still fail, and dead fibers, get the interpolated solution (shifted to fit their few lines,
+   if any) and ``rms = FAILED_RMS``.
 """
 
 from __future__ import annotations
@@ -193,15 +193,14 @@ def _clean_catalogue(line_waves: np.ndarray, min_sep_a: float) -> np.ndarray:
     return w[isolated]
 
 
-def _vote_shift(rows: np.ndarray, pred_rows: np.ndarray, max_shift: float, weights=None) -> tuple[np.ndarray, np.ndarray]:
+def _vote_shift(rows: np.ndarray, pred_rows: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
     """Best row shift(s) by voting. ``pred_rows`` (s, n_cat); returns (best_shift[s], score[s])."""
     diff = rows[None, :, None] - pred_rows[:, None, :]  # (s, n_det, n_cat)
     nbin = int(2 * np.ceil(max_shift)) + 1
     idx = np.rint(diff + np.ceil(max_shift)).astype(int)
     ok = (idx >= 0) & (idx < nbin)
     s_idx = np.broadcast_to(np.arange(pred_rows.shape[0])[:, None, None], diff.shape)
-    wts = np.ones(diff.shape) if weights is None else np.broadcast_to(weights[None, :, None], diff.shape)
-    hist = np.bincount((s_idx * nbin + idx)[ok], weights=wts[ok], minlength=pred_rows.shape[0] * nbin)
+    hist = np.bincount((s_idx * nbin + idx)[ok], minlength=pred_rows.shape[0] * nbin).astype(float)
     hist = hist.reshape(pred_rows.shape[0], nbin)
     # tolerate a split between adjacent bins
     sm = hist + 0.5 * (np.pad(hist, ((0, 0), (1, 0)))[:, :-1] + np.pad(hist, ((0, 0), (0, 1)))[:, 1:])
@@ -351,7 +350,7 @@ def _from_prior(lines: ArcLines, cat: np.ndarray, ny: int, prior: np.ndarray, ma
     return _fit_fiber(lines, cat, ny, prior, float(shift[0]), grow=False, **kw)
 
 
-def _low_order_update(lines: ArcLines, cat: np.ndarray, ny: int, prior: np.ndarray, max_shift: float,
+def _low_order_update(lines: ArcLines, cat: np.ndarray, ny: int, prior: np.ndarray,
                       tol_px: float) -> tuple[np.ndarray, int, tuple[float, float] | None]:
     """Prior plus a constant wavelength offset fitted to whatever lines match (maybe none)."""
     if lines.row.size == 0:
@@ -519,5 +518,5 @@ def calibrate_wavelength(arc: np.ndarray, arc_ivar: np.ndarray, traces: TraceSet
         near = good_idx[np.argsort(np.abs(good_idx - f))[:2]]
         row_range[f] = (row_range[near, 0].max(), row_range[near, 1].min()) if near.size else (0.0, ny - 1.0)
         if live[f]:
-            coeffs[f], n_lines[f], _ = _low_order_update(per_fiber[f], cat, ny, coeffs[f], max_shift, tol_final)
+            coeffs[f], n_lines[f], _ = _low_order_update(per_fiber[f], cat, ny, coeffs[f], tol_final)
     return WaveSolution(coeffs=coeffs, ny=ny, rms=rms, n_lines=n_lines, row_range=row_range)
