@@ -1,4 +1,4 @@
-"""The ``fiberlake`` command: simulate, ingest, process, query, demo.
+"""The ``fiberlake`` command: simulate, ingest, process, query, evaluate, demo.
 
 Every subcommand exits 0 on success and non-zero with one line ``fiberlake: error: <reason>`` on
 failure (``--traceback`` shows the full stack for debugging).
