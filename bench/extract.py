@@ -68,14 +68,12 @@ def main() -> None:
 
     from fiberlake.ingest.simulate import simulate_frame
     from fiberlake.processors import ccd, extract, tracing
-    from fiberlake.schemas.header import parse_section
     from fiberlake.schemas.instrument import LAMOST
 
     night, cam = "2026-11-21", args.camera
     flat = simulate_frame(LAMOST, cam, "FLAT", night=night, expid=2150002, seed=1)
     sci = simulate_frame(LAMOST, cam, "SCIENCE", night=night, expid=2150010, seed=1)
-    params = ccd.CCDParams(gain=float(sci.header["GAIN"]), read_noise=float(sci.header["RDNOISE"]),
-                           datasec=parse_section(sci.header["DATASEC"]), biassec=parse_section(sci.header["BIASSEC"]))
+    params = ccd.CCDParams.from_header(sci.header)
     t_pre, flat_img = _best(lambda: ccd.preprocess(flat.raw, params), 1)
     t_trace, traces = _best(lambda: tracing.trace_fibers(flat_img.image, flat_img.ivar, LAMOST.nominal_fiber_columns()), 1)
     image = ccd.preprocess(sci.raw, params)

@@ -24,7 +24,7 @@ from fiberlake import __version__
 from fiberlake.processors.ccd import CCDParams
 from fiberlake.processors.pipeline import Calibration, ReducedFrame, ReductionParams, build_calibration, reduce_frame
 from fiberlake.schemas.calib import TraceSet, WaveSolution
-from fiberlake.schemas.header import SKY_OBSTYPES, parse_section
+from fiberlake.schemas.header import SKY_OBSTYPES
 from fiberlake.schemas.instrument import get_instrument, parse_camera
 from fiberlake.storage.calibstore import read_calib_set, subset, write_calib_set
 from fiberlake.storage.layout import Lake
@@ -75,13 +75,7 @@ def latest_exposures(tables: TableStore, night: str) -> pl.DataFrame:
 def ccd_params_from_row(row: dict) -> CCDParams:
     """CCD parameters of a frame from its ``exposures`` row (header keywords)."""
     header = {card[0]: card[1] for card in json.loads(row["header_json"])}
-    return CCDParams(
-        gain=float(header["GAIN"]),
-        read_noise=float(header["RDNOISE"]),
-        saturation=float(header.get("SATURATE", 65535)),
-        datasec=parse_section(header["DATASEC"]),
-        biassec=parse_section(header["BIASSEC"]),
-    )
+    return CCDParams.from_header(header, saturation=float(header.get("SATURATE", 65535)))
 
 
 def _save_calibration(lake: Lake, night: str, camera: str, calib: Calibration, sources: dict) -> None:

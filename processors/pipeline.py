@@ -107,6 +107,20 @@ def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: Reducti
     )
 
 
+def _master_frame(raws: list[np.ndarray], ccd_params: ccd.CCDParams, master_bias: np.ndarray) -> ccd.CCDImage:
+    """Correct raw lamp frames and combine them (sigma-clipped mean) into one image.
+
+    The variance of the mean of n frames is (read noise^2 + counts) / n; a pixel masked in any
+    input is masked in the result.
+    """
+    images = [ccd.preprocess(raw, ccd_params, master_bias) for raw in raws]
+    combined = ccd.combine_frames([i.image for i in images]) if len(images) > 1 else images[0].image
+    mask = np.bitwise_or.reduce([i.mask for i in images])
+    var = (ccd_params.read_noise**2 + np.clip(combined, 0, None)) / len(images)
+    ivar = np.where(mask == 0, 1.0 / var, 0.0).astype(np.float32)
+    return ccd.CCDImage(image=combined.astype(np.float32), ivar=ivar, mask=mask)
+
+
 def build_calibration(
     biases: list[np.ndarray],
     flats: list[np.ndarray],
@@ -141,25 +155,14 @@ def build_calibration(
     bias_images = [ccd.overscan_subtract(raw, ccd_params.datasec, ccd_params.biassec) for raw in biases]
     master_bias = ccd.combine_frames(bias_images) if len(bias_images) > 1 else bias_images[0]
 
-    flat_images = [ccd.preprocess(raw, ccd_params, master_bias) for raw in flats]
-    master_flat = ccd.combine_frames([f.image for f in flat_images]) if len(flat_images) > 1 else flat_images[0].image
-    flat_mask = np.bitwise_or.reduce([f.mask for f in flat_images])
-    # variance of a mean of n frames: Poisson + read noise each, divided by n
-    n = len(flat_images)
-    flat_var = (ccd_params.read_noise**2 + np.clip(master_flat, 0, None)) / n
-    flat_ivar = np.where(flat_mask == 0, 1.0 / flat_var, 0.0).astype(np.float32)
-    flat = ccd.CCDImage(image=master_flat.astype(np.float32), ivar=flat_ivar, mask=flat_mask)
+    flat = _master_frame(flats, ccd_params, master_bias)
 
     traces = tracing.trace_fibers(flat.image, flat.ivar, instrument.nominal_fiber_columns(), deg=params.trace_deg)
 
-    arc_images = [ccd.preprocess(raw, ccd_params, master_bias) for raw in arcs]
-    arc_image = ccd.combine_frames([a.image for a in arc_images]) if len(arc_images) > 1 else arc_images[0].image
-    arc_var = (ccd_params.read_noise**2 + np.clip(arc_image, 0, None)) / len(arc_images)
-    arc_mask = np.bitwise_or.reduce([a.mask for a in arc_images])
-    arc_ivar = np.where(arc_mask == 0, 1.0 / arc_var, 0.0).astype(np.float32)
+    arc = _master_frame(arcs, ccd_params, master_bias)
     spec = instrument.arm(arm)
     wave = wavecal.calibrate_wavelength(
-        arc_image, arc_ivar, traces, arc_lines()["wave_air"], spec.wave_center, spec.dispersion, deg=params.wave_deg
+        arc.image, arc.ivar, traces, arc_lines()["wave_air"], spec.wave_center, spec.dispersion, deg=params.wave_deg
     )
 
     profile = extract.measure_profile(flat.image, flat.ivar, flat.mask, traces) if params.measure_profile else None

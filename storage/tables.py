@@ -29,7 +29,7 @@ from deltalake import (
     write_deltalake,
 )
 
-from fiberlake.schemas.tables import ARRAY_COLUMNS, PARTITION_COLUMN, SCHEMAS
+from fiberlake.schemas.tables import PARTITION_COLUMN, SCHEMAS
 
 ROW_GROUP_ROWS = 512
 
@@ -168,17 +168,12 @@ class TableStore:
         return self.delta(name).to_pyarrow_table(filters=filters, columns=columns)
 
     def scan(self, name: str, version: int | None = None) -> pl.LazyFrame:
-        """Polars LazyFrame over table ``name``; array columns as fixed-size ``pl.Array`` where uniform."""
+        """Polars LazyFrame over table ``name`` (optionally as of Delta ``version``)."""
         if not self.exists(name):
             return pl.LazyFrame(schema=pl.from_arrow(SCHEMAS[name].empty_table()).schema)
-        lf = pl.scan_delta(str(self.path(name)), version=version)
-        return lf
+        return pl.scan_delta(str(self.path(name)), version=version)
 
     def version(self, name: str) -> int:
         """Current table version (-1 if the table does not exist)."""
         return self.delta(name).version() if self.exists(name) else -1
 
-
-def array_columns(schema: pa.Schema) -> list[str]:
-    """Names of per-wavelength list columns present in ``schema``."""
-    return [c for c in ARRAY_COLUMNS if c in schema.names]

@@ -83,7 +83,8 @@ def test_bad_input_is_quarantined_and_good_frames_land(tmp_path):
 def test_ingest_is_idempotent_and_bit_exact(tmp_path):
     night = tmp_path / "2026-11-21"
     night.mkdir()
-    paths = [write_raw(night / f"fl-0215000{i}-b1.fits", EXPID=2150000 + i) for i in range(3)]
+    for i in range(3):
+        write_raw(night / f"fl-0215000{i}-b1.fits", EXPID=2150000 + i)
     lake = Lake.at(tmp_path / "lake")
     first = ingest_night(lake, night)
     assert len(first.ingested) == 3
