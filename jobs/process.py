@@ -23,10 +23,9 @@ from tqdm import tqdm
 from fiberlake import __version__
 from fiberlake.processors.ccd import CCDParams
 from fiberlake.processors.pipeline import Calibration, ReducedFrame, ReductionParams, build_calibration, reduce_frame
-from fiberlake.schemas.calib import TraceSet, WaveSolution
 from fiberlake.schemas.header import SKY_OBSTYPES
 from fiberlake.schemas.instrument import get_instrument, parse_camera
-from fiberlake.storage.calibstore import read_calib_set, subset, write_calib_set
+from fiberlake.storage.calibstore import read_calib_set, write_calib_set
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.rawstore import read_raw_frame
 from fiberlake.storage.tables import TableStore
@@ -79,46 +78,16 @@ def ccd_params_from_row(row: dict) -> CCDParams:
 
 
 def _save_calibration(lake: Lake, night: str, camera: str, calib: Calibration, sources: dict) -> None:
-    arrays = {
-        "master_bias": calib.master_bias,
-        "master_flat": calib.master_flat,
-        "master_flat_ivar": calib.master_flat_ivar,
-        "grid": calib.grid,
-    }
-    arrays |= {f"traces/{k}": v for k, v in calib.traces.to_arrays().items()}
-    arrays |= {f"wave/{k}": v for k, v in calib.wave.to_arrays().items()}
-    if calib.profile is not None:
-        p = calib.profile
-        arrays |= {"profile/sigma": p.sigma, "profile/wing_fraction": p.wing_fraction,
-                   "profile/wing_offset": p.wing_offset, "profile/wing_ratio": np.asarray(p.wing_ratio)}
-    for method, ff in calib.fiberflats.items():
-        arrays |= {f"fiberflat_{method}/flux": ff.flux, f"fiberflat_{method}/ivar": ff.ivar, f"fiberflat_{method}/mask": ff.mask}
     meta = {"night": night, "camera": camera, "sources": sources, **calib.info,
             "wave_rms_median": float(np.median(calib.wave.rms)), "trace_rms_median": float(np.median(calib.traces.rms)),
             "dead_fibers": [int(i) for i in np.flatnonzero(calib.traces.dead)]}
-    write_calib_set(lake.calib_path(night, camera), arrays, meta)
+    write_calib_set(lake.calib_path(night, camera), calib.to_arrays(), meta)
 
 
 def load_calibration(lake: Lake, night: str, camera: str) -> Calibration:
     """Read a stored calibration set back into memory."""
-    from fiberlake.processors.extract import ProfileModel, Spectra1D
-
     arrays, meta = read_calib_set(lake.calib_path(night, camera))
-    fiberflats = {}
-    for key in {k.split("/")[0] for k in arrays if k.startswith("fiberflat_")}:
-        part = subset(arrays, key)
-        fiberflats[key.removeprefix("fiberflat_")] = Spectra1D(part["flux"], part["ivar"], part["mask"])
-    return Calibration(
-        master_bias=arrays["master_bias"],
-        master_flat=arrays["master_flat"],
-        master_flat_ivar=arrays["master_flat_ivar"],
-        traces=TraceSet.from_arrays(subset(arrays, "traces")),
-        wave=WaveSolution.from_arrays(subset(arrays, "wave")),
-        fiberflats=fiberflats,
-        grid=arrays["grid"],
-        profile=ProfileModel(**subset(arrays, "profile")) if "profile/sigma" in arrays else None,
-        info=meta,
-    )
+    return Calibration.from_arrays(arrays, meta)
 
 
 def _spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: ReducedFrame, calib: Calibration, run_id: str) -> tuple[list[dict], list[dict]]:

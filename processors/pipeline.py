@@ -85,6 +85,53 @@ class Calibration:
     profile: extract.ProfileModel | None = None
     info: dict = field(default_factory=dict)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays of the set (``a/b`` names nest), for the calibration store.
+
+        Every product of the set must appear here and be restored by :meth:`from_arrays`:
+        a stage that adds a product to the set adds its arrays under its own prefix.
+        """
+        arrays = {
+            "master_bias": self.master_bias,
+            "master_flat": self.master_flat,
+            "master_flat_ivar": self.master_flat_ivar,
+            "grid": self.grid,
+        }
+        arrays |= {f"traces/{k}": v for k, v in self.traces.to_arrays().items()}
+        arrays |= {f"wave/{k}": v for k, v in self.wave.to_arrays().items()}
+        if self.profile is not None:
+            p = self.profile
+            arrays |= {"profile/sigma": p.sigma, "profile/wing_fraction": p.wing_fraction,
+                       "profile/wing_offset": p.wing_offset, "profile/wing_ratio": np.asarray(p.wing_ratio)}
+        for method, ff in self.fiberflats.items():
+            arrays |= {f"fiberflat_{method}/flux": ff.flux, f"fiberflat_{method}/ivar": ff.ivar,
+                       f"fiberflat_{method}/mask": ff.mask}
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], info: dict | None = None) -> Calibration:
+        """Rebuild a set from :meth:`to_arrays` output (and its metadata)."""
+
+        def subset(prefix: str) -> dict[str, np.ndarray]:
+            start = prefix + "/"
+            return {k[len(start):]: v for k, v in arrays.items() if k.startswith(start)}
+
+        fiberflats = {}
+        for key in sorted({k.split("/")[0] for k in arrays if k.startswith("fiberflat_")}):
+            part = subset(key)
+            fiberflats[key.removeprefix("fiberflat_")] = Spectra1D(part["flux"], part["ivar"], part["mask"])
+        return cls(
+            master_bias=arrays["master_bias"],
+            master_flat=arrays["master_flat"],
+            master_flat_ivar=arrays["master_flat_ivar"],
+            traces=TraceSet.from_arrays(subset("traces")),
+            wave=WaveSolution.from_arrays(subset("wave")),
+            fiberflats=fiberflats,
+            grid=arrays["grid"],
+            profile=extract.ProfileModel(**subset("profile")) if "profile/sigma" in arrays else None,
+            info=dict(info or {}),
+        )
+
 
 @dataclass
 class ReducedFrame:
