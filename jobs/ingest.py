@@ -1,12 +1,17 @@
-"""Ingest job: a night directory of raw FITS into the lake, incrementally and idempotently.
+"""Ingest job: delivered raw FITS into the lake, incrementally, idempotently, crash-safe.
 
-A frame's identity is the SHA-256 of its bytes. A file whose bytes are already in
-``exposures`` (under any name) or already in ``quarantine`` is skipped; a *different* file for
-an existing (night, expid, camera) becomes a new ``file_version`` and is stored beside the old
-one, never over it. Refused files are copied under ``quarantine/`` with a row giving the reason,
-and the rest of the night still lands. Pixels are published (atomic rename) before the table
-rows that reference them are committed, so a crash leaves at worst an unreferenced array that a
-re-run adopts (same pixels) instead of duplicating.
+A frame's identity is the SHA-256 of its bytes. Bytes the lake already holds (under any name)
+are a no-op recorded in the ``deliveries`` log as ``duplicate``; a *different* file for an
+existing (night, expid, camera) becomes a new ``file_version`` stored beside the old one, never
+over it. Refused files are copied under ``quarantine/`` with a row giving the reason, and the
+rest of the night still lands.
+
+Crash safety comes from the order of the steps: pixels are published (atomic rename) before the
+table rows that reference them; ``exposures`` and ``quarantine`` are committed before the
+``deliveries`` log. A crash anywhere leaves at worst an unreferenced array that the re-run adopts
+(same pixels, same path) and files the re-run reads again; every outcome is a function of the
+bytes and of what the tables hold, so the re-run writes exactly the rows a clean run would have.
+One writer at a time holds the lake (:class:`~fiberlake.storage.lock.LakeLock`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import datetime as dt
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +28,15 @@ import numpy as np
 from astropy.io import fits
 from tqdm import tqdm
 
+from fiberlake.ingest.arrival import ArrivalTracker
 from fiberlake.ingest.fibermap import is_fibermap, read_fibermap
 from fiberlake.ingest.fitsreader import FrameRejected, RawFrame, read_frame, sha256_file
 from fiberlake.schemas.header import NIGHT_PATTERN
 from fiberlake.schemas.instrument import get_instrument
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.rawstore import remove_stale_temporaries, write_raw_frame
-from fiberlake.storage.tables import TableStore
+from fiberlake.storage.lock import LakeLock
+from fiberlake.storage.tables import TableStore, Txn
 
 
 @dataclass
@@ -39,13 +47,21 @@ class IngestReport:
     duplicates: list[str] = field(default_factory=list)
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     fibermaps: list[str] = field(default_factory=list)
+    waiting: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for people."""
-        return (
+        text = (
             f"{len(self.ingested)} frames ingested, {len(self.duplicates)} already in the lake, "
             f"{len(self.quarantined)} quarantined, {len(self.fibermaps)} fiber maps"
         )
+        return text + (f", {len(self.waiting)} still being written" if self.waiting else "")
+
+    def merge(self, other: IngestReport) -> None:
+        """Add another batch's outcome to this one."""
+        for name in ("ingested", "duplicates", "quarantined", "fibermaps"):
+            getattr(self, name).extend(getattr(other, name))
+        self.waiting = list(other.waiting)
 
 
 def header_to_json(header: fits.Header) -> list[list]:
@@ -122,7 +138,184 @@ def _exposure_row(frame: RawFrame, path: Path, sha: str, size: int, version: int
     }
 
 
-def ingest_night(lake: Lake, night_dir: str | os.PathLike, *, progress: bool = False) -> IngestReport:
+APP_ID = "fiberlake.ingest"
+
+
+@dataclass
+class LakeState:
+    """What the lake already holds, read once per ingest batch."""
+
+    exposures: dict[str, dict]
+    quarantined: dict[str, dict]
+    deliveries: dict[tuple[str, str], dict]
+    fibermap_sha: set[str]
+    versions: dict[tuple, int]
+
+    @classmethod
+    def read(cls, tables: TableStore) -> LakeState:
+        """Read the identity columns of ``exposures``, ``quarantine`` and ``deliveries``."""
+        exp = tables.read("exposures", columns=["night", "expid", "camera", "file_version", "file_sha256", "filename",
+                                                "raw_path"]).to_pylist()
+        versions: dict[tuple, int] = {}
+        for row in exp:
+            key = (row["night"], row["expid"], row["camera"])
+            versions[key] = max(versions.get(key, 0), row["file_version"])
+        quarantine = tables.read("quarantine", columns=["night", "filename", "file_sha256", "reason"]).to_pylist()
+        deliveries = tables.read("deliveries", columns=["night", "filename", "file_sha256", "file_size", "mtime_ns",
+                                                        "outcome"]).to_pylist()
+        return cls(
+            exposures={r["file_sha256"]: r for r in exp},
+            quarantined={r["file_sha256"]: r for r in quarantine},
+            deliveries={(r["night"], r["filename"]): r for r in deliveries},
+            fibermap_sha={r["file_sha256"] for r in deliveries if r["outcome"] == "fibermap"},
+            versions=versions,
+        )
+
+    def unchanged(self, night: str, path: Path, st: os.stat_result) -> bool:
+        """Whether ``path`` is a file already looked at, with the same size and mtime."""
+        row = self.deliveries.get((night, path.name))
+        return row is not None and row["file_size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns
+
+
+def _delivery(night: str, path: Path, sha: str, st: os.stat_result, outcome: str, detail: str) -> dict:
+    return {"night": night, "filename": path.name, "file_sha256": sha, "file_size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "outcome": outcome, "detail": detail, "recorded_at": _now()}
+
+
+def _known_outcome(state: LakeState, path: Path, sha: str) -> tuple[str, str] | None:
+    """Outcome of bytes the lake already holds: the original delivery itself, or a duplicate."""
+    if sha in state.exposures:
+        row = state.exposures[sha]
+        where = f"{row['raw_path']} (expid {row['expid']} {row['camera']} v{row['file_version']})"
+        if row["filename"] == path.name:
+            return ("ingested" if row["file_version"] == 1 else "new_version"), where
+        return "duplicate", f"same bytes as {row['filename']}: {where}"
+    if sha in state.quarantined:
+        row = state.quarantined[sha]
+        if row["filename"] == path.name:
+            return "quarantined", row["reason"]
+        return "duplicate", f"same bytes as quarantined {row['filename']}: {row['reason']}"
+    if sha in state.fibermap_sha:
+        return "duplicate", "same bytes as an ingested fiber map"
+    return None
+
+
+def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = False) -> IngestReport:
+    """Ingest the given delivered files of one night directory in one batch.
+
+    The batch reads what the lake holds once, publishes pixel arrays one by one, then commits
+    ``exposures``, ``quarantine``, the fiber maps and last the ``deliveries`` log, each in one
+    commit tagged with an application transaction. Run it under the lake's writer lock
+    (:class:`~fiberlake.storage.lock.LakeLock`); the jobs and the CLI do.
+
+    Parameters
+    ----------
+    lake : Lake
+        Destination lake; created on first use for the instrument of the first valid frame.
+    files : list of Path
+        Complete files (see :mod:`fiberlake.ingest.arrival`), FITS frames or fiber maps.
+    night : str
+        Night of the delivery directory (its name), used for quarantine and the delivery log.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    IngestReport
+    """
+    tables = TableStore(lake.root / "tables")
+    instrument = get_instrument(lake.instrument) if lake.describe() else None
+    state = LakeState.read(tables)
+    report = IngestReport()
+    exposure_rows: list[dict] = []
+    quarantine_rows: list[dict] = []
+    delivery_rows: list[dict] = []
+    fibermap_rows: dict[tuple[str, int], list[dict]] = {}
+    for path in tqdm(sorted(files), desc=f"ingest {night}", unit="file", disable=not progress):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if state.unchanged(night, path, st):
+            report.duplicates.append(path.name)
+            continue
+        sha, _ = sha256_file(path)
+        known = _known_outcome(state, path, sha)
+        if known is not None:
+            report.duplicates.append(path.name)
+            if (night, path.name) not in state.deliveries or state.deliveries[(night, path.name)]["file_sha256"] != sha:
+                delivery_rows.append(_delivery(night, path, sha, st, *known))
+            continue
+
+        def refuse(rejected: FrameRejected) -> None:
+            row = _quarantine(lake, night, path, sha, st.st_size, rejected)
+            quarantine_rows.append(row)
+            state.quarantined[sha] = row
+            delivery_rows.append(_delivery(night, path, sha, st, "quarantined", rejected.reason))
+            report.quarantined.append((path.name, rejected.reason))
+
+        if is_fibermap(path):
+            try:
+                rows = read_fibermap(path, night)
+            except FrameRejected as rejected:
+                refuse(rejected)
+                continue
+            if rows:
+                fibermap_rows[(rows[0]["night"], rows[0]["expid"])] = rows
+            state.fibermap_sha.add(sha)
+            delivery_rows.append(_delivery(night, path, sha, st, "fibermap",
+                                           f"{len(rows)} fibers of expid {rows[0]['expid'] if rows else '?'}"))
+            report.fibermaps.append(path.name)
+            continue
+        try:
+            frame = read_frame(path, instrument)
+            if instrument is None:
+                instrument = frame.instrument
+                lake.ensure(instrument.name)
+            key = (frame.night, frame.expid, frame.camera)
+            version = state.versions.get(key, 0) + 1
+            relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
+            cards = header_to_json(frame.header)
+            attrs = {"header": cards, "filename": path.name, "file_sha256": sha, "file_version": version}
+            pixel_sha = write_raw_frame(lake.root, relpath, frame.pixels, attrs)
+        except FrameRejected as rejected:
+            refuse(rejected)
+            continue
+        state.versions[key] = version
+        row = _exposure_row(frame, path, sha, st.st_size, version, relpath, pixel_sha, json.dumps(cards))
+        state.exposures[sha] = row
+        exposure_rows.append(row)
+        detail = f"{relpath} (expid {frame.expid} {frame.camera} v{version})"
+        delivery_rows.append(_delivery(night, path, sha, st, "ingested" if version == 1 else "new_version", detail))
+        report.ingested.append(path.name)
+
+    def txn(name: str) -> Txn:
+        return Txn(APP_ID, (tables.committed_version(name, APP_ID) or 0) + 1)
+
+    if exposure_rows:
+        tables.append("exposures", exposure_rows, txn=txn("exposures"))
+    if quarantine_rows:
+        tables.append("quarantine", quarantine_rows, txn=txn("quarantine"))
+    for (fm_night, expid), rows in fibermap_rows.items():
+        tables.replace("fibermap", rows, f"night = '{fm_night}' AND expid = {int(expid)}")
+    if delivery_rows:
+        tables.append("deliveries", delivery_rows, txn=txn("deliveries"))
+    return report
+
+
+def list_delivered(night_dir: Path) -> list[Path]:
+    """The ``*.fits`` files directly in ``night_dir`` (sub-directories such as ``truth/`` are not deliveries)."""
+    return sorted(p for p in night_dir.iterdir() if p.is_file() and p.suffix.lower() == ".fits")
+
+
+def ingest_night(
+    lake: Lake,
+    night_dir: str | os.PathLike,
+    *,
+    progress: bool = False,
+    settle: float = 0.0,
+    lock: bool = True,
+) -> IngestReport:
     """Ingest every raw frame and fiber map in ``night_dir`` that the lake does not hold yet.
 
     Parameters
@@ -133,6 +326,13 @@ def ingest_night(lake: Lake, night_dir: str | os.PathLike, *, progress: bool = F
         Directory of delivered ``*.fits`` files (sub-directories such as ``truth/`` are ignored).
     progress : bool
         Show a progress bar.
+    settle : float
+        Files changed less than ``settle`` seconds ago, or structurally incomplete and changed
+        less than ``settle`` seconds ago, are left for a later run (reported in ``waiting``):
+        they are still being written. An incomplete file older than that is quarantined as
+        truncated.
+    lock : bool
+        Take the lake's writer lock (callers that already hold it pass False).
 
     Returns
     -------
@@ -141,66 +341,10 @@ def ingest_night(lake: Lake, night_dir: str | os.PathLike, *, progress: bool = F
     night_dir = Path(night_dir)
     if not night_dir.is_dir():
         raise FileNotFoundError(f"night directory {night_dir} does not exist")
-    tables = TableStore(lake.root / "tables")
-    remove_stale_temporaries(lake.root)
-    dir_night = _night_of_dir(night_dir)
-    instrument = get_instrument(lake.instrument) if lake.describe() else None
-
-    known = tables.read("exposures", columns=["night", "expid", "camera", "file_version", "file_sha256"]).to_pylist()
-    known_sha = {row["file_sha256"] for row in known}
-    versions: dict[tuple, int] = {}
-    for row in known:
-        key = (row["night"], row["expid"], row["camera"])
-        versions[key] = max(versions.get(key, 0), row["file_version"])
-    quarantined_sha = set(tables.read("quarantine", columns=["file_sha256"]).column("file_sha256").to_pylist())
-
-    report = IngestReport()
-    exposure_rows: list[dict] = []
-    quarantine_rows: list[dict] = []
-    fibermap_rows: dict[tuple[str, int], list[dict]] = {}
-    files = sorted(p for p in night_dir.iterdir() if p.is_file() and p.suffix.lower() == ".fits")
-    for path in tqdm(files, desc=f"ingest {night_dir.name}", unit="file", disable=not progress):
-        sha, size = sha256_file(path)
-        if sha in known_sha or sha in quarantined_sha:
-            report.duplicates.append(path.name)
-            continue
-        if is_fibermap(path):
-            try:
-                rows = read_fibermap(path, dir_night)
-            except FrameRejected as rejected:
-                quarantine_rows.append(_quarantine(lake, dir_night, path, sha, size, rejected))
-                quarantined_sha.add(sha)
-                report.quarantined.append((path.name, rejected.reason))
-                continue
-            if rows:
-                fibermap_rows[(rows[0]["night"], rows[0]["expid"])] = rows
-            report.fibermaps.append(path.name)
-            continue
-        try:
-            frame = read_frame(path, instrument)
-            if instrument is None:
-                instrument = frame.instrument
-                lake.ensure(instrument.name)
-            key = (frame.night, frame.expid, frame.camera)
-            version = versions.get(key, 0) + 1
-            relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
-            cards = header_to_json(frame.header)
-            attrs = {"header": cards, "filename": path.name, "file_sha256": sha, "file_version": version}
-            pixel_sha = write_raw_frame(lake.root, relpath, frame.pixels, attrs)
-        except FrameRejected as rejected:
-            quarantine_rows.append(_quarantine(lake, dir_night, path, sha, size, rejected))
-            quarantined_sha.add(sha)
-            report.quarantined.append((path.name, rejected.reason))
-            continue
-        versions[key] = version
-        known_sha.add(sha)
-        exposure_rows.append(_exposure_row(frame, path, sha, size, version, relpath, pixel_sha, json.dumps(cards)))
-        report.ingested.append(path.name)
-
-    if exposure_rows:
-        tables.append("exposures", exposure_rows)
-    if quarantine_rows:
-        tables.append("quarantine", quarantine_rows)
-    for (night, expid), rows in fibermap_rows.items():
-        tables.replace("fibermap", rows, f"night = '{night}' AND expid = {int(expid)}")
+    tracker = ArrivalTracker(settle=settle, stale_after=settle)
+    ready, waiting = tracker.poll(list_delivered(night_dir))
+    with LakeLock(lake.root, "ingest") if lock else nullcontext():
+        remove_stale_temporaries(lake.root)
+        report = ingest_files(lake, ready, _night_of_dir(night_dir), progress=progress)
+    report.waiting = [(p.name, why) for p, why in waiting.items()]
     return report

@@ -1,9 +1,20 @@
 """Process job: a night's frames in the lake -> calibration sets -> spectra and metrics tables.
 
 Reads raw arrays and headers from the lake, calls :mod:`fiberlake.processors.pipeline`, and
-writes products. Each exposure+camera's rows replace any earlier rows of that exposure and
-camera in one atomic commit per table, so re-processing never duplicates. A frame that fails
-is recorded in the run's ``status_json`` with its error and does not stop the night.
+writes products. Incremental and exactly once:
+
+* A calibration set is identified by ``calib_id``, a hash of its night, camera, input frames
+  (expid, file version, pixel hash) and reduction parameters; it is rebuilt only when that
+  changes (a new arc arrives, other parameters), and swapped in atomically.
+* A camera without its own bias, flat and arc on the night uses the nearest earlier night's set
+  made with the same parameters; the ``reductions`` row records which (``calib_night``). When the
+  night's own set appears later, the frames are reduced again with it.
+* An exposure's ``spectra`` and ``metrics`` rows replace any earlier rows of that exposure and
+  camera (one commit per table), then its ``reductions`` row is written: that row is the
+  marker. A frame is reduced when it has no marker with the same raw pixels, calibration and
+  parameters, so a crash anywhere is repaired by running again, and a night already reduced is
+  not touched. A frame that fails is recorded (status ``failed`` with the error) and does not
+  stop the night.
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ import datetime as dt
 import hashlib
 import json
 import subprocess
+import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +37,15 @@ from fiberlake import __version__
 from fiberlake.processors.ccd import CCDParams
 from fiberlake.processors.pipeline import Calibration, ReducedFrame, ReductionParams, build_calibration, reduce_frame
 from fiberlake.schemas.header import SKY_OBSTYPES
-from fiberlake.schemas.instrument import get_instrument, parse_camera
-from fiberlake.storage.calibstore import read_calib_set, write_calib_set
+from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
+from fiberlake.storage.calibstore import read_calib_meta, read_calib_set, write_calib_set
 from fiberlake.storage.layout import Lake
+from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.rawstore import read_raw_frame
 from fiberlake.storage.tables import TableStore
 
 ProcessConfig = ReductionParams
+CALIB_OBSTYPES = ("BIAS", "FLAT", "ARC")
 
 
 @dataclass
@@ -41,10 +56,13 @@ class ProcessReport:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     n_spectra: int = 0
+    skipped: int = 0
 
     def summary(self) -> str:
         """One line for people."""
         text = f"run {self.run_id}: {len(self.done)} frames reduced, {self.n_spectra} spectra written"
+        if self.skipped:
+            text += f", {self.skipped} already reduced with the same inputs"
         if self.failed:
             text += f", {len(self.failed)} failed: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items())
         return text
@@ -77,8 +95,38 @@ def ccd_params_from_row(row: dict) -> CCDParams:
     return CCDParams.from_header(header, saturation=float(header.get("SATURATE", 65535)))
 
 
-def _save_calibration(lake: Lake, night: str, camera: str, calib: Calibration, sources: dict) -> None:
-    meta = {"night": night, "camera": camera, "sources": sources, **calib.info,
+def config_hash(config: ReductionParams) -> str:
+    """SHA-256 of the reduction parameters as JSON (the ``config_hash`` of runs and reductions)."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def calibration_sources(camera_rows: pl.DataFrame) -> dict[str, list[list]]:
+    """The calibration inputs of one camera and night: ``[expid, file_version, pixel_sha256]`` per type."""
+    sources: dict[str, list[list]] = {}
+    for obstype in CALIB_OBSTYPES:
+        sel = camera_rows.filter(pl.col("obstype") == obstype).sort("expid")
+        sources[obstype] = [[int(r["expid"]), int(r["file_version"]), r["pixel_sha256"]] for r in sel.iter_rows(named=True)]
+    return sources
+
+
+def calibration_id(night: str, camera: str, sources: dict, chash: str) -> str:
+    """Content address of a calibration set: same inputs and parameters, same id."""
+    text = json.dumps({"night": night, "camera": camera, "sources": sources, "config": chash}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class CalibrationChoice:
+    """The calibration set a frame is reduced with, and where it came from."""
+
+    night: str
+    camera: str
+    calib_id: str
+    calib: Calibration | None = None
+
+
+def _save_calibration(lake: Lake, night: str, camera: str, calib: Calibration, meta: dict) -> None:
+    meta = {"night": night, "camera": camera, **meta, **calib.info,
             "wave_rms_median": float(np.median(calib.wave.rms)), "trace_rms_median": float(np.median(calib.traces.rms)),
             "dead_fibers": [int(i) for i in np.flatnonzero(calib.traces.dead)]}
     write_calib_set(lake.calib_path(night, camera), calib.to_arrays(), meta)
@@ -88,6 +136,79 @@ def load_calibration(lake: Lake, night: str, camera: str) -> Calibration:
     """Read a stored calibration set back into memory."""
     arrays, meta = read_calib_set(lake.calib_path(night, camera))
     return Calibration.from_arrays(arrays, meta)
+
+
+def earlier_calibration(lake: Lake, night: str, camera: str, chash: str) -> CalibrationChoice | None:
+    """The nearest earlier night's calibration set of ``camera`` made with the same parameters."""
+    calib_root = lake.root / "calib"
+    if not calib_root.is_dir():
+        return None
+    nights = sorted((p.name for p in calib_root.iterdir() if p.is_dir() and p.name < night), reverse=True)
+    for other in nights:
+        meta = read_calib_meta(lake.calib_path(other, camera))
+        if meta and meta.get("config_hash") == chash and meta.get("calib_id"):
+            return CalibrationChoice(night=other, camera=camera, calib_id=meta["calib_id"])
+    return None
+
+
+def choose_calibration(lake: Lake, night: str, camera: str, camera_rows: pl.DataFrame, chash: str) -> CalibrationChoice:
+    """Which calibration set frames of ``camera`` on ``night`` are reduced with (nothing is built here).
+
+    The night's own set when the night has at least one bias, flat and arc of the camera;
+    otherwise the nearest earlier night's set with the same parameters.
+
+    Raises
+    ------
+    LookupError
+        If neither exists.
+    """
+    sources = calibration_sources(camera_rows)
+    if all(sources[t] for t in CALIB_OBSTYPES):
+        return CalibrationChoice(night=night, camera=camera, calib_id=calibration_id(night, camera, sources, chash))
+    earlier = earlier_calibration(lake, night, camera, chash)
+    if earlier is None:
+        missing = ", ".join(t for t in CALIB_OBSTYPES if not sources[t])
+        raise LookupError(f"no calibration for {camera}: night {night} has no {missing} frame and no earlier night "
+                          "has a calibration set made with these parameters")
+    return earlier
+
+
+def ensure_calibration(
+    lake: Lake,
+    choice: CalibrationChoice,
+    camera_rows: pl.DataFrame,
+    config: ReductionParams,
+    instrument: Instrument,
+    *,
+    rebuild: bool = False,
+) -> Calibration:
+    """Load the chosen calibration set, building and storing it first when it is the night's own and missing.
+
+    A stored set whose ``calib_id`` differs (other inputs or parameters) is rebuilt and swapped in.
+    """
+    if choice.calib is not None and not rebuild:
+        return choice.calib
+    meta = read_calib_meta(lake.calib_path(choice.night, choice.camera))
+    if meta and meta.get("calib_id") == choice.calib_id and not rebuild:
+        choice.calib = load_calibration(lake, choice.night, choice.camera)
+        return choice.calib
+    if camera_rows.is_empty() or choice.night != camera_rows["night"][0]:
+        raise LookupError(f"calibration set {choice.night}/{choice.camera} changed while in use; run again")
+    arm, _ = parse_camera(choice.camera)
+
+    def frames(obstype: str) -> list[np.ndarray]:
+        sel = camera_rows.filter(pl.col("obstype") == obstype).sort("expid").to_dicts()
+        return [read_raw_frame(lake.root, r["raw_path"]) for r in sel]
+
+    biases, flats, arcs = frames("BIAS"), frames("FLAT"), frames("ARC")
+    params = ccd_params_from_row(camera_rows.filter(pl.col("obstype") == "BIAS").row(0, named=True))
+    calib = build_calibration(biases, flats, arcs, params, instrument, arm, config)
+    _save_calibration(lake, choice.night, choice.camera, calib, {
+        "calib_id": choice.calib_id, "config_hash": config_hash(config), "code_version": code_version(),
+        "sources": calibration_sources(camera_rows), "config": config.to_dict(),
+    })
+    choice.calib = calib
+    return calib
 
 
 def _spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: ReducedFrame, calib: Calibration, run_id: str) -> tuple[list[dict], list[dict]]:
@@ -139,8 +260,68 @@ def _rows_to_table(rows: list[dict], name: str):
     return pa.table(columns, schema=schema)
 
 
-def process_night(lake: Lake, night: str, *, config: ReductionParams | None = None, progress: bool = False) -> ProcessReport:
-    """Build calibration sets and reduce every science and standard frame of ``night``.
+def _fibermap_of(fibermaps: pl.DataFrame, expid: int, specid: int) -> dict[int, dict]:
+    if fibermaps.is_empty():
+        return {}
+    fm = fibermaps.filter((pl.col("expid") == expid) & (pl.col("spectrograph") == specid))
+    return {r["fiber"]: r for r in fm.to_dicts()}
+
+
+def reduce_exposure(
+    lake: Lake,
+    tables: TableStore,
+    exp: dict,
+    calib: Calibration,
+    fibermap: dict[int, dict],
+    config: ReductionParams,
+    run_id: str,
+    instrument: Instrument,
+) -> int:
+    """Reduce one science or standard frame and replace its rows in ``spectra`` and ``metrics``.
+
+    Returns
+    -------
+    int
+        Spectra rows written.
+    """
+    sky_fibers = np.array([fibermap.get(f, {}).get("objtype") == "SKY" for f in range(instrument.n_fibers)])
+    raw = read_raw_frame(lake.root, exp["raw_path"])
+    reduced = reduce_frame(raw, ccd_params_from_row(exp), calib, sky_fibers, config)
+    spectra_rows, metric_rows = [], []
+    for method, result in reduced.items():
+        s_rows, m_rows = _spectra_rows(exp, fibermap, method, result, calib, run_id)
+        spectra_rows += s_rows
+        metric_rows += m_rows
+    predicate = exposure_predicate(exp["night"], exp["expid"], exp["camera"])
+    tables.replace("spectra", _rows_to_table(spectra_rows, "spectra"), predicate)
+    tables.replace("metrics", metric_rows, predicate)
+    return len(spectra_rows)
+
+
+def exposure_predicate(night: str, expid: int, camera: str) -> str:
+    """SQL predicate selecting one exposure and camera (values were validated at ingest)."""
+    return f"night = '{night}' AND expid = {int(expid)} AND camera = '{camera}'"
+
+
+def _is_done(marker: dict | None, exp: dict, calib_id: str, chash: str, retry_failed: bool) -> bool:
+    if marker is None:
+        return False
+    same = (marker["file_version"] == exp["file_version"] and marker["pixel_sha256"] == exp["pixel_sha256"]
+            and marker["calib_id"] == calib_id and marker["config_hash"] == chash)
+    return same and (marker["status"] == "ok" or not retry_failed)
+
+
+def process_night(
+    lake: Lake,
+    night: str,
+    *,
+    config: ReductionParams | None = None,
+    progress: bool = False,
+    force: bool = False,
+    retry_failed: bool = False,
+    lock: bool = True,
+) -> ProcessReport:
+    """Reduce every science and standard frame of ``night`` that is not reduced yet with its current inputs.
 
     Parameters
     ----------
@@ -152,75 +333,103 @@ def process_night(lake: Lake, night: str, *, config: ReductionParams | None = No
         Reduction parameters (defaults otherwise).
     progress : bool
         Show a progress bar.
+    force : bool
+        Rebuild the calibration sets and reduce every frame again.
+    retry_failed : bool
+        Reduce again frames whose last reduction failed with the same inputs.
+    lock : bool
+        Take the lake's writer lock (callers that already hold it pass False).
 
     Returns
     -------
     ProcessReport
     """
     config = config or ReductionParams()
+    with LakeLock(lake.root, "process") if lock else nullcontext():
+        return _process_night(lake, night, config, progress, force, retry_failed)
+
+
+def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bool, force: bool,
+                   retry_failed: bool) -> ProcessReport:
     instrument = get_instrument(lake.instrument)
     tables = TableStore(lake.root / "tables")
     exposures = latest_exposures(tables, night)
     if exposures.is_empty():
         raise LookupError(f"the lake has no frames for night {night} (run 'fiberlake ingest' first)")
+    chash = config_hash(config)
     run_id = f"{night}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     started = dt.datetime.now(dt.timezone.utc)
     report = ProcessReport(run_id=run_id)
+    markers = {}
+    if tables.exists("reductions"):
+        for row in tables.scan("reductions").filter(pl.col("night") == night).collect().iter_rows(named=True):
+            markers[(row["expid"], row["camera"])] = row
     fibermaps = tables.scan("fibermap").filter(pl.col("night") == night).collect() if tables.exists("fibermap") else pl.DataFrame()
 
     science = exposures.filter(pl.col("obstype").is_in(list(SKY_OBSTYPES)))
-    cameras = sorted(science["camera"].unique().to_list())
-    total = science.height + len(cameras)
-    bar = tqdm(total=total, desc=f"process {night}", unit="frame", disable=not progress)
-    for camera in cameras:
+    work: list[tuple[str, CalibrationChoice | Exception, pl.DataFrame, list[dict]]] = []
+    for camera in sorted(science["camera"].unique().to_list()):
         cam_rows = exposures.filter(pl.col("camera") == camera)
-        arm, specid = parse_camera(camera)
         try:
-            def frames(obstype: str) -> tuple[list[np.ndarray], list[int]]:
-                sel = cam_rows.filter(pl.col("obstype") == obstype).to_dicts()
-                return [read_raw_frame(lake.root, r["raw_path"]) for r in sel], [r["expid"] for r in sel]
+            choice: CalibrationChoice | Exception = choose_calibration(lake, night, camera, cam_rows, chash)
+            calib_id = choice.calib_id
+        except LookupError as err:
+            choice, calib_id = err, None
+        todo = [exp for exp in science.filter(pl.col("camera") == camera).to_dicts()
+                if force or not _is_done(markers.get((exp["expid"], camera)), exp, calib_id, chash, retry_failed)]
+        report.skipped += science.filter(pl.col("camera") == camera).height - len(todo)
+        if todo:
+            work.append((camera, choice, cam_rows, todo))
+    if not work:
+        return report
 
-            biases, bias_ids = frames("BIAS")
-            flats, flat_ids = frames("FLAT")
-            arcs, arc_ids = frames("ARC")
-            params = ccd_params_from_row(cam_rows.row(0, named=True))
-            calib = build_calibration(biases, flats, arcs, params, instrument, arm, config)
-            _save_calibration(lake, night, camera, calib, {"BIAS": bias_ids, "FLAT": flat_ids, "ARC": arc_ids})
-        except Exception as err:  # a camera without a calibration set fails its frames, not the night
-            reason = f"calibration failed: {type(err).__name__}: {err}"
-            for exp in science.filter(pl.col("camera") == camera).to_dicts():
-                report.failed[f"{exp['expid']}/{camera}"] = reason
-            bar.update(1 + science.filter(pl.col("camera") == camera).height)
-            continue
-        bar.update(1)
-        for exp in science.filter(pl.col("camera") == camera).to_dicts():
-            key = f"{exp['expid']}/{camera}"
+    bar = tqdm(total=sum(len(w[3]) for w in work), desc=f"process {night}", unit="frame", disable=not progress)
+    markers_out: list[dict] = []
+    for camera, choice, cam_rows, todo in work:
+        calib, calib_error = None, None
+        if isinstance(choice, Exception):
+            calib_error = str(choice)
+        else:
             try:
-                fm = fibermaps.filter((pl.col("expid") == exp["expid"]) & (pl.col("spectrograph") == specid)) if not fibermaps.is_empty() else pl.DataFrame()
-                fibermap = {r["fiber"]: r for r in fm.to_dicts()} if not fm.is_empty() else {}
-                sky_fibers = np.array([fibermap.get(f, {}).get("objtype") == "SKY" for f in range(instrument.n_fibers)])
-                raw = read_raw_frame(lake.root, exp["raw_path"])
-                reduced = reduce_frame(raw, ccd_params_from_row(exp), calib, sky_fibers, config)
-                spectra_rows, metric_rows = [], []
-                for method, result in reduced.items():
-                    s_rows, m_rows = _spectra_rows(exp, fibermap, method, result, calib, run_id)
-                    spectra_rows += s_rows
-                    metric_rows += m_rows
-                predicate = f"night = '{night}' AND expid = {int(exp['expid'])} AND camera = '{camera}'"
-                tables.replace("spectra", _rows_to_table(spectra_rows, "spectra"), predicate)
-                tables.replace("metrics", metric_rows, predicate)
+                calib = ensure_calibration(lake, choice, cam_rows, config, instrument, rebuild=force)
+            except Exception as err:  # a camera without a calibration set fails its frames, not the night
+                calib_error = f"calibration failed: {type(err).__name__}: {err}"
+        _, specid = parse_camera(camera)
+        for exp in todo:
+            key = f"{exp['expid']}/{camera}"
+            t0 = time.perf_counter()
+            n_spectra, error = 0, calib_error
+            if calib is not None:
+                try:
+                    fibermap = _fibermap_of(fibermaps, exp["expid"], specid)
+                    n_spectra = reduce_exposure(lake, tables, exp, calib, fibermap, config, run_id, instrument)
+                except Exception as err:
+                    error = f"{type(err).__name__}: {err}"
+            marker = {
+                "night": night, "expid": exp["expid"], "camera": camera, "file_version": exp["file_version"],
+                "pixel_sha256": exp["pixel_sha256"], "status": "failed" if error else "ok", "error": error,
+                "calib_night": None if isinstance(choice, Exception) else choice.night,
+                "calib_id": None if isinstance(choice, Exception) else choice.calib_id,
+                "config_hash": chash, "run_id": run_id, "n_spectra": n_spectra,
+                "seconds": time.perf_counter() - t0, "landed_at": exp["ingested_at"],
+                "reduced_at": dt.datetime.now(dt.timezone.utc),
+            }
+            tables.replace("reductions", [marker], exposure_predicate(night, exp["expid"], camera))
+            markers_out.append(marker)
+            if error:
+                report.failed[key] = error
+            else:
                 report.done.append(key)
-                report.n_spectra += len(spectra_rows)
-            except Exception as err:
-                report.failed[key] = f"{type(err).__name__}: {err}"
+                report.n_spectra += n_spectra
             bar.update(1)
     bar.close()
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     tables.append("runs", [{
         "run_id": run_id, "night": night, "command": "process", "code_version": code_version(),
-        "config_json": config_json, "config_hash": hashlib.sha256(config_json.encode()).hexdigest(),
+        "config_json": config_json, "config_hash": chash,
         "started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
         "n_frames": len(report.done) + len(report.failed), "n_failed": len(report.failed),
-        "status_json": json.dumps({"done": report.done, "failed": report.failed}),
+        "status_json": json.dumps({"done": report.done, "failed": report.failed,
+                                   "calib_nights": {f"{m['expid']}/{m['camera']}": m["calib_night"] for m in markers_out}}),
     }])
     return report

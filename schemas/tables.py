@@ -128,6 +128,45 @@ RUNS = _schema([
     ("status_json", pa.string(), "per-frame outcome and error text"),
 ])
 
+DELIVERIES = _schema([
+    ("night", pa.string(), "night of the delivery directory (partition)"),
+    ("filename", pa.string(), "name of the delivered file"),
+    ("file_sha256", pa.string(), "SHA-256 of the delivered bytes"),
+    ("file_size", pa.int64(), "bytes"),
+    ("mtime_ns", pa.int64(), "modification time of the file when it was read (ns since the epoch)"),
+    ("outcome", pa.string(), "ingested, new_version, duplicate, quarantined or fibermap"),
+    ("detail", pa.string(), "where the bytes went, or what they duplicate, or why they were refused"),
+    ("recorded_at", TS, "time the row was committed"),
+])
+"""One row per delivered file (name + bytes) the lake has looked at: the ingest log.
+
+A re-delivery of known bytes under another name is recorded here as ``duplicate`` and adds
+nothing else. A later run skips a file whose name, size and mtime match a row without reading
+it, so ingesting many nights only reads what is new."""
+
+REDUCTIONS = _schema([
+    ("night", pa.string(), "night of the exposure (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("camera", pa.string(), "camera"),
+    ("file_version", pa.int32(), "file version of the raw frame that was reduced"),
+    ("pixel_sha256", pa.string(), "SHA-256 of the raw pixels that were reduced"),
+    ("status", pa.string(), "ok or failed"),
+    ("error", pa.string(), "why the reduction failed (null when ok)"),
+    ("calib_night", pa.string(), "night of the calibration set used (an earlier night when this night had none)"),
+    ("calib_id", pa.string(), "id of the calibration set used (changes when the set is rebuilt)"),
+    ("config_hash", pa.string(), "SHA-256 of the reduction parameters (as in runs.config_hash)"),
+    ("run_id", pa.string(), "run that wrote the exposure's spectra and metrics"),
+    ("n_spectra", pa.int32(), "spectra rows written (fibers x extractions)"),
+    ("seconds", pa.float32(), "wall time of the reduction"),
+    ("landed_at", TS, "when the raw frame was committed to exposures"),
+    ("reduced_at", TS, "when this row was committed (spectra and metrics were committed just before)"),
+])
+"""One row per reduced (night, expid, camera): the commit marker of a reduction.
+
+Written last, after the exposure's ``spectra`` and ``metrics`` rows, so a row here means those
+rows are complete; a frame without one (or with other inputs) is reduced again, which replaces
+its rows rather than adding to them."""
+
 SCHEMAS: dict[str, pa.Schema] = {
     "exposures": EXPOSURES,
     "quarantine": QUARANTINE,
@@ -135,6 +174,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "spectra": SPECTRA,
     "metrics": METRICS,
     "runs": RUNS,
+    "reductions": REDUCTIONS,
+    "deliveries": DELIVERIES,
 }
 
 KEYS: dict[str, tuple[str, ...]] = {
@@ -144,6 +185,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "spectra": ("night", "expid", "camera", "fiber", "extraction"),
     "metrics": ("night", "expid", "camera", "fiber", "extraction"),
     "runs": ("run_id",),
+    "reductions": ("night", "expid", "camera"),
+    "deliveries": ("night", "filename", "file_sha256"),
 }
 
 ARRAY_COLUMNS: tuple[str, ...] = ("flux", "ivar", "mask", "sky")

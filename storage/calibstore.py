@@ -15,6 +15,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from fiberlake.storage.failpoints import failpoint
+
 _CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
@@ -43,6 +45,7 @@ def write_calib_set(path: Path, arrays: dict[str, np.ndarray], metadata: dict) -
                 chunks=value.shape if value.ndim else "auto",
                 compressors=_CODEC if value.ndim else None,
             )
+        failpoint("calib.before_publish")
         if path.exists():
             old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
@@ -79,6 +82,14 @@ def read_calib_set(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
     walk(root, "")
     return arrays, dict(root.attrs)
+
+
+def read_calib_meta(path: Path) -> dict | None:
+    """The metadata of a calibration set without reading its arrays (None if there is no set)."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        return None
+    return dict(zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r").attrs)
 
 
 def subset(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from deltalake import (
 )
 
 from fiberlake.schemas.tables import PARTITION_COLUMN, SCHEMAS
+from fiberlake.storage.failpoints import failpoint
 
 ROW_GROUP_ROWS = 512
 
@@ -129,6 +130,7 @@ class TableStore:
             self.path(name).mkdir(parents=True, exist_ok=True)
             mode = "append" if mode == "overwrite" else mode
             predicate = None
+        failpoint(f"commit.{name}")
         write_deltalake(
             str(self.path(name)),
             table,
@@ -138,6 +140,7 @@ class TableStore:
             writer_properties=_writer_properties(table.schema),
             commit_properties=commit,
         )
+        failpoint(f"committed.{name}")
         return True
 
     def append(self, name: str, data: pa.Table | list[dict], txn: Txn | None = None) -> bool:

@@ -83,8 +83,14 @@ def test_sky_residuals_are_noise_like(figures):
 
 def test_reprocessing_replaces_rows(processed):
     _, lake, _ = processed
-    before = TableStore(lake.root / "tables").read("spectra").num_rows
-    process_night(lake, NIGHT)
+    store = TableStore(lake.root / "tables")
+    before = store.read("spectra").num_rows
+    versions = {name: store.version(name) for name in ("spectra", "metrics", "reductions", "runs")}
+    again = process_night(lake, NIGHT)  # nothing new: nothing is touched
+    assert again.done == [] and again.skipped == 6
+    assert {name: store.version(name) for name in versions} == versions
+    redone = process_night(lake, NIGHT, force=True)  # forced: every exposure's rows are replaced
+    assert len(redone.done) == 6
     tables = scan_tables(lake)
     assert tables["spectra"].select(pl.len()).collect().item() == before
     keys = tables["spectra"].group_by(["expid", "camera", "fiber", "extraction"]).len().collect()
