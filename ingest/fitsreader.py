@@ -207,7 +207,13 @@ def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
             raise FrameRejected("checksum", f"CHECKSUM/DATASUM verification failed: {message[:200]}")
         if "truncat" in message.lower():
             raise FrameRejected("truncated", f"the file is truncated: {message[:200]}")
-    values = validate_header(header, instrument)
+    try:
+        values = validate_header(header, instrument)
+    except FrameRejected:
+        raise
+    except Exception as err:  # astropy parses cards lazily: a malformed card fails only when read
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise FrameRejected("bad_header", f"the header has a card astropy cannot parse: {text}") from None
     inst: Instrument = values["_instrument"]
     if data is None:
         raise FrameRejected("no_data", "the primary HDU has no pixel data")
@@ -221,6 +227,10 @@ def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
         )
     if data.shape != inst.raw_shape:
         raise FrameRejected("bad_shape", f"shape {data.shape} differs from the {inst.name} raw shape {inst.raw_shape}")
+    for key in ("DATASEC", "BIASSEC"):
+        rows, cols = parse_section(values[key])
+        if rows.stop > data.shape[0] or cols.stop > data.shape[1]:
+            raise FrameRejected("bad_keyword", f"{key} = {values[key]} reaches outside the {data.shape[1]}x{data.shape[0]} image")
     if not data.any():
         raise FrameRejected("all_zero", "every pixel is zero (dead readout)")
     if np.all(data >= inst.saturation):

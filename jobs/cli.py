@@ -1,4 +1,4 @@
-"""The ``fiberlake`` command: simulate, ingest, process, query, evaluate, demo.
+"""The ``fiberlake`` command: simulate, ingest, watch, process, query, compact, vacuum, verify, evaluate, demo.
 
 Every subcommand exits 0 on success and non-zero with one line ``fiberlake: error: <reason>`` on
 failure (``--traceback`` shows the full stack for debugging).
@@ -33,19 +33,78 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     lake = Lake.at(args.lake)
     for night_dir in args.night_dirs:
-        report = ingest_night(lake, night_dir, progress=not args.quiet)
+        report = ingest_night(lake, night_dir, progress=not args.quiet, settle=args.settle)
         print(f"{night_dir}: {report.summary()}")
         for name, reason in report.quarantined:
             print(f"  quarantined {name}: {reason}")
+        for name, why in report.waiting:
+            print(f"  left for the next run: {name}: {why}")
     return 0
 
 
-def _cmd_process(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.process import ProcessConfig, process_night
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.watch import watch_night
     from fiberlake.storage.layout import Lake
 
-    config = ProcessConfig(extractions=tuple(args.extract.split(",")), cosmics=not args.no_cosmics)
-    report = process_night(Lake.at(args.lake), args.night, config=config, progress=not args.quiet)
+    config = _reduction_params(args)
+    report = watch_night(
+        Lake.at(args.lake), args.night_dir, poll=args.poll, settle=args.settle, stale_after=args.stale_after,
+        process=not args.no_process, config=config, once=args.once, log=lambda line: print(line, flush=True),
+    )
+    print(report.summary())
+    return 0 if not report.failed else 3
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.upkeep import compact
+    from fiberlake.storage.layout import Lake
+
+    for name, (before, after) in compact(Lake.at(args.lake), args.night).items():
+        print(f"{name:12s} {before:6d} -> {after:6d} files")
+    return 0
+
+
+def _cmd_vacuum(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.upkeep import vacuum
+    from fiberlake.storage.layout import Lake
+
+    report = vacuum(Lake.at(args.lake), args.retention_hours, dry_run=args.dry_run)
+    print(("would remove: " if args.dry_run else "removed: ") + report.summary())
+    for rel in report.orphan_arrays + report.temporaries:
+        print(f"  {rel}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.upkeep import verify
+    from fiberlake.storage.layout import Lake
+
+    report = verify(Lake.at(args.lake), args.night)
+    for problem in report.problems:
+        print(f"  MISMATCH {problem}")
+    print(report.summary())
+    return 0 if report.ok else 2
+
+
+def _reduction_params(args: argparse.Namespace):
+    """ReductionParams from the reduction flags shared by ``process`` and ``watch``."""
+    from fiberlake.jobs.process import ProcessConfig
+
+    return ProcessConfig(extractions=tuple(args.extract.split(",")), cosmics=not args.no_cosmics)
+
+
+def _add_reduction_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--extract", default="box,optimal", help="comma-separated extractions: box, optimal")
+    parser.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.process import process_night
+    from fiberlake.storage.layout import Lake
+
+    config = _reduction_params(args)
+    report = process_night(Lake.at(args.lake), args.night, config=config, progress=not args.quiet,
+                           force=args.force, retry_failed=args.retry_failed)
     print(report.summary())
     return 0 if not report.failed else 3
 
@@ -111,25 +170,59 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="ingest night directories of raw FITS into the lake")
     p.add_argument("night_dirs", nargs="+", metavar="NIGHT_DIR", help="directories of delivered frames")
     _add_lake(p)
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="files changed less than this many seconds ago are left for the next run (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("watch", help="ingest frames as they land in a night directory and reduce science at once")
+    p.add_argument("night_dir", metavar="NIGHT_DIR", help="directory the acquisition system writes into")
+    _add_lake(p)
+    p.add_argument("--once", action="store_true", help="take what is there, reduce what can be, and exit")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the directory (default 2)")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged (default 1)")
+    p.add_argument("--stale-after", type=float, default=300.0,
+                   help="seconds after which an unchanged incomplete file is quarantined as truncated (default 300)")
+    p.add_argument("--no-process", action="store_true", help="ingest only")
+    _add_reduction_flags(p)
+    p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("process", help="reduce a night's science frames to calibrated spectra")
     p.add_argument("--night", required=True, help="night to process, YYYY-MM-DD")
     _add_lake(p)
-    p.add_argument("--extract", default="box,optimal", help="comma-separated extractions: box, optimal")
-    p.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    _add_reduction_flags(p)
+    p.add_argument("--force", action="store_true", help="rebuild calibrations and reduce every frame again")
+    p.add_argument("--retry-failed", action="store_true", help="reduce again frames that failed with the same inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_process)
 
     p = sub.add_parser("query", help="run SQL over the lake's tables (Polars SQL)")
-    p.add_argument("sql", help="SQL query; tables: exposures quarantine fibermap spectra metrics runs")
+    p.add_argument("sql", help="SQL query; tables: exposures quarantine deliveries fibermap spectra metrics "
+                   "reductions runs")
     _add_lake(p)
     p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     p.add_argument("--output", help="output file for --format parquet")
-    p.add_argument("--as-of", type=int, default=None, help="read every table as of this Delta version")
+    p.add_argument("--as-of", default=None,
+                   help="time travel: an ISO 8601 time (every table as it was then) or a Delta version number")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown with --format table")
     p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("compact", help="merge small table files (one night or all) and checkpoint the logs")
+    _add_lake(p)
+    p.add_argument("--night", default=None, help="night partition to compact (default: all)")
+    p.set_defaults(func=_cmd_compact)
+
+    p = sub.add_parser("vacuum", help="delete table files and raw arrays nothing references any more")
+    _add_lake(p)
+    p.add_argument("--retention-hours", type=float, default=168.0,
+                   help="keep what is younger than this (default 168); older versions can no longer be queried")
+    p.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    p.set_defaults(func=_cmd_vacuum)
+
+    p = sub.add_parser("verify", help="re-read raw arrays and check them against the hashes recorded at ingest")
+    _add_lake(p)
+    p.add_argument("--night", default=None, help="night to verify (default: all)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("evaluate", help="compare a processed simulated night with its truth files")
     p.add_argument("--night", required=True, help="night, YYYY-MM-DD")

@@ -2,9 +2,10 @@
 
 A frame's identity is the SHA-256 of its bytes. Bytes the lake already holds (under any name)
 are a no-op recorded in the ``deliveries`` log as ``duplicate``; a *different* file for an
-existing (night, expid, camera) becomes a new ``file_version`` stored beside the old one, never
-over it. Refused files are copied under ``quarantine/`` with a row giving the reason, and the
-rest of the night still lands.
+existing (night, expid, camera) under the same file name becomes a new ``file_version`` stored
+beside the old one, never over it; under another name it is a conflicting exposure id and is
+quarantined (``duplicate_expid``). Refused files are copied under ``quarantine/`` with a row
+giving the reason, and the rest of the night still lands.
 
 Crash safety comes from the order of the steps: pixels are published (atomic rename) before the
 table rows that reference them; ``exposures`` and ``quarantine`` are committed before the
@@ -150,6 +151,7 @@ class LakeState:
     deliveries: dict[tuple[str, str], dict]
     fibermap_sha: set[str]
     versions: dict[tuple, int]
+    filenames: dict[tuple, str]
 
     @classmethod
     def read(cls, tables: TableStore) -> LakeState:
@@ -157,9 +159,11 @@ class LakeState:
         exp = tables.read("exposures", columns=["night", "expid", "camera", "file_version", "file_sha256", "filename",
                                                 "raw_path"]).to_pylist()
         versions: dict[tuple, int] = {}
+        filenames: dict[tuple, str] = {}
         for row in exp:
             key = (row["night"], row["expid"], row["camera"])
             versions[key] = max(versions.get(key, 0), row["file_version"])
+            filenames[key] = row["filename"]
         quarantine = tables.read("quarantine", columns=["night", "filename", "file_sha256", "reason"]).to_pylist()
         deliveries = tables.read("deliveries", columns=["night", "filename", "file_sha256", "file_size", "mtime_ns",
                                                         "outcome"]).to_pylist()
@@ -169,6 +173,7 @@ class LakeState:
             deliveries={(r["night"], r["filename"]): r for r in deliveries},
             fibermap_sha={r["file_sha256"] for r in deliveries if r["outcome"] == "fibermap"},
             versions=versions,
+            filenames=filenames,
         )
 
     def unchanged(self, night: str, path: Path, st: os.stat_result) -> bool:
@@ -273,6 +278,13 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
                 instrument = frame.instrument
                 lake.ensure(instrument.name)
             key = (frame.night, frame.expid, frame.camera)
+            holder = state.filenames.get(key)
+            if holder is not None and holder != path.name:
+                raise FrameRejected(
+                    "duplicate_expid",
+                    f"exposure {frame.expid} camera {frame.camera} of {frame.night} is already in the lake from "
+                    f"{holder} with other bytes; a corrected file must keep the original name to become a new version",
+                )
             version = state.versions.get(key, 0) + 1
             relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
             cards = header_to_json(frame.header)
@@ -281,7 +293,13 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
         except FrameRejected as rejected:
             refuse(rejected)
             continue
+        except (OSError, MemoryError):
+            raise  # the lake's disk or the machine, not the file: stop, a re-run resumes
+        except Exception as err:  # a reader bug must cost one file, not the night
+            refuse(FrameRejected("unreadable", f"unexpected {type(err).__name__} reading the file: {str(err)[:200]}"))
+            continue
         state.versions[key] = version
+        state.filenames[key] = path.name
         row = _exposure_row(frame, path, sha, st.st_size, version, relpath, pixel_sha, json.dumps(cards))
         state.exposures[sha] = row
         exposure_rows.append(row)

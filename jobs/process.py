@@ -25,6 +25,7 @@ import json
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +321,7 @@ def process_night(
     force: bool = False,
     retry_failed: bool = False,
     lock: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> ProcessReport:
     """Reduce every science and standard frame of ``night`` that is not reduced yet with its current inputs.
 
@@ -339,6 +341,9 @@ def process_night(
         Reduce again frames whose last reduction failed with the same inputs.
     lock : bool
         Take the lake's writer lock (callers that already hold it pass False).
+    stop : callable, optional
+        Checked between frames; when it returns True the run ends after the current frame
+        (what is left is reduced by the next run).
 
     Returns
     -------
@@ -346,11 +351,11 @@ def process_night(
     """
     config = config or ReductionParams()
     with LakeLock(lake.root, "process") if lock else nullcontext():
-        return _process_night(lake, night, config, progress, force, retry_failed)
+        return _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False))
 
 
 def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bool, force: bool,
-                   retry_failed: bool) -> ProcessReport:
+                   retry_failed: bool, stop: Callable[[], bool]) -> ProcessReport:
     instrument = get_instrument(lake.instrument)
     tables = TableStore(lake.root / "tables")
     exposures = latest_exposures(tables, night)
@@ -386,6 +391,8 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
     bar = tqdm(total=sum(len(w[3]) for w in work), desc=f"process {night}", unit="frame", disable=not progress)
     markers_out: list[dict] = []
     for camera, choice, cam_rows, todo in work:
+        if stop():
+            break
         calib, calib_error = None, None
         if isinstance(choice, Exception):
             calib_error = str(choice)
@@ -396,6 +403,8 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
                 calib_error = f"calibration failed: {type(err).__name__}: {err}"
         _, specid = parse_camera(camera)
         for exp in todo:
+            if stop():
+                break
             key = f"{exp['expid']}/{camera}"
             t0 = time.perf_counter()
             n_spectra, error = 0, calib_error
@@ -423,6 +432,8 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
                 report.n_spectra += n_spectra
             bar.update(1)
     bar.close()
+    if not markers_out:
+        return report
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     tables.append("runs", [{
         "run_id": run_id, "night": night, "command": "process", "code_version": code_version(),

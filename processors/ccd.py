@@ -15,7 +15,6 @@ import astroscrappy
 import numpy as np
 from astropy.stats import sigma_clip
 from scipy.ndimage import binary_dilation
-from scipy.signal import savgol_filter
 
 from fiberlake.schemas.header import format_section, parse_section
 from fiberlake.schemas.instrument import Instrument
@@ -156,6 +155,7 @@ def overscan_level(raw: np.ndarray, biassec: Section, *, sigma: float = 3.0, smo
         level = np.interp(idx, idx[good], level[good])
     window = min(int(smooth) | 1, level.size if level.size % 2 else level.size - 1)
     if window > 3:
+        from scipy.signal import savgol_filter  # lazy: importing scipy.signal costs ~1 s of CLI start-up
         level = savgol_filter(level, window, polyorder=2, mode="interp")
     return level
 

@@ -27,7 +27,6 @@ import numpy as np
 from astropy.stats import mad_std
 from numpy.polynomial import legendre
 from scipy.ndimage import gaussian_filter1d
-from scipy.signal import find_peaks
 from scipy.special import erf
 
 from fiberlake.schemas.calib import TraceSet
@@ -359,6 +358,7 @@ def _match_central_peaks(profile: np.ndarray, weight: np.ndarray, nominal_x: np.
         noise = np.sqrt(np.median(1.0 / weight[weight > 0])) if np.any(weight > 0) else 1.0
     height = max(5.0 * noise / np.sqrt(2 * np.sqrt(np.pi) * sigma), 0.01 * np.percentile(smooth, 99.5))
     pitch = np.median(np.diff(nominal_x)) if nf > 1 else 16.0
+    from scipy.signal import find_peaks  # lazy: importing scipy.signal costs ~1 s of CLI start-up
     peaks, _ = find_peaks(smooth, height=height, distance=max(1, int(0.4 * pitch)))
     if peaks.size == 0:
         return nominal_x + shift, np.zeros(nf, bool)

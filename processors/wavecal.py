@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.polynomial import legendre
 from scipy.ndimage import median_filter
-from scipy.signal import find_peaks
 
 from fiberlake.processors.tracing import fit_legendre_clipped, fit_pixel_gaussians, interpolate_fibers
 from fiberlake.schemas.calib import TraceSet, WaveSolution
@@ -147,6 +146,7 @@ def detect_lines(flux: np.ndarray, flux_ivar: np.ndarray, *, nsig: float = 5.0, 
         if not finite.any():
             continue
         height = np.where(finite, nsig * noise[f], np.inf)
+        from scipy.signal import find_peaks  # lazy: importing scipy.signal costs ~1 s of CLI start-up
         p, _ = find_peaks(np.where(finite, resid[f], 0.0), height=height, distance=2)
         fib.append(np.full(p.size, f))
         pk.append(p)

@@ -16,6 +16,7 @@ for float columns (the layout measured best here for per-fiber spectra, ``anchor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -170,8 +171,15 @@ class TableStore:
             return SCHEMAS[name].empty_table()
         return self.delta(name).to_pyarrow_table(filters=filters, columns=columns)
 
-    def scan(self, name: str, version: int | None = None) -> pl.LazyFrame:
-        """Polars LazyFrame over table ``name`` (optionally as of Delta ``version``)."""
+    def existed_at(self, name: str, when: datetime) -> bool:
+        """Whether table ``name`` had its first commit at or before ``when``."""
+        if not self.exists(name):
+            return False
+        first = min(entry["timestamp"] for entry in self.delta(name).history())
+        return first <= when.timestamp() * 1000
+
+    def scan(self, name: str, version: int | datetime | None = None) -> pl.LazyFrame:
+        """Polars LazyFrame over table ``name``, optionally as of a Delta version or a time."""
         if not self.exists(name):
             return pl.LazyFrame(schema=pl.from_arrow(SCHEMAS[name].empty_table()).schema)
         return pl.scan_delta(str(self.path(name)), version=version)

@@ -146,3 +146,90 @@ def test_read_frame_reports_missing_keyword_by_name(tmp_path):
     path = write_raw(tmp_path / "x.fits", GAIN=None)
     with pytest.raises(FrameRejected, match="GAIN"):
         read_frame(path)
+
+
+def _header_bytes_patch(path: Path, old: bytes, new: bytes) -> None:
+    """Overwrite header text in place (same length), as a broken acquisition system might."""
+    raw = path.read_bytes()
+    assert len(old) == len(new) and old in raw
+    path.write_bytes(raw.replace(old, new, 1))
+
+
+def test_more_bad_input_escapes_inf_and_conflicting_expid(tmp_path):
+    night = tmp_path / "2026-11-21"
+    night.mkdir()
+    write_raw(night / "fl-02150001-b1.fits")
+    cases = {}
+    inf = np.full(MINI.raw_shape, 1000.0, np.float32)
+    inf[7, 3] = np.inf
+    write_raw(night / "inf.fits", data=inf, EXPID=2150020)
+    cases["inf.fits"] = "nonfinite"
+    write_raw(night / "absolute.fits", CAMERA="/etc/passwd", EXPID=2150021)
+    cases["absolute.fits"] = "unsafe_keyword"
+    write_raw(night / "long.fits", OBSTYPE="S" * 68, EXPID=2150022)
+    cases["long.fits"] = "unsafe_keyword"
+    # NUL and non-ASCII bytes in a header value: astropy refuses the first card outright and
+    # replaces the second's bytes with '?', which the header contract then refuses
+    for name, bad, cls in (("nul.fits", b"2026-11\x0021", "bad_header"), ("nonascii.fits", b"2026-11\xe921", "bad_keyword")):
+        write_raw(night / name, checksum=False, EXPID=2150023 + len(cases))
+        _header_bytes_patch(night / name, b"2026-11-21'", bad + b"'")
+        cases[name] = cls
+    # another file claiming an exposure id and camera the lake already holds, with other bytes
+    data = fits.getdata(night / "fl-02150001-b1.fits", uint=True).copy()
+    data[0, 0] += 1
+    write_raw(night / "zz-same-expid.fits", data=data)
+    cases["zz-same-expid.fits"] = "duplicate_expid"
+    lake = Lake.at(tmp_path / "lake")
+    report = ingest_night(lake, night)
+    assert report.ingested == ["fl-02150001-b1.fits"]
+    quarantine = TableStore(lake.root / "tables").read("quarantine").to_pylist()
+    got = {row["filename"]: row["error_class"] for row in quarantine}
+    assert got == cases, got
+    reasons = {row["filename"]: row["reason"] for row in quarantine}
+    assert "fl-02150001-b1.fits" in reasons["zz-same-expid.fits"]
+    assert all(p.is_relative_to(lake.root) for p in lake.root.rglob("*"))
+    assert not list(tmp_path.glob("etc*"))
+
+
+def test_file_still_being_written_is_left_for_later_not_quarantined(tmp_path):
+    night = tmp_path / "2026-11-21"
+    night.mkdir()
+    staged = write_raw(tmp_path / "staged.fits")
+    content = staged.read_bytes()
+    target = night / "fl-02150001-b1.fits"
+    target.write_bytes(content[: 2880 * 30])  # the acquisition system is half way through
+    lake = Lake.at(tmp_path / "lake")
+    report = ingest_night(lake, night, settle=30.0)
+    assert report.ingested == [] and report.quarantined == []
+    assert [name for name, _ in report.waiting] == [target.name]
+    assert "being written" in report.waiting[0][1] or "incomplete" in report.waiting[0][1]
+    target.write_bytes(content)  # it finishes
+    report = ingest_night(lake, night)
+    assert report.ingested == [target.name] and report.quarantined == []
+
+
+def test_second_ingest_reads_no_known_file(tmp_path, monkeypatch):
+    night = tmp_path / "2026-11-21"
+    night.mkdir()
+    for i in range(3):
+        write_raw(night / f"fl-0215000{i}-b1.fits", EXPID=2150000 + i)
+    (night / "broken.fits").write_bytes(b"not a fits file" * 200)
+    lake = Lake.at(tmp_path / "lake")
+    ingest_night(lake, night)
+    import fiberlake.jobs.ingest as ingest_module
+
+    calls = []
+    real = ingest_module.sha256_file
+    monkeypatch.setattr(ingest_module, "sha256_file", lambda p: calls.append(p) or real(p))
+    tables = TableStore(lake.root / "tables")
+    versions = {n: tables.version(n) for n in ("exposures", "quarantine", "deliveries")}
+    report = ingest_night(lake, night)
+    assert calls == [], "known files must be recognised from the deliveries log without reading them"
+    assert len(report.duplicates) == 4
+    assert {n: tables.version(n) for n in versions} == versions
+    write_raw(night / "fl-02150009-b1.fits", EXPID=2150009)
+    ingest_night(lake, night)
+    assert [p.name for p in calls] == ["fl-02150009-b1.fits"]
+    outcomes = dict(tables.read("deliveries", columns=["filename", "outcome"]).to_pylist() and
+                    [(r["filename"], r["outcome"]) for r in tables.read("deliveries").to_pylist()])
+    assert outcomes["broken.fits"] == "quarantined" and outcomes["fl-02150009-b1.fits"] == "ingested"
