@@ -7,8 +7,9 @@ One cycle every ``poll`` seconds:
    ``deliveries`` log without being read;
 2. :class:`~fiberlake.ingest.arrival.ArrivalTracker` keeps back files still being written;
 3. the complete ones are ingested in one batch (:func:`~fiberlake.jobs.ingest.ingest_files`);
-4. the nights that received frames are processed incrementally
-   (:func:`~fiberlake.jobs.process.process_night`): every science frame whose camera has a
+4. the nights that received frames are handed to a reducer thread, which processes them
+   incrementally (:func:`~fiberlake.jobs.process.process_night`) while the ingest loop goes on
+   taking new frames: every science frame whose camera has a
    calibration set (the night's own, built as soon as its bias, flat and arc are in, or the
    nearest earlier night's) is reduced, and its spectra are queryable when its ``reductions``
    row is committed.
@@ -128,50 +129,112 @@ def watch_night(
     try:
         with LakeLock(lake.root, f"watch {night_dir}"):
             remove_stale_temporaries(lake.root)
-            pending_nights: set[str] = {night}  # catch up on anything left unreduced by an earlier session
-            while not stop.is_set():
-                report.cycles += 1
-                candidates = []
-                for path in list_delivered(night_dir):
-                    try:
-                        st = path.stat()
-                    except FileNotFoundError:
-                        continue
-                    if handled.get(path.name) != (st.st_size, st.st_mtime_ns):
-                        candidates.append(path)
-                ready, waiting = tracker.poll(candidates)
-                report.waiting = [(p.name, why) for p, why in waiting.items()]
-                if ready:
-                    batch = ingest_files(lake, ready, night)
-                    report.ingest.merge(batch)
-                    for path in ready:
-                        st = path.stat()
-                        handled[path.name] = (st.st_size, st.st_mtime_ns)
-                        tracker.forget(path)
-                    pending_nights.update(_nights_of(lake, batch.ingested))
-                    if batch.ingested or batch.quarantined:
-                        log(_stamp(f"ingested {len(batch.ingested)}, quarantined {len(batch.quarantined)}, "
-                                   f"known {len(batch.duplicates)}")
-                            + "".join(f"\n  quarantined {n}: {why}" for n, why in batch.quarantined))
-                if process and pending_nights and lake.describe():
-                    for pnight in sorted(pending_nights):
-                        if stop.is_set():
-                            break
-                        try:
-                            done = process_night(lake, pnight, config=config, lock=False, stop=stop.is_set)
-                        except LookupError:
-                            continue  # no frames of that night yet
-                        _merge_process(report, done)
-                        if done.done or done.failed:
-                            log(_stamp(done.summary()))
-                    if not stop.is_set():
-                        pending_nights.clear()
-                if once or (max_cycles is not None and report.cycles >= max_cycles):
-                    break
-                stop.wait(poll)
+            reducer = _Reducer(lake, config, stop, report, log) if process else None
+            if reducer:
+                reducer.wake({night})  # catch up on anything left unreduced by an earlier session
+            if reducer and not once:
+                reducer.start()
+            try:
+                while not stop.is_set():
+                    report.cycles += 1
+                    nights = _ingest_cycle(lake, night_dir, night, tracker, handled, report, log)
+                    if reducer:
+                        reducer.wake(nights)
+                        if once:
+                            reducer.run_pending()
+                    if once or (max_cycles is not None and report.cycles >= max_cycles):
+                        break
+                    stop.wait(poll)
+            finally:
+                if reducer and reducer.is_alive():
+                    stop.set()
+                    reducer.join()
     finally:
         _restore_signal_handlers(previous)
     return report
+
+
+def _ingest_cycle(lake: Lake, night_dir: Path, night: str, tracker: ArrivalTracker, handled: dict,
+                  report: WatchReport, log: Callable[[str], None]) -> set[str]:
+    """Ingest the files that became complete; return the nights of the frames ingested."""
+    candidates = []
+    for path in list_delivered(night_dir):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if handled.get(path.name) != (st.st_size, st.st_mtime_ns):
+            candidates.append(path)
+    ready, waiting = tracker.poll(candidates)
+    report.waiting = [(p.name, why) for p, why in waiting.items()]
+    if not ready:
+        return set()
+    batch = ingest_files(lake, ready, night)
+    report.ingest.merge(batch)
+    for path in ready:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        handled[path.name] = (st.st_size, st.st_mtime_ns)
+        tracker.forget(path)
+    if batch.ingested or batch.quarantined:
+        log(_stamp(f"ingested {len(batch.ingested)}, quarantined {len(batch.quarantined)}, known {len(batch.duplicates)}")
+            + "".join(f"\n  quarantined {n}: {why}" for n, why in batch.quarantined))
+    return set(_nights_of(lake, batch.ingested))
+
+
+class _Reducer(threading.Thread):
+    """Reduces the nights that received frames, beside the ingest loop.
+
+    Ingest writes ``exposures``, ``quarantine``, ``deliveries`` and ``fibermap``; reduction
+    writes calibration sets, ``spectra``, ``metrics``, ``reductions`` and ``runs``: no table has
+    two writers, so the two loops never race on a commit, and a long reduction does not hold
+    back the ingest of the frames landing meanwhile.
+    """
+
+    def __init__(self, lake: Lake, config: ReductionParams, stop: threading.Event, report: WatchReport,
+                 log: Callable[[str], None]):
+        super().__init__(name="fiberlake-reducer", daemon=True)
+        self.lake, self.config, self.stop, self.report, self.log = lake, config, stop, report, log
+        self.pending: set[str] = set()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Event()
+
+    def wake(self, nights: set[str]) -> None:
+        """Queue nights to (re)consider."""
+        if nights:
+            with self.lock:
+                self.pending |= nights
+            self.wakeup.set()
+
+    def run_pending(self) -> None:
+        """Reduce every queued night once (incremental: only what is not reduced yet)."""
+        with self.lock:
+            nights, self.pending = sorted(self.pending), set()
+        for pnight in nights:
+            if self.stop.is_set() or not self.lake.describe():
+                with self.lock:
+                    self.pending.add(pnight)  # not done: the next session does it
+                continue
+            try:
+                done = process_night(self.lake, pnight, config=self.config, lock=False, stop=self.stop.is_set)
+            except LookupError:
+                continue  # no frames of that night yet
+            except Exception as err:  # a reduction bug must not end the watch: record and go on
+                self.report.failed[pnight] = f"{type(err).__name__}: {err}"
+                self.log(_stamp(f"processing {pnight} failed: {type(err).__name__}: {err}"))
+                continue
+            _merge_process(self.report, done)
+            if done.done or done.failed:
+                self.log(_stamp(done.summary()))
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.wakeup.wait(0.5)
+            if self.wakeup.is_set():
+                self.wakeup.clear()
+                self.run_pending()
 
 
 def _merge_process(report: WatchReport, done: ProcessReport) -> None:
