@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import numpy as np
 import polars as pl
 import pyarrow.dataset as ds
@@ -98,6 +99,13 @@ def test_reprocessing_replaces_rows(processed):
     assert tables["runs"].collect().height == 2
 
 
+def result_nwave(lake) -> int:
+    from fiberlake.schemas.instrument import get_instrument
+
+    inst = get_instrument(lake.instrument)
+    return inst.wave_grid(inst.arms[0].name)[2]
+
+
 def test_sql_and_other_readers(processed, capsys):
     _, lake, _ = processed
     result = sql(lake, "SELECT extraction, objtype, median(median_snr) AS snr FROM metrics GROUP BY extraction, objtype")
@@ -106,6 +114,10 @@ def test_sql_and_other_readers(processed, capsys):
     dataset = DeltaTable(str(lake.table_path("metrics"))).to_pyarrow_dataset()
     assert isinstance(dataset, ds.Dataset) and dataset.count_rows() == 6 * 32 * 2
     assert pl.scan_delta(str(lake.table_path("spectra"))).select(pl.len()).collect().item() == 6 * 64
+    # DuckDB over the same Arrow dataset: the spectra as lists, one row per fiber and extraction
+    spectra = DeltaTable(str(lake.table_path("spectra"))).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
+    n, nwave = duckdb.sql("SELECT count(*), min(len(flux)) FROM spectra WHERE extraction = 'optimal'").fetchall()[0]
+    assert n == 6 * 32 and nwave == result_nwave(lake)
     # the CLI: table, json, and a one-line error with non-zero exit
     assert main(["query", "--lake", str(lake.root), "--format", "json", "SELECT count(*) AS n FROM exposures"]) == 0
     out = capsys.readouterr().out
