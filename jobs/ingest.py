@@ -21,6 +21,8 @@ import datetime as dt
 import json
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from fiberlake.ingest.fitsreader import FrameRejected, RawFrame, read_frame, sha
 from fiberlake.schemas.header import NIGHT_PATTERN
 from fiberlake.schemas.instrument import get_instrument
 from fiberlake.storage.layout import Lake
-from fiberlake.storage.rawstore import remove_stale_temporaries, write_raw_frame
+from fiberlake.storage.rawstore import pixel_sha256, remove_stale_temporaries, write_raw_frame
 from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.tables import TableStore, Txn
 
@@ -205,6 +207,105 @@ def _known_outcome(state: LakeState, path: Path, sha: str) -> tuple[str, str] | 
     return None
 
 
+PREFETCH = 2
+"""Files inspected ahead of the one being published (bounds the frames held in memory)."""
+
+
+@dataclass
+class _Inspected:
+    """A delivered file after hashing and reading (the parallel part of ingest)."""
+
+    st: os.stat_result
+    sha: str
+    frame: RawFrame | None = None
+    pixel_sha: str | None = None
+    rejected: FrameRejected | None = None
+
+
+def _inspect(path: Path, st: os.stat_result, instrument, state: LakeState) -> _Inspected:
+    """Hash a file and, unless its bytes are known or it is a fiber map, read and validate it."""
+    sha, _ = sha256_file(path)
+    seen = _Inspected(st=st, sha=sha)
+    if _known_outcome(state, path, sha) is not None or is_fibermap(path):
+        return seen
+    try:
+        seen.frame = read_frame(path, instrument)
+        seen.pixel_sha = pixel_sha256(seen.frame.pixels)
+    except FrameRejected as rejected:
+        seen.rejected = rejected
+    except (OSError, MemoryError):
+        raise  # the machine, not the file: stop, a re-run resumes
+    except Exception as err:  # a reader bug must cost one file, not the night
+        seen.rejected = FrameRejected("unreadable", f"unexpected {type(err).__name__} reading the file: {str(err)[:200]}")
+    return seen
+
+
+def _take(lake: Lake, night: str, path: Path, seen: _Inspected, state: LakeState, report: IngestReport,
+          exposure_rows: list, quarantine_rows: list, delivery_rows: list, fibermap_rows: dict) -> None:
+    """Decide what an inspected file is (in delivery order) and publish its pixels."""
+    st, sha = seen.st, seen.sha
+    known = _known_outcome(state, path, sha)
+    if known is not None:
+        report.duplicates.append(path.name)
+        if (night, path.name) not in state.deliveries or state.deliveries[(night, path.name)]["file_sha256"] != sha:
+            delivery_rows.append(_delivery(night, path, sha, st, *known))
+        return
+
+    def refuse(rejected: FrameRejected) -> None:
+        row = _quarantine(lake, night, path, sha, st.st_size, rejected)
+        quarantine_rows.append(row)
+        state.quarantined[sha] = row
+        delivery_rows.append(_delivery(night, path, sha, st, "quarantined", rejected.reason))
+        report.quarantined.append((path.name, rejected.reason))
+
+    if is_fibermap(path):
+        try:
+            rows = read_fibermap(path, night)
+        except FrameRejected as rejected:
+            refuse(rejected)
+            return
+        if rows:
+            fibermap_rows[(rows[0]["night"], rows[0]["expid"])] = rows
+        state.fibermap_sha.add(sha)
+        delivery_rows.append(_delivery(night, path, sha, st, "fibermap",
+                                       f"{len(rows)} fibers of expid {rows[0]['expid'] if rows else '?'}"))
+        report.fibermaps.append(path.name)
+        return
+    if seen.rejected is not None:
+        refuse(seen.rejected)
+        return
+    frame = seen.frame
+    try:
+        if lake.describe() and frame.instrument.name != lake.instrument:
+            raise FrameRejected("wrong_instrument", f"frame is from {frame.instrument.name!r} but the lake holds "
+                                                    f"{lake.instrument!r}")
+        key = (frame.night, frame.expid, frame.camera)
+        holder = state.filenames.get(key)
+        if holder is not None and holder != path.name:
+            raise FrameRejected(
+                "duplicate_expid",
+                f"exposure {frame.expid} camera {frame.camera} of {frame.night} is already in the lake from "
+                f"{holder} with other bytes; a corrected file must keep the original name to become a new version",
+            )
+    except FrameRejected as rejected:
+        refuse(rejected)
+        return
+    lake.ensure(frame.instrument.name)
+    version = state.versions.get(key, 0) + 1
+    relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
+    cards = header_to_json(frame.header)
+    attrs = {"header": cards, "filename": path.name, "file_sha256": sha, "file_version": version}
+    pixel_sha = write_raw_frame(lake.root, relpath, frame.pixels, attrs, digest=seen.pixel_sha)
+    state.versions[key] = version
+    state.filenames[key] = path.name
+    row = _exposure_row(frame, path, sha, st.st_size, version, relpath, pixel_sha, json.dumps(cards))
+    state.exposures[sha] = row
+    exposure_rows.append(row)
+    detail = f"{relpath} (expid {frame.expid} {frame.camera} v{version})"
+    delivery_rows.append(_delivery(night, path, sha, st, "ingested" if version == 1 else "new_version", detail))
+    report.ingested.append(path.name)
+
+
 def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = False) -> IngestReport:
     """Ingest the given delivered files of one night directory in one batch.
 
@@ -236,76 +337,35 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
     quarantine_rows: list[dict] = []
     delivery_rows: list[dict] = []
     fibermap_rows: dict[tuple[str, int], list[dict]] = {}
-    for path in tqdm(sorted(files), desc=f"ingest {night}", unit="file", disable=not progress):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue
-        if state.unchanged(night, path, st):
-            report.duplicates.append(path.name)
-            continue
-        sha, _ = sha256_file(path)
-        known = _known_outcome(state, path, sha)
-        if known is not None:
-            report.duplicates.append(path.name)
-            if (night, path.name) not in state.deliveries or state.deliveries[(night, path.name)]["file_sha256"] != sha:
-                delivery_rows.append(_delivery(night, path, sha, st, *known))
-            continue
+    pending = [p for p in sorted(files) if p.exists()]
+    ahead: deque[tuple[Path, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiberlake-ingest") as pool:
+        # Hashing and FITS decoding of the next file overlap with the compression and
+        # publication of the current one (both release the GIL): a two-stage pipeline.
+        def refill() -> None:
+            while pending and len(ahead) < PREFETCH:
+                path = pending.pop(0)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if state.unchanged(night, path, st):
+                    report.duplicates.append(path.name)
+                    continue
+                ahead.append((path, pool.submit(_inspect, path, st, instrument, state)))
 
-        def refuse(rejected: FrameRejected) -> None:
-            row = _quarantine(lake, night, path, sha, st.st_size, rejected)
-            quarantine_rows.append(row)
-            state.quarantined[sha] = row
-            delivery_rows.append(_delivery(night, path, sha, st, "quarantined", rejected.reason))
-            report.quarantined.append((path.name, rejected.reason))
-
-        if is_fibermap(path):
-            try:
-                rows = read_fibermap(path, night)
-            except FrameRejected as rejected:
-                refuse(rejected)
-                continue
-            if rows:
-                fibermap_rows[(rows[0]["night"], rows[0]["expid"])] = rows
-            state.fibermap_sha.add(sha)
-            delivery_rows.append(_delivery(night, path, sha, st, "fibermap",
-                                           f"{len(rows)} fibers of expid {rows[0]['expid'] if rows else '?'}"))
-            report.fibermaps.append(path.name)
-            continue
-        try:
-            frame = read_frame(path, instrument)
-            if instrument is None:
-                instrument = frame.instrument
-                lake.ensure(instrument.name)
-            key = (frame.night, frame.expid, frame.camera)
-            holder = state.filenames.get(key)
-            if holder is not None and holder != path.name:
-                raise FrameRejected(
-                    "duplicate_expid",
-                    f"exposure {frame.expid} camera {frame.camera} of {frame.night} is already in the lake from "
-                    f"{holder} with other bytes; a corrected file must keep the original name to become a new version",
-                )
-            version = state.versions.get(key, 0) + 1
-            relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
-            cards = header_to_json(frame.header)
-            attrs = {"header": cards, "filename": path.name, "file_sha256": sha, "file_version": version}
-            pixel_sha = write_raw_frame(lake.root, relpath, frame.pixels, attrs)
-        except FrameRejected as rejected:
-            refuse(rejected)
-            continue
-        except (OSError, MemoryError):
-            raise  # the lake's disk or the machine, not the file: stop, a re-run resumes
-        except Exception as err:  # a reader bug must cost one file, not the night
-            refuse(FrameRejected("unreadable", f"unexpected {type(err).__name__} reading the file: {str(err)[:200]}"))
-            continue
-        state.versions[key] = version
-        state.filenames[key] = path.name
-        row = _exposure_row(frame, path, sha, st.st_size, version, relpath, pixel_sha, json.dumps(cards))
-        state.exposures[sha] = row
-        exposure_rows.append(row)
-        detail = f"{relpath} (expid {frame.expid} {frame.camera} v{version})"
-        delivery_rows.append(_delivery(night, path, sha, st, "ingested" if version == 1 else "new_version", detail))
-        report.ingested.append(path.name)
+        bar = tqdm(total=len(pending), desc=f"ingest {night}", unit="file", disable=not progress)
+        refill()
+        while ahead:
+            path, future = ahead.popleft()
+            seen = future.result()
+            refill()
+            bar.update(1)
+            _take(lake, night, path, seen, state, report, exposure_rows, quarantine_rows, delivery_rows, fibermap_rows)
+            if instrument is None and lake.describe():
+                instrument = get_instrument(lake.instrument)
+        bar.close()
+    report.duplicates.sort()
 
     def txn(name: str) -> Txn:
         return Txn(APP_ID, (tables.committed_version(name, APP_ID) or 0) + 1)

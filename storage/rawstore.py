@@ -45,7 +45,7 @@ def _shard_shape(shape: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[int, .
     return tuple(int(np.ceil(s / c)) * c for s, c in zip(shape, chunk))
 
 
-def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: dict) -> str:
+def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: dict, *, digest: str | None = None) -> str:
     """Write ``pixels`` as a Zarr array at ``root/relpath``, atomically.
 
     Parameters
@@ -58,6 +58,8 @@ def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: di
         2D integer frame, stored bit-exact.
     attributes : dict
         JSON-serialisable metadata (the FITS header, provenance) stored with the array.
+    digest : str, optional
+        :func:`pixel_sha256` of ``pixels`` when the caller already computed it.
 
     Returns
     -------
@@ -71,7 +73,7 @@ def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: di
     """
     if pixels.ndim != 2:
         raise ValueError(f"raw frame must be 2D, got shape {pixels.shape}")
-    digest = pixel_sha256(pixels)
+    digest = digest or pixel_sha256(pixels)
     final = root / relpath
     if final.exists():
         existing = zarr.open_array(zarr.storage.LocalStore(final), mode="r")
