@@ -36,17 +36,45 @@ from tqdm import tqdm
 
 from fiberlake import __version__
 from fiberlake.processors.ccd import CCDParams
-from fiberlake.processors.pipeline import Calibration, ReducedFrame, ReductionParams, build_calibration, reduce_frame
+from fiberlake.processors.pipeline import Calibration, ReducedFrame, ReductionParams, build_calibration
 from fiberlake.schemas.header import SKY_OBSTYPES
-from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
+from fiberlake.schemas.instrument import Instrument, parse_camera
 from fiberlake.storage.calibstore import read_calib_meta, read_calib_set, write_calib_set
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.rawstore import read_raw_frame
 from fiberlake.storage.tables import TableStore
+from fiberlake.jobs.executors import LocalPool, RayPool
+from fiberlake.jobs.reduce_worker import FrameResult
+from fiberlake.jobs.table_writer import BatchWriter
 
 ProcessConfig = ReductionParams
 CALIB_OBSTYPES = ("BIAS", "FLAT", "ARC")
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where a run's reducers execute.
+
+    Attributes
+    ----------
+    kind : str
+        ``"local"`` (in this process, the ``--no-ray`` path) or ``"ray"``.
+    actors : int
+        Ray actors.
+    gpus_per_actor : float
+        GPUs per actor when the cluster has GPUs (fractions share one GPU).
+    max_in_flight : int
+        Outstanding frames per actor (backpressure).
+    address : str, optional
+        Ray cluster to join; local Ray when omitted.
+    """
+
+    kind: str = "local"
+    actors: int = 2
+    gpus_per_actor: float = 1.0
+    max_in_flight: int = 2
+    address: str | None = None
 
 
 @dataclass
@@ -187,13 +215,15 @@ def ensure_calibration(
 
     A stored set whose ``calib_id`` differs (other inputs or parameters) is rebuilt and swapped in.
     """
+    own = not camera_rows.is_empty() and choice.night == camera_rows["night"][0]
+    rebuild = rebuild and own  # an earlier night's set is used as it is
     if choice.calib is not None and not rebuild:
         return choice.calib
     meta = read_calib_meta(lake.calib_path(choice.night, choice.camera))
     if meta and meta.get("calib_id") == choice.calib_id and not rebuild:
         choice.calib = load_calibration(lake, choice.night, choice.camera)
         return choice.calib
-    if camera_rows.is_empty() or choice.night != camera_rows["night"][0]:
+    if not own:
         raise LookupError(f"calibration set {choice.night}/{choice.camera} changed while in use; run again")
     arm, _ = parse_camera(choice.camera)
 
@@ -212,7 +242,9 @@ def ensure_calibration(
     return calib
 
 
-def _spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: ReducedFrame, calib: Calibration, run_id: str) -> tuple[list[dict], list[dict]]:
+def spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: ReducedFrame,
+                 calib: Calibration) -> tuple[list[dict], list[dict]]:
+    """Rows of ``spectra`` and ``metrics`` for one frame and extraction (``run_id`` left to the writer)."""
     spectra, sky = reduced.spectra, reduced.sky
     grid = calib.grid
     dwave = float(grid[1] - grid[0])
@@ -223,7 +255,7 @@ def _spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: Re
         status = int(np.bitwise_and.reduce(spectra.mask[fiber])) if spectra.mask.shape[1] else 0
         base = {
             "night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
-            "fiber": fiber, "extraction": method, "run_id": run_id, "objtype": fm.get("objtype", "TGT"),
+            "fiber": fiber, "extraction": method, "run_id": "", "objtype": fm.get("objtype", "TGT"),
         }
         rows.append(base | {
             "spectrograph": exp["spectrograph"], "arm": exp["arm"], "targetid": fm.get("targetid", -1),
@@ -243,7 +275,8 @@ def _py(value):
     return value
 
 
-def _rows_to_table(rows: list[dict], name: str):
+def rows_to_table(rows: list[dict], name: str):
+    """Arrow table of ``rows`` with the declared schema; list columns built from numpy arrays without copies per row."""
     import pyarrow as pa
 
     from fiberlake.schemas.tables import SCHEMAS
@@ -268,40 +301,72 @@ def _fibermap_of(fibermaps: pl.DataFrame, expid: int, specid: int) -> dict[int, 
     return {r["fiber"]: r for r in fm.to_dicts()}
 
 
-def reduce_exposure(
-    lake: Lake,
-    tables: TableStore,
-    exp: dict,
-    calib: Calibration,
-    fibermap: dict[int, dict],
-    config: ReductionParams,
-    run_id: str,
-    instrument: Instrument,
-) -> int:
-    """Reduce one science or standard frame and replace its rows in ``spectra`` and ``metrics``.
-
-    Returns
-    -------
-    int
-        Spectra rows written.
-    """
-    sky_fibers = np.array([fibermap.get(f, {}).get("objtype") == "SKY" for f in range(instrument.n_fibers)])
-    raw = read_raw_frame(lake.root, exp["raw_path"])
-    reduced = reduce_frame(raw, ccd_params_from_row(exp), calib, sky_fibers, config)
-    spectra_rows, metric_rows = [], []
-    for method, result in reduced.items():
-        s_rows, m_rows = _spectra_rows(exp, fibermap, method, result, calib, run_id)
-        spectra_rows += s_rows
-        metric_rows += m_rows
-    predicate = exposure_predicate(exp["night"], exp["expid"], exp["camera"])
-    tables.replace("spectra", _rows_to_table(spectra_rows, "spectra"), predicate)
-    tables.replace("metrics", metric_rows, predicate)
-    return len(spectra_rows)
-
-
 def exposure_predicate(night: str, expid: int, camera: str) -> str:
     """SQL predicate selecting one exposure and camera (values were validated at ingest)."""
     return f"night = '{night}' AND expid = {int(expid)} AND camera = '{camera}'"
+
+
+def make_pool(lake: Lake, config: ReductionParams, executor: Executor):
+    """The reducers of a run: in this process, or Ray actors."""
+    if executor.kind == "local":
+        return LocalPool(str(lake.root), config.to_dict())
+    return RayPool(str(lake.root), config.to_dict(), n_actors=executor.actors, num_gpus=executor.gpus_per_actor,
+                   max_in_flight=executor.max_in_flight, address=executor.address)
+
+
+def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, force: bool, stop: Callable[[], bool],
+         report: ProcessReport, progress: bool, night: str) -> None:
+    """Calibrations first (one call per camera), then every frame; results go to the writer."""
+    bar = tqdm(total=sum(len(w[3]) for w in work), desc=f"process {night}", unit="frame", disable=not progress)
+    calib_calls = [(c.night, camera, c.calib_id, rows.to_dicts(), force)
+                   for camera, c, rows, _ in work if not isinstance(c, Exception)]
+    calib_error = {camera: str(choice) for camera, choice, _, _ in work if isinstance(choice, Exception)}
+    for call, outcome in pool.map("calibrate", calib_calls):
+        if outcome is not None:
+            calib_error[call[1]] = outcome if isinstance(outcome, str) else f"calibration failed: {outcome}"
+    frame_calls = []
+    for camera, choice, _, todo in work:
+        _, specid = parse_camera(camera)
+        for exp in todo:
+            if camera in calib_error:
+                result = FrameResult(exp["night"], exp["expid"], camera, marker={
+                    "night": exp["night"], "expid": exp["expid"], "camera": camera, "file_version": exp["file_version"],
+                    "pixel_sha256": exp["pixel_sha256"], "status": "failed", "error": calib_error[camera],
+                    "calib_night": None if isinstance(choice, Exception) else choice.night,
+                    "calib_id": None if isinstance(choice, Exception) else choice.calib_id,
+                    "n_spectra": 0, "seconds": 0.0, "landed_at": exp["ingested_at"]})
+                _record(result, writer, report)
+                bar.update(1)
+            else:
+                frame_calls.append((exp, choice.night, choice.calib_id, _fibermap_of(fibermaps, exp["expid"], specid)))
+
+    def calls():
+        for call in frame_calls:
+            if stop():
+                return
+            yield call
+
+    for call, result in pool.map("reduce", calls()):
+        if isinstance(result, Exception):  # the worker died for good: record, go on
+            exp = call[0]
+            result = FrameResult(exp["night"], exp["expid"], exp["camera"], marker={
+                "night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
+                "file_version": exp["file_version"], "pixel_sha256": exp["pixel_sha256"], "status": "failed",
+                "error": f"worker lost: {type(result).__name__}: {str(result)[:300]}", "calib_night": call[1],
+                "calib_id": call[2], "n_spectra": 0, "seconds": 0.0, "landed_at": exp["ingested_at"]})
+        _record(result, writer, report)
+        bar.update(1)
+    bar.close()
+
+
+def _record(result: FrameResult, writer: BatchWriter, report: ProcessReport) -> None:
+    key = f"{result.expid}/{result.camera}"
+    if result.ok:
+        report.done.append(key)
+        report.n_spectra += result.marker["n_spectra"]
+    else:
+        report.failed[key] = result.marker["error"]
+    writer.add(result)
 
 
 def _is_done(marker: dict | None, exp: dict, calib_id: str, chash: str, retry_failed: bool) -> bool:
@@ -322,6 +387,8 @@ def process_night(
     retry_failed: bool = False,
     lock: bool = True,
     stop: Callable[[], bool] | None = None,
+    executor: Executor | None = None,
+    batch_frames: int = 8,
 ) -> ProcessReport:
     """Reduce every science and standard frame of ``night`` that is not reduced yet with its current inputs.
 
@@ -344,6 +411,10 @@ def process_night(
     stop : callable, optional
         Checked between frames; when it returns True the run ends after the current frame
         (what is left is reduced by the next run).
+    executor : Executor, optional
+        Where the reducers run: in this process (default) or on Ray actors.
+    batch_frames : int
+        Frames per table commit of the single writer.
 
     Returns
     -------
@@ -351,12 +422,12 @@ def process_night(
     """
     config = config or ReductionParams()
     with LakeLock(lake.root, "process") if lock else nullcontext():
-        return _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False))
+        return _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
+                              executor or Executor(), batch_frames)
 
 
 def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bool, force: bool,
-                   retry_failed: bool, stop: Callable[[], bool]) -> ProcessReport:
-    instrument = get_instrument(lake.instrument)
+                   retry_failed: bool, stop: Callable[[], bool], executor: Executor, batch_frames: int) -> ProcessReport:
     tables = TableStore(lake.root / "tables")
     exposures = latest_exposures(tables, night)
     if exposures.is_empty():
@@ -388,50 +459,14 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
     if not work:
         return report
 
-    bar = tqdm(total=sum(len(w[3]) for w in work), desc=f"process {night}", unit="frame", disable=not progress)
-    markers_out: list[dict] = []
-    for camera, choice, cam_rows, todo in work:
-        if stop():
-            break
-        calib, calib_error = None, None
-        if isinstance(choice, Exception):
-            calib_error = str(choice)
-        else:
-            try:
-                calib = ensure_calibration(lake, choice, cam_rows, config, instrument, rebuild=force)
-            except Exception as err:  # a camera without a calibration set fails its frames, not the night
-                calib_error = f"calibration failed: {type(err).__name__}: {err}"
-        _, specid = parse_camera(camera)
-        for exp in todo:
-            if stop():
-                break
-            key = f"{exp['expid']}/{camera}"
-            t0 = time.perf_counter()
-            n_spectra, error = 0, calib_error
-            if calib is not None:
-                try:
-                    fibermap = _fibermap_of(fibermaps, exp["expid"], specid)
-                    n_spectra = reduce_exposure(lake, tables, exp, calib, fibermap, config, run_id, instrument)
-                except Exception as err:
-                    error = f"{type(err).__name__}: {err}"
-            marker = {
-                "night": night, "expid": exp["expid"], "camera": camera, "file_version": exp["file_version"],
-                "pixel_sha256": exp["pixel_sha256"], "status": "failed" if error else "ok", "error": error,
-                "calib_night": None if isinstance(choice, Exception) else choice.night,
-                "calib_id": None if isinstance(choice, Exception) else choice.calib_id,
-                "config_hash": chash, "run_id": run_id, "n_spectra": n_spectra,
-                "seconds": time.perf_counter() - t0, "landed_at": exp["ingested_at"],
-                "reduced_at": dt.datetime.now(dt.timezone.utc),
-            }
-            tables.replace("reductions", [marker], exposure_predicate(night, exp["expid"], camera))
-            markers_out.append(marker)
-            if error:
-                report.failed[key] = error
-            else:
-                report.done.append(key)
-                report.n_spectra += n_spectra
-            bar.update(1)
-    bar.close()
+    pool = make_pool(lake, config, executor)
+    writer = BatchWriter(tables, run_id, chash, batch_frames=batch_frames)
+    try:
+        _run(pool, writer, work, fibermaps, force, stop, report, progress, night)
+    finally:
+        writer.flush()
+        pool.close()
+    markers_out = writer.markers
     if not markers_out:
         return report
     config_json = json.dumps(config.to_dict(), sort_keys=True)

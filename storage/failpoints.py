@@ -3,8 +3,10 @@
 The fault-injection tests run a job in a subprocess with ``FIBERLAKE_FAILPOINT=name:n``: the
 ``n``-th time (1-based) the process reaches :func:`failpoint` ``name`` it kills itself with
 SIGKILL, exactly as an OOM killer or a node loss would, between two steps whose order the
-exactly-once rules depend on. ``name`` may be ``*`` to count every failpoint. Production runs
-never set the variable; the check costs one dictionary lookup.
+exactly-once rules depend on. ``name`` may be ``*`` to count every failpoint. With
+``FIBERLAKE_FAILPOINT_ONCE=<file>`` as well, only the first process to get there dies (it creates
+the file first): a restarted worker then runs through, as after a one-off node loss. Production
+runs never set the variables; the check costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -33,8 +35,15 @@ def failpoint(name: str) -> None:
     if wanted not in (name, "*"):
         return
     _counts[wanted] = _counts.get(wanted, 0) + 1
-    if _counts[wanted] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _counts[wanted] != n:
+        return
+    once = os.environ.get(_ENV + "_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def reached() -> dict[str, int]:
