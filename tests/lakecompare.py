@@ -51,7 +51,11 @@ def assert_lakes_equal(got: Lake, want: Lake) -> None:
             continue
         a, b = table_rows(got, name), table_rows(want, name)
         assert len(a) == len(b), f"table {name}: {len(a)} rows, the clean run has {len(b)}"
-        assert a == b, f"table {name}: rows differ from the clean run"
+        if a != b:
+            got_only = [r for r in a if r not in b][:1]
+            want_only = [r for r in b if r not in a][:1]
+            short = [[v if not isinstance(v, tuple) else f"<{len(v)} values>" for v in r] for r in got_only + want_only]
+            raise AssertionError(f"table {name}: rows differ from the clean run: got {short[:1]}, want {short[1:]}")
     a, b = raw_arrays(got), raw_arrays(want)
     assert sorted(a) == sorted(b), f"raw arrays differ: {sorted(set(a) ^ set(b))}"
     for rel in a:
