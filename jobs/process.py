@@ -209,17 +209,22 @@ def ensure_calibration(
     config: ReductionParams,
     instrument: Instrument,
     *,
-    rebuild: bool = False,
+    rebuild: bool | str = False,
 ) -> Calibration:
     """Load the chosen calibration set, building and storing it first when it is the night's own and missing.
 
     A stored set whose ``calib_id`` differs (other inputs or parameters) is rebuilt and swapped in.
+    ``rebuild=True`` rebuilds the night's own set regardless; ``rebuild=<run id>`` rebuilds it
+    unless that run already did (resumable reprocessing).
     """
     own = not camera_rows.is_empty() and choice.night == camera_rows["night"][0]
-    rebuild = rebuild and own  # an earlier night's set is used as it is
+    meta = read_calib_meta(lake.calib_path(choice.night, choice.camera))
+    built_by = rebuild if isinstance(rebuild, str) else ""
+    if built_by:  # a reprocessing run rebuilds each set once, not again when resumed
+        rebuild = not (meta and meta.get("built_by") == built_by)
+    rebuild = bool(rebuild) and own  # an earlier night's set is used as it is
     if choice.calib is not None and not rebuild:
         return choice.calib
-    meta = read_calib_meta(lake.calib_path(choice.night, choice.camera))
     if meta and meta.get("calib_id") == choice.calib_id and not rebuild:
         choice.calib = load_calibration(lake, choice.night, choice.camera)
         return choice.calib
@@ -236,6 +241,7 @@ def ensure_calibration(
     calib = build_calibration(biases, flats, arcs, params, instrument, arm, config)
     _save_calibration(lake, choice.night, choice.camera, calib, {
         "calib_id": choice.calib_id, "config_hash": config_hash(config), "code_version": code_version(),
+        "built_by": built_by,
         "sources": calibration_sources(camera_rows), "config": config.to_dict(),
     })
     choice.calib = calib
@@ -314,11 +320,11 @@ def make_pool(lake: Lake, config: ReductionParams, executor: Executor):
                    max_in_flight=executor.max_in_flight, address=executor.address)
 
 
-def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, force: bool, stop: Callable[[], bool],
+def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, rebuild: bool | str, stop: Callable[[], bool],
          report: ProcessReport, progress: bool, night: str) -> None:
     """Calibrations first (one call per camera), then every frame; results go to the writer."""
     bar = tqdm(total=sum(len(w[3]) for w in work), desc=f"process {night}", unit="frame", disable=not progress)
-    calib_calls = [(c.night, camera, c.calib_id, rows.to_dicts(), force)
+    calib_calls = [(c.night, camera, c.calib_id, rows.to_dicts(), rebuild)
                    for camera, c, rows, _ in work if not isinstance(c, Exception)]
     calib_error = {camera: str(choice) for camera, choice, _, _ in work if isinstance(choice, Exception)}
     for call, outcome in pool.map("calibrate", calib_calls):
@@ -369,7 +375,14 @@ def _record(result: FrameResult, writer: BatchWriter, report: ProcessReport) -> 
     writer.add(result)
 
 
-def _is_done(marker: dict | None, exp: dict, calib_id: str, chash: str, retry_failed: bool) -> bool:
+def _needs_reduction(marker: dict | None, exp: dict, calib_id: str | None, chash: str, retry_failed: bool, force: bool,
+                     run_id: str | None) -> bool:
+    if run_id is not None:  # reprocessing: everything not yet done by this run
+        return marker is None or marker["run_id"] != run_id
+    return force or not _is_done(marker, exp, calib_id, chash, retry_failed)
+
+
+def _is_done(marker: dict | None, exp: dict, calib_id: str | None, chash: str, retry_failed: bool) -> bool:
     if marker is None:
         return False
     same = (marker["file_version"] == exp["file_version"] and marker["pixel_sha256"] == exp["pixel_sha256"]
@@ -389,6 +402,7 @@ def process_night(
     stop: Callable[[], bool] | None = None,
     executor: Executor | None = None,
     batch_frames: int = 8,
+    run_id: str | None = None,
 ) -> ProcessReport:
     """Reduce every science and standard frame of ``night`` that is not reduced yet with its current inputs.
 
@@ -415,6 +429,10 @@ def process_night(
         Where the reducers run: in this process (default) or on Ray actors.
     batch_frames : int
         Frames per table commit of the single writer.
+    run_id : str, optional
+        Reprocessing: reduce every frame (and rebuild the night's calibration sets) under this
+        run id, skipping only what this same run already did, so a killed run resumes where it
+        stopped (:func:`fiberlake.jobs.reprocess.reprocess`).
 
     Returns
     -------
@@ -423,17 +441,18 @@ def process_night(
     config = config or ReductionParams()
     with LakeLock(lake.root, "process") if lock else nullcontext():
         return _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
-                              executor or Executor(), batch_frames)
+                              executor or Executor(), batch_frames, run_id)
 
 
 def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bool, force: bool,
-                   retry_failed: bool, stop: Callable[[], bool], executor: Executor, batch_frames: int) -> ProcessReport:
+                   retry_failed: bool, stop: Callable[[], bool], executor: Executor, batch_frames: int,
+                   fixed_run_id: str | None) -> ProcessReport:
     tables = TableStore(lake.root / "tables")
     exposures = latest_exposures(tables, night)
     if exposures.is_empty():
         raise LookupError(f"the lake has no frames for night {night} (run 'fiberlake ingest' first)")
     chash = config_hash(config)
-    run_id = f"{night}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run_id = fixed_run_id or f"{night}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     started = dt.datetime.now(dt.timezone.utc)
     report = ProcessReport(run_id=run_id)
     markers = {}
@@ -452,7 +471,8 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
         except LookupError as err:
             choice, calib_id = err, None
         todo = [exp for exp in science.filter(pl.col("camera") == camera).to_dicts()
-                if force or not _is_done(markers.get((exp["expid"], camera)), exp, calib_id, chash, retry_failed)]
+                if _needs_reduction(markers.get((exp["expid"], camera)), exp, calib_id, chash, retry_failed, force,
+                                    fixed_run_id)]
         report.skipped += science.filter(pl.col("camera") == camera).height - len(todo)
         if todo:
             work.append((camera, choice, cam_rows, todo))
@@ -462,7 +482,7 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
     pool = make_pool(lake, config, executor)
     writer = BatchWriter(tables, run_id, chash, batch_frames=batch_frames)
     try:
-        _run(pool, writer, work, fibermaps, force, stop, report, progress, night)
+        _run(pool, writer, work, fibermaps, fixed_run_id or force, stop, report, progress, night)
     finally:
         writer.flush()
         pool.close()
@@ -470,12 +490,17 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
     if not markers_out:
         return report
     config_json = json.dumps(config.to_dict(), sort_keys=True)
-    tables.append("runs", [{
-        "run_id": run_id, "night": night, "command": "process", "code_version": code_version(),
+    row = {
+        "run_id": run_id, "night": night, "command": "reprocess" if fixed_run_id else "process",
+        "code_version": code_version(),
         "config_json": config_json, "config_hash": chash,
         "started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
         "n_frames": len(report.done) + len(report.failed), "n_failed": len(report.failed),
         "status_json": json.dumps({"done": report.done, "failed": report.failed,
                                    "calib_nights": {f"{m['expid']}/{m['camera']}": m["calib_night"] for m in markers_out}}),
-    }])
+    }
+    if fixed_run_id:  # a resumed reprocessing run updates its row of the night
+        tables.replace("runs", [row], f"run_id = '{run_id}' AND night = '{night}'")
+    else:
+        tables.append("runs", [row])
     return report

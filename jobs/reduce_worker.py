@@ -66,7 +66,8 @@ class FrameReducer:
         """Liveness check (Ray waits on it when starting actors)."""
         return "ok"
 
-    def calibrate(self, night: str, camera: str, calib_id: str, camera_rows: list[dict], rebuild: bool = False) -> str | None:
+    def calibrate(self, night: str, camera: str, calib_id: str, camera_rows: list[dict],
+                  rebuild: bool | str = False) -> str | None:
         """Make sure the chosen calibration set exists (build and store it when missing).
 
         Returns

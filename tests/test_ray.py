@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -11,8 +14,10 @@ import ray
 from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.ingest import ingest_night
 from fiberlake.jobs.process import Executor, process_night
+from fiberlake.jobs.reprocess import reprocess
 from fiberlake.processors.pipeline import ReductionParams
 from fiberlake.storage.layout import Lake
+from fiberlake.storage.tables import TableStore
 from tests.lakecompare import assert_lakes_equal
 
 NIGHT = "2026-11-26"
@@ -63,3 +68,24 @@ def test_a_killed_actor_is_restarted_and_the_tables_stay_exact(ingested, tmp_pat
     assert marker.exists(), "an actor must have been killed"
     assert len(report.done) == 4 and not report.failed, report.failed
     assert_lakes_equal(lake, reference)
+
+
+def test_reprocess_resumes_after_the_driver_is_killed(ingested, tmp_path):
+    _, reference = ingested
+    whole = tmp_path / "whole"
+    shutil.copytree(reference.root, whole)
+    uninterrupted = reprocess(Lake.at(whole), release="dr1", config=CONFIG, batch_frames=1)
+    assert uninterrupted.done == 4 and uninterrupted.skipped == 0
+    killed = tmp_path / "killed"
+    shutil.copytree(reference.root, killed)
+    command = [sys.executable, "-m", "fiberlake.jobs.cli", "reprocess", "--lake", str(killed), "--release", "dr1",
+               "--no-ray", "--batch-frames", "1", "--extract", "box", "--no-cosmics", "--quiet"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.run(command, env=env | {"FIBERLAKE_FAILPOINT": "committed.reductions:2"}, capture_output=True)
+    assert first.returncode == -9, first.stderr.decode()[-2000:]
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 frames reduced, 2 already done by this run" in second.stdout, second.stdout
+    assert_lakes_equal(Lake.at(killed), Lake.at(whole))
+    runs = TableStore(killed / "tables").read("runs").to_pylist()
+    assert [r["command"] for r in runs].count("reprocess") == 1, "a resumed run keeps one row per night"
