@@ -1,0 +1,81 @@
+"""Benchmark: processing on Ray actors against in-process (``--no-ray``) on the same frames.
+
+A simulated night is ingested once into a template lake whose calibration sets are built once;
+each mode then reduces the same science frames in a fresh copy of it, so the figures compare
+frame reduction only. Printed, all measured in this run: frames/s in process, on 1 and on 2
+Ray actors (CPU; on a machine with GPUs, actors take one GPU each), the scaling efficiency of 2
+actors over 1, and Ray's overhead against in-process (including the actors' start, which loads
+the calibration sets into each actor); Ray's own start-up (``ray.init``) is printed apart.
+
+Usage::
+
+    python bench/ray.py --instrument mini --n-science 8
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This script is named like the library it measures: keep `import ray` from importing itself.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from fiberlake.ingest.simulate import simulate_night  # noqa: E402
+from fiberlake.jobs.executors import init_ray  # noqa: E402
+from fiberlake.jobs.ingest import ingest_night  # noqa: E402
+from fiberlake.jobs.process import Executor, process_night  # noqa: E402
+from fiberlake.processors.pipeline import ReductionParams  # noqa: E402
+from fiberlake.storage.layout import Lake  # noqa: E402
+
+NIGHT = "2026-12-03"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instrument", default="mini", choices=["mini", "lamost"])
+    parser.add_argument("--camera", default="b1")
+    parser.add_argument("--n-science", type=int, default=8)
+    parser.add_argument("--extract", default="box,optimal")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fiberlake-raybench-"))
+    config = ReductionParams(extractions=tuple(args.extract.split(",")))
+    simulate_night(args.instrument, NIGHT, work / "nights", seed=9, n_bias=1, n_flat=1, n_arc=1,
+                   n_science=args.n_science, n_standard=0, cameras=[args.camera])
+    template = Lake.at(work / "template")
+    ingest_night(template, work / "nights" / NIGHT)
+    # calibration sets once, in the template: the runs below time frame reduction only
+    process_night(template, NIGHT, config=config, stop=lambda: True)
+    t0 = time.perf_counter()
+    init_ray()
+    t_init = time.perf_counter() - t0
+
+    def run(executor: Executor) -> float:
+        lake_dir = work / f"lake-{executor.kind}-{executor.actors}"
+        shutil.copytree(template.root, lake_dir)
+        start = time.perf_counter()
+        report = process_night(Lake.at(lake_dir), NIGHT, config=config, executor=executor)
+        seconds = time.perf_counter() - start
+        assert len(report.done) == args.n_science and not report.failed, report.summary()
+        return seconds
+
+    t_local = run(Executor(kind="local"))
+    t_one = run(Executor(kind="ray", actors=1))
+    t_two = run(Executor(kind="ray", actors=2))
+    n = args.n_science
+    print(f"{n} {args.instrument} {args.camera} science frames, {args.extract}; ray.init {t_init:.1f} s (once per job)")
+    print(f"{'mode':28s} {'s':>7s} {'frames/s':>9s} {'vs in-process':>14s}")
+    for name, seconds in (("in-process (--no-ray)", t_local), ("Ray, 1 CPU actor", t_one), ("Ray, 2 CPU actors", t_two)):
+        print(f"{name:28s} {seconds:7.1f} {n / seconds:9.2f} {t_local / seconds:14.2f}")
+    print(f"scaling efficiency, 2 actors over 1: {t_one / t_two / 2:.2f}")
+    print(f"Ray overhead, 1 actor against in-process: {t_one - t_local:+.1f} s ({(t_one / t_local - 1) * 100:+.0f} %)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
