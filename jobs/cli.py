@@ -104,7 +104,36 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
     config = _reduction_params(args)
     report = process_night(Lake.at(args.lake), args.night, config=config, progress=not args.quiet,
-                           force=args.force, retry_failed=args.retry_failed)
+                           force=args.force, retry_failed=args.retry_failed, executor=_executor(args),
+                           batch_frames=args.batch_frames)
+    print(report.summary())
+    return 0 if not report.failed else 3
+
+
+def _executor(args: argparse.Namespace):
+    """Executor from the Ray flags (Ray by default, ``--no-ray`` in this process)."""
+    from fiberlake.jobs.process import Executor
+
+    if args.no_ray:
+        return Executor(kind="local")
+    return Executor(kind="ray", actors=args.actors, gpus_per_actor=args.gpus_per_actor, address=args.address)
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-ray", action="store_true", help="run in this process (debugging); same tables as Ray")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    parser.add_argument("--actors", type=int, default=2, help="Ray actors (default 2)")
+    parser.add_argument("--gpus-per-actor", type=float, default=1.0,
+                        help="GPUs per actor when the cluster has GPUs; fractions share a GPU (default 1)")
+    parser.add_argument("--batch-frames", type=int, default=8, help="frames per table commit (default 8)")
+
+
+def _cmd_reprocess(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.reprocess import reprocess
+    from fiberlake.storage.layout import Lake
+
+    report = reprocess(Lake.at(args.lake), release=args.release, nights=args.nights, config=_reduction_params(args),
+                       executor=_executor(args), progress=not args.quiet, batch_frames=args.batch_frames)
     print(report.summary())
     return 0 if not report.failed else 3
 
@@ -142,6 +171,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_night(Lake.at(args.lake), args.night, night_dir)
     with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=250):
         print(format_report(results))
+    return 0
+
+
+def _cmd_evaluate_rectify(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.evaluate_rectify import evaluate_rectification, format_tables, write_tables
+
+    def values(text: str, kind=str):
+        return tuple(kind(v) for v in text.split(",") if v)
+
+    tables = evaluate_rectification(
+        instrument=args.instrument, seeds=values(args.seeds, int), ks=values(args.k, float),
+        psf_models=values(args.psf), cameras=values(args.cameras), variants=values(args.variants),
+        extractions=values(args.extract), progress=not args.quiet)
+    print(format_tables(tables))
+    if args.out:
+        write_tables(tables, args.out)
     return 0
 
 
@@ -191,10 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--night", required=True, help="night to process, YYYY-MM-DD")
     _add_lake(p)
     _add_reduction_flags(p)
+    _add_ray_flags(p)
     p.add_argument("--force", action="store_true", help="rebuild calibrations and reduce every frame again")
     p.add_argument("--retry-failed", action="store_true", help="reduce again frames that failed with the same inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_process)
+
+    p = sub.add_parser("reprocess", help="reduce every exposure of a release again into one resumable run")
+    _add_lake(p)
+    p.add_argument("--release", default="all", help="name of the data release (part of the run id)")
+    p.add_argument("--nights", nargs="+", default=None, help="nights to include (default: every night)")
+    _add_reduction_flags(p)
+    _add_ray_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_reprocess)
 
     p = sub.add_parser("query", help="run SQL over the lake's tables (Polars SQL)")
     p.add_argument("sql", help="SQL query; tables: exposures quarantine deliveries fibermap spectra metrics "
@@ -229,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, help="the simulated night directory (with truth/)")
     _add_lake(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("evaluate-rectify",
+                       help="aberration correction before/after on simulated cameras (map, PSF, Tables 2-3)")
+    p.add_argument("--instrument", default="mini", choices=["mini", "lamost"])
+    p.add_argument("--seeds", default="31,32", help="comma-separated simulation seeds (default: seeds no test uses)")
+    p.add_argument("--k", default="0.012,0.02,0.03", help="comma-separated pincushion coefficients")
+    p.add_argument("--psf", default="distortion,radial", help="simulator PSF models: distortion, radial")
+    p.add_argument("--cameras", default="b1,r1")
+    p.add_argument("--variants", default="none,legendre,legendre-slit",
+                   help="none, legendre, legendre-uniform, legendre-slit, mlp, mlp-uniform, mlp-slit, mlp-direct")
+    p.add_argument("--extract", default="box,optimal")
+    p.add_argument("--out", help="directory for the tables as CSV and JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate_rectify)
 
     p = sub.add_parser("demo", help="simulate a mini night, ingest, process and report")
     p.add_argument("--workdir", default="./fiberlake-demo", help="directory for the night and the lake")
