@@ -16,7 +16,12 @@ every frame of that camera and night):
   the corners) offset radially outward from the core. Core sigmas grow toward the corners and
   elongate radially. Offsets are arranged so the *flux centroid* of each profile sits exactly at
   the true trace column / true row of a wavelength, so ``TRACE_X`` and ``WAVE`` are centroid
-  truths; the peak of an edge profile sits up to ~0.1 px inward.
+  truths; the peak of an edge profile sits up to ~0.1 px inward. That is the default
+  ``psf_model='radial'`` (aberrations unrelated to the distortion). With
+  ``psf_model='distortion'`` the core is instead an invariant kernel in undistorted coordinates
+  whose widths are stretched by the local Jacobian of the pincushion (so a rectification that
+  undoes the distortion makes it invariant: seed 000's premise), and only ``psf_residual``
+  (10 %) of the radial growth, ellipticity, wing-fraction growth and wing offset remains.
 * **Rendering.** Row-binned spectra are convolved with each fiber's row-varying,
   pixel-integrated LSF; lines are deposited at their exact sub-pixel rows; then every row's
   electrons are spread across columns with the pixel-integrated cross-dispersion profile
@@ -428,14 +433,36 @@ def build_camera_model(instrument: Instrument, camera: str, night: str, seed: in
     dx = (x_ext - cx) / Rc
     dy = np.broadcast_to((rows_ext[None, :] - cy) / Rc, x_ext.shape).copy()
     rho2 = dx**2 + dy**2
-    grow = 1.0 + params.psf_growth * rho2
     focus_x = 1.0 + _smooth_along_slit(design, u, 0.015) + design.normal(0.0, 0.008, size=nf)
     focus_y = 1.0 + _smooth_along_slit(design, u, 0.015) + design.normal(0.0, 0.008, size=nf)
-    sigma_x = inst.profile_sigma_px * focus_x[:, None] * grow * (1.0 + params.psf_ellipticity * (dx**2 - dy**2))
-    sigma_y = arm.lsf_sigma_px * focus_y[:, None] * grow * (1.0 + params.psf_ellipticity * (dy**2 - dx**2))
-    wing_frac = params.wing_frac_centre + (params.wing_frac_corner - params.wing_frac_centre) * np.clip(rho2, 0, 1.5)
-    wing_dx = params.wing_offset_px * dx
-    wing_dy = params.wing_offset_px * dy
+    if params.psf_model == "radial":
+        aberr, jx, jy = 1.0, 1.0, 1.0
+    elif params.psf_model == "distortion":
+        # an invariant kernel in undistorted coordinates, seen through the local Jacobian J of
+        # the pincushion p = c + d (1 + k |d|^2 / R^2): J = (1 + k|d|^2/R^2) I + 2k d d^T / R^2.
+        # The rendered PSF is separable (LSF along rows, profile along columns, sheared only
+        # along the trace), so it takes the marginal widths sqrt((J S0 J^T)_xx) and
+        # sqrt((J S0 J^T)_yy) of the stretched kernel; the tilt J_xy (<= 2k at the corners)
+        # enters the widths but is otherwise neglected, as the renderer cannot tilt a spot.
+        aberr = params.psf_residual
+        y0_ext = np.stack([np.interp(rows_ext, Y[f], g) for f in range(nf)])
+        ddx = np.broadcast_to((x0 - cx)[:, None], y0_ext.shape) / R
+        ddy = (y0_ext - cy) / R
+        s0 = 1.0 + k * (ddx**2 + ddy**2)
+        jxx, jyy, jxy = s0 + 2 * k * ddx**2, s0 + 2 * k * ddy**2, 2 * k * ddx * ddy
+        sx0, sy0 = inst.profile_sigma_px * focus_x[:, None], arm.lsf_sigma_px * focus_y[:, None]
+        jx = np.sqrt(jxx**2 + (jxy * sy0 / sx0) ** 2)
+        jy = np.sqrt(jyy**2 + (jxy * sx0 / sy0) ** 2)
+    else:
+        raise ValueError(f"psf_model {params.psf_model!r} not one of ('radial', 'distortion')")
+    grow = 1.0 + aberr * params.psf_growth * rho2
+    ell = aberr * params.psf_ellipticity
+    sigma_x = inst.profile_sigma_px * focus_x[:, None] * jx * grow * (1.0 + ell * (dx**2 - dy**2))
+    sigma_y = arm.lsf_sigma_px * focus_y[:, None] * jy * grow * (1.0 + ell * (dy**2 - dx**2))
+    wing_frac = (params.wing_frac_centre
+                 + aberr * (params.wing_frac_corner - params.wing_frac_centre) * np.clip(rho2, 0, 1.5))
+    wing_dx = aberr * params.wing_offset_px * dx
+    wing_dy = aberr * params.wing_offset_px * dy
 
     # --- fibers (shared by the arms of a spectrograph) ------------------------------------------
     base = np.clip(fibers.normal(1.0, params.throughput_scatter, size=nf), 0.85, 1.15)

@@ -58,6 +58,17 @@ class SimParams:
     wing_frac_corner: float = _p(0.20, "flux fraction of the PSF wing at the CCD corner")
     wing_offset_px: float = _p(2.0, "radial offset (px) between wing and core at the corner")
     wing_sigma_ratio: float = _p(1.5, "wing sigma / core sigma")
+    psf_model: str = _p(
+        "radial",
+        "'radial' (default): core sigma, ellipticity and wing grow with the distance from the CCD "
+        "centre, independently of the distortion (aberrations that no coordinate map undoes); "
+        "'distortion': an invariant kernel in undistorted coordinates stretched by the local "
+        "Jacobian of the pincushion, so that an exact rectification makes it invariant, plus "
+        "psf_residual times the radial terms")
+    psf_residual: float = _p(
+        0.1,
+        "psf_model='distortion': fraction of the radial aberration terms (psf_growth, "
+        "psf_ellipticity, the wing fraction's growth, wing_offset_px) kept as residual optics")
     window_px: int = _p(12, "half width (px) of the rendered cross-dispersion profile window")
     lsf_window_px: int = _p(8, "half width (px) of the rendered line-spread-function window")
 

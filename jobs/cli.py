@@ -90,12 +90,28 @@ def _reduction_params(args: argparse.Namespace):
     """ReductionParams from the reduction flags shared by ``process`` and ``watch``."""
     from fiberlake.jobs.process import ProcessConfig
 
-    return ProcessConfig(extractions=tuple(args.extract.split(",")), cosmics=not args.no_cosmics)
+    return ProcessConfig(extractions=tuple(args.extract.split(",")), cosmics=not args.no_cosmics,
+                         psf_invariant=args.psf_invariant, deconv_device=args.deconv_device,
+                         rectify=not args.no_rectify, rectify_map=args.rectify_map,
+                         rectify_sampling=args.rectify_sampling, rectify_labels=args.rectify_labels)
 
 
 def _add_reduction_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--extract", default="box,optimal", help="comma-separated extractions: box, optimal")
+    parser.add_argument("--extract", default="box,optimal",
+                        help="comma-separated extractions: box, optimal, deconv (spectro-perfectionism)")
     parser.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
+    parser.add_argument("--psf-invariant", action="store_true",
+                        help="deconv: one PSF for the whole frame (rectified frames) instead of one varying over the CCD")
+    parser.add_argument("--deconv-device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="deconv: torch device (auto: CUDA when available)")
+    parser.add_argument("--no-rectify", action="store_true",
+                        help="skip the aberration correction (seed 000): extract on the distorted frames")
+    parser.add_argument("--rectify-map", default="legendre", choices=("legendre", "mlp"),
+                        help="aberration map: 2D Legendre warp (default) or the paper's 2-20-2 MLP (torch)")
+    parser.add_argument("--rectify-sampling", default="semicircle", choices=("semicircle", "uniform"),
+                        help="training samples along the traces: semicircle (eq. 13, default) or uniform")
+    parser.add_argument("--rectify-labels", default="slit", choices=("slit", "tls"),
+                        help="target lines: parallel and equally spaced (slit, default) or each trace's TLS line (tls, the paper)")
 
 
 def _cmd_process(args: argparse.Namespace) -> int:

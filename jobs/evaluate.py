@@ -15,7 +15,7 @@ import polars as pl
 from astropy.io import fits
 
 from fiberlake.jobs.process import latest_exposures, load_calibration
-from fiberlake.processors import accuracy
+from fiberlake.processors import accuracy, rectify
 from fiberlake.processors.extract import Spectra1D
 from fiberlake.schemas.truth import camera_truth_name, spectra_truth_name
 from fiberlake.storage.layout import Lake
@@ -69,9 +69,12 @@ def evaluate_night(lake: Lake, night: str, truth_dir: str | Path) -> dict:
             # fiber flats are normalised to a median live-fiber response of 1, the simulator's
             # throughputs to a mean of 1: the expected flux scale is the median throughput
             flat_scale = float(np.median(throughput[live]))
+        cal_x, cal_wave = true_x, true_wave
+        if calib.rectification is not None:  # the calibration lives in the rectified frame: move the truth there
+            cal_x, cal_wave = rectify.truth_in_frame(calib.rectification.map, true_x, true_wave)
         results["calibration"][camera] = (
-            accuracy.trace_error(calib.traces.x(), true_x, live)
-            | accuracy.wavelength_error(calib.wave.wave(), true_wave, live)
+            accuracy.trace_error(calib.traces.x(), cal_x, live)
+            | accuracy.wavelength_error(calib.wave.wave(), cal_wave, live)
             | {"dead_found": int(calib.traces.dead.sum()), "dead_true": int((~live).sum()),
                "dead_agree": bool(np.array_equal(calib.traces.dead, ~live))}
         )

@@ -93,6 +93,20 @@ SPECTRA = _schema(SPECTRA_META + [
     ("sky", pa.list_(pa.float32()), "sky model that was subtracted (electrons per Angstrom)"),
 ])
 
+SPECTRA_RESOLUTION = [
+    ("resolution", pa.list_(pa.float32()),
+     "extraction 'deconv' only (null otherwise): band of the fiber's resolution matrix on the CCD "
+     "row grid, row-major [resolution_ndiag, ny] flattened; element [k, r] is the weight of the "
+     "pre-LSF row flux F[r + k - h] (h = (resolution_ndiag - 1) / 2) in the extracted row flux "
+     "(before fiber flat and resampling); see processors.deconv"),
+    ("resolution_ndiag", pa.int16(), "number of diagonals 2h+1 of resolution (null when absent)"),
+    ("resolution_wave", pa.list_(pa.float64()),
+     "Legendre coefficients of the row wavelengths (Angstrom, air) of resolution's rows: "
+     "wave(r) = legval(2 r / (ny - 1) - 1, coeffs), the calibration's wavelength solution"),
+]
+"""Nullable columns for the deconvolution's resolution data, for ``SPECTRA`` (not yet part of it:
+``jobs/process.py`` must write them in the same change that appends them to ``SPECTRA``)."""
+
 METRICS = _schema([
     ("night", pa.string(), "night (partition)"),
     ("expid", pa.int64(), "exposure id"),
@@ -112,6 +126,9 @@ METRICS = _schema([
     ("trace_rms", pa.float32(), "RMS of the fiber's trace fit on the master flat (pixels)"),
     ("trace_offset", pa.float32(), "median cross-dispersion offset of this frame's light from the calibration trace (pixels)"),
     ("sky_chi2", pa.float32(), "for sky fibers: mean (residual/sigma)^2 after sky subtraction"),
+    ("trace_straightness", pa.float32(), "RMS perpendicular distance (px) of the extraction trace from its TLS straight line (in the rectified frame when the aberration map was applied)"),
+    ("trace_straightness_raw", pa.float32(), "same, for the trace on the distorted master flat (before aberration correction)"),
+    ("map_residual", pa.float32(), "RMS distance (px) of the aberration map's image of this fiber's raw trace from its TLS labels; null when the frame was not rectified"),
 ])
 
 RUNS = _schema([
