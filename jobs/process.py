@@ -252,6 +252,7 @@ def spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: Red
                  calib: Calibration) -> tuple[list[dict], list[dict]]:
     """Rows of ``spectra`` and ``metrics`` for one frame and extraction (``run_id`` left to the writer)."""
     spectra, sky = reduced.spectra, reduced.sky
+    resolution = getattr(reduced, "resolution", None)
     grid = calib.grid
     dwave = float(grid[1] - grid[0])
     n_fibers = spectra.flux.shape[0]
@@ -269,6 +270,9 @@ def spectra_rows(exp: dict, fibermap: dict[int, dict], method: str, reduced: Red
             "fiber_status": status,
             "flux": spectra.flux[fiber].astype(np.float32), "ivar": spectra.ivar[fiber].astype(np.float32),
             "mask": spectra.mask[fiber].astype(np.uint32), "sky": sky.flux[0].astype(np.float32),
+            "resolution": None if resolution is None else resolution[fiber].ravel().astype(np.float32),
+            "resolution_ndiag": None if resolution is None else int(resolution.shape[1]),
+            "resolution_wave": None if resolution is None else calib.wave.coeffs[fiber].astype(np.float64),
         })
         metric_rows.append(base | {name: _py(values[fiber]) for name, values in reduced.metrics.items()})
     return rows, metric_rows
@@ -291,7 +295,10 @@ def rows_to_table(rows: list[dict], name: str):
     columns = {}
     for field_ in schema:
         values = [r[field_.name] for r in rows]
-        if pa.types.is_list(field_.type):
+        if pa.types.is_list(field_.type) and any(v is None for v in values):  # nullable (resolution)
+            columns[field_.name] = pa.array([None if v is None else np.asarray(v).tolist() for v in values],
+                                            type=field_.type)
+        elif pa.types.is_list(field_.type):
             flat = np.concatenate(values) if values else np.array([], dtype=field_.type.value_type.to_pandas_dtype())
             offsets = np.arange(len(values) + 1, dtype=np.int32) * (len(values[0]) if values else 0)
             columns[field_.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field_.type.value_type))

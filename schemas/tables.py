@@ -86,13 +86,6 @@ SPECTRA_META = [
     ("fiber_status", pa.int32(), "OR of mask bits that apply to the whole fiber (e.g. DEADFIBER)"),
 ]
 
-SPECTRA = _schema(SPECTRA_META + [
-    ("flux", pa.list_(pa.float32()), "sky-subtracted, fiber-flatted flux (electrons per Angstrom)"),
-    ("ivar", pa.list_(pa.float32()), "inverse variance of flux; 0 where masked"),
-    ("mask", pa.list_(pa.uint32()), "mask bits (schemas.maskbits.Mask)"),
-    ("sky", pa.list_(pa.float32()), "sky model that was subtracted (electrons per Angstrom)"),
-])
-
 SPECTRA_RESOLUTION = [
     ("resolution", pa.list_(pa.float32()),
      "extraction 'deconv' only (null otherwise): band of the fiber's resolution matrix on the CCD "
@@ -104,8 +97,14 @@ SPECTRA_RESOLUTION = [
      "Legendre coefficients of the row wavelengths (Angstrom, air) of resolution's rows: "
      "wave(r) = legval(2 r / (ny - 1) - 1, coeffs), the calibration's wavelength solution"),
 ]
-"""Nullable columns for the deconvolution's resolution data, for ``SPECTRA`` (not yet part of it:
-``jobs/process.py`` must write them in the same change that appends them to ``SPECTRA``)."""
+"""Nullable columns of ``SPECTRA`` holding the deconvolution's resolution data."""
+
+SPECTRA = _schema(SPECTRA_META + [
+    ("flux", pa.list_(pa.float32()), "sky-subtracted, fiber-flatted flux (electrons per Angstrom)"),
+    ("ivar", pa.list_(pa.float32()), "inverse variance of flux; 0 where masked"),
+    ("mask", pa.list_(pa.uint32()), "mask bits (schemas.maskbits.Mask)"),
+    ("sky", pa.list_(pa.float32()), "sky model that was subtracted (electrons per Angstrom)"),
+] + SPECTRA_RESOLUTION)
 
 METRICS = _schema([
     ("night", pa.string(), "night (partition)"),
