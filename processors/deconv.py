@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.processors.extract import Spectra1D, prepare_pixels
 from fiberlake.processors.psf import PSFModel
 from fiberlake.schemas.calib import TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
@@ -280,24 +280,10 @@ class FrameTables:
     good: np.ndarray
 
 
-def _prepare_image(image, ivar, mask):
-    img = np.asarray(image, dtype=np.float64)
-    iv = np.asarray(ivar, dtype=np.float64)
-    if img.shape != iv.shape or img.ndim != 2:
-        raise ValueError(f"image and ivar must be 2D of one shape, got {img.shape}, {iv.shape}")
-    msk = np.zeros(img.shape, MASK_DTYPE) if mask is None else np.asarray(mask, MASK_DTYPE).copy()
-    if msk.shape != img.shape:
-        raise ValueError(f"mask shape {msk.shape} differs from image shape {img.shape}")
-    finite = np.isfinite(img) & np.isfinite(iv)
-    msk[~finite] |= MASK_DTYPE(Mask.NONFINITE)
-    good = finite & (iv > 0) & ((msk & MASK_DTYPE(FATAL)) == 0)
-    return np.where(good, img, 0.0), np.where(good, iv, 0.0), good, msk
-
-
 def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet, psf: PSFModel,
             pad: int, row_block: int = 256) -> FrameTables:
     """PSF samples and per-row reductions of a frame (shared by every backend)."""
-    img, w, good, msk = _prepare_image(image, ivar, mask)
+    img, w, good, msk = prepare_pixels(image, ivar, mask)
     ny, nx = img.shape
     if traces.ny != ny:
         raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")

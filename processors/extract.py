@@ -102,8 +102,23 @@ class Spectra1D:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
-    """float64 image (bad -> 0), good-pixel map, variance (inf where bad), uint32 mask."""
+def prepare_pixels(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
+    """Validate an image with its inverse variance and mask; flag and zero the unusable pixels.
+
+    Returns
+    -------
+    img, ivar : ndarray (float64)
+        Copies with unusable pixels set to 0.
+    good : ndarray of bool
+        Finite, ivar > 0 and no fatal mask bit.
+    mask : ndarray (uint32)
+        The mask with NONFINITE added where the image or ivar is not finite.
+
+    Raises
+    ------
+    ValueError
+        If the shapes disagree or the image is not 2D.
+    """
     img = np.asarray(image, dtype=np.float64)
     iv = np.asarray(ivar, dtype=np.float64)
     if img.shape != iv.shape or img.ndim != 2:
@@ -114,7 +129,12 @@ def _prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
     finite = np.isfinite(img) & np.isfinite(iv)
     msk[~finite] |= MASK_DTYPE(Mask.NONFINITE)
     good = finite & (iv > 0) & ((msk & MASK_DTYPE(FATAL)) == 0)
-    img = np.where(good, img, 0.0)
+    return np.where(good, img, 0.0), np.where(good, iv, 0.0), good, msk
+
+
+def _prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
+    """float64 image (bad -> 0), good-pixel map, variance (inf where bad), uint32 mask."""
+    img, iv, good, msk = prepare_pixels(image, ivar, mask)
     with np.errstate(divide="ignore"):
         var = np.where(good, 1.0 / np.where(good, iv, 1.0), np.inf)
     return img, good, var, msk
@@ -368,7 +388,7 @@ def _estimate_read_noise_var(img: np.ndarray, good: np.ndarray, var: np.ndarray)
     return max(rn2, 1e-6)
 
 
-def _solve_tridiagonal(d: np.ndarray, e: np.ndarray, b: np.ndarray):
+def solve_tridiagonal(d: np.ndarray, e: np.ndarray, b: np.ndarray):
     """Solve symmetric tridiagonal systems vectorized over the last axis.
 
     Parameters
@@ -552,7 +572,7 @@ def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, rejec
         if coupled:
             e = np.sum(WP[:-1] * Q[:-1], axis=-1)
             e = np.where(tiny[:-1] | tiny[1:], 0.0, e)
-            a, va = _solve_tridiagonal(d, e, b)
+            a, va = solve_tridiagonal(d, e, b)
         else:
             a, va = b / d, 1.0 / d
         va = np.where(tiny, np.inf, va)

@@ -51,6 +51,7 @@ from numpy.polynomial import legendre
 from scipy.ndimage import maximum_filter1d, median_filter
 from scipy.special import ndtr
 
+from fiberlake.processors.extract import solve_tridiagonal
 from fiberlake.schemas.calib import TraceSet
 
 _SQRT2PI = np.sqrt(2.0 * np.pi)
@@ -486,21 +487,6 @@ def _good(image, ivar, mask):
     return np.where(good, img, 0.0), np.where(good, iv, 0.0), good
 
 
-def _thomas(d: np.ndarray, e: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve symmetric tridiagonal systems along the first axis (vectorized over the rest)."""
-    n = d.shape[0]
-    dp, bp = d.copy(), b.copy()
-    for i in range(1, n):
-        m = e[i - 1] / dp[i - 1]
-        dp[i] = d[i] - m * e[i - 1]
-        bp[i] = b[i] - m * bp[i - 1]
-    x = np.empty_like(b)
-    x[-1] = bp[-1] / dp[-1]
-    for i in range(n - 2, -1, -1):
-        x[i] = (bp[i] - e[i] * x[i + 1]) / dp[i]
-    return x
-
-
 @dataclass
 class _FlatBand:
     """Windows of every (sorted) fiber at the sampled rows of a flat."""
@@ -677,7 +663,7 @@ def fit_xsf_field(flat: np.ndarray, flat_ivar: np.ndarray, flat_mask: np.ndarray
         bb = np.where(tiny, 0.0, bb)
         if nf > 1:
             e = np.where(tiny[:-1] | tiny[1:], 0.0, e)
-        amp = np.where(use, _thomas(d, e, bb) if nf > 1 else bb / d, 0.0)
+        amp = np.where(use, solve_tridiagonal(d, e, bb)[0] if nf > 1 else bb / d, 0.0)
     coef_out = coef.reshape(order, deg_[0] + 1, deg_[1] + 1)
     return GHField(halfwidth=int(halfwidth), sigma_coef=field0.sigma_coef, coef=coef_out, focus=field0.focus,
                    rms=field0.rms, n_samples=field0.n_samples)

@@ -7,7 +7,7 @@ import pytest
 from scipy.special import ndtr
 from scipy.stats import norm
 
-from fiberlake.processors.extract import (Spectra1D, _solve_tridiagonal, box_extract,
+from fiberlake.processors.extract import (Spectra1D, solve_tridiagonal, box_extract,
                                           measure_profile, optimal_extract)
 from fiberlake.schemas.maskbits import FATAL, Mask
 
@@ -209,7 +209,7 @@ def test_tridiagonal_solver_matches_dense():
     d = rng.uniform(2, 3, (n, m))
     e = rng.uniform(-0.8, 0.8, (n - 1, m))
     b = rng.normal(size=(n, m))
-    x, vd = _solve_tridiagonal(d, e, b)
+    x, vd = solve_tridiagonal(d, e, b)
     for j in range(m):
         A = np.diag(d[:, j]) + np.diag(e[:, j], 1) + np.diag(e[:, j], -1)
         np.testing.assert_allclose(x[:, j], np.linalg.solve(A, b[:, j]), rtol=1e-10)
