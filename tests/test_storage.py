@@ -16,7 +16,8 @@ from fiberlake.storage.tables import TableStore, Txn
 def _spectra_rows(n, night="2026-11-21", expid=1, value=1.0):
     return [dict(night=night, expid=expid, camera="b1", spectrograph=1, arm="b", fiber=i, targetid=i,
                  objtype="TGT", obstype="SCIENCE", extraction="box", run_id="r", wave_min=4000.0, dwave=0.5,
-                 nwave=4, fiber_status=0, flux=[value] * 4, ivar=[1.0] * 4, mask=[0] * 4, sky=[0.0] * 4)
+                 nwave=4, fiber_status=0, flux=[value] * 4, ivar=[1.0] * 4, mask=[0] * 4, sky=[0.0] * 4,
+                 resolution=None, resolution_ndiag=None, resolution_wave=None)
             for i in range(n)]
 
 
