@@ -17,9 +17,9 @@ fluxes (median |fiberlake - reference| / reference on bright fibers).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from timing import best_of  # bench/timing.py (scripts run from bench/)
 
 
 def reference_box(image: np.ndarray, xc: np.ndarray, halfwidth: float) -> np.ndarray:
@@ -51,15 +51,6 @@ def reference_optimal(image: np.ndarray, var: np.ndarray, xc: np.ndarray, sigma:
     return out
 
 
-def _best(fn, repeat: int) -> tuple[float, object]:
-    best, result = np.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--camera", default="r1")
@@ -74,18 +65,18 @@ def main() -> None:
     flat = simulate_frame(LAMOST, cam, "FLAT", night=night, expid=2150002, seed=1)
     sci = simulate_frame(LAMOST, cam, "SCIENCE", night=night, expid=2150010, seed=1)
     params = ccd.CCDParams.from_header(sci.header)
-    t_pre, flat_img = _best(lambda: ccd.preprocess(flat.raw, params), 1)
-    t_trace, traces = _best(lambda: tracing.trace_fibers(flat_img.image, flat_img.ivar, LAMOST.nominal_fiber_columns()), 1)
+    t_pre, flat_img = best_of(lambda: ccd.preprocess(flat.raw, params), 1)
+    t_trace, traces = best_of(lambda: tracing.trace_fibers(flat_img.image, flat_img.ivar, LAMOST.nominal_fiber_columns()), 1)
     image = ccd.preprocess(sci.raw, params)
     hw = 7.0
     xc = traces.x()
     nf = traces.n_fibers
 
-    t_box, box = _best(lambda: extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=hw), args.repeat)
-    t_opt, opt = _best(lambda: extract.optimal_extract(image.image, image.ivar, image.mask, traces, halfwidth=hw), args.repeat)
+    t_box, box = best_of(lambda: extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=hw), args.repeat)
+    t_opt, opt = best_of(lambda: extract.optimal_extract(image.image, image.ivar, image.mask, traces, halfwidth=hw), args.repeat)
     var = np.where(image.ivar > 0, 1.0 / np.where(image.ivar > 0, image.ivar, 1), 1e12)
-    t_rbox, rbox = _best(lambda: reference_box(image.image, xc, hw), args.repeat)
-    t_ropt, ropt = _best(lambda: reference_optimal(image.image, var, xc, traces.sigma, hw), args.repeat)
+    t_rbox, rbox = best_of(lambda: reference_box(image.image, xc, hw), args.repeat)
+    t_ropt, ropt = best_of(lambda: reference_optimal(image.image, var, xc, traces.sigma, hw), args.repeat)
 
     bright = np.median(rbox, axis=1) > np.percentile(np.median(rbox, axis=1), 50)
     def agree(a, b):

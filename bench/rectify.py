@@ -29,15 +29,7 @@ import argparse
 import time
 
 import numpy as np
-
-
-def _best(fn, repeat: int):
-    best, result = np.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+from timing import best_of  # bench/timing.py (scripts run from bench/)
 
 
 def source_coordinates(rmap, ny: int, nx: int):
@@ -112,47 +104,47 @@ def main() -> None:
     var = np.where(img.ivar > 0, 1 / np.where(img.ivar > 0, img.ivar, 1), 0).astype(np.float32)
 
     rows = []
-    t_samp, ts = _best(lambda: build_training_set(traces, 30000, "semicircle"), args.repeat)
+    t_samp, ts = best_of(lambda: build_training_set(traces, 30000, "semicircle"), args.repeat)
     rows.append(("samples + TLS labels (30,000)", t_samp, ""))
     maps = {}
-    t_leg, maps["legendre"] = _best(lambda: fit_map(ts.inputs(), ts.targets(), frame, MapConfig(kind="legendre")),
+    t_leg, maps["legendre"] = best_of(lambda: fit_map(ts.inputs(), ts.targets(), frame, MapConfig(kind="legendre")),
                                     args.repeat)
     rows.append(("train legendre (fwd + inv)", t_leg, f"label rms {maps['legendre'].info['fwd_rms']:.4f} px"))
     if not args.skip_mlp:
-        t_mlp, maps["mlp"] = _best(lambda: fit_map(ts.inputs(), ts.targets(), frame,
+        t_mlp, maps["mlp"] = best_of(lambda: fit_map(ts.inputs(), ts.targets(), frame,
                                                    MapConfig(kind="mlp", device="cpu")), 1)
         rows.append(("train mlp 2-20-2, CPU (fwd + inv)", t_mlp, f"label rms {maps['mlp'].info['fwd_rms']:.4f} px"))
     edges_c = np.arange(nx + 1) - 0.5
     edges_r = np.arange(ny + 1) - 0.5
     for kind, m in maps.items():
-        t_eval, _ = _best(lambda: m.forward_grid(edges_c, edges_r), 1)
+        t_eval, _ = best_of(lambda: m.forward_grid(edges_c, edges_r), 1)
         rows.append((f"evaluate {kind} on 16.8 M pixel corners", t_eval, ""))
 
     total = float(np.sum(img.image))
     ref = None
     for kind, m in maps.items():
         for order in ((3, 1) if kind == "legendre" else (3,)):
-            t, out = _best(lambda: rectify_image(img.image, img.ivar, img.mask, m, order=order), args.repeat)
+            t, out = best_of(lambda: rectify_image(img.image, img.ivar, img.mask, m, order=order), args.repeat)
             good = out.ivar > 0
             rows.append((f"fiberlake rectify ({kind}, order {order}): image+ivar+mask", t,
                          f"flux kept {out.image.sum() / total:.6f}; masked {100 * (~good).mean():.2f} %"))
             if kind == "legendre" and order == 3:
                 ref = out.image.astype(float)
             del out
-    t_coord, (coords, jac) = _best(lambda: source_coordinates(maps["legendre"], ny, nx), 1)
+    t_coord, (coords, jac) = best_of(lambda: source_coordinates(maps["legendre"], ny, nx), 1)
     rows.append(("inverse legendre map + Jacobian at 16.8 M pixel centres", t_coord, "(map_coordinates needs it)"))
     bright = ref > np.percentile(ref, 95)
     base = None
     for order in (1, 3):
-        t_img, (out, _, _) = _best(lambda: map_coordinates_rectify(img.image, var, img.mask, coords, jac, order, False),
+        t_img, (out, _, _) = best_of(lambda: map_coordinates_rectify(img.image, var, img.mask, coords, jac, order, False),
                                    args.repeat)
-        t_all, _ = _best(lambda: map_coordinates_rectify(img.image, var, img.mask, coords, jac, order, True), 1)
+        t_all, _ = best_of(lambda: map_coordinates_rectify(img.image, var, img.mask, coords, jac, order, True), 1)
         dev = np.median(np.abs(out[bright] - ref[bright]) / ref[bright])
         rows.append((f"map_coordinates order {order}: image only", t_img,
                      f"flux kept {out.sum() / total:.6f}; median |diff| vs fiberlake {100 * dev:.3f} % (bright px)"))
         rows.append((f"map_coordinates order {order}: image+var+mask", t_all, ""))
         base = base or t_img
-    t_copy, (out, holes, dup) = _best(lambda: paper_pixel_copy(img.image, maps["legendre"], cam.trace_x), 1)
+    t_copy, (out, holes, dup) = best_of(lambda: paper_pixel_copy(img.image, maps["legendre"], cam.trace_x), 1)
     dev = np.median(np.abs(out[bright] - ref[bright]) / ref[bright])
     rows.append(("paper's pixel copy (15 px per trace, nearest)", t_copy,
                  f"flux kept {out.sum() / total:.6f}; band px never written {100 * holes:.1f} %, "
@@ -167,7 +159,7 @@ def main() -> None:
         cuda = False
     if cuda and not args.skip_mlp:
         torch.cuda.synchronize()
-        t_gpu, m_gpu = _best(lambda: fit_map(ts.inputs(), ts.targets(), frame, MapConfig(kind="mlp", device="cuda")), 1)
+        t_gpu, m_gpu = best_of(lambda: fit_map(ts.inputs(), ts.targets(), frame, MapConfig(kind="mlp", device="cuda")), 1)
         rows.append(("train mlp 2-20-2, CUDA (fwd + inv)", t_gpu, f"label rms {m_gpu.info['fwd_rms']:.4f} px"))
     else:
         rows.append(("CUDA: no device (torch sees none); GPU lines skipped", float("nan"), ""))

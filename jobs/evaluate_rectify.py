@@ -37,11 +37,12 @@ import polars as pl
 
 from fiberlake.ingest.sim_params import SimParams
 from fiberlake.ingest.simulate import make_fibermap, plan_night, simulate_frame
-from fiberlake.processors import accuracy, pipeline, rectify, wavecal
+from fiberlake.processors import accuracy, pipeline, rectify
+from fiberlake.processors.rectify_accuracy import (arc_spots, binned_residual, iso_column_residual, match_spots,
+                                                   spot_spread, true_label_error)
 from fiberlake.processors.ccd import CCDParams
 from fiberlake.processors.pipeline import ReductionParams, build_calibration, reduce_frame
 from fiberlake.processors.rectify_map import MapConfig
-from fiberlake.processors.tls import fit_lines, perpendicular_distance, perpendicular_feet
 from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
 
 NIGHT = "2026-12-10"
@@ -97,97 +98,6 @@ def _config(variant: Variant) -> rectify.RectifyConfig:
                                  map=MapConfig(kind=variant.map, residual=variant.residual))
 
 
-def iso_column_residual(rmap, distortion: dict, x0: np.ndarray, ny: int, nx: int) -> tuple[float, float]:
-    """How far the distortion followed by the map (``rmap`` None: the distortion alone) is from
-    an affine map across the slit, on the undistorted columns ``x0``.
-
-    Returns
-    -------
-    straight : float
-        RMS deviation (px) of the images of the columns from straight lines.
-    spacing : float
-        RMS deviation (px) of those lines' columns at the middle row from a linear function of
-        ``x0`` (0 when the columns stay equally spaced).
-    """
-    k, cx, cy, R = (distortion[n] for n in ("k", "cx", "cy", "R"))
-    y0 = np.arange(-60.0, ny + 60.0)
-    dx, dy = x0[:, None] - cx, y0[None, :] - cy
-    s = 1.0 + k * (dx**2 + dy**2) / R**2
-    X, Y = cx + dx * s, cy + dy * s
-    inside = (Y >= 0) & (Y <= ny - 1) & (X >= 0) & (X <= nx - 1)
-    if rmap is not None:
-        X, Y = rmap.forward(X, Y)
-    lines = fit_lines(Y, X, inside)
-    d = perpendicular_distance(Y, X, lines.slope[:, None], lines.intercept[:, None])
-    mid = lines.slope * (ny - 1) / 2.0 + lines.intercept
-    resid = mid - np.polyval(np.polyfit(x0, mid, 1), x0)
-    return float(np.sqrt(np.mean(d[inside] ** 2))), float(np.sqrt(np.mean(resid**2)))
-
-
-def true_label_error(rmap, true_x: np.ndarray, live: np.ndarray) -> float:
-    """RMS distance (px) of the mapped true traces from their feet on the true traces' TLS lines."""
-    ny = true_x.shape[1]
-    rows = np.broadcast_to(np.arange(ny, dtype=float), true_x.shape)
-    lines = fit_lines(rows[0], true_x, np.broadcast_to(live[:, None], true_x.shape))
-    rt, ct = perpendicular_feet(rows, true_x, lines.slope[:, None], lines.intercept[:, None])
-    fc, fr = rmap.forward(true_x, rows)
-    d = np.hypot(fc - ct, fr - rt)[live]
-    return float(np.sqrt(np.mean(d**2)))
-
-
-def _arc_spots(arc, traces, lsf_sigma: float):
-    """Isolated arc lines (fiber, row) and their adaptive moments on a master arc."""
-    flux, fivar = wavecal.extract_boxcar(arc.image, arc.ivar, traces)
-    lines = wavecal.detect_lines(flux, fivar, lsf_sigma=lsf_sigma)
-    keep = np.zeros(lines.fiber.size, bool)
-    for f in np.unique(lines.fiber):
-        sel = np.flatnonzero(lines.fiber == f)
-        r = lines.row[sel]
-        gap = np.abs(r[:, None] - r[None, :]) + np.eye(r.size) * 1e9
-        keep[sel] = gap.min(axis=1) > 12 if r.size > 1 else True
-    keep &= ~traces.dead[lines.fiber]
-    fib, row = lines.fiber[keep], lines.row[keep]
-    col = np.array([traces.x(np.array([r]))[f, 0] for f, r in zip(fib, row)])
-    mom = rectify.spot_moments(arc.image, arc.ivar, col, row)
-    ok = mom["ok"] & (mom["flux"] > 2000)
-    return {"fiber": fib[ok], "row": row[ok]} | {k: v[ok] for k, v in mom.items() if k != "ok"}
-
-
-def _spread(m: dict) -> dict[str, float]:
-    sx, sy = np.sqrt(m["mxx"]), np.sqrt(m["myy"])
-    t = m["mxx"] + m["myy"]
-    return {"n_spots": int(sx.size), "sx_mean": float(sx.mean()), "sx_spread": float(sx.std() / sx.mean()),
-            "sy_mean": float(sy.mean()), "sy_spread": float(sy.std() / sy.mean()),
-            "e1_std": float(np.std((m["mxx"] - m["myy"]) / t)), "e2_std": float(np.std(2 * m["mxy"] / t)),
-            "skew_x_std": float(np.std(m["skew_x"])), "skew_y_std": float(np.std(m["skew_y"]))}
-
-
-def _match(a: dict, b: dict) -> tuple[dict, dict]:
-    """The spots of ``a`` and ``b`` that are the same arc line (same fiber, rows within 1.5)."""
-    ia, ib = [], []
-    for i, (f, r) in enumerate(zip(a["fiber"], a["row"])):
-        j = np.flatnonzero((b["fiber"] == f) & (np.abs(b["row"] - r) < 1.5))
-        if j.size == 1:
-            ia.append(i)
-            ib.append(int(j[0]))
-    take = lambda d, idx: {k: np.asarray(v)[idx] for k, v in d.items()}  # noqa: E731
-    return take(a, np.array(ia, int)), take(b, np.array(ib, int))
-
-
-def _binned_resid(spectra, truth: np.ndarray, fibers: np.ndarray, nbin: int = 8) -> np.ndarray:
-    out = np.full(fibers.size, np.nan)
-    for i, f in enumerate(fibers):
-        good = (spectra.ivar[f] > 0) & np.isfinite(truth[f]) & (truth[f] > 0)
-        n = good.size // nbin * nbin
-        g = good[:n].reshape(-1, nbin).all(axis=1)
-        if g.sum() < 20:
-            continue
-        fb = spectra.flux[f][:n].reshape(-1, nbin).mean(axis=1)[g]
-        tb = truth[f][:n].reshape(-1, nbin).mean(axis=1)[g]
-        out[i] = accuracy.robust_std(fb - tb) / np.mean(tb)
-    return out
-
-
 def evaluate_case(instrument: Instrument, camera: str, seed: int, psf_model: str, variants: list[Variant],
                   extractions: tuple[str, ...] = ("box", "optimal")) -> dict[str, list[dict]]:
     """All figures of one simulated camera (module notes); rows for the three tables."""
@@ -208,7 +118,7 @@ def evaluate_case(instrument: Instrument, camera: str, seed: int, psf_model: str
     t_base = time.perf_counter() - t0
     arc_raw = pipeline._master_frame(raws["ARC"], ccdp, base.master_bias)
     lsf = instrument.arm(arm).lsf_sigma_px
-    spots_raw = _arc_spots(arc_raw, base.traces, lsf)
+    spots_raw = arc_spots(arc_raw, base.traces, lsf)
     x0 = np.arange(instrument.nominal_fiber_columns()[0], instrument.nominal_fiber_columns()[-1], 2.0)
     iso_before, spacing_before = iso_column_residual(None, cam.distortion, x0, instrument.ny, instrument.nx)
     straight_raw = rectify.trace_straightness(base.traces)
@@ -256,7 +166,7 @@ def evaluate_case(instrument: Instrument, camera: str, seed: int, psf_model: str
         t0 = time.perf_counter()
         arc_rect = rectify.rectify_image(arc_raw.image, arc_raw.ivar, arc_raw.mask, rect.map)
         t_rect = time.perf_counter() - t0
-        spots_rect = _arc_spots(arc_rect, cal.traces, lsf)
+        spots_rect = arc_spots(arc_rect, cal.traces, lsf)
         iso, spacing = iso_column_residual(rect.map, cam.distortion, x0, instrument.ny, instrument.nx)
         out["map"].append(head | {
             "variant": v.name, "straight_before_px": float(np.nanmedian(rect.straightness_raw)),
@@ -267,8 +177,8 @@ def evaluate_case(instrument: Instrument, camera: str, seed: int, psf_model: str
             "wave_err_A": accuracy.wavelength_error(cal.wave.wave(), tw, live)["wave_rms_A"],
             "label_rms_px": rect.info["label_rms"], "fit_s": rect.info["fit_seconds"], "rectify_s": t_rect,
             "calib_s": t_cal})
-        a, b = _match(spots_raw, spots_rect)
-        sa, sb = _spread(a), _spread(b)
+        a, b = match_spots(spots_raw, spots_rect)
+        sa, sb = spot_spread(a), spot_spread(b)
         out["psf"].append(head | {"variant": v.name} | {f"{k}_before": x for k, x in sa.items()}
                           | {f"{k}_after": x for k, x in sb.items() if k != "n_spots"})
         t_red = 0.0
@@ -294,8 +204,8 @@ def evaluate_case(instrument: Instrument, camera: str, seed: int, psf_model: str
                     "var14_ratio": float(np.nanmedian(v1 / v0)), "var14_frac_down": float(np.mean(v1 < v0)),
                     "flux_ratio_before": float(np.nanmedian(fa0["ratio"])), "flux_ratio_after": float(np.nanmedian(fa1["ratio"])),
                     "pull_std_before": float(np.nanmedian(fa0["pull_std"])), "pull_std_after": float(np.nanmedian(fa1["pull_std"])),
-                    "resid8_before": float(np.nanmedian(_binned_resid(before.spectra, truth, stars))),
-                    "resid8_after": float(np.nanmedian(_binned_resid(after.spectra, truth, stars))),
+                    "resid8_before": float(np.nanmedian(binned_residual(before.spectra, truth, stars))),
+                    "resid8_after": float(np.nanmedian(binned_residual(after.spectra, truth, stars))),
                     "_snr15_pairs": np.column_stack([s0, s1]).tolist(), "_var14_pairs": np.column_stack([v0, v1]).tolist(),
                 })
         out["map"][-1]["reduce_s"] = t_red / max(len(science), 1)

@@ -23,7 +23,6 @@ import datetime as dt
 import hashlib
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -342,13 +341,9 @@ def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, rebuild
         _, specid = parse_camera(camera)
         for exp in todo:
             if camera in calib_error:
-                result = FrameResult(exp["night"], exp["expid"], camera, marker={
-                    "night": exp["night"], "expid": exp["expid"], "camera": camera, "file_version": exp["file_version"],
-                    "pixel_sha256": exp["pixel_sha256"], "status": "failed", "error": calib_error[camera],
-                    "calib_night": None if isinstance(choice, Exception) else choice.night,
-                    "calib_id": None if isinstance(choice, Exception) else choice.calib_id,
-                    "n_spectra": 0, "seconds": 0.0, "landed_at": exp["ingested_at"]})
-                _record(result, writer, report)
+                known = not isinstance(choice, Exception)
+                _record(_failed(exp, choice.night if known else None, choice.calib_id if known else None,
+                                calib_error[camera]), writer, report)
                 bar.update(1)
             else:
                 frame_calls.append((exp, choice.night, choice.calib_id, _fibermap_of(fibermaps, exp["expid"], specid)))
@@ -361,15 +356,19 @@ def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, rebuild
 
     for call, result in pool.map("reduce", calls()):
         if isinstance(result, Exception):  # the worker died for good: record, go on
-            exp = call[0]
-            result = FrameResult(exp["night"], exp["expid"], exp["camera"], marker={
-                "night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
-                "file_version": exp["file_version"], "pixel_sha256": exp["pixel_sha256"], "status": "failed",
-                "error": f"worker lost: {type(result).__name__}: {str(result)[:300]}", "calib_night": call[1],
-                "calib_id": call[2], "n_spectra": 0, "seconds": 0.0, "landed_at": exp["ingested_at"]})
+            result = _failed(call[0], call[1], call[2], f"worker lost: {type(result).__name__}: {str(result)[:300]}")
         _record(result, writer, report)
         bar.update(1)
     bar.close()
+
+
+def _failed(exp: dict, calib_night: str | None, calib_id: str | None, error: str) -> FrameResult:
+    """The result of a frame that could not be reduced (its marker records why)."""
+    marker = {"night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
+              "file_version": exp["file_version"], "pixel_sha256": exp["pixel_sha256"], "status": "failed",
+              "error": error, "calib_night": calib_night, "calib_id": calib_id, "n_spectra": 0, "seconds": 0.0,
+              "landed_at": exp["ingested_at"]}
+    return FrameResult(exp["night"], exp["expid"], exp["camera"], marker=marker)
 
 
 def _record(result: FrameResult, writer: BatchWriter, report: ProcessReport) -> None:

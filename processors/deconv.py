@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fiberlake.processors.extract import Spectra1D, prepare_pixels
+from fiberlake.processors.extract import Spectra1D, prepare_pixels, solve_tridiagonal
 from fiberlake.processors.psf import PSFModel
 from fiberlake.schemas.calib import TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
@@ -402,15 +402,7 @@ def row_fit(tab: FrameTables) -> np.ndarray:
     if nf == 1:
         return b / d
     e = np.where(tiny[:-1] | tiny[1:], 0.0, e)
-    dp, bp = d.copy(), b.copy()
-    for i in range(1, nf):
-        m = e[i - 1] / dp[i - 1]
-        dp[i] = d[i] - m * e[i - 1]
-        bp[i] = b[i] - m * bp[i - 1]
-    x = np.empty_like(b)
-    x[-1] = bp[-1] / dp[-1]
-    for i in range(nf - 2, -1, -1):
-        x[i] = (bp[i] - e[i] * x[i + 1]) / dp[i]
+    x, _ = solve_tridiagonal(d, e, b)
     return np.where(tiny, 0.0, x)
 
 

@@ -3,7 +3,6 @@ and every raw array's bytes and attributes."""
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from fiberlake.schemas.tables import SCHEMAS

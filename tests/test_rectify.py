@@ -238,7 +238,7 @@ def test_stage_inside_calibration_and_reduction(mini_camera):
 
 
 def test_evaluation_figures_against_an_exact_inverse():
-    from fiberlake.jobs.evaluate_rectify import iso_column_residual
+    from fiberlake.processors.rectify_accuracy import iso_column_residual
 
     dist = {"k": 0.03, "cx": 149.5, "cy": 249.5, "R": 250.0}
     x0 = np.arange(30.0, 270.0, 2.0)

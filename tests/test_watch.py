@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from fiberlake.ingest.simulate import simulate_night
