@@ -420,6 +420,28 @@ def solve_tridiagonal(d: np.ndarray, e: np.ndarray, b: np.ndarray):
     return x, inv_diag
 
 
+def default_deblend_halfwidth(traces: TraceSet, halfwidth: float = 7.0, profile_sigma: np.ndarray | float | None = None,
+                              profile: ProfileModel | None = None) -> float:
+    """Profile support of the simultaneous optimal fit: ``min(max(halfwidth, 4.5 * max sigma),
+    0.95 * min fiber spacing)``, so that only nearest neighbours couple.
+
+    A frame cut into bundles computes it once over all fibers and passes it to every bundle's
+    :func:`optimal_extract`, so a bundle is fitted exactly as in the whole frame.
+    """
+    xc = traces.x()
+    xc = xc[np.argsort(np.median(xc, axis=1), kind="stable")]
+    hw = max(float(halfwidth), 4.5 * _resolve_profile(traces, profile_sigma, profile).max_extent())
+    if traces.n_fibers < 2:
+        return hw
+    return min(hw, 0.95 * float(np.min(np.diff(xc, axis=0))))
+
+
+def estimate_read_noise(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None) -> float:
+    """Read noise (electrons) implied by a frame's inverse variance (see :func:`optimal_extract`)."""
+    img, good, var, _ = _prepare(image, ivar, mask)
+    return float(np.sqrt(_estimate_read_noise_var(img, good, var)))
+
+
 def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None,
                     traces: TraceSet, *, profile_sigma: np.ndarray | float | None = None,
                     halfwidth: float = 7.0, reject_sigma: float = 5.0, max_iter: int = 5,
@@ -500,10 +522,8 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     hw = float(halfwidth)
     if coupled:
         spacing = float(np.min(np.diff(xc_all, axis=0)))
-        if deblend_halfwidth is None:
-            hw = min(max(hw, 4.5 * prof.max_extent()), 0.95 * spacing)
-        else:
-            hw = float(deblend_halfwidth)
+        hw = default_deblend_halfwidth(traces, halfwidth, profile_sigma, profile) if deblend_halfwidth is None \
+            else float(deblend_halfwidth)
         if not hw < spacing:
             raise ValueError(f"deblend half-width {hw} must be below the fiber spacing {spacing}")
 

@@ -8,7 +8,10 @@ Two steps, each a list of calls to the stage modules:
   same way as science);
 * :func:`reduce_frame`: CCD correction -> [resampling into the rectified frame] -> extraction
   on the row grid -> fiber flat -> resampling onto the camera's wavelength grid -> sky
-  subtraction -> quality metrics.
+  subtraction -> quality metrics. It is three steps that ``jobs/`` can run as separate tasks:
+  :func:`prepare_frame` (correction, then the frame cut into fiber bundles),
+  :func:`extract_bundle` (extraction to the wavelength grid, one bundle at a time) and
+  :func:`finish_frame` (sky from all the sky fibers, metrics).
 
 No file or table I/O happens here; ``jobs/process.py`` reads frames and writes products.
 """
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fiberlake.processors import ccd, deconv, extract, fiberflat, quality, rectify, resample, sky, tracing, wavecal
+from fiberlake.processors.chunks import Bundle, bundle_columns, plan_bundles, subset_profile, subset_psf, subset_traces
 from fiberlake.processors.extract import Spectra1D
 from fiberlake.processors.rectify import Rectification, RectifyConfig
 from fiberlake.processors.rectify_map import MAP_KINDS, MapConfig
@@ -108,6 +112,14 @@ class ReductionParams:
         pincushion's wider spacing at the edges). With a PSF tied to the distortion the
         spread of the arc-line widths across the slit drops from 1.95 % to 1.18 % (slit)
         against 1.53 % (tls) at k = 0.03; other figures are the same.
+    chunk_fibers : int
+        Fibers per bundle, the unit of work of the extraction (:mod:`fiberlake.processors.chunks`):
+        25 cuts a LAMOST frame of 250 fibers into 10 bundles; 0 extracts the whole frame at once.
+        Box spectra do not depend on it; optimal spectra only through the ``BAD2DFIT`` flag
+        (its threshold is a median over the bundle); deconvolution patches do not cross a bundle.
+    chunk_margin : int
+        Neighbouring fibers extracted with each bundle on either side (then dropped), so that the
+        simultaneous fits see their neighbours' light.
     """
 
     extractions: tuple[str, ...] = DEFAULT_EXTRACTIONS
@@ -133,6 +145,8 @@ class ReductionParams:
     rectify_deg: int = 5
     rectify_order: int = 3
     rectify_labels: str = "slit"
+    chunk_fibers: int = 25
+    chunk_margin: int = 2
 
     def __post_init__(self) -> None:
         unknown = set(self.extractions) - set(EXTRACTIONS)
@@ -253,18 +267,22 @@ def _deconv_params(params: ReductionParams) -> deconv.DeconvParams:
 
 
 def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: ReductionParams,
-             profile: extract.ProfileModel | None, psf: PSFModel | None = None) -> Spectra1D:
+             profile: extract.ProfileModel | None, psf: PSFModel | None = None,
+             constants: FrameConstants | None = None) -> Spectra1D:
+    read_noise = constants.read_noise if constants else None
     if method == "deconv":
         if psf is None:
             raise ValueError("deconv extraction needs a PSF model in the calibration set "
                              "(build it with 'deconv' among the extractions)")
-        return deconv.deconv_extract(image.image, image.ivar, image.mask, traces, psf, _deconv_params(params))
+        return deconv.deconv_extract(image.image, image.ivar, image.mask, traces, psf, _deconv_params(params),
+                                     read_noise=read_noise)
     if method == "box":
         return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box_halfwidth,
                                    profile=profile)
     return extract.optimal_extract(
         image.image, image.ivar, image.mask, traces,
         halfwidth=params.box_halfwidth, reject_sigma=params.optimal_reject_sigma, profile=profile,
+        read_noise=read_noise, deblend_halfwidth=constants.deblend_halfwidth if constants else None,
     )
 
 
@@ -396,6 +414,200 @@ def _trace_offsets(image: ccd.CCDImage, traces: TraceSet, halfwidth: float) -> n
     return out.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FrameConstants:
+    """Figures of a whole corrected frame that every bundle's extraction uses, so that a bundle
+    is extracted as it would be in the whole frame.
+
+    Attributes
+    ----------
+    read_noise : float
+        Read noise (electrons) implied by the frame's inverse variance.
+    deblend_halfwidth : float
+        Profile support of the simultaneous optimal fit.
+    """
+
+    read_noise: float
+    deblend_halfwidth: float
+
+
+@dataclass
+class FrameSlab:
+    """The columns of a corrected frame that one bundle is extracted from.
+
+    Attributes
+    ----------
+    bundle : Bundle
+    col0 : int
+        CCD column of the slab's column 0.
+    image : CCDImage
+        The slab (rows: the whole frame).
+    """
+
+    bundle: Bundle
+    col0: int
+    image: ccd.CCDImage
+
+
+@dataclass
+class BundleSpectra:
+    """A bundle's core fibers, extracted, flat-fielded and on the wavelength grid (before sky).
+
+    Attributes
+    ----------
+    bundle : Bundle
+    spectra : dict of str to Spectra1D
+        Per extraction method, shape ``(n_core, n_wave)``.
+    resolution : dict of str to ndarray or None
+        ``deconv``: the core fibers' resolution bands on the row grid (see :class:`ReducedFrame`).
+    offsets : ndarray, shape (n_core,)
+        Median offset (px) of each fiber's light from its trace.
+    """
+
+    bundle: Bundle
+    spectra: dict[str, Spectra1D]
+    resolution: dict[str, np.ndarray | None]
+    offsets: np.ndarray
+
+
+def frame_bundles(calib: Calibration, params: ReductionParams) -> list[Bundle]:
+    """The bundles a frame of this calibration is cut into."""
+    return plan_bundles(calib.traces.n_fibers, params.chunk_fibers, params.chunk_margin)
+
+
+def prepare_frame(raw: np.ndarray, ccd_params: ccd.CCDParams, calib: Calibration,
+                  params: ReductionParams) -> tuple[FrameConstants, list[FrameSlab]]:
+    """Correct a raw frame (CCD, cosmics, aberration) and cut it into its bundles' slabs.
+
+    Parameters
+    ----------
+    raw : ndarray
+        Raw frame (ADU, with overscan).
+    ccd_params : CCDParams
+        Camera parameters from the frame's header.
+    calib : Calibration
+        The camera's calibration set.
+    params : ReductionParams
+
+    Returns
+    -------
+    FrameConstants
+    list of FrameSlab
+        One per bundle of :func:`frame_bundles`, in order.
+    """
+    image = ccd.preprocess(raw, ccd_params, calib.master_bias, cosmics=params.cosmics)
+    if calib.rectification is not None:  # the calibration lives in the rectified frame
+        image = rectify.rectify_image(image.image, image.ivar, image.mask, calib.rectification.map,
+                                      order=calib.rectification.config.order)
+    constants = FrameConstants(
+        read_noise=extract.estimate_read_noise(image.image, image.ivar, image.mask),
+        deblend_halfwidth=extract.default_deblend_halfwidth(calib.traces, params.box_halfwidth, profile=calib.profile))
+    reach = max(params.box_halfwidth, constants.deblend_halfwidth)
+    if calib.psf is not None:
+        reach = max(reach, calib.psf.xsf.halfwidth + 1)
+    nx = image.image.shape[1]
+    slabs = []
+    for bundle in frame_bundles(calib, params):
+        c0, c1 = bundle_columns(calib.traces, bundle, reach, nx)
+        cut = ccd.CCDImage(image=image.image[:, c0:c1], ivar=image.ivar[:, c0:c1], mask=image.mask[:, c0:c1])
+        slabs.append(FrameSlab(bundle=bundle, col0=c0, image=cut))
+    return constants, slabs
+
+
+def _core(spectra: Spectra1D, keep: slice) -> Spectra1D:
+    return Spectra1D(spectra.flux[keep], spectra.ivar[keep], spectra.mask[keep],
+                     chi2=None if spectra.chi2 is None else spectra.chi2[keep],
+                     npix=None if spectra.npix is None else spectra.npix[keep])
+
+
+def extract_bundle(slab: FrameSlab, constants: FrameConstants, calib: Calibration,
+                   params: ReductionParams) -> BundleSpectra:
+    """Extract one bundle's fibers from its slab, flat-field them and resample them onto the grid.
+
+    Parameters
+    ----------
+    slab : FrameSlab
+        From :func:`prepare_frame`.
+    constants : FrameConstants
+        From :func:`prepare_frame`.
+    calib : Calibration
+    params : ReductionParams
+
+    Returns
+    -------
+    BundleSpectra
+    """
+    bundle = slab.bundle
+    lo, hi = bundle.core
+    traces = subset_traces(calib.traces, bundle.fibers, slab.col0)
+    profile = subset_profile(calib.profile, bundle.fibers)
+    psf = subset_psf(calib.psf, bundle.fibers, slab.col0)
+    wave_rows = _wave_rows(calib)[lo:hi]
+    dead = calib.traces.dead[lo:hi]
+    offsets = _trace_offsets(slab.image, traces, params.box_halfwidth)[bundle.keep]
+    spectra, resolution = {}, {}
+    for method in params.extractions:
+        rows = _extract(method, slab.image, traces, params, profile, psf, constants)
+        res = getattr(rows, "resolution", None)
+        resolution[method] = None if res is None else res[bundle.keep]
+        flatted = fiberflat.apply_fiberflat(_core(rows, bundle.keep), _core(calib.fiberflats[method], slice(lo, hi)))
+        on_grid = resample.resample_to_grid(wave_rows, flatted, calib.grid, row_range=calib.wave.row_range[lo:hi])
+        on_grid.mask[dead] |= np.uint32(Mask.DEADFIBER)
+        on_grid.ivar[dead] = 0
+        spectra[method] = on_grid
+    return BundleSpectra(bundle=bundle, spectra=spectra, resolution=resolution, offsets=offsets)
+
+
+def _wave_rows(calib: Calibration) -> np.ndarray:
+    cache = calib.__dict__.setdefault("_wave_rows", [])
+    if not cache:
+        cache.append(calib.wave.wave())
+    return cache[0]
+
+
+def finish_frame(parts: list[BundleSpectra], calib: Calibration, sky_fibers: np.ndarray,
+                 params: ReductionParams) -> dict[str, ReducedFrame]:
+    """Join a frame's bundles, subtract the sky (from all its sky fibers) and measure quality.
+
+    Parameters
+    ----------
+    parts : list of BundleSpectra
+        Every bundle of the frame, any order.
+    calib : Calibration
+    sky_fibers : ndarray of bool, shape (n_fibers,)
+    params : ReductionParams
+
+    Returns
+    -------
+    dict of str to ReducedFrame
+        Keyed by extraction method.
+    """
+    parts = sorted(parts, key=lambda p: p.bundle.core[0])
+    cores = [p.bundle.core for p in parts]
+    if cores[0][0] != 0 or cores[-1][1] != calib.traces.n_fibers or any(a[1] != b[0] for a, b in zip(cores, cores[1:])):
+        raise ValueError(f"bundles {cores} do not tile the {calib.traces.n_fibers} fibers")
+    dead = calib.traces.dead
+    sky_fibers = np.asarray(sky_fibers, bool) & ~dead
+    offsets = np.concatenate([p.offsets for p in parts])
+    out: dict[str, ReducedFrame] = {}
+    for method in params.extractions:
+        on_grid = Spectra1D(*(np.concatenate([getattr(p.spectra[method], k) for p in parts])
+                              for k in ("flux", "ivar", "mask")))
+        res = [p.resolution[method] for p in parts]
+        sky_model = sky.sky_model(on_grid, sky_fibers)
+        final = sky.subtract_sky(on_grid, sky_model)
+        residuals = sky.sky_residuals(on_grid, sky_fibers) if sky_fibers.sum() >= 3 else {}
+        out[method] = ReducedFrame(
+            spectra=final,
+            sky=sky_model,
+            metrics=fiber_metrics(final, calib, offsets, sky_fibers),
+            frame_metrics={k: float(v) for k, v in residuals.items()}
+            | {"trace_offset_rms": float(np.sqrt(np.nanmean(offsets[~dead] ** 2)))},
+            resolution=None if any(r is None for r in res) else np.concatenate(res),
+        )
+    return out
+
+
 def reduce_frame(
     raw: np.ndarray,
     ccd_params: ccd.CCDParams,
@@ -404,6 +616,10 @@ def reduce_frame(
     params: ReductionParams,
 ) -> dict[str, ReducedFrame]:
     """Reduce one science or standard frame to calibrated spectra, per extraction method.
+
+    The three steps :func:`prepare_frame`, :func:`extract_bundle` (once per bundle) and
+    :func:`finish_frame`, in one call; ``jobs/`` runs them as separate tasks so that the bundles
+    of a frame are extracted in parallel.
 
     Parameters
     ----------
@@ -423,33 +639,9 @@ def reduce_frame(
     dict of str to ReducedFrame
         Keyed by extraction method.
     """
-    image = ccd.preprocess(raw, ccd_params, calib.master_bias, cosmics=params.cosmics)
-    if calib.rectification is not None:  # the calibration lives in the rectified frame
-        image = rectify.rectify_image(image.image, image.ivar, image.mask, calib.rectification.map,
-                                      order=calib.rectification.config.order)
-    wave_rows = calib.wave.wave()
-    dead = calib.traces.dead
-    sky_fibers = np.asarray(sky_fibers, bool) & ~dead
-    offsets = _trace_offsets(image, calib.traces, params.box_halfwidth)
-    out: dict[str, ReducedFrame] = {}
-    for method in params.extractions:
-        rows = _extract(method, image, calib.traces, params, calib.profile, calib.psf)
-        flatted = fiberflat.apply_fiberflat(rows, calib.fiberflats[method])
-        on_grid = resample.resample_to_grid(wave_rows, flatted, calib.grid, row_range=calib.wave.row_range)
-        on_grid.mask[dead] |= np.uint32(Mask.DEADFIBER)
-        on_grid.ivar[dead] = 0
-        sky_model = sky.sky_model(on_grid, sky_fibers)
-        final = sky.subtract_sky(on_grid, sky_model)
-        residuals = sky.sky_residuals(on_grid, sky_fibers) if sky_fibers.sum() >= 3 else {}
-        out[method] = ReducedFrame(
-            spectra=final,
-            sky=sky_model,
-            metrics=fiber_metrics(final, calib, offsets, sky_fibers),
-            frame_metrics={k: float(v) for k, v in residuals.items()}
-            | {"trace_offset_rms": float(np.sqrt(np.nanmean(offsets[~dead] ** 2)))},
-            resolution=getattr(rows, "resolution", None),
-        )
-    return out
+    constants, slabs = prepare_frame(raw, ccd_params, calib, params)
+    parts = [extract_bundle(slab, constants, calib, params) for slab in slabs]
+    return finish_frame(parts, calib, sky_fibers, params)
 
 
 def fiber_metrics(spectra: Spectra1D, calib: Calibration, offsets: np.ndarray, sky_fibers: np.ndarray) -> dict[str, np.ndarray]:

@@ -268,9 +268,13 @@ class PSFModel:
     nx: int
     invariant: bool = False
     info: dict = field(default_factory=dict)
+    x_offset: float = 0.0
+    """CCD column of column 0 of the image the model is applied to (a slab of the frame, see
+    :func:`fiberlake.processors.chunks.subset_psf`); not stored."""
 
     def _uv(self, x: np.ndarray, rows: np.ndarray):
-        return 2.0 * np.asarray(x, float) / (self.nx - 1) - 1.0, 2.0 * np.asarray(rows, float) / (self.ny - 1) - 1.0
+        x_ccd = np.asarray(x, float) + self.x_offset
+        return 2.0 * x_ccd / (self.nx - 1) - 1.0, 2.0 * np.asarray(rows, float) / (self.ny - 1) - 1.0
 
     def lsf_weights(self, fibers: np.ndarray, x: np.ndarray, centres: np.ndarray):
         """LSF of line centroids at fractional ``centres`` (rows).

@@ -1,0 +1,78 @@
+"""A frame cut into fiber bundles reduces to the same spectra as the whole frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiberlake.ingest.simulate import make_expid, simulate_frame
+from fiberlake.processors import ccd
+from fiberlake.processors.chunks import bundle_columns, n_bundles, plan_bundles, subset_psf, subset_traces
+from fiberlake.processors.pipeline import ReductionParams, build_calibration, reduce_frame
+from fiberlake.processors.psf import PSFModel
+from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.instrument import MINI
+
+NIGHT = "2026-04-19"
+SEED = 7219  # used by no other test
+
+
+@pytest.mark.parametrize("n_fibers,per,margin", [(250, 25, 2), (32, 8, 2), (32, 5, 3), (32, 0, 2), (32, 40, 2), (1, 1, 0)])
+def test_bundles_tile_the_slit(n_fibers, per, margin):
+    bundles = plan_bundles(n_fibers, per, margin)
+    assert len(bundles) == n_bundles(n_fibers, per)
+    assert bundles[0].core[0] == 0 and bundles[-1].core[1] == n_fibers
+    for a, b in zip(bundles, bundles[1:]):
+        assert a.core[1] == b.core[0]
+    for b in bundles:
+        assert b.fibers[0] == max(0, b.core[0] - margin) and b.fibers[1] == min(n_fibers, b.core[1] + margin)
+        assert b.keep.stop - b.keep.start == b.core[1] - b.core[0]
+    with pytest.raises(ValueError):
+        plan_bundles(n_fibers, -1)
+
+
+def test_slab_coordinates():
+    rng = np.random.default_rng(1)
+    coeffs = np.zeros((10, 4))
+    coeffs[:, 0] = 20 + 16 * np.arange(10)
+    coeffs[:, 1:] = rng.normal(0, 2, (10, 3))
+    traces = TraceSet(coeffs=coeffs, ny=100, dead=np.zeros(10, bool), rms=np.zeros(10), sigma=np.ones(10))
+    sub = subset_traces(traces, (3, 7), 50)
+    np.testing.assert_allclose(sub.x() + 50, traces.x()[3:7], atol=1e-9)
+    bundle = plan_bundles(10, 4, 1)[1]
+    c0, c1 = bundle_columns(traces, bundle, 7.0, 200)
+    x = traces.x()[bundle.fibers[0]:bundle.fibers[1]]
+    assert c0 <= x.min() - 7 and c1 >= x.max() + 8 and 0 <= c0 < c1 <= 200
+    psf = PSFModel.gaussian(1.0, 1.2, ny=100, nx=200)
+    psf.xsf.focus = np.linspace(0, 0.1, 10)
+    seen = subset_psf(psf, (3, 7), 50)
+    s_full, _ = psf.xsf.params(*psf._uv(np.array([90.0]), np.array([40.0])), np.array([4]))
+    s_sub, _ = seen.xsf.params(*seen._uv(np.array([40.0]), np.array([40.0])), np.array([1]))
+    np.testing.assert_allclose(s_sub, s_full)
+
+
+def test_bundles_reduce_like_the_whole_frame():
+    pytest.importorskip("torch")
+    frames = {}
+    for seq, obstype in enumerate(("BIAS", "FLAT", "ARC", "SCIENCE"), start=1):
+        frames[obstype] = simulate_frame(MINI, "b1", obstype, night=NIGHT, expid=make_expid(NIGHT, seq), seed=SEED)
+    params = ccd.CCDParams.from_header(dict(frames["FLAT"].header), saturation=65535)
+    whole = ReductionParams(extractions=("box", "optimal", "deconv"), chunk_fibers=0)
+    calib = build_calibration([frames["BIAS"].raw], [frames["FLAT"].raw], [frames["ARC"].raw], params, MINI, "b", whole)
+    sci = frames["SCIENCE"]
+    sky = np.asarray(sci.truth["TARGETS"]["OBJTYPE"]) == "SKY"
+    ref = reduce_frame(sci.raw, params, calib, sky, whole)
+    out = reduce_frame(sci.raw, params, calib, sky, ReductionParams(extractions=whole.extractions, chunk_fibers=7,
+                                                                        chunk_margin=2))
+    for method, tol in (("box", 0.0), ("optimal", 1e-3), ("deconv", 0.01)):
+        a, b = ref[method].spectra, out[method].spectra
+        # differences in units of the noise: box is identical, the simultaneous fits nearly so
+        worst = float(np.max(np.abs(a.flux - b.flux) * np.sqrt(a.ivar)))
+        assert worst <= tol, (method, worst)
+        np.testing.assert_allclose(b.ivar, a.ivar, rtol=1e-4)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(out[method].metrics["snr_eq15"], ref[method].metrics["snr_eq15"], rtol=1e-3)
+    assert out["deconv"].resolution.shape == ref["deconv"].resolution.shape
+    np.testing.assert_allclose(out["deconv"].resolution, ref["deconv"].resolution, atol=1e-3)
+    # sky was fitted from every sky fiber of the frame, not per bundle
+    np.testing.assert_allclose(out["box"].sky.flux, ref["box"].sky.flux)
