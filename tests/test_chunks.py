@@ -12,6 +12,7 @@ from fiberlake.processors.pipeline import ReductionParams, build_calibration, re
 from fiberlake.processors.psf import PSFModel
 from fiberlake.schemas.calib import TraceSet
 from fiberlake.schemas.instrument import MINI
+from fiberlake.schemas.maskbits import Mask
 
 NIGHT = "2026-04-19"
 SEED = 7219  # used by no other test
@@ -70,7 +71,9 @@ def test_bundles_reduce_like_the_whole_frame():
         worst = float(np.max(np.abs(a.flux - b.flux) * np.sqrt(a.ivar)))
         assert worst <= tol, (method, worst)
         np.testing.assert_allclose(b.ivar, a.ivar, rtol=1e-4)
-        np.testing.assert_array_equal(a.mask, b.mask)
+        # the one flag that may differ: BAD2DFIT's threshold is a median over the fibers fitted together
+        np.testing.assert_array_equal(a.mask & ~np.uint32(Mask.BAD2DFIT), b.mask & ~np.uint32(Mask.BAD2DFIT))
+        assert np.mean(a.mask != b.mask) < 1e-3, method
         np.testing.assert_allclose(out[method].metrics["snr_eq15"], ref[method].metrics["snr_eq15"], rtol=1e-3)
     assert out["deconv"].resolution.shape == ref["deconv"].resolution.shape
     np.testing.assert_allclose(out["deconv"].resolution, ref["deconv"].resolution, atol=1e-3)
