@@ -93,7 +93,8 @@ def _reduction_params(args: argparse.Namespace):
     return ProcessConfig(extractions=tuple(args.extract.split(",")), cosmics=not args.no_cosmics,
                          psf_invariant=args.psf_invariant, deconv_device=args.deconv_device,
                          rectify=not args.no_rectify, rectify_map=args.rectify_map,
-                         rectify_sampling=args.rectify_sampling, rectify_labels=args.rectify_labels)
+                         rectify_sampling=args.rectify_sampling, rectify_labels=args.rectify_labels,
+                         chunk_fibers=args.chunk_fibers, chunk_margin=args.chunk_margin)
 
 
 def _add_reduction_flags(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +113,10 @@ def _add_reduction_flags(parser: argparse.ArgumentParser) -> None:
                         help="training samples along the traces: semicircle (eq. 13, default) or uniform")
     parser.add_argument("--rectify-labels", default="slit", choices=("slit", "tls"),
                         help="target lines: parallel and equally spaced (slit, default) or each trace's TLS line (tls, the paper)")
+    parser.add_argument("--chunk-fibers", type=int, default=25,
+                        help="fibers per bundle, the unit of work of the extraction (0: whole frames)")
+    parser.add_argument("--chunk-margin", type=int, default=2,
+                        help="neighbour fibers extracted with each bundle on either side")
 
 
 def _cmd_process(args: argparse.Namespace) -> int:

@@ -34,6 +34,10 @@ class LocalPool:
         for call in calls:
             yield call, fn(*call)
 
+    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
+        """Reduce frames (``(exp, calib_night, calib_id, fibermap)`` calls) one after the other."""
+        return self.map("reduce", calls)
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -89,6 +93,7 @@ class RayPool:
         actor_class = ray.remote(FrameReducer).options(**options)
         self.actors = [actor_class.remote(lake_root, config) for _ in range(n_actors)]
         ray.get([a.ping.remote() for a in self.actors])
+        self.n_bundles = ray.get(self.actors[0].n_bundles.remote())
         self.max_in_flight = max_in_flight
         self.device = "gpu" if options["num_gpus"] else "cpu"
 
@@ -121,6 +126,59 @@ class RayPool:
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # the actor died for good, or the call raised
+                result = err
+            while submit():
+                pass
+            yield call, result
+
+    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
+        """Reduce frames, each as a small graph of actor calls, yielding ``(call, result)`` as frames finish.
+
+        A frame ``(exp, calib_night, calib_id, fibermap)`` is prepared on the least loaded
+        actor, which returns one Ray object per fiber-bundle slab; its bundles are extracted on
+        all the actors in turn (each fetches only its slab); the actor that prepared it joins
+        them. The calls carry object references, so the driver never holds pixels, and at most
+        ``n_actors * max_in_flight`` frames are in flight. Actors run their calls in submission
+        order, and every call depends only on calls submitted before it, so the graph always
+        makes progress.
+        """
+        import ray
+
+        pending = iter(calls)
+        in_flight: dict[Any, tuple[int, Call]] = {}
+        load = [0] * len(self.actors)
+        n_actors = len(self.actors)
+        cursor = 0
+
+        def submit() -> bool:
+            nonlocal cursor
+            if len(in_flight) >= n_actors * self.max_in_flight:
+                return False
+            call = next(pending, None)
+            if call is None:
+                return False
+            exp, calib_night, calib_id, fibermap = call
+            home = min(range(n_actors), key=load.__getitem__)
+            prepared, *slabs = self.actors[home].prepare.options(num_returns=self.n_bundles + 1).remote(
+                exp, calib_night, calib_id)
+            parts = []
+            for slab in slabs:
+                cursor = (cursor + 1) % n_actors
+                parts.append(self.actors[cursor].extract.remote(prepared, slab))
+            ref = self.actors[home].finish.remote(exp, fibermap, prepared, *parts)
+            in_flight[ref] = (home, call)
+            load[home] += 1
+            return True
+
+        while submit():
+            pass
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            home, call = in_flight.pop(ready[0])
+            load[home] -= 1
+            try:
+                result = ray.get(ready[0])
+            except Exception as err:  # an actor died for good
                 result = err
             while submit():
                 pass

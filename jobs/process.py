@@ -354,7 +354,7 @@ def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, rebuild
                 return
             yield call
 
-    for call, result in pool.map("reduce", calls()):
+    for call, result in pool.reduce_frames(calls()):
         if isinstance(result, Exception):  # the worker died for good: record, go on
             result = _failed(call[0], call[1], call[2], f"worker lost: {type(result).__name__}: {str(result)[:300]}")
         _record(result, writer, report)

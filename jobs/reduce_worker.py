@@ -1,7 +1,10 @@
 """The unit of work of processing: a stateful reducer that builds calibration sets and reduces frames.
 
 One :class:`FrameReducer` runs in-process (``--no-ray``) or as a Ray actor; the code is the
-same. It reads raw arrays and calibration sets from the lake, keeps the calibration sets it has
+same. A frame is reduced in three calls: :meth:`~FrameReducer.prepare` (read, correct, cut into
+fiber-bundle slabs), :meth:`~FrameReducer.extract` once per bundle (on any reducer) and
+:meth:`~FrameReducer.finish` (sky, metrics, table rows); :meth:`~FrameReducer.reduce` chains
+them in one process. It reads raw arrays and calibration sets from the lake, keeps the calibration sets it has
 loaded (and, through them, any models) in memory between frames, and returns table rows. It
 never writes a table: results go back to the driver's single writer
 (:class:`~fiberlake.jobs.table_writer.BatchWriter`), so commits never race. The one thing it
@@ -18,7 +21,17 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from fiberlake.processors.pipeline import Calibration, ReductionParams, reduce_frame
+from fiberlake.processors.chunks import n_bundles
+from fiberlake.processors.pipeline import (
+    BundleSpectra,
+    Calibration,
+    FrameConstants,
+    FrameSlab,
+    ReductionParams,
+    extract_bundle,
+    finish_frame,
+    prepare_frame,
+)
 from fiberlake.schemas.instrument import get_instrument
 from fiberlake.storage.failpoints import failpoint
 from fiberlake.storage.layout import Lake
@@ -43,6 +56,21 @@ class FrameResult:
     def ok(self) -> bool:
         """True when the frame was reduced."""
         return self.marker["status"] == "ok"
+
+
+@dataclass
+class PreparedFrame:
+    """A corrected frame's small part (its slabs travel separately): marker fields, the frame's
+    extraction constants, or why it could not be prepared."""
+
+    marker: dict
+    constants: FrameConstants | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class FrameFailed(RuntimeError):
+    """A step of a frame's reduction failed; the message is the marker's error."""
 
 
 class FrameReducer:
@@ -104,25 +132,82 @@ class FrameReducer:
         while len(self._calibs) > CALIB_CACHE:
             self._calibs.popitem(last=False)
 
-    def reduce(self, exp: dict, calib_night: str, calib_id: str, fibermap: dict[int, dict]) -> FrameResult:
-        """Reduce one science or standard frame to its spectra and metrics rows.
+    def n_bundles(self) -> int:
+        """Bundles a frame is cut into (the number of slabs :meth:`prepare` returns)."""
+        return n_bundles(self.instrument.n_fibers, self.config.chunk_fibers)
+
+    def _marker(self, exp: dict, calib_night: str, calib_id: str) -> dict:
+        return {"night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
+                "file_version": exp["file_version"], "pixel_sha256": exp["pixel_sha256"],
+                "calib_night": calib_night, "calib_id": calib_id, "landed_at": exp["ingested_at"]}
+
+    def prepare(self, exp: dict, calib_night: str, calib_id: str) -> tuple:
+        """Read and correct one frame; cut it into its bundles' slabs.
+
+        Returns
+        -------
+        tuple
+            ``(PreparedFrame, slab_0, ..., slab_{n-1})`` with ``n = n_bundles()`` (Ray stores
+            each slab as its own object, so a bundle's task fetches only its slab). On failure the
+            slabs are None and the PreparedFrame carries the error.
+        """
+        t0 = time.perf_counter()
+        prepared = PreparedFrame(marker=self._marker(exp, calib_night, calib_id))
+        slabs: list = [None] * self.n_bundles()
+        try:
+            failpoint("reduce.frame")
+            calib = self._calibration(calib_night, exp["camera"], calib_id)
+            raw = read_raw_frame(self.lake.root, exp["raw_path"])
+            from fiberlake.jobs.process import ccd_params_from_row
+
+            prepared.constants, slabs = prepare_frame(raw, ccd_params_from_row(exp), calib, self.config)
+            if len(slabs) != self.n_bundles():
+                raise ValueError(f"calibration has {calib.traces.n_fibers} fibers, the instrument "
+                                 f"{self.instrument.n_fibers}")
+        except Exception as err:
+            prepared.error = f"{type(err).__name__}: {err}"
+            slabs = [None] * self.n_bundles()
+        prepared.seconds = time.perf_counter() - t0
+        return (prepared, *slabs)
+
+    def extract(self, prepared: PreparedFrame, slab: FrameSlab | None) -> BundleSpectra | str | None:
+        """Extract one bundle (see :func:`~fiberlake.processors.pipeline.extract_bundle`).
+
+        Returns
+        -------
+        BundleSpectra, or the error (str), or None when the frame could not be prepared.
+        """
+        if prepared.error is not None or slab is None:
+            return None
+        try:
+            calib = self._calibration(prepared.marker["calib_night"], prepared.marker["camera"],
+                                      prepared.marker["calib_id"])
+            return extract_bundle(slab, prepared.constants, calib, self.config)
+        except Exception as err:
+            return f"bundle {slab.bundle.index} (fibers {slab.bundle.core[0]}-{slab.bundle.core[1] - 1}): " \
+                   f"{type(err).__name__}: {err}"
+
+    def finish(self, exp: dict, fibermap: dict[int, dict], prepared: PreparedFrame,
+               *parts: BundleSpectra | str | None) -> FrameResult:
+        """Join a frame's bundles, subtract the sky, measure quality and make the table rows.
 
         A failure is returned as a result with status ``failed`` and the error, not raised: a
         frame that fails deterministically is recorded and the run goes on.
         """
-        from fiberlake.jobs.process import ccd_params_from_row, spectra_rows, rows_to_table
+        from fiberlake.jobs.process import rows_to_table, spectra_rows
 
         t0 = time.perf_counter()
-        marker = {"night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
-                  "file_version": exp["file_version"], "pixel_sha256": exp["pixel_sha256"],
-                  "calib_night": calib_night, "calib_id": calib_id, "landed_at": exp["ingested_at"]}
+        marker = dict(prepared.marker)
         result = FrameResult(night=exp["night"], expid=exp["expid"], camera=exp["camera"], marker=marker)
         try:
-            failpoint("reduce.frame")
-            calib = self._calibration(calib_night, exp["camera"], calib_id)
+            if prepared.error is not None:
+                raise FrameFailed(prepared.error)
+            errors = [p for p in parts if isinstance(p, str)]
+            if errors:
+                raise FrameFailed("; ".join(errors))
+            calib = self._calibration(marker["calib_night"], exp["camera"], marker["calib_id"])
             sky_fibers = np.array([fibermap.get(f, {}).get("objtype") == "SKY" for f in range(self.instrument.n_fibers)])
-            raw = read_raw_frame(self.lake.root, exp["raw_path"])
-            reduced = reduce_frame(raw, ccd_params_from_row(exp), calib, sky_fibers, self.config)
+            reduced = finish_frame(list(parts), calib, sky_fibers, self.config)
             rows, metrics = [], []
             for method, frame in reduced.items():
                 s_rows, m_rows = spectra_rows(exp, fibermap, method, frame, calib)
@@ -131,7 +216,15 @@ class FrameReducer:
             result.spectra = rows_to_table(rows, "spectra")
             result.metrics = metrics
             marker |= {"status": "ok", "error": None, "n_spectra": len(rows)}
+        except FrameFailed as err:
+            marker |= {"status": "failed", "error": str(err), "n_spectra": 0}
         except Exception as err:
             marker |= {"status": "failed", "error": f"{type(err).__name__}: {err}", "n_spectra": 0}
-        marker["seconds"] = time.perf_counter() - t0
+        marker["seconds"] = prepared.seconds + (time.perf_counter() - t0)
         return result
+
+    def reduce(self, exp: dict, calib_night: str, calib_id: str, fibermap: dict[int, dict]) -> FrameResult:
+        """Reduce one science or standard frame to its spectra and metrics rows, in this process:
+        :meth:`prepare`, :meth:`extract` for every bundle, :meth:`finish`."""
+        prepared, *slabs = self.prepare(exp, calib_night, calib_id)
+        return self.finish(exp, fibermap, prepared, *(self.extract(prepared, slab) for slab in slabs))

@@ -21,7 +21,7 @@ from fiberlake.storage.tables import TableStore
 from tests.lakecompare import assert_lakes_equal
 
 NIGHT = "2026-11-26"
-CONFIG = ReductionParams(extractions=("box",), cosmics=False)
+CONFIG = ReductionParams(extractions=("box",), cosmics=False, chunk_fibers=8)  # 4 bundles a frame
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_reprocess_resumes_after_the_driver_is_killed(ingested, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(reference.root, killed)
     command = [sys.executable, "-m", "fiberlake.jobs.cli", "reprocess", "--lake", str(killed), "--release", "dr1",
-               "--no-ray", "--batch-frames", "1", "--extract", "box", "--no-cosmics", "--quiet"]
+               "--no-ray", "--batch-frames", "1", "--extract", "box", "--no-cosmics", "--chunk-fibers", "8", "--quiet"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.run(command, env=env | {"FIBERLAKE_FAILPOINT": "committed.reductions:2"}, capture_output=True)
     assert first.returncode == -9, first.stderr.decode()[-2000:]
@@ -89,3 +89,28 @@ def test_reprocess_resumes_after_the_driver_is_killed(ingested, tmp_path):
     assert_lakes_equal(Lake.at(killed), Lake.at(whole))
     runs = TableStore(killed / "tables").read("runs").to_pylist()
     assert [r["command"] for r in runs].count("reprocess") == 1, "a resumed run keeps one row per night"
+
+
+def test_a_bundle_that_fails_is_recorded_and_the_run_goes_on(ingested, tmp_path, monkeypatch):
+    from fiberlake.jobs import reduce_worker
+
+    template, _ = ingested
+    lake = _copy(template, tmp_path)
+    real = reduce_worker.extract_bundle
+    victim = {}
+
+    def failing(slab, constants, calib, params):
+        if slab.bundle.index == 2 and not victim:
+            victim["frame"] = True
+            raise FloatingPointError("singular profile")
+        return real(slab, constants, calib, params)
+
+    monkeypatch.setattr(reduce_worker, "extract_bundle", failing)
+    report = process_night(lake, NIGHT, config=CONFIG)
+    assert len(report.done) == 3 and len(report.failed) == 1
+    (error,) = report.failed.values()
+    assert error == "bundle 2 (fibers 16-23): FloatingPointError: singular profile"
+    marker = TableStore(lake.root / "tables").read("reductions").to_pylist()
+    assert sorted(m["status"] for m in marker) == ["failed", "ok", "ok", "ok"]
+    spectra = TableStore(lake.root / "tables").read("spectra", columns=["expid"]).to_pylist()
+    assert len({s["expid"] for s in spectra}) == 3, "the failed frame has no rows, the others all theirs"
