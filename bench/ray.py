@@ -5,7 +5,9 @@ each mode then reduces the same science frames in a fresh copy of it, so the fig
 frame reduction only. Printed, all measured in this run: frames/s in process, on 1 and on 2
 Ray actors (CPU; on a machine with GPUs, actors take one GPU each), the scaling efficiency of 2
 actors over 1, and Ray's overhead against in-process (including the actors' start, which loads
-the calibration sets into each actor); Ray's own start-up (``ray.init``) is printed apart.
+the calibration sets into each actor); then the same for one frame alone, where the only
+parallelism is the frame's fiber bundles spread over the actors. Ray's own start-up
+(``ray.init``) is printed apart.
 
 Usage::
 
@@ -30,7 +32,9 @@ from fiberlake.ingest.simulate import simulate_night  # noqa: E402
 from fiberlake.jobs.executors import init_ray  # noqa: E402
 from fiberlake.jobs.ingest import ingest_night  # noqa: E402
 from fiberlake.jobs.process import Executor, process_night  # noqa: E402
+from fiberlake.processors.chunks import n_bundles  # noqa: E402
 from fiberlake.processors.pipeline import ReductionParams  # noqa: E402
+from fiberlake.schemas.instrument import get_instrument  # noqa: E402
 from fiberlake.storage.layout import Lake  # noqa: E402
 
 NIGHT = "2026-12-03"
@@ -42,9 +46,10 @@ def main() -> None:
     parser.add_argument("--camera", default="b1")
     parser.add_argument("--n-science", type=int, default=8)
     parser.add_argument("--extract", default="box,optimal")
+    parser.add_argument("--chunk-fibers", type=int, default=25, help="fibers per bundle (0: whole frames)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fiberlake-raybench-"))
-    config = ReductionParams(extractions=tuple(args.extract.split(",")))
+    config = ReductionParams(extractions=tuple(args.extract.split(",")), chunk_fibers=args.chunk_fibers)
     simulate_night(args.instrument, NIGHT, work / "nights", seed=9, n_bias=1, n_flat=1, n_arc=1,
                    n_science=args.n_science, n_standard=0, cameras=[args.camera])
     template = Lake.at(work / "template")
@@ -55,24 +60,37 @@ def main() -> None:
     init_ray()
     t_init = time.perf_counter() - t0
 
-    def run(executor: Executor) -> float:
-        lake_dir = work / f"lake-{executor.kind}-{executor.actors}"
+    def run(executor: Executor, frames: int | None = None) -> float:
+        lake_dir = work / f"lake-{executor.kind}-{executor.actors}-{frames}"
         shutil.copytree(template.root, lake_dir)
+        left = [frames if frames is not None else args.n_science]
+
+        def stop() -> bool:  # checked before each frame is handed out
+            left[0] -= 1
+            return left[0] < 0
+
         start = time.perf_counter()
-        report = process_night(Lake.at(lake_dir), NIGHT, config=config, executor=executor)
+        report = process_night(Lake.at(lake_dir), NIGHT, config=config, executor=executor, stop=stop)
         seconds = time.perf_counter() - start
-        assert len(report.done) == args.n_science and not report.failed, report.summary()
+        assert len(report.done) == (frames or args.n_science) and not report.failed, report.summary()
         return seconds
 
     t_local = run(Executor(kind="local"))
     t_one = run(Executor(kind="ray", actors=1))
     t_two = run(Executor(kind="ray", actors=2))
+    lat_local = run(Executor(kind="local"), frames=1)
+    lat_one = run(Executor(kind="ray", actors=1), frames=1)
+    lat_two = run(Executor(kind="ray", actors=2), frames=1)
     n = args.n_science
-    print(f"{n} {args.instrument} {args.camera} science frames, {args.extract}; ray.init {t_init:.1f} s (once per job)")
-    print(f"{'mode':28s} {'s':>7s} {'frames/s':>9s} {'vs in-process':>14s}")
-    for name, seconds in (("in-process (--no-ray)", t_local), ("Ray, 1 CPU actor", t_one), ("Ray, 2 CPU actors", t_two)):
-        print(f"{name:28s} {seconds:7.1f} {n / seconds:9.2f} {t_local / seconds:14.2f}")
-    print(f"scaling efficiency, 2 actors over 1: {t_one / t_two / 2:.2f}")
+    print(f"{n} {args.instrument} {args.camera} science frames, {args.extract}, {args.chunk_fibers or 'whole'}-fiber "
+          f"bundles ({n_bundles(get_instrument(args.instrument).n_fibers, args.chunk_fibers)} a frame); "
+          f"ray.init {t_init:.1f} s (once per job)")
+    print(f"{'mode':28s} {'s':>7s} {'frames/s':>9s} {'vs in-process':>14s} {'1 frame, s':>11s} {'vs in-process':>14s}")
+    for name, seconds, lat in (("in-process (--no-ray)", t_local, lat_local), ("Ray, 1 CPU actor", t_one, lat_one),
+                               ("Ray, 2 CPU actors", t_two, lat_two)):
+        print(f"{name:28s} {seconds:7.1f} {n / seconds:9.2f} {t_local / seconds:14.2f} {lat:11.1f} {lat_local / lat:14.2f}")
+    print(f"scaling efficiency, 2 actors over 1: {t_one / t_two / 2:.2f} (throughput), "
+          f"{lat_one / lat_two / 2:.2f} (one frame's bundles)")
     print(f"Ray overhead, 1 actor against in-process: {t_one - t_local:+.1f} s ({(t_one / t_local - 1) * 100:+.0f} %)")
     shutil.rmtree(work, ignore_errors=True)
 
