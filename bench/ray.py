@@ -3,7 +3,8 @@
 A simulated night is ingested once into a template lake whose calibration sets are built once;
 each mode then reduces the same science frames in a fresh copy of it, so the figures compare
 frame reduction only. Printed, all measured in this run: frames/s in process, on 1 and on 2
-Ray actors (CPU; on a machine with GPUs, actors take one GPU each), the scaling efficiency of 2
+Ray actors of 1 CPU and on 1 actor of 2 CPUs (on a machine with GPUs, actors take one GPU
+each), the scaling efficiency of 2
 actors over 1, and Ray's overhead against in-process (including the actors' start, which loads
 the calibration sets into each actor); then the same for one frame alone, where the only
 parallelism is the frame's fiber bundles spread over the actors. Ray's own start-up
@@ -61,7 +62,7 @@ def main() -> None:
     t_init = time.perf_counter() - t0
 
     def run(executor: Executor, frames: int | None = None) -> float:
-        lake_dir = work / f"lake-{executor.kind}-{executor.actors}-{frames}"
+        lake_dir = work / f"lake-{executor.kind}-{executor.actors}-{executor.cpus_per_actor}-{frames}"
         shutil.copytree(template.root, lake_dir)
         left = [frames if frames is not None else args.n_science]
 
@@ -78,16 +79,19 @@ def main() -> None:
     t_local = run(Executor(kind="local"))
     t_one = run(Executor(kind="ray", actors=1))
     t_two = run(Executor(kind="ray", actors=2))
+    wide = Executor(kind="ray", actors=1, cpus_per_actor=2)
+    t_wide = run(wide)
     lat_local = run(Executor(kind="local"), frames=1)
     lat_one = run(Executor(kind="ray", actors=1), frames=1)
     lat_two = run(Executor(kind="ray", actors=2), frames=1)
+    lat_wide = run(wide, frames=1)
     n = args.n_science
     print(f"{n} {args.instrument} {args.camera} science frames, {args.extract}, {args.chunk_fibers or 'whole'}-fiber "
           f"bundles ({n_bundles(get_instrument(args.instrument).n_fibers, args.chunk_fibers)} a frame); "
           f"ray.init {t_init:.1f} s (once per job)")
     print(f"{'mode':28s} {'s':>7s} {'frames/s':>9s} {'vs in-process':>14s} {'1 frame, s':>11s} {'vs in-process':>14s}")
     for name, seconds, lat in (("in-process (--no-ray)", t_local, lat_local), ("Ray, 1 CPU actor", t_one, lat_one),
-                               ("Ray, 2 CPU actors", t_two, lat_two)):
+                               ("Ray, 2 CPU actors", t_two, lat_two), ("Ray, 1 actor x 2 CPUs", t_wide, lat_wide)):
         print(f"{name:28s} {seconds:7.1f} {n / seconds:9.2f} {t_local / seconds:14.2f} {lat:11.1f} {lat_local / lat:14.2f}")
     print(f"scaling efficiency, 2 actors over 1: {t_one / t_two / 2:.2f} (throughput), "
           f"{lat_one / lat_two / 2:.2f} (one frame's bundles)")

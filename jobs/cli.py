@@ -14,7 +14,8 @@ DEFAULT_LAKE = "./lake"
 
 
 def _add_lake(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lake", default=DEFAULT_LAKE, help=f"lake root directory (default {DEFAULT_LAKE})")
+    parser.add_argument("--lake", default=DEFAULT_LAKE,
+                        help=f"lake root: a directory or s3://bucket/prefix (AWS_* variables; default {DEFAULT_LAKE})")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -137,13 +138,16 @@ def _executor(args: argparse.Namespace):
 
     if args.no_ray:
         return Executor(kind="local")
-    return Executor(kind="ray", actors=args.actors, gpus_per_actor=args.gpus_per_actor, address=args.address)
+    return Executor(kind="ray", actors=args.actors, gpus_per_actor=args.gpus_per_actor, address=args.address,
+                    cpus_per_actor=args.cpus_per_actor)
 
 
 def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="run in this process (debugging); same tables as Ray")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
     parser.add_argument("--actors", type=int, default=2, help="Ray actors (default 2)")
+    parser.add_argument("--cpus-per-actor", type=int, default=1,
+                        help="CPUs (and OpenMP threads) each actor reserves (default 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=1.0,
                         help="GPUs per actor when the cluster has GPUs; fractions share a GPU (default 1)")
     parser.add_argument("--batch-frames", type=int, default=8, help="frames per table commit (default 8)")

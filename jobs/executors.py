@@ -54,8 +54,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["address"] = address
     else:
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
-        env = {k: v for k, v in os.environ.items() if k.startswith("FIBERLAKE_") or k == "PYTHONPATH"}
-        if env:  # workers see the driver's fiberlake settings (and its source tree)
+        env = {k: v for k, v in os.environ.items() if k.startswith(("FIBERLAKE_", "AWS_")) or k == "PYTHONPATH"}
+        if env:  # workers see the driver's fiberlake and object-store settings (and its source tree)
             kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
 
@@ -79,16 +79,18 @@ class RayPool:
         Ray cluster address (``ray://...`` or ``auto``); local Ray when omitted.
     max_restarts, max_task_retries : int
         Ray fault tolerance of the actors.
+    num_cpus : int
+        CPUs per actor (Ray sets the actor's ``OMP_NUM_THREADS`` to it).
     """
 
     def __init__(self, lake_root: str, config: dict, *, n_actors: int = 2, num_gpus: float = 1.0,
                  max_in_flight: int = 2, address: str | None = None, max_restarts: int = 3,
-                 max_task_retries: int = 3):
+                 max_task_retries: int = 3, num_cpus: int = 1):
         import ray
 
         init_ray(address, num_cpus=None)
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        options = {"num_cpus": 1, "num_gpus": num_gpus if has_gpu else 0,
+        options = {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpu else 0,
                    "max_restarts": max_restarts, "max_task_retries": max_task_retries}
         actor_class = ray.remote(FrameReducer).options(**options)
         self.actors = [actor_class.remote(lake_root, config) for _ in range(n_actors)]

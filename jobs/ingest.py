@@ -7,8 +7,9 @@ beside the old one, never over it; under another name it is a conflicting exposu
 quarantined (``duplicate_expid``). Refused files are copied under ``quarantine/`` with a row
 giving the reason, and the rest of the night still lands.
 
-Crash safety comes from the order of the steps: pixels are published (atomic rename) before the
-table rows that reference them; ``exposures`` and ``quarantine`` are committed before the
+Crash safety comes from the order of the steps: pixels are published (an atomic rename, or on an
+object store a last PUT of the array's ``zarr.json``) before the table rows that reference
+them; ``exposures`` and ``quarantine`` are committed before the
 ``deliveries`` log. A crash anywhere leaves at worst an unreferenced array that the re-run adopts
 (same pixels, same path) and files the re-run reads again; every outcome is a function of the
 bytes and of what the tables hold, so the re-run writes exactly the rows a clean run would have.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -39,6 +39,7 @@ from fiberlake.schemas.instrument import get_instrument
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.rawstore import pixel_sha256, remove_stale_temporaries, write_raw_frame
 from fiberlake.storage.lock import LakeLock
+from fiberlake.storage.quarantine import keep_copy
 from fiberlake.storage.tables import TableStore, Txn
 
 
@@ -95,12 +96,7 @@ def _night_of_dir(night_dir: Path) -> str:
 
 def _quarantine(lake: Lake, night: str, path: Path, sha: str, size: int, rejected: FrameRejected) -> dict:
     rel = lake.quarantine_relpath(night, sha, path.name)
-    dest = lake.root / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if not dest.exists():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
+    keep_copy(lake.root, rel, path)
     return {
         "night": night,
         "filename": path.name,

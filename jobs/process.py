@@ -67,6 +67,9 @@ class Executor:
         Outstanding frames per actor (backpressure).
     address : str, optional
         Ray cluster to join; local Ray when omitted.
+    cpus_per_actor : int
+        CPUs each actor reserves; Ray sets the actor's ``OMP_NUM_THREADS`` to it, and the
+        OpenMP stages (cosmic rays, rectification) use that many threads.
     """
 
     kind: str = "local"
@@ -74,6 +77,7 @@ class Executor:
     gpus_per_actor: float = 1.0
     max_in_flight: int = 2
     address: str | None = None
+    cpus_per_actor: int = 1
 
 
 @dataclass
@@ -323,7 +327,8 @@ def make_pool(lake: Lake, config: ReductionParams, executor: Executor):
     if executor.kind == "local":
         return LocalPool(str(lake.root), config.to_dict())
     return RayPool(str(lake.root), config.to_dict(), n_actors=executor.actors, num_gpus=executor.gpus_per_actor,
-                   max_in_flight=executor.max_in_flight, address=executor.address)
+                   max_in_flight=executor.max_in_flight, address=executor.address,
+                   num_cpus=executor.cpus_per_actor)
 
 
 def _run(pool, writer: BatchWriter, work: list, fibermaps: pl.DataFrame, rebuild: bool | str, stop: Callable[[], bool],

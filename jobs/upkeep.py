@@ -7,25 +7,27 @@
 * :func:`vacuum` deletes Parquet files no longer referenced by a table version younger than the
   retention period (time travel to older versions is no longer possible afterwards), plus raw
   arrays that no ``exposures`` row references (left by a crash between publishing pixels and
-  committing their row, and never adopted by a re-run) and temporaries of interrupted writes.
+  committing their row, and never adopted by a re-run) and temporaries of interrupted writes
+  (on an object store: arrays and calibration sets whose ``zarr.json`` marker never landed).
 * :func:`verify` re-reads raw arrays and quarantined copies and checks them against the hashes
   recorded at ingest.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 import polars as pl
 
-from fiberlake.ingest.fitsreader import sha256_file
 from fiberlake.schemas.tables import SCHEMAS
+from fiberlake.storage.calibstore import list_calib_leftovers
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock
-from fiberlake.storage.rawstore import TMP_PREFIX, open_raw_frame, pixel_sha256
+from fiberlake.storage.objectstore import remove_tree
+from fiberlake.storage.quarantine import stored_copy_sha256
+from fiberlake.storage.rawstore import list_raw_arrays, open_raw_frame, pixel_sha256
 from fiberlake.storage.tables import TableStore, _writer_properties
 
 
@@ -114,24 +116,17 @@ def vacuum(lake: Lake, retention_hours: float = 168.0, *, dry_run: bool = False,
                 )
                 report.table_files[name] = len(removed)
         referenced = set(store.read("exposures", columns=["raw_path"]).column("raw_path").to_pylist())
-        raw_root = lake.root / "raw"
-        if raw_root.is_dir():
-            for array in sorted(raw_root.glob("*/*/*")):
-                rel = array.relative_to(lake.root).as_posix()
-                if array.stat().st_mtime > cutoff:
-                    continue
-                if array.name.startswith(TMP_PREFIX):
-                    report.temporaries.append(rel)
-                elif rel not in referenced:
-                    report.orphan_arrays.append(rel)
-        calib_root = lake.root / "calib"
-        if calib_root.is_dir():
-            for tmp in sorted(calib_root.glob("*/.*")):
-                if tmp.name.startswith((".tmp-", ".old-")) and tmp.stat().st_mtime <= cutoff:
-                    report.temporaries.append(tmp.relative_to(lake.root).as_posix())
+        for array in list_raw_arrays(lake.root):
+            if array.mtime > cutoff:
+                continue
+            if array.temporary:
+                report.temporaries.append(array.relpath)
+            elif array.relpath not in referenced:
+                report.orphan_arrays.append(array.relpath)
+        report.temporaries.extend(rel for rel, mtime in list_calib_leftovers(lake.root) if mtime <= cutoff)
         if not dry_run:
             for rel in report.orphan_arrays + report.temporaries:
-                shutil.rmtree(lake.root / rel, ignore_errors=True)
+                remove_tree(lake.root / rel)
     return report
 
 
@@ -192,11 +187,10 @@ def verify(lake: Lake, night: str | None = None) -> VerifyReport:
             report.problems.append(f"{path}: attributes name file {array.attrs.get('file_sha256')}, the table {row['file_sha256']}")
     for row in quarantine.select("stored_path", "file_sha256").collect().iter_rows(named=True):
         report.checked += 1
-        stored = lake.root / row["stored_path"]
-        if not stored.exists():
+        digest = stored_copy_sha256(lake.root, row["stored_path"])
+        if digest is None:
             report.problems.append(f"{row['stored_path']}: quarantined copy is missing")
             continue
-        digest, _ = sha256_file(stored)
         if digest != row["file_sha256"]:
             report.problems.append(f"{row['stored_path']}: SHA-256 differs from the recorded one")
     return report

@@ -1,6 +1,7 @@
 """Where everything lives in a lake, and the lake's own description.
 
-A lake is one root directory::
+A lake is one root, a local directory or an object-store location (``s3://bucket/prefix``,
+see :mod:`fiberlake.storage.objectstore`), with the same layout in both::
 
     lake.json                       instrument and format version (written once)
     raw/<night>/<expid>/<camera>    Zarr v3 array per frame, pixels bit-exact, header as attributes
@@ -16,6 +17,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from fiberlake.storage.objectstore import LakeRoot, ObjectPath, ObjectStoreError, is_object_url, put_if_absent
 
 LAKE_FORMAT_VERSION = 1
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -36,31 +39,62 @@ def safe_component(value: str, what: str) -> str:
     return value
 
 
+_DESCRIPTIONS: dict[tuple[str, str], dict] = {}
+"""``lake.json`` of object-store lakes already read in this process (it never changes)."""
+
+
 @dataclass(frozen=True)
 class Lake:
     """Paths of one lake root.
 
     Parameters
     ----------
-    root : Path
-        The lake directory (created on first write).
+    root : Path or ObjectPath
+        The lake directory (created on first write), or its object-store location.
     """
 
-    root: Path
+    root: LakeRoot
 
     @classmethod
-    def at(cls, root: str | os.PathLike) -> "Lake":
-        """Lake rooted at ``root`` (absolute path)."""
+    def at(cls, root: str | os.PathLike | ObjectPath) -> "Lake":
+        """Lake rooted at ``root``: a local path (made absolute) or an ``s3://bucket/prefix`` URL.
+
+        Raises
+        ------
+        LakeError
+            If ``root`` is a URL fiberlake cannot use (another scheme, a bad bucket name).
+        """
+        if isinstance(root, ObjectPath):
+            return cls(root)
+        if is_object_url(root):
+            try:
+                return cls(ObjectPath.parse(root))
+            except ObjectStoreError as err:
+                raise LakeError(str(err)) from None
         return cls(Path(root).expanduser().resolve())
+
+    @property
+    def on_object_store(self) -> bool:
+        """Whether the root is an object-store location rather than a local directory."""
+        return isinstance(self.root, ObjectPath)
 
     # --- description -------------------------------------------------------------------
     @property
-    def description_path(self) -> Path:
+    def description_path(self) -> LakeRoot:
         """``lake.json``."""
         return self.root / "lake.json"
 
     def describe(self) -> dict:
         """The lake description, or ``{}`` for a lake not yet created."""
+        if self.on_object_store:
+            key = (os.environ.get("AWS_ENDPOINT_URL", ""), self.root.url)
+            known = _DESCRIPTIONS.get(key)
+            if known is None:
+                try:  # one GET (no existence check first); written once, so kept once read
+                    known = _DESCRIPTIONS[key] = json.loads(self.description_path.read_text())
+                except FileNotFoundError:
+                    return {}
+            return dict(known)
         if not self.description_path.exists():
             return {}
         return json.loads(self.description_path.read_text())
@@ -80,9 +114,17 @@ class Lake:
                     f"lake {self.root} holds instrument {desc.get('instrument')!r}, not {instrument!r}"
                 )
             return
+        text = json.dumps({"instrument": instrument, "format_version": LAKE_FORMAT_VERSION}, indent=2)
+        if self.on_object_store:
+            # One conditional PUT: atomic, and a lake created meanwhile by another writer is kept.
+            if put_if_absent(self.description_path, text.encode()) is None:
+                held = self.describe().get("instrument")
+                if held != instrument:
+                    raise LakeError(f"lake {self.root} holds instrument {held!r}, not {instrument!r}")
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.description_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"instrument": instrument, "format_version": LAKE_FORMAT_VERSION}, indent=2))
+        tmp.write_text(text)
         os.replace(tmp, self.description_path)
 
     @property
@@ -105,11 +147,11 @@ class Lake:
         name = safe_component(camera, "camera") + ("" if version == 1 else f".v{int(version)}")
         return f"raw/{safe_component(night, 'night')}/{int(expid):08d}/{name}"
 
-    def calib_path(self, night: str, camera: str) -> Path:
+    def calib_path(self, night: str, camera: str) -> LakeRoot:
         """Zarr group of a night's calibration set for one camera."""
         return self.root / "calib" / safe_component(night, "night") / safe_component(camera, "camera")
 
-    def table_path(self, name: str) -> Path:
+    def table_path(self, name: str) -> LakeRoot:
         """Delta table directory."""
         return self.root / "tables" / safe_component(name, "table")
 

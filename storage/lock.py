@@ -5,6 +5,10 @@ identity, file versions) and of processing (replace by predicate, then a ``reduc
 read the tables and then write them; two writers interleaving those steps could both decide a
 frame is new. Every job that writes takes this lock first. The kernel drops a ``flock`` when its
 holder dies, even by SIGKILL, so a crashed job never leaves the lake locked.
+
+On an object-store lake the lock is an object created with a conditional PUT, renewed while
+held and taken over when stale (:mod:`fiberlake.storage.objectlock`); :class:`LakeLock` picks
+the kind from the root.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from fiberlake.storage.objectstore import ObjectPath
+
 
 class LakeBusy(RuntimeError):
     """Another process holds the lake's writer lock."""
@@ -26,21 +32,31 @@ class LakeLock:
 
     Parameters
     ----------
-    root : Path
-        Lake root directory (created if missing).
+    root : Path or ObjectPath
+        Lake root directory (created if missing), or object-store location.
     command : str
         What this writer is, recorded in the lock file for the error message of others.
     timeout : float
         Seconds to wait for the lock before raising :class:`LakeBusy` (0: fail at once).
     """
 
-    def __init__(self, root: Path, command: str = "", timeout: float = 0.0):
-        self.path = Path(root) / ".writer.lock"
+    def __init__(self, root: Path | ObjectPath, command: str = "", timeout: float = 0.0):
         self.command = command or " ".join(sys.argv[:3])
         self.timeout = timeout
         self._fd: int | None = None
+        self._object = None
+        if isinstance(root, ObjectPath):
+            from fiberlake.storage.objectlock import ObjectStoreLock
+
+            self._object = ObjectStoreLock(root, self.command, timeout)
+            self.path = self._object.path
+            return
+        self.path = Path(root) / ".writer.lock"
 
     def __enter__(self) -> LakeLock:
+        if self._object is not None:
+            self._object.acquire()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.timeout
@@ -60,6 +76,9 @@ class LakeLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._object is not None:
+            self._object.release()
+            return
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)

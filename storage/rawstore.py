@@ -7,9 +7,12 @@ shard). The codec is Blosc zstd level 1 with bit-shuffle: on 2 cores it keeps ~1
 disk-like speed, where zstd level 5 loses a factor 3 in speed for +10 % ratio
 (``/work/shared/anchors/lake.md``; measured again by ``bench/ingest.py``).
 
-The array is written into a hidden temporary directory next to its final place and renamed into
-place when complete, so a reader never sees a half-written frame; a crash leaves only a temporary
-directory that :func:`remove_stale_temporaries` cleans up.
+On a local disk the array is written into a hidden temporary directory next to its final place
+and renamed into place when complete, so a reader never sees a half-written frame; a crash leaves
+only a temporary directory that :func:`remove_stale_temporaries` cleans up. On an object store
+(no rename) the same bytes are uploaded with the array's ``zarr.json``, which carries the
+``pixel_sha256`` attribute, as the last PUT (:mod:`fiberlake.storage.objectpublish`): an array
+without it does not exist for any reader, and the re-run publishes it again.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import hashlib
 import os
 import shutil
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from fiberlake.storage.failpoints import failpoint
+from fiberlake.storage.objectpublish import MARKER, encode, publish
+from fiberlake.storage.objectstore import LakeRoot, ObjectPath, filesystem, zarr_store
 
 RAW_CHUNK: tuple[int, int] = (4096, 256)
 """Inner chunk: all rows (up to 4096) x 256 columns. On a full LAMOST frame this wrote at 289 MB/s
@@ -45,13 +50,31 @@ def _shard_shape(shape: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[int, .
     return tuple(int(np.ceil(s / c)) * c for s, c in zip(shape, chunk))
 
 
-def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: dict, *, digest: str | None = None) -> str:
+def _create(store, pixels: np.ndarray, attributes: dict, digest: str) -> None:
+    """Create the frame's array in ``store`` and write its pixels (the same bytes on any store)."""
+    chunk = tuple(min(c, s) for c, s in zip(RAW_CHUNK, pixels.shape))
+    arr = zarr.create_array(
+        store=store,
+        shape=pixels.shape,
+        dtype=pixels.dtype,
+        chunks=chunk,
+        shards=_shard_shape(pixels.shape, chunk),
+        compressors=BloscCodec(typesize=pixels.dtype.itemsize, **RAW_CODEC),
+        dimension_names=("row", "col"),
+        attributes={**attributes, "pixel_sha256": digest},
+        fill_value=0,
+    )
+    arr[...] = pixels
+
+
+def write_raw_frame(root: LakeRoot, relpath: str, pixels: np.ndarray, attributes: dict, *,
+                    digest: str | None = None) -> str:
     """Write ``pixels`` as a Zarr array at ``root/relpath``, atomically.
 
     Parameters
     ----------
-    root : Path
-        Lake root.
+    root : Path or ObjectPath
+        Lake root (a directory, or an object-store location).
     relpath : str
         Destination relative to the root (``raw/<night>/<expid>/<camera>``).
     pixels : ndarray
@@ -74,6 +97,8 @@ def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: di
     if pixels.ndim != 2:
         raise ValueError(f"raw frame must be 2D, got shape {pixels.shape}")
     digest = digest or pixel_sha256(pixels)
+    if isinstance(root, ObjectPath):
+        return _write_object(root, relpath, pixels, attributes, digest)
     final = root / relpath
     if final.exists():
         existing = zarr.open_array(zarr.storage.LocalStore(final), mode="r")
@@ -82,20 +107,8 @@ def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: di
         raise FileExistsError(f"{relpath} already holds different pixels")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-    chunk = tuple(min(c, s) for c, s in zip(RAW_CHUNK, pixels.shape))
     try:
-        arr = zarr.create_array(
-            store=zarr.storage.LocalStore(tmp),
-            shape=pixels.shape,
-            dtype=pixels.dtype,
-            chunks=chunk,
-            shards=_shard_shape(pixels.shape, chunk),
-            compressors=BloscCodec(typesize=pixels.dtype.itemsize, **RAW_CODEC),
-            dimension_names=("row", "col"),
-            attributes={**attributes, "pixel_sha256": digest},
-            fill_value=0,
-        )
-        arr[...] = pixels
+        _create(zarr.storage.LocalStore(tmp), pixels, attributes, digest)
         failpoint("raw.before_publish")
         os.rename(tmp, final)
         failpoint("raw.published")
@@ -105,21 +118,59 @@ def write_raw_frame(root: Path, relpath: str, pixels: np.ndarray, attributes: di
     return digest
 
 
-def open_raw_frame(root: Path, relpath: str) -> zarr.Array:
-    """Open a stored frame read-only (lazy; slice it to read)."""
+def _write_object(root: ObjectPath, relpath: str, pixels: np.ndarray, attributes: dict, digest: str) -> str:
+    """Object-store publication: chunks first, ``zarr.json`` (with ``pixel_sha256``) last."""
+    try:
+        held = open_raw_frame(root, relpath).attrs["pixel_sha256"]
+    except FileNotFoundError:  # absent, or objects without their marker: publish (again)
+        held = None
+    if held is not None:
+        if held == digest:
+            return digest
+        raise FileExistsError(f"{relpath} already holds different pixels")
+    objects = encode(lambda store: _create(store, pixels, attributes, digest))
+    publish(root / relpath, objects, before_marker=lambda: failpoint("raw.before_publish"))
+    failpoint("raw.published")
+    return digest
+
+
+def open_raw_frame(root: LakeRoot, relpath: str) -> zarr.Array:
+    """Open a stored frame read-only (lazy; slice it to read).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the lake has no complete frame at ``relpath``.
+    """
+    if isinstance(root, ObjectPath):
+        try:
+            array = zarr.open_array(zarr_store(root / relpath, read_only=True), mode="r")
+        except FileNotFoundError:
+            array = None
+        if array is None or "pixel_sha256" not in array.attrs:
+            raise FileNotFoundError(f"raw frame {relpath} is not in the lake at {root}")
+        return array
     path = root / relpath
     if not path.exists():
         raise FileNotFoundError(f"raw frame {relpath} is not in the lake at {root}")
     return zarr.open_array(zarr.storage.LocalStore(path, read_only=True), mode="r")
 
 
-def read_raw_frame(root: Path, relpath: str) -> np.ndarray:
+def read_raw_frame(root: LakeRoot, relpath: str) -> np.ndarray:
     """Read a stored frame's pixels into memory."""
     return open_raw_frame(root, relpath)[...]
 
 
-def remove_stale_temporaries(root: Path) -> int:
-    """Delete half-written arrays left by a crash; return how many were removed."""
+def remove_stale_temporaries(root: LakeRoot) -> int:
+    """Delete half-written arrays left by a crash; return how many were removed.
+
+    An object-store lake has no temporaries: a half-published array is one without its
+    ``zarr.json``, invisible to readers, published again by the re-run that ingests its file, and
+    removed by ``fiberlake vacuum`` otherwise (listing every raw object at each start would cost
+    one LIST per 1000 objects of the whole lake).
+    """
+    if isinstance(root, ObjectPath):
+        return 0
     removed = 0
     raw = root / "raw"
     if not raw.exists():
@@ -128,3 +179,39 @@ def remove_stale_temporaries(root: Path) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         removed += 1
     return removed
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """A raw array location found by :func:`list_raw_arrays`."""
+
+    relpath: str
+    """Path relative to the lake root (``raw/<night>/<expid>/<name>``)."""
+    mtime: float
+    """Last modification (POSIX seconds): the directory's, or the newest object's."""
+    temporary: bool
+    """Left by an interrupted write: a hidden temporary (local) or an array without its marker."""
+
+
+def list_raw_arrays(root: LakeRoot) -> list[StoredArray]:
+    """Every raw array location under the lake, complete or left by an interrupted write, sorted."""
+    if isinstance(root, ObjectPath):
+        return _list_object_arrays(root)
+    raw = root / "raw"
+    if not raw.is_dir():
+        return []
+    return [StoredArray(array.relative_to(root).as_posix(), array.stat().st_mtime, array.name.startswith(TMP_PREFIX))
+            for array in sorted(raw.glob("*/*/*"))]
+
+
+def _list_object_arrays(root: ObjectPath) -> list[StoredArray]:
+    base = (root / "raw").path + "/"
+    found: dict[str, list] = {}
+    for key, info in filesystem().find(base, detail=True).items():
+        parts = key[len(base):].split("/")
+        if len(parts) < 4:
+            continue
+        entry = found.setdefault("raw/" + "/".join(parts[:3]), [0.0, False])
+        entry[0] = max(entry[0], info["LastModified"].timestamp())
+        entry[1] = entry[1] or (len(parts) == 4 and parts[3] == MARKER)
+    return [StoredArray(rel, mtime, not marked) for rel, (mtime, marked) in sorted(found.items())]

@@ -9,6 +9,10 @@ Every write is one Delta commit, so a reader sees all of it or none of it. Two k
   same commit (Delta's ``overwrite`` with ``predicate``): re-processing an exposure swaps its rows
   atomically and never leaves two copies.
 
+On an object store (``s3://``) the tables are written and read through deltalake's own object
+store with the ``storage_options`` of :func:`fiberlake.storage.objectstore.storage_options`;
+deltalake commits there with a conditional PUT, so a commit never overwrites another.
+
 Files are ZSTD-compressed Parquet with row groups of 512 rows and BYTE_STREAM_SPLIT encoding
 for float columns (the layout measured best here for per-fiber spectra, ``anchors/lake.md``).
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -32,6 +35,7 @@ from deltalake import (
 
 from fiberlake.schemas.tables import PARTITION_COLUMN, SCHEMAS
 from fiberlake.storage.failpoints import failpoint
+from fiberlake.storage.objectstore import LakeRoot, ObjectPath, as_root, storage_options
 
 ROW_GROUP_ROWS = 512
 
@@ -94,14 +98,17 @@ class TableStore:
 
     Parameters
     ----------
-    tables_root : Path
-        Directory that holds one sub-directory per table.
+    tables_root : Path, ObjectPath or str
+        Directory (or object-store prefix, or its ``s3://`` URL) that holds one table per name.
     """
 
-    def __init__(self, tables_root: Path):
-        self.root = Path(tables_root)
+    def __init__(self, tables_root: LakeRoot | str):
+        self.root = as_root(tables_root)
+        self.storage_options: dict[str, str] | None = (
+            storage_options() if isinstance(self.root, ObjectPath) else None)
+        """deltalake/Polars options for an object-store lake (None for a local one)."""
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> LakeRoot:
         """Directory of table ``name``."""
         if name not in SCHEMAS:
             raise KeyError(f"unknown table {name!r}; tables: {sorted(SCHEMAS)}")
@@ -109,11 +116,11 @@ class TableStore:
 
     def exists(self, name: str) -> bool:
         """Whether table ``name`` has been created."""
-        return DeltaTable.is_deltatable(str(self.path(name)))
+        return DeltaTable.is_deltatable(str(self.path(name)), storage_options=self.storage_options)
 
     def delta(self, name: str, version: int | None = None) -> DeltaTable:
         """The :class:`deltalake.DeltaTable`, optionally as of ``version``."""
-        return DeltaTable(str(self.path(name)), version=version)
+        return DeltaTable(str(self.path(name)), version=version, storage_options=self.storage_options)
 
     def committed_version(self, name: str, app_id: str) -> int | None:
         """Last version committed by application ``app_id`` on table ``name`` (None if never)."""
@@ -140,6 +147,7 @@ class TableStore:
             predicate=predicate,
             writer_properties=_writer_properties(table.schema),
             commit_properties=commit,
+            storage_options=self.storage_options,
         )
         failpoint(f"committed.{name}")
         return True
@@ -182,7 +190,7 @@ class TableStore:
         """Polars LazyFrame over table ``name``, optionally as of a Delta version or a time."""
         if not self.exists(name):
             return pl.LazyFrame(schema=pl.from_arrow(SCHEMAS[name].empty_table()).schema)
-        return pl.scan_delta(str(self.path(name)), version=version)
+        return pl.scan_delta(str(self.path(name)), version=version, storage_options=self.storage_options)
 
     def version(self, name: str) -> int:
         """Current table version (-1 if the table does not exist)."""
