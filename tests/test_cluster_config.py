@@ -16,4 +16,4 @@ def test_cluster_file_passes_rays_own_validation():
     workers = config["available_node_types"]
     assert config["head_node_type"] in workers
     assert any("g5" in node["node_config"]["InstanceType"] for node in workers.values()), "a GPU worker type"
-    assert any("pip install -e ~/fiberlake" in cmd for cmd in config["setup_commands"])
+    assert any("pip install -e \"$HOME/fiberlake[s3]\"" in cmd for cmd in config["setup_commands"])
