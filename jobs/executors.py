@@ -13,8 +13,9 @@ more than ``n_actors * max_in_flight`` results: backpressure), and restarts an a
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fiberlake.jobs.reduce_worker import FrameReducer
@@ -101,6 +102,37 @@ class RayPool:
 
     def map(self, method: str, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
         """Run ``method`` on every call across the actors, yielding ``(call, result)`` as they complete."""
+        return self._drive(calls, lambda call, actor: getattr(self.actors[actor], method).remote(*call))
+
+    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
+        """Reduce frames, each as a small graph of actor calls, yielding ``(call, result)`` as frames finish.
+
+        A frame ``(exp, calib_night, calib_id, fibermap)`` is prepared on the least loaded
+        actor, which returns one Ray object per fiber-bundle slab; its bundles are extracted on
+        all the actors in turn (each fetches only its slab); the actor that prepared it joins
+        them. The calls carry object references, so the driver never holds pixels. Actors run
+        their calls in submission order, and every call depends only on calls submitted before
+        it, so the graph always makes progress.
+        """
+        turn = itertools.cycle(range(len(self.actors)))
+
+        def launch(call: Call, home: int):
+            exp, calib_night, calib_id, fibermap = call
+            home_actor = self.actors[home]
+            prepared, *slabs = home_actor.prepare.options(num_returns=self.n_bundles + 1).remote(
+                exp, calib_night, calib_id)
+            parts = [self.actors[next(turn)].extract.remote(prepared, slab) for slab in slabs]
+            return home_actor.finish.remote(exp, fibermap, prepared, *parts)
+
+        return self._drive(calls, launch)
+
+    def _drive(self, calls: Iterable[Call], launch: Callable[[Call, int], Any]) -> Iterator[tuple[Call, Any]]:
+        """Keep at most ``max_in_flight`` calls per actor outstanding; yield ``(call, result)`` as they complete.
+
+        ``launch(call, actor)`` submits a call whose result is owed by actor ``actor`` (the least
+        loaded) and returns the reference of that result. A call that raised (an actor that died
+        for good) yields the exception as its result.
+        """
         import ray
 
         pending = iter(calls)
@@ -114,8 +146,7 @@ class RayPool:
             call = next(pending, None)
             if call is None:
                 return False
-            ref = getattr(self.actors[actor], method).remote(*call)
-            in_flight[ref] = (actor, call)
+            in_flight[launch(call, actor)] = (actor, call)
             load[actor] += 1
             return True
 
@@ -128,59 +159,6 @@ class RayPool:
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # the actor died for good, or the call raised
-                result = err
-            while submit():
-                pass
-            yield call, result
-
-    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
-        """Reduce frames, each as a small graph of actor calls, yielding ``(call, result)`` as frames finish.
-
-        A frame ``(exp, calib_night, calib_id, fibermap)`` is prepared on the least loaded
-        actor, which returns one Ray object per fiber-bundle slab; its bundles are extracted on
-        all the actors in turn (each fetches only its slab); the actor that prepared it joins
-        them. The calls carry object references, so the driver never holds pixels, and at most
-        ``n_actors * max_in_flight`` frames are in flight. Actors run their calls in submission
-        order, and every call depends only on calls submitted before it, so the graph always
-        makes progress.
-        """
-        import ray
-
-        pending = iter(calls)
-        in_flight: dict[Any, tuple[int, Call]] = {}
-        load = [0] * len(self.actors)
-        n_actors = len(self.actors)
-        cursor = 0
-
-        def submit() -> bool:
-            nonlocal cursor
-            if len(in_flight) >= n_actors * self.max_in_flight:
-                return False
-            call = next(pending, None)
-            if call is None:
-                return False
-            exp, calib_night, calib_id, fibermap = call
-            home = min(range(n_actors), key=load.__getitem__)
-            prepared, *slabs = self.actors[home].prepare.options(num_returns=self.n_bundles + 1).remote(
-                exp, calib_night, calib_id)
-            parts = []
-            for slab in slabs:
-                cursor = (cursor + 1) % n_actors
-                parts.append(self.actors[cursor].extract.remote(prepared, slab))
-            ref = self.actors[home].finish.remote(exp, fibermap, prepared, *parts)
-            in_flight[ref] = (home, call)
-            load[home] += 1
-            return True
-
-        while submit():
-            pass
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            home, call = in_flight.pop(ready[0])
-            load[home] -= 1
-            try:
-                result = ray.get(ready[0])
-            except Exception as err:  # an actor died for good
                 result = err
             while submit():
                 pass

@@ -20,8 +20,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from fiberlake.storage.failpoints import failpoint
-from fiberlake.storage.objectpublish import MARKER, encode, marker_version, publish
-from fiberlake.storage.objectstore import LakeRoot, ObjectPath, filesystem, zarr_store
+from fiberlake.storage.objectpublish import encode, list_nodes, marker_version, publish
+from fiberlake.storage.objectstore import LakeRoot, ObjectPath, zarr_store
 
 _CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
@@ -143,16 +143,7 @@ def list_calib_leftovers(root: LakeRoot) -> list[tuple[str, float]]:
     ``calib/<night>/<camera>`` whose objects have no root marker.
     """
     if isinstance(root, ObjectPath):
-        base = (root / "calib").path + "/"
-        sets: dict[str, list] = {}
-        for key, info in filesystem().find(base, detail=True).items():
-            parts = key[len(base):].split("/")
-            if len(parts) < 3:
-                continue
-            entry = sets.setdefault("calib/" + "/".join(parts[:2]), [0.0, False])
-            entry[0] = max(entry[0], info["LastModified"].timestamp())
-            entry[1] = entry[1] or (len(parts) == 3 and parts[2] == MARKER)
-        return [(rel, mtime) for rel, (mtime, marked) in sorted(sets.items()) if not marked]
+        return [(rel, mtime) for rel, mtime, marked in list_nodes(root, "calib", 2) if not marked]
     calib = Path(root) / "calib"
     if not calib.is_dir():
         return []

@@ -85,3 +85,34 @@ def marker_version(dest: ObjectPath) -> tuple[str, str] | None:
     except FileNotFoundError:
         return None
     return str(info.get("ETag")), str(info.get("LastModified"))
+
+
+def list_nodes(root: ObjectPath, prefix: str, depth: int) -> list[tuple[str, float, bool]]:
+    """Zarr node locations ``depth`` levels under ``root/prefix`` and whether each is published.
+
+    Parameters
+    ----------
+    root : ObjectPath
+        The lake root.
+    prefix : str
+        Top folder of the nodes (``raw``: ``raw/<night>/<expid>/<camera>``, depth 3; ``calib``:
+        ``calib/<night>/<camera>``, depth 2).
+    depth : int
+        Path components of a node location below ``prefix``.
+
+    Returns
+    -------
+    list of (str, float, bool)
+        Location relative to the root, newest modification time (POSIX s) of its objects, and
+        whether its root :data:`MARKER` is there; sorted by location.
+    """
+    base = (root / prefix).path + "/"
+    found: dict[str, list] = {}
+    for key, info in filesystem().find(base, detail=True).items():
+        parts = key[len(base):].split("/")
+        if len(parts) <= depth:
+            continue
+        entry = found.setdefault(f"{prefix}/" + "/".join(parts[:depth]), [0.0, False])
+        entry[0] = max(entry[0], info["LastModified"].timestamp())
+        entry[1] = entry[1] or (len(parts) == depth + 1 and parts[depth] == MARKER)
+    return [(rel, mtime, marked) for rel, (mtime, marked) in sorted(found.items())]

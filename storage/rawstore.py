@@ -28,8 +28,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from fiberlake.storage.failpoints import failpoint
-from fiberlake.storage.objectpublish import MARKER, encode, publish
-from fiberlake.storage.objectstore import LakeRoot, ObjectPath, filesystem, zarr_store
+from fiberlake.storage.objectpublish import encode, list_nodes, publish
+from fiberlake.storage.objectstore import LakeRoot, ObjectPath, zarr_store
 
 RAW_CHUNK: tuple[int, int] = (4096, 256)
 """Inner chunk: all rows (up to 4096) x 256 columns. On a full LAMOST frame this wrote at 289 MB/s
@@ -205,13 +205,4 @@ def list_raw_arrays(root: LakeRoot) -> list[StoredArray]:
 
 
 def _list_object_arrays(root: ObjectPath) -> list[StoredArray]:
-    base = (root / "raw").path + "/"
-    found: dict[str, list] = {}
-    for key, info in filesystem().find(base, detail=True).items():
-        parts = key[len(base):].split("/")
-        if len(parts) < 4:
-            continue
-        entry = found.setdefault("raw/" + "/".join(parts[:3]), [0.0, False])
-        entry[0] = max(entry[0], info["LastModified"].timestamp())
-        entry[1] = entry[1] or (len(parts) == 4 and parts[3] == MARKER)
-    return [StoredArray(rel, mtime, not marked) for rel, (mtime, marked) in sorted(found.items())]
+    return [StoredArray(rel, mtime, not marked) for rel, mtime, marked in list_nodes(root, "raw", 3)]

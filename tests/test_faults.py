@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.watch import watch_night
 from fiberlake.processors.pipeline import ReductionParams
 from fiberlake.storage import failpoints
 from fiberlake.storage.layout import Lake
 from tests.lakecompare import assert_lakes_equal
+from tests.nights import night_with_bad_deliveries
 
 NIGHT = "2026-11-23"
 CONFIG = ReductionParams(extractions=("box",), cosmics=False)
@@ -36,16 +34,7 @@ WORKER = [sys.executable, "-m", "fiberlake.jobs.cli", "watch", "--once", "--extr
 
 @pytest.fixture(scope="module")
 def night(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults")
-    simulate_night("mini", NIGHT, out, seed=11, n_bias=1, n_flat=1, n_arc=1, n_science=1, n_standard=1, cameras=["b1"])
-    night_dir = out / NIGHT
-    frames = sorted(night_dir.glob("fl-*.fits"))
-    # a duplicate under another name, and a truncated delivery that stopped arriving an hour ago
-    shutil.copyfile(frames[-1], night_dir / "redelivered-copy.fits")
-    cut = night_dir / "fl-09999999-b1.fits"
-    cut.write_bytes(frames[0].read_bytes()[: 2880 * 40])
-    os.utime(cut, (time.time() - 3600, time.time() - 3600))
-    return night_dir
+    return night_with_bad_deliveries(tmp_path_factory.mktemp("faults"), NIGHT, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +31,6 @@ pytest.importorskip("moto.server")
 
 from deltalake import DeltaTable, write_deltalake  # noqa: E402
 
-from fiberlake.ingest.simulate import simulate_night  # noqa: E402
 from fiberlake.jobs.cli import main  # noqa: E402
 from fiberlake.jobs.ingest import ingest_night  # noqa: E402
 from fiberlake.jobs.query import sql  # noqa: E402
@@ -54,6 +52,7 @@ from fiberlake.storage.objectstore import (  # noqa: E402
 from fiberlake.storage.rawstore import list_raw_arrays, open_raw_frame, write_raw_frame  # noqa: E402
 from fiberlake.storage.tables import TableStore  # noqa: E402
 from tests.lakecompare import assert_lakes_equal, table_rows  # noqa: E402
+from tests.nights import night_with_bad_deliveries  # noqa: E402
 
 NIGHT = "2026-11-28"
 BUCKET = "fiberlake-test"
@@ -110,16 +109,7 @@ def s3():
 @pytest.fixture(scope="module")
 def night(tmp_path_factory) -> Path:
     """A mini night (b1) plus a duplicate delivery and a truncated file (quarantined)."""
-    out = tmp_path_factory.mktemp("osnight")
-    simulate_night("mini", NIGHT, out, seed=12, n_bias=1, n_flat=1, n_arc=1, n_science=1, n_standard=1,
-                   cameras=["b1"])
-    night_dir = out / NIGHT
-    frames = sorted(night_dir.glob("fl-*.fits"))
-    shutil.copyfile(frames[-1], night_dir / "redelivered-copy.fits")
-    cut = night_dir / "fl-09999999-b1.fits"
-    cut.write_bytes(frames[0].read_bytes()[: 2880 * 40])
-    os.utime(cut, (time.time() - 3600, time.time() - 3600))
-    return night_dir
+    return night_with_bad_deliveries(tmp_path_factory.mktemp("osnight"), NIGHT, seed=12)
 
 
 def _ingest_and_process(lake: str, night: Path) -> None:
