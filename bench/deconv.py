@@ -292,13 +292,14 @@ def accuracy(args) -> None:  # noqa: C901 - one report, step by step
     from fiberlake.processors import deconv as D
     from fiberlake.processors import extract as E
     from fiberlake.processors import psf as P
-    from fiberlake.processors.pipeline import ReductionParams, _master_frame, build_calibration
+    from fiberlake.processors.params import ReductionParams
+    from fiberlake.processors.pipeline import build_calibration, master_frame
     from fiberlake.schemas.instrument import MINI
     from fiberlake.schemas.maskbits import Mask
 
     seed, night = args.seed, "2026-10-10"
     # the raw (unrectified) frame: the simulator's truth PSF and traces refer to it
-    rp = ReductionParams(extractions=("deconv",), cosmics=False, rectify=False)
+    rp = ReductionParams().updated({"extractions": ("deconv",), "cosmics.enabled": False, "rectify.enabled": False})
     h = D.DeconvParams().resolution_halfwidth
     print(f"held-out mini night {night}, seed {seed} (no test uses it)\n")
     for camera in ("b1", "r1"):
@@ -311,8 +312,8 @@ def accuracy(args) -> None:  # noqa: C901 - one report, step by step
         calib = build_calibration([f.raw for f in fr["BIAS"]], [f.raw for f in fr["FLAT"]], [fr["ARC"][0].raw],
                                   params, MINI, camera[0], rp)
         cam, traces, psf = fr["FLAT"][0].camera, calib.traces, calib.psf
-        flat = _master_frame([f.raw for f in fr["FLAT"]], params, calib.master_bias)
-        arc1 = _master_frame([fr["ARC"][0].raw], params, calib.master_bias)
+        flat = master_frame([f.raw for f in fr["FLAT"]], params, calib.master_bias, rp.ccd.combine_sigma)
+        arc1 = master_frame([fr["ARC"][0].raw], params, calib.master_bias, rp.ccd.combine_sigma)
         inv = P.fit_psf(flat.image, flat.ivar, flat.mask, arc1.image, arc1.ivar, arc1.mask, traces, invariant=True)
         gauss = P.fit_psf(flat.image, flat.ivar, flat.mask, arc1.image, arc1.ivar, arc1.mask, traces, order=0)
         print(f"== camera {camera}: PSF from {psf.info['n_lsf_lines']} arc lines and {psf.info['n_xsf_samples']} "
@@ -320,7 +321,7 @@ def accuracy(args) -> None:  # noqa: C901 - one report, step by step
               f"profile {psf.info['xsf_sigma_rms']:.3%}")
 
         # held-out arc exposure: isolated, unsaturated lines from its truth
-        arc2 = _master_frame([fr["ARC"][1].raw], params, calib.master_bias)
+        arc2 = master_frame([fr["ARC"][1].raw], params, calib.master_bias, rp.ccd.combine_sigma)
         t2 = fr["ARC"][1].truth
         line_row = t2["LINE_ROW"]
         fib, row = [], []

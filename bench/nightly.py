@@ -36,7 +36,7 @@ from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.ingest import ingest_files, list_delivered
 from fiberlake.jobs.query import sql
 from fiberlake.jobs.watch import watch_night
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock
 
@@ -137,7 +137,7 @@ def main() -> None:
     night_dir.mkdir(parents=True)
     lake = Lake.at(work / "lake-stream")
     stop, landed = threading.Event(), {}
-    config = ReductionParams(extractions=tuple(args.extract.split(",")))
+    config = ReductionParams().updated({"extractions": tuple(args.extract.split(","))})
     watcher_report = {}
     watcher = threading.Thread(target=lambda: watcher_report.setdefault("r", watch_night(
         lake, night_dir, poll=0.5, settle=0.5, config=config, stop=stop)))

@@ -34,7 +34,7 @@ from fiberlake.jobs.executors import init_ray  # noqa: E402
 from fiberlake.jobs.ingest import ingest_night  # noqa: E402
 from fiberlake.jobs.process import Executor, process_night  # noqa: E402
 from fiberlake.processors.chunks import n_bundles  # noqa: E402
-from fiberlake.processors.pipeline import ReductionParams  # noqa: E402
+from fiberlake.processors.params import ReductionParams  # noqa: E402
 from fiberlake.schemas.instrument import get_instrument  # noqa: E402
 from fiberlake.storage.layout import Lake  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--chunk-fibers", type=int, default=25, help="fibers per bundle (0: whole frames)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fiberlake-raybench-"))
-    config = ReductionParams(extractions=tuple(args.extract.split(",")), chunk_fibers=args.chunk_fibers)
+    config = ReductionParams().updated({"extractions": tuple(args.extract.split(",")), "execution.chunk_fibers": args.chunk_fibers})
     simulate_night(args.instrument, NIGHT, work / "nights", seed=9, n_bias=1, n_flat=1, n_arc=1,
                    n_science=args.n_science, n_standard=0, cameras=[args.camera])
     template = Lake.at(work / "template")

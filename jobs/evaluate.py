@@ -14,7 +14,8 @@ import numpy as np
 import polars as pl
 from astropy.io import fits
 
-from fiberlake.jobs.process import latest_exposures, load_calibration
+from fiberlake.jobs.calibrations import load_calibration
+from fiberlake.jobs.process import latest_exposures
 from fiberlake.processors import accuracy, rectify
 from fiberlake.processors.extract import Spectra1D
 from fiberlake.schemas.truth import camera_truth_name, spectra_truth_name

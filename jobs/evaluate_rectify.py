@@ -89,8 +89,9 @@ def simulate_camera(instrument: Instrument, camera: str, seed: int, params: SimP
 
 
 def _params(variant: Variant, extractions: tuple[str, ...]) -> ReductionParams:
-    return ReductionParams(extractions=extractions, rectify=variant.rectify, rectify_map=variant.map,
-                           rectify_sampling=variant.sampling, rectify_labels=variant.labels)
+    return ReductionParams().updated({
+        "extractions": extractions, "rectify.enabled": variant.rectify, "rectify.map": variant.map,
+        "rectify.sampling": variant.sampling, "rectify.labels": variant.labels})
 
 
 def _config(variant: Variant) -> rectify.RectifyConfig:

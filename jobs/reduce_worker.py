@@ -21,21 +21,25 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from fiberlake.jobs.calibrations import CalibrationChoice, ccd_params_from_row, ensure_calibration, load_calibration
+from fiberlake.jobs.failures import error_kind
 from fiberlake.processors.chunks import n_bundles
+from fiberlake.processors.params import ReductionParams
 from fiberlake.processors.pipeline import (
     BundleSpectra,
     Calibration,
     FrameConstants,
     FrameSlab,
-    ReductionParams,
     extract_bundle,
     finish_frame,
     prepare_frame,
 )
+from fiberlake.processors.table_rows import spectra_rows
 from fiberlake.schemas.instrument import get_instrument
 from fiberlake.storage.failpoints import failpoint
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.rawstore import read_raw_frame
+from fiberlake.storage.rows import rows_to_table
 
 CALIB_CACHE = 4
 """Calibration sets a reducer keeps in memory (a LAMOST set is ~300 MB)."""
@@ -49,6 +53,8 @@ class FrameResult:
     expid: int
     camera: str
     marker: dict
+    methods: tuple[str, ...] = ()
+    """Extractions this result is for (one ``reductions`` marker each)."""
     spectra: pa.Table | None = None
     metrics: list[dict] = field(default_factory=list)
 
@@ -64,13 +70,27 @@ class PreparedFrame:
     extraction constants, or why it could not be prepared."""
 
     marker: dict
+    methods: tuple[str, ...] = ()
     constants: FrameConstants | None = None
     error: str | None = None
+    error_kind: str | None = None
     seconds: float = 0.0
+
+
+@dataclass
+class BundleError:
+    """Why a bundle could not be extracted, and whether the data or the environment failed."""
+
+    text: str
+    kind: str
 
 
 class FrameFailed(RuntimeError):
     """A step of a frame's reduction failed; the message is the marker's error."""
+
+    def __init__(self, text: str, kind: str = "data"):
+        super().__init__(text)
+        self.kind = kind
 
 
 class FrameReducer:
@@ -86,7 +106,7 @@ class FrameReducer:
 
     def __init__(self, lake_root: str, config: dict):
         self.lake = Lake.at(lake_root)
-        self.config = ReductionParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        self.config = ReductionParams.from_dict(config)
         self.instrument = get_instrument(self.lake.instrument)
         self._calibs: OrderedDict[str, Calibration] = OrderedDict()
 
@@ -100,17 +120,16 @@ class FrameReducer:
 
         Returns
         -------
-        str or None
-            None on success, else why the set could not be built.
+        tuple of (str, str), or None
+            None on success, else why the set could not be built and whether the data or the
+            environment failed (``data`` / ``environment``).
         """
-        from fiberlake.jobs.process import CalibrationChoice, ensure_calibration
-
         choice = CalibrationChoice(night=night, camera=camera, calib_id=calib_id)
         try:
             calib = ensure_calibration(self.lake, choice, pl.DataFrame(camera_rows), self.config, self.instrument,
                                        rebuild=rebuild)
         except Exception as err:  # recorded on the camera's frames, does not stop the run
-            return f"calibration failed: {type(err).__name__}: {err}"
+            return f"calibration failed: {type(err).__name__}: {err}", error_kind(err)
         self._remember(calib_id, calib)
         return None
 
@@ -118,8 +137,6 @@ class FrameReducer:
         if calib_id in self._calibs:
             self._calibs.move_to_end(calib_id)
             return self._calibs[calib_id]
-        from fiberlake.jobs.process import load_calibration
-
         calib = load_calibration(self.lake, night, camera)
         if calib.info.get("calib_id") != calib_id:
             raise LookupError(f"calibration set {night}/{camera} is not {calib_id} any more (rebuilt meanwhile)")
@@ -134,14 +151,19 @@ class FrameReducer:
 
     def n_bundles(self) -> int:
         """Bundles a frame is cut into (the number of slabs :meth:`prepare` returns)."""
-        return n_bundles(self.instrument.n_fibers, self.config.chunk_fibers)
+        return n_bundles(self.instrument.n_fibers, self.config.execution.chunk_fibers)
 
     def _marker(self, exp: dict, calib_night: str, calib_id: str) -> dict:
         return {"night": exp["night"], "expid": exp["expid"], "camera": exp["camera"],
                 "file_version": exp["file_version"], "pixel_sha256": exp["pixel_sha256"],
                 "calib_night": calib_night, "calib_id": calib_id, "landed_at": exp["ingested_at"]}
 
-    def prepare(self, exp: dict, calib_night: str, calib_id: str) -> tuple:
+    def _params(self, methods: tuple[str, ...]) -> ReductionParams:
+        """The run's parameters restricted to the extractions a frame still needs."""
+        methods = tuple(methods)
+        return self.config if methods == self.config.extractions else self.config.updated({"extractions": methods})
+
+    def prepare(self, exp: dict, calib_night: str, calib_id: str, methods: tuple[str, ...]) -> tuple:
         """Read and correct one frame; cut it into its bundles' slabs.
 
         Returns
@@ -152,62 +174,61 @@ class FrameReducer:
             slabs are None and the PreparedFrame carries the error.
         """
         t0 = time.perf_counter()
-        prepared = PreparedFrame(marker=self._marker(exp, calib_night, calib_id))
+        prepared = PreparedFrame(marker=self._marker(exp, calib_night, calib_id), methods=tuple(methods))
         slabs: list = [None] * self.n_bundles()
         try:
             failpoint("reduce.frame")
             calib = self._calibration(calib_night, exp["camera"], calib_id)
             raw = read_raw_frame(self.lake.root, exp["raw_path"])
-            from fiberlake.jobs.process import ccd_params_from_row
-
-            prepared.constants, slabs = prepare_frame(raw, ccd_params_from_row(exp), calib, self.config)
+            prepared.constants, slabs = prepare_frame(raw, ccd_params_from_row(exp), calib,
+                                                      self._params(prepared.methods))
             if len(slabs) != self.n_bundles():
                 raise ValueError(f"calibration has {calib.traces.n_fibers} fibers, the instrument "
                                  f"{self.instrument.n_fibers}")
         except Exception as err:
-            prepared.error = f"{type(err).__name__}: {err}"
+            prepared.error, prepared.error_kind = f"{type(err).__name__}: {err}", error_kind(err)
             slabs = [None] * self.n_bundles()
         prepared.seconds = time.perf_counter() - t0
         return (prepared, *slabs)
 
-    def extract(self, prepared: PreparedFrame, slab: FrameSlab | None) -> BundleSpectra | str | None:
+    def extract(self, prepared: PreparedFrame, slab: FrameSlab | None) -> BundleSpectra | BundleError | None:
         """Extract one bundle (see :func:`~fiberlake.processors.pipeline.extract_bundle`).
 
         Returns
         -------
-        BundleSpectra, or the error (str), or None when the frame could not be prepared.
+        BundleSpectra, or a BundleError, or None when the frame could not be prepared.
         """
         if prepared.error is not None or slab is None:
             return None
         try:
             calib = self._calibration(prepared.marker["calib_night"], prepared.marker["camera"],
                                       prepared.marker["calib_id"])
-            return extract_bundle(slab, prepared.constants, calib, self.config)
+            return extract_bundle(slab, prepared.constants, calib, self._params(prepared.methods))
         except Exception as err:
-            return f"bundle {slab.bundle.index} (fibers {slab.bundle.core[0]}-{slab.bundle.core[1] - 1}): " \
-                   f"{type(err).__name__}: {err}"
+            return BundleError(f"bundle {slab.bundle.index} (fibers {slab.bundle.core[0]}-{slab.bundle.core[1] - 1}): "
+                               f"{type(err).__name__}: {err}", error_kind(err))
 
     def finish(self, exp: dict, fibermap: dict[int, dict], prepared: PreparedFrame,
-               *parts: BundleSpectra | str | None) -> FrameResult:
+               *parts: BundleSpectra | BundleError | None) -> FrameResult:
         """Join a frame's bundles, subtract the sky, measure quality and make the table rows.
 
         A failure is returned as a result with status ``failed`` and the error, not raised: a
         frame that fails deterministically is recorded and the run goes on.
         """
-        from fiberlake.jobs.process import rows_to_table, spectra_rows
-
         t0 = time.perf_counter()
         marker = dict(prepared.marker)
-        result = FrameResult(night=exp["night"], expid=exp["expid"], camera=exp["camera"], marker=marker)
+        result = FrameResult(night=exp["night"], expid=exp["expid"], camera=exp["camera"], marker=marker,
+                             methods=prepared.methods)
         try:
             if prepared.error is not None:
-                raise FrameFailed(prepared.error)
-            errors = [p for p in parts if isinstance(p, str)]
+                raise FrameFailed(prepared.error, prepared.error_kind or "data")
+            errors = [p for p in parts if isinstance(p, BundleError)]
             if errors:
-                raise FrameFailed("; ".join(errors))
+                kind = "environment" if any(e.kind == "environment" for e in errors) else "data"
+                raise FrameFailed("; ".join(e.text for e in errors), kind)
             calib = self._calibration(marker["calib_night"], exp["camera"], marker["calib_id"])
             sky_fibers = np.array([fibermap.get(f, {}).get("objtype") == "SKY" for f in range(self.instrument.n_fibers)])
-            reduced = finish_frame(list(parts), calib, sky_fibers, self.config)
+            reduced = finish_frame(list(parts), calib, sky_fibers, self._params(prepared.methods))
             rows, metrics = [], []
             for method, frame in reduced.items():
                 s_rows, m_rows = spectra_rows(exp, fibermap, method, frame, calib)
@@ -215,16 +236,18 @@ class FrameReducer:
                 metrics += m_rows
             result.spectra = rows_to_table(rows, "spectra")
             result.metrics = metrics
-            marker |= {"status": "ok", "error": None, "n_spectra": len(rows)}
+            marker |= {"status": "ok", "error": None, "error_kind": None, "n_spectra": len(rows)}
         except FrameFailed as err:
-            marker |= {"status": "failed", "error": str(err), "n_spectra": 0}
+            marker |= {"status": "failed", "error": str(err), "error_kind": err.kind, "n_spectra": 0}
         except Exception as err:
-            marker |= {"status": "failed", "error": f"{type(err).__name__}: {err}", "n_spectra": 0}
+            marker |= {"status": "failed", "error": f"{type(err).__name__}: {err}", "error_kind": error_kind(err),
+                       "n_spectra": 0}
         marker["seconds"] = prepared.seconds + (time.perf_counter() - t0)
         return result
 
-    def reduce(self, exp: dict, calib_night: str, calib_id: str, fibermap: dict[int, dict]) -> FrameResult:
-        """Reduce one science or standard frame to its spectra and metrics rows, in this process:
-        :meth:`prepare`, :meth:`extract` for every bundle, :meth:`finish`."""
-        prepared, *slabs = self.prepare(exp, calib_night, calib_id)
+    def reduce(self, exp: dict, calib_night: str, calib_id: str, fibermap: dict[int, dict],
+               methods: tuple[str, ...]) -> FrameResult:
+        """Reduce one science or standard frame to its spectra and metrics rows for ``methods``, in
+        this process: :meth:`prepare`, :meth:`extract` for every bundle, :meth:`finish`."""
+        prepared, *slabs = self.prepare(exp, calib_night, calib_id, methods)
         return self.finish(exp, fibermap, prepared, *(self.extract(prepared, slab) for slab in slabs))

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import polars as pl
 from tqdm import tqdm
 
-from fiberlake.jobs.process import Executor, code_version, config_hash, process_night
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.jobs.process import Executor, config_hash, process_night
+from fiberlake.jobs.provenance import code_version
+from fiberlake.processors.params import ReductionParams
 from fiberlake.schemas.header import SKY_OBSTYPES
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock

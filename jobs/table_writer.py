@@ -3,8 +3,9 @@
 Workers (in-process or Ray actors) return :class:`~fiberlake.jobs.reduce_worker.FrameResult`;
 only the driver writes tables, through one :class:`BatchWriter`, so commits never race. A batch
 of frames becomes one commit per table: ``spectra`` and ``metrics`` rows of the reduced frames
-replace those frames' earlier rows (one Delta ``overwrite`` with a predicate naming the frames),
-then the ``reductions`` markers of every frame of the batch are replaced the same way. Each commit
+replace those frames' earlier rows of the same extractions (one Delta ``overwrite`` with a predicate built
+from the frames' validated keys, :mod:`fiberlake.storage.predicates`), then the ``reductions``
+markers (one per frame and extraction) of every frame of the batch are replaced the same way. Each commit
 carries the application transaction ``(run_id, batch number)``, checked before writing, so a
 retried flush inside a run cannot apply twice; a frame whose marker did not land is reduced
 again by the next run, and its rows are replaced, not added.
@@ -21,15 +22,10 @@ from fiberlake.jobs.reduce_worker import FrameResult
 from fiberlake.storage.tables import TableStore, Txn
 
 
-def frames_predicate(results: list[FrameResult]) -> str:
-    """SQL predicate selecting the given frames (night, expid and camera were validated at ingest)."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for r in results:
-        groups.setdefault((r.night, r.camera), []).append(int(r.expid))
-    return " OR ".join(
-        f"(night = '{night}' AND camera = '{camera}' AND expid IN ({', '.join(str(e) for e in sorted(set(ids)))}))"
-        for (night, camera), ids in sorted(groups.items())
-    )
+def frame_keys(results: list[FrameResult]) -> list[dict]:
+    """Key values of the given frames' rows, one per extraction (validated again where the predicate is built)."""
+    return [{"night": r.night, "camera": r.camera, "extraction": method, "expid": int(r.expid)}
+            for r in results for method in r.methods]
 
 
 class BatchWriter:
@@ -41,17 +37,17 @@ class BatchWriter:
         The lake's tables.
     run_id : str
         Run id written in every row, and the application id of the commits.
-    config_hash : str
-        Hash of the run's reduction parameters (in every marker).
+    config_hashes : dict of str to str
+        Per extraction, the hash of every science parameter its spectra depend on (in its markers).
     batch_frames : int
         Frames per commit.
     batch_seconds : float
         A batch older than this is committed even when not full (keeps streaming latency low).
     """
 
-    def __init__(self, tables: TableStore, run_id: str, config_hash: str, *, batch_frames: int = 8,
+    def __init__(self, tables: TableStore, run_id: str, config_hashes: dict[str, str], *, batch_frames: int = 8,
                  batch_seconds: float = 30.0):
-        self.tables, self.run_id, self.config_hash = tables, run_id, config_hash
+        self.tables, self.run_id, self.config_hashes = tables, run_id, config_hashes
         self.batch_frames, self.batch_seconds = batch_frames, batch_seconds
         self.buffer: list[FrameResult] = []
         self.started = time.monotonic()
@@ -67,7 +63,8 @@ class BatchWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Commit the buffered results (no-op when empty)."""
+        """Commit the buffered results (no-op when empty): the reduced frames' spectra and metrics
+        rows of the reduced extractions replace their earlier rows, then every frame's markers."""
         if not self.buffer:
             return
         batch, self.buffer = self.buffer, []
@@ -78,11 +75,14 @@ class BatchWriter:
             spectra = pa.concat_tables([r.spectra for r in done])
             spectra = spectra.set_column(spectra.schema.get_field_index("run_id"), "run_id",
                                          pa.array([self.run_id] * spectra.num_rows, pa.string()))
-            predicate = frames_predicate(done)
-            self.tables.replace("spectra", spectra, predicate, txn=txn)
-            self.tables.replace("metrics", [m | {"run_id": self.run_id} for r in done for m in r.metrics],
-                                predicate, txn=txn)
+            keys = frame_keys(done)
+            self.tables.replace_keys("spectra", spectra, keys, txn=txn)
+            self.tables.replace_keys("metrics", [m | {"run_id": self.run_id} for r in done for m in r.metrics],
+                                     keys, txn=txn)
         now = dt.datetime.now(dt.timezone.utc)
-        markers = [r.marker | {"config_hash": self.config_hash, "run_id": self.run_id, "reduced_at": now} for r in batch]
-        self.tables.replace("reductions", markers, frames_predicate(batch), txn=txn)
+        markers = [r.marker | {"extraction": method, "config_hash": self.config_hashes[method],
+                               "n_spectra": r.marker["n_spectra"] // len(r.methods), "run_id": self.run_id,
+                               "reduced_at": now}
+                   for r in batch for method in r.methods]
+        self.tables.replace_keys("reductions", markers, frame_keys(batch), txn=txn)
         self.markers.extend(markers)

@@ -18,8 +18,10 @@ No file or table I/O happens here; ``jobs/process.py`` reads frames and writes p
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -27,147 +29,42 @@ from fiberlake.processors import ccd, deconv, extract, fiberflat, quality, recti
 from fiberlake.processors.chunks import Bundle, bundle_columns, plan_bundles, subset_profile, subset_psf, subset_traces
 from fiberlake.processors.extract import Spectra1D
 from fiberlake.processors.rectify import Rectification, RectifyConfig
-from fiberlake.processors.rectify_map import MAP_KINDS, MapConfig
-from fiberlake.processors.rectify_sampling import SAMPLINGS
+from fiberlake.processors.params import DEFAULT_EXTRACTIONS, EXTRACTIONS, ReductionParams
+from fiberlake.processors.rectify_map import MapConfig
 from fiberlake.processors.psf import PSFModel, fit_psf
 from fiberlake.schemas.calib import TraceSet, WaveSolution
 from fiberlake.schemas.instrument import Instrument
 from fiberlake.schemas.linelists import arc_lines
 from fiberlake.schemas.maskbits import Mask
 
-EXTRACTIONS = ("box", "optimal", "deconv")
-DEFAULT_EXTRACTIONS = ("box", "optimal")
 
 
-@dataclass(frozen=True)
-class ReductionParams:
-    """Parameters of the classical reduction (recorded in the ``runs`` table).
+def rectify_config(params: ReductionParams) -> RectifyConfig:
+    """The aberration-correction settings of the reduction parameters."""
+    r = params.rectify
+    device = params.execution.rectify_device
+    return RectifyConfig(
+        sampling=r.sampling, n_samples=r.samples, edge_ratio=r.edge_ratio, order=r.order, labels=r.labels,
+        map=MapConfig(kind=r.map, hidden=r.mlp_hidden, epochs=r.mlp_epochs, batch=r.mlp_batch, lr=r.mlp_lr,
+                      seed=r.mlp_seed, residual=r.mlp_residual, deg=r.deg, device=None if device == "auto" else device))
 
-    Attributes
-    ----------
-    extractions : tuple of str
-        Extraction methods to run, from ``("box", "optimal", "deconv")``; default box and
-        optimal. ``deconv`` (spectro-perfectionism, :mod:`fiberlake.processors.deconv`) also
-        fits a PSF model on the calibration frames (:mod:`fiberlake.processors.psf`).
-    cosmics : bool
-        Detect cosmic rays on science and standard frames (astroscrappy).
-    box_halfwidth : float
-        Half width (pixels) of the box and optimal apertures.
-    trace_deg : int
-        Legendre degree of the fiber traces.
-    wave_deg : int
-        Legendre degree of the wavelength solutions.
-    optimal_reject_sigma : float
-        Outlier rejection threshold of the optimal extraction.
-    measure_profile : bool
-        Fit the cross-dispersion profile (Gaussian core + offset wing) on the master flat and
-        use it in both extractions; otherwise a Gaussian of the traced width. Off by default: on
-        the held-out mini night the fitted wing model lowered the optimal pull width (1.09 -> 1.03)
-        but raised its flux bias against the truth (+0.1..0.9 % -> +0.8..1.6 %), and costs ~15 s
-        per full-size flat.
-    psf_order : int
-        Gauss-Hermite order of the deconvolution PSF (LSF from the arcs, cross-dispersion
-        profile from the flat).
-    psf_deg : int
-        Legendre degree (in column and row) of the PSF's variation over the CCD.
-    psf_invariant : bool
-        One PSF for the whole frame (for rectified frames) instead of one varying over the CCD.
-    deconv_patch_fibers, deconv_patch_rows, deconv_pad_rows : int
-        Deconvolution patch core (fibers x rows) and the rows solved and discarded on each
-        side (:class:`fiberlake.processors.deconv.DeconvParams`).
-    deconv_device : str
-        ``auto`` (CUDA when torch sees a GPU), ``cpu`` or ``cuda``.
-    rectify : bool
-        Aberration correction (seed 000, :mod:`fiberlake.processors.rectify`): fit a map from
-        the traces of the master flat that makes them straight, resample the master flat and
-        arcs into it, re-trace and calibrate there, and resample every science frame of the
-        camera with the same map (stored in the calibration set under ``rectify/``). On by
-        default; when the map cannot be built (torch missing for ``mlp``, too few live
-        traces) the set is built without it and says why in ``info["rectify"]``. False is the
-        old path. Frames are always reduced in the frame of their calibration set.
-    rectify_map : str
-        ``legendre`` (2D Legendre warp of degree ``rectify_deg``, the default) or ``mlp`` (the
-        paper's 2-20-2 ReLU network, torch). On held-out mini cameras (k = 0.012 and 0.03) the
-        Legendre map is 0.0002-0.0009 px from the true distortion and the MLP 0.04-0.09 px
-        (0.55 px on a full-size LAMOST frame), which leaves kinks the re-traced traces follow
-        only to 0.03-0.07 px; the Legendre map also fits in <1 s against 2-10 s.
-    rectify_sampling : str
-        ``semicircle`` (eq. 13 along each trace, more samples on edge fibers) or ``uniform``;
-        same result for the Legendre map, 5-10 % lower MLP errors with ``semicircle``.
-    rectify_samples : int
-        Training samples (the paper: ~30,000).
-    rectify_epochs : int
-        MLP epochs (the paper: 50).
-    rectify_seed : int
-        Seed of the MLP's initialisation and batch order (same seed, same weights on CPU).
-    rectify_deg : int
-        Degree of the Legendre warp in each coordinate.
-    rectify_order : int
-        Interpolation of the cumulative flux in the resampling: 3 (cubic, default; does not
-        broaden the PSF at second order) or 1 (linear: exact pixel-area overlap).
-    rectify_labels : str
-        Target lines of the traces: ``slit`` (the default: parallel lines equally spaced like
-        the nominal slit positions, so the frame's scale across the slit is the same
-        everywhere) or ``tls`` (each trace's own TLS line, the paper, which keeps the
-        pincushion's wider spacing at the edges). With a PSF tied to the distortion the
-        spread of the arc-line widths across the slit drops from 1.95 % to 1.18 % (slit)
-        against 1.53 % (tls) at k = 0.03; other figures are the same.
-    chunk_fibers : int
-        Fibers per bundle, the unit of work of the extraction (:mod:`fiberlake.processors.chunks`):
-        25 cuts a LAMOST frame of 250 fibers into 10 bundles; 0 extracts the whole frame at once.
-        Box spectra do not depend on it; optimal spectra only through the ``BAD2DFIT`` flag
-        (its threshold is a median over the bundle); deconvolution patches do not cross a bundle.
-    chunk_margin : int
-        Neighbouring fibers extracted with each bundle on either side (then dropped), so that the
-        simultaneous fits see their neighbours' light.
-    """
 
-    extractions: tuple[str, ...] = DEFAULT_EXTRACTIONS
-    cosmics: bool = True
-    box_halfwidth: float = 7.0
-    trace_deg: int = 5
-    wave_deg: int = 4
-    optimal_reject_sigma: float = 5.0
-    measure_profile: bool = False
-    psf_order: int = 8
-    psf_deg: int = 2
-    psf_invariant: bool = False
-    deconv_patch_fibers: int = 10
-    deconv_patch_rows: int = 30
-    deconv_pad_rows: int = 10
-    deconv_device: str = "auto"
-    rectify: bool = True
-    rectify_map: str = "legendre"
-    rectify_sampling: str = "semicircle"
-    rectify_samples: int = 30000
-    rectify_epochs: int = 50
-    rectify_seed: int = 0
-    rectify_deg: int = 5
-    rectify_order: int = 3
-    rectify_labels: str = "slit"
-    chunk_fibers: int = 25
-    chunk_margin: int = 2
+def deconv_params(params: ReductionParams) -> deconv.DeconvParams:
+    """The deconvolution settings of the reduction parameters."""
+    d, run = params.deconv, params.execution
+    return deconv.DeconvParams(
+        fibers_per_patch=d.patch_fibers, rows_per_patch=d.patch_rows, pad_rows=d.pad_rows,
+        overlap_fibers=d.overlap_fibers, resolution_halfwidth=d.resolution_halfwidth, regularize=d.regularize,
+        retry_regularize=d.retry_regularize, variance_model=d.variance_model, batch=run.deconv_batch,
+        device=run.deconv_device, cpu_threads=run.deconv_cpu_threads)
 
-    def __post_init__(self) -> None:
-        unknown = set(self.extractions) - set(EXTRACTIONS)
-        if unknown or not self.extractions:
-            raise ValueError(f"unknown extraction {sorted(unknown)}; choose from {EXTRACTIONS}")
-        if self.rectify_map not in MAP_KINDS:
-            raise ValueError(f"rectify_map {self.rectify_map!r} not one of {MAP_KINDS}")
-        if self.rectify_sampling not in SAMPLINGS:
-            raise ValueError(f"rectify_sampling {self.rectify_sampling!r} not one of {SAMPLINGS}")
 
-    def rectify_config(self) -> RectifyConfig:
-        """The aberration-correction settings of these parameters."""
-        return RectifyConfig(
-            sampling=self.rectify_sampling, n_samples=self.rectify_samples, order=self.rectify_order,
-            labels=self.rectify_labels,
-            map=MapConfig(kind=self.rectify_map, epochs=self.rectify_epochs, seed=self.rectify_seed,
-                          deg=self.rectify_deg))
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable parameters."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+def camera_ccd_params(camera: ccd.CCDParams, params: ReductionParams) -> ccd.CCDParams:
+    """A camera's CCD parameters (from its header) with the overscan and cosmic-ray settings of the run."""
+    c, cr = params.ccd, params.cosmics
+    return dataclasses.replace(camera, overscan_sigma=c.overscan_sigma, overscan_smooth=c.overscan_smooth,
+                               cr_sigclip=cr.sigclip, cr_sigfrac=cr.sigfrac, cr_objlim=cr.objlim, cr_niter=cr.niter,
+                               cr_grow=cr.grow)
 
 
 @dataclass
@@ -189,6 +86,20 @@ class Calibration:
     """Aberration map (stored under ``rectify/``) when the set was built with ``rectify``: then
     ``master_flat``, ``traces``, ``wave``, ``fiberflats`` (and ``profile``, ``psf``) are in the
     rectified frame, and every frame is resampled with this map before extraction."""
+
+    @cached_property
+    def wave_rows(self) -> np.ndarray:
+        """Wavelength (Angstrom) of every fiber's CCD rows, ``(n_fibers, ny)``."""
+        return self.wave.wave()
+
+    @cached_property
+    def trace_figures(self) -> dict[str, np.ndarray]:
+        """Straightness of the extraction traces (and of the raw ones) and the map residual, per fiber."""
+        straight = rectify.trace_straightness(self.traces)
+        rect = self.rectification
+        return {"trace_straightness": straight,
+                "trace_straightness_raw": rect.straightness_raw if rect is not None else straight,
+                "map_residual": rect.residual if rect is not None else np.full(self.traces.n_fibers, np.nan)}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Named arrays of the set (``a/b`` names nest), for the calibration store.
@@ -261,11 +172,6 @@ class ReducedFrame:
     ``wave.wave()``."""
 
 
-def _deconv_params(params: ReductionParams) -> deconv.DeconvParams:
-    return deconv.DeconvParams(fibers_per_patch=params.deconv_patch_fibers, rows_per_patch=params.deconv_patch_rows,
-                               pad_rows=params.deconv_pad_rows, device=params.deconv_device)
-
-
 def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: ReductionParams,
              profile: extract.ProfileModel | None, psf: PSFModel | None = None,
              constants: FrameConstants | None = None) -> Spectra1D:
@@ -274,26 +180,29 @@ def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: Reducti
         if psf is None:
             raise ValueError("deconv extraction needs a PSF model in the calibration set "
                              "(build it with 'deconv' among the extractions)")
-        return deconv.deconv_extract(image.image, image.ivar, image.mask, traces, psf, _deconv_params(params),
+        return deconv.deconv_extract(image.image, image.ivar, image.mask, traces, psf, deconv_params(params),
                                      read_noise=read_noise)
     if method == "box":
-        return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box_halfwidth,
+        return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box.halfwidth,
                                    profile=profile)
+    opt = params.optimal
     return extract.optimal_extract(
         image.image, image.ivar, image.mask, traces,
-        halfwidth=params.box_halfwidth, reject_sigma=params.optimal_reject_sigma, profile=profile,
-        read_noise=read_noise, deblend_halfwidth=constants.deblend_halfwidth if constants else None,
+        halfwidth=opt.halfwidth, reject_sigma=opt.reject_sigma, max_iter=opt.max_iter, deblend=opt.deblend,
+        profile_error=opt.profile_error, profile=profile, read_noise=read_noise,
+        deblend_halfwidth=constants.deblend_halfwidth if constants else opt.deblend_halfwidth,
     )
 
 
-def _master_frame(raws: list[np.ndarray], ccd_params: ccd.CCDParams, master_bias: np.ndarray) -> ccd.CCDImage:
+def master_frame(raws: list[np.ndarray], ccd_params: ccd.CCDParams, master_bias: np.ndarray,
+                  combine_sigma: float) -> ccd.CCDImage:
     """Correct raw lamp frames and combine them (sigma-clipped mean) into one image.
 
     The variance of the mean of n frames is (read noise^2 + counts) / n; a pixel masked in any
     input is masked in the result.
     """
     images = [ccd.preprocess(raw, ccd_params, master_bias) for raw in raws]
-    combined = ccd.combine_frames([i.image for i in images]) if len(images) > 1 else images[0].image
+    combined = ccd.combine_frames([i.image for i in images], combine_sigma) if len(images) > 1 else images[0].image
     mask = np.bitwise_or.reduce([i.mask for i in images])
     var = (ccd_params.read_noise**2 + np.clip(combined, 0, None)) / len(images)
     ivar = np.where(mask == 0, 1.0 / var, 0.0).astype(np.float32)
@@ -331,41 +240,49 @@ def build_calibration(
     for kind, frames in (("BIAS", biases), ("FLAT", flats), ("ARC", arcs)):
         if not frames:
             raise ValueError(f"no {kind} frame for this camera: cannot build its calibration set")
-    bias_images = [ccd.overscan_subtract(raw, ccd_params.datasec, ccd_params.biassec) for raw in biases]
-    master_bias = ccd.combine_frames(bias_images) if len(bias_images) > 1 else bias_images[0]
+    ccd_params = camera_ccd_params(ccd_params, params)
+    sigma = params.ccd.combine_sigma
+    bias_images = [ccd.overscan_subtract(raw, ccd_params.datasec, ccd_params.biassec, sigma=ccd_params.overscan_sigma,
+                                         smooth=ccd_params.overscan_smooth) for raw in biases]
+    master_bias = ccd.combine_frames(bias_images, sigma) if len(bias_images) > 1 else bias_images[0]
 
-    flat = _master_frame(flats, ccd_params, master_bias)
+    flat = master_frame(flats, ccd_params, master_bias, sigma)
+    nominal_x = instrument.nominal_fiber_columns()
+    traces = tracing.trace_fibers(flat.image, flat.ivar, nominal_x, **params.tracing.science_dict())
 
-    traces = tracing.trace_fibers(flat.image, flat.ivar, instrument.nominal_fiber_columns(), deg=params.trace_deg)
-
-    arc = _master_frame(arcs, ccd_params, master_bias)
+    arc = master_frame(arcs, ccd_params, master_bias, sigma)
     rectification, rectify_info = None, {"applied": False}
-    if params.rectify:
-        rectification, rectify_info = _fit_rectification(traces, flat.image.shape[1], params,
-                                                         instrument.nominal_fiber_columns())
+    if params.rectify.enabled:
+        rectification, rectify_info = _fit_rectification(traces, flat.image.shape[1], params, nominal_x)
     if rectification is not None:
         # resample the lamps into the rectified frame, where the traces are straight, and
         # measure everything else there
         order = rectification.config.order
         flat = rectify.rectify_image(flat.image, flat.ivar, flat.mask, rectification.map, order=order)
         arc = rectify.rectify_image(arc.image, arc.ivar, arc.mask, rectification.map, order=order)
-        traces = tracing.trace_fibers(flat.image, flat.ivar, instrument.nominal_fiber_columns(), deg=params.trace_deg)
+        traces = tracing.trace_fibers(flat.image, flat.ivar, nominal_x, **params.tracing.science_dict())
         rectify_info["straightness_median"] = float(np.nanmedian(rectify.trace_straightness(traces)))
     spec = instrument.arm(arm)
     wave = wavecal.calibrate_wavelength(
-        arc.image, arc.ivar, traces, arc_lines()["wave_air"], spec.wave_center, spec.dispersion, deg=params.wave_deg
-    )
+        arc.image, arc.ivar, traces, arc_lines()["wave_air"], spec.wave_center, spec.dispersion,
+        **params.wavecal.science_dict())
 
-    profile = extract.measure_profile(flat.image, flat.ivar, flat.mask, traces) if params.measure_profile else None
+    prof = params.profile
+    profile = extract.measure_profile(flat.image, flat.ivar, flat.mask, traces, n_bands=prof.n_bands,
+                                      rows_per_band=prof.rows_per_band, max_sweeps=prof.max_sweeps,
+                                      deg=(prof.deg, prof.deg)) if prof.measure else None
     psf = None
     if "deconv" in params.extractions:
+        p = params.psf
         psf = fit_psf(flat.image, flat.ivar, flat.mask, arc.image, arc.ivar, arc.mask, traces,
-                      order=params.psf_order, deg=(params.psf_deg, params.psf_deg), invariant=params.psf_invariant)
+                      order=p.order, deg=(p.deg, p.deg), invariant=p.invariant, lsf_halfwidth=p.lsf_halfwidth,
+                      xsf_halfwidth=p.xsf_halfwidth, n_rows=p.n_rows, min_snr=p.min_snr)
     fiberflats = {}
     wave_rows = wave.wave()
     for method in params.extractions:
         flat_spectra = _extract(method, flat, traces, params, profile, psf)
-        fiberflats[method] = fiberflat.compute_fiberflat(flat_spectra, traces.dead, wave_rows=wave_rows)
+        fiberflats[method] = fiberflat.compute_fiberflat(flat_spectra, traces.dead, smooth=params.fiberflat.smooth,
+                                                         wave_rows=wave_rows)
     return Calibration(
         master_bias=master_bias.astype(np.float32),
         master_flat=flat.image,
@@ -385,7 +302,7 @@ def _fit_rectification(traces: TraceSet, nx: int, params: ReductionParams,
                        nominal_x: np.ndarray) -> tuple[Rectification | None, dict]:
     """The aberration map from the master flat's traces, or None and the reason it cannot be built."""
     try:
-        rect = rectify.fit_rectification(traces, nx, params.rectify_config(), nominal_x)
+        rect = rectify.fit_rectification(traces, nx, rectify_config(params), nominal_x)
     except (ImportError, ValueError) as err:  # torch missing for an MLP; too few live traces
         warnings.warn(f"aberration map not built, frames not rectified: {err}", RuntimeWarning, stacklevel=3)
         return None, {"applied": False, "reason": f"{type(err).__name__}: {err}"}
@@ -472,7 +389,7 @@ class BundleSpectra:
 
 def frame_bundles(calib: Calibration, params: ReductionParams) -> list[Bundle]:
     """The bundles a frame of this calibration is cut into."""
-    return plan_bundles(calib.traces.n_fibers, params.chunk_fibers, params.chunk_margin)
+    return plan_bundles(calib.traces.n_fibers, params.execution.chunk_fibers, params.execution.chunk_margin)
 
 
 def prepare_frame(raw: np.ndarray, ccd_params: ccd.CCDParams, calib: Calibration,
@@ -495,14 +412,16 @@ def prepare_frame(raw: np.ndarray, ccd_params: ccd.CCDParams, calib: Calibration
     list of FrameSlab
         One per bundle of :func:`frame_bundles`, in order.
     """
-    image = ccd.preprocess(raw, ccd_params, calib.master_bias, cosmics=params.cosmics)
+    image = ccd.preprocess(raw, camera_ccd_params(ccd_params, params), calib.master_bias,
+                           cosmics=params.cosmics.enabled)
     if calib.rectification is not None:  # the calibration lives in the rectified frame
         image = rectify.rectify_image(image.image, image.ivar, image.mask, calib.rectification.map,
                                       order=calib.rectification.config.order)
     constants = FrameConstants(
         read_noise=extract.estimate_read_noise(image.image, image.ivar, image.mask),
-        deblend_halfwidth=extract.default_deblend_halfwidth(calib.traces, params.box_halfwidth, profile=calib.profile))
-    reach = max(params.box_halfwidth, constants.deblend_halfwidth)
+        deblend_halfwidth=params.optimal.deblend_halfwidth or extract.default_deblend_halfwidth(
+            calib.traces, params.optimal.halfwidth, profile=calib.profile))
+    reach = max(params.box.halfwidth, params.optimal.halfwidth, constants.deblend_halfwidth)
     if calib.psf is not None:
         reach = max(reach, calib.psf.xsf.halfwidth + 1)
     nx = image.image.shape[1]
@@ -542,9 +461,9 @@ def extract_bundle(slab: FrameSlab, constants: FrameConstants, calib: Calibratio
     traces = subset_traces(calib.traces, bundle.fibers, slab.col0)
     profile = subset_profile(calib.profile, bundle.fibers)
     psf = subset_psf(calib.psf, bundle.fibers, slab.col0)
-    wave_rows = _wave_rows(calib)[lo:hi]
+    wave_rows = calib.wave_rows[lo:hi]
     dead = calib.traces.dead[lo:hi]
-    offsets = _trace_offsets(slab.image, traces, params.box_halfwidth)[bundle.keep]
+    offsets = _trace_offsets(slab.image, traces, params.box.halfwidth)[bundle.keep]
     spectra, resolution = {}, {}
     for method in params.extractions:
         rows = _extract(method, slab.image, traces, params, profile, psf, constants)
@@ -556,13 +475,6 @@ def extract_bundle(slab: FrameSlab, constants: FrameConstants, calib: Calibratio
         on_grid.ivar[dead] = 0
         spectra[method] = on_grid
     return BundleSpectra(bundle=bundle, spectra=spectra, resolution=resolution, offsets=offsets)
-
-
-def _wave_rows(calib: Calibration) -> np.ndarray:
-    cache = calib.__dict__.setdefault("_wave_rows", [])
-    if not cache:
-        cache.append(calib.wave.wave())
-    return cache[0]
 
 
 def finish_frame(parts: list[BundleSpectra], calib: Calibration, sky_fibers: np.ndarray,
@@ -594,9 +506,10 @@ def finish_frame(parts: list[BundleSpectra], calib: Calibration, sky_fibers: np.
         on_grid = Spectra1D(*(np.concatenate([getattr(p.spectra[method], k) for p in parts])
                               for k in ("flux", "ivar", "mask")))
         res = [p.resolution[method] for p in parts]
-        sky_model = sky.sky_model(on_grid, sky_fibers)
+        clip = params.sky.clip_sigma
+        sky_model = sky.sky_model(on_grid, sky_fibers, clip_sigma=clip)
         final = sky.subtract_sky(on_grid, sky_model)
-        residuals = sky.sky_residuals(on_grid, sky_fibers) if sky_fibers.sum() >= 3 else {}
+        residuals = sky.sky_residuals(on_grid, sky_fibers, clip_sigma=clip) if sky_fibers.sum() >= 3 else {}
         out[method] = ReducedFrame(
             spectra=final,
             sky=sky_model,
@@ -667,17 +580,5 @@ def fiber_metrics(spectra: Spectra1D, calib: Calibration, offsets: np.ndarray, s
         "trace_rms": calib.traces.rms,
         "trace_offset": offsets,
         "sky_chi2": np.where(sky_fibers, chi2, np.nan),
-        **_trace_figures(calib),
+        **calib.trace_figures,
     }
-
-
-def _trace_figures(calib: Calibration) -> dict[str, np.ndarray]:
-    """Straightness of the extraction traces (and of the raw ones) and the map residual, per fiber."""
-    cache = calib.__dict__.setdefault("_trace_figures", {})
-    if not cache:
-        straight = rectify.trace_straightness(calib.traces)
-        rect = calib.rectification
-        cache["trace_straightness"] = straight
-        cache["trace_straightness_raw"] = rect.straightness_raw if rect is not None else straight
-        cache["map_residual"] = rect.residual if rect is not None else np.full(calib.traces.n_fibers, np.nan)
-    return dict(cache)

@@ -109,9 +109,11 @@ SPECTRA = _schema(SPECTRA_META + [
 METRICS = _schema([
     ("night", pa.string(), "night (partition)"),
     ("expid", pa.int64(), "exposure id"),
+    ("spectrograph", pa.int16(), "spectrograph number, 1-based (joins fibermap with expid and fiber)"),
     ("camera", pa.string(), "camera"),
-    ("fiber", pa.int16(), "fiber index"),
-    ("extraction", pa.string(), "box or optimal"),
+    ("fiber", pa.int16(), "fiber index within the spectrograph"),
+    ("targetid", pa.int64(), "target id from the fiber map (-1 when the exposure has none)"),
+    ("extraction", pa.string(), "box, optimal or deconv"),
     ("run_id", pa.string(), "run id"),
     ("objtype", pa.string(), "TGT, SKY, STD"),
     ("snr_eq15", pa.float32(), "SNR against an 11-pixel median continuum (seed 000 eq. 15)"),
@@ -135,8 +137,11 @@ RUNS = _schema([
     ("night", pa.string(), "night processed (partition)"),
     ("command", pa.string(), "the job that ran"),
     ("code_version", pa.string(), "fiberlake version and git commit when known"),
-    ("config_json", pa.string(), "every stage parameter of the run, as JSON"),
-    ("config_hash", pa.string(), "SHA-256 of config_json"),
+    ("config_json", pa.string(), "every parameter of the run, one object per stage, as JSON "
+     "(fiberlake runs show RUN_ID)"),
+    ("config_hash", pa.string(), "SHA-256 of the science parameters of config_json (execution settings excluded)"),
+    ("execution_json", pa.string(), "where and how the run executed (Ray actors, CPUs, GPUs, batch size): "
+     "never changes a product"),
     ("started_at", TS, "start time"),
     ("finished_at", TS, "end time"),
     ("n_frames", pa.int32(), "frames processed"),
@@ -164,20 +169,23 @@ REDUCTIONS = _schema([
     ("night", pa.string(), "night of the exposure (partition)"),
     ("expid", pa.int64(), "exposure id"),
     ("camera", pa.string(), "camera"),
+    ("extraction", pa.string(), "extraction method (box, optimal, deconv): one marker per method"),
     ("file_version", pa.int32(), "file version of the raw frame that was reduced"),
     ("pixel_sha256", pa.string(), "SHA-256 of the raw pixels that were reduced"),
     ("status", pa.string(), "ok or failed"),
     ("error", pa.string(), "why the reduction failed (null when ok)"),
+    ("error_kind", pa.string(), "data (the same inputs fail again; not retried without --retry-failed) or "
+     "environment (no space, I/O error, lost worker: retried by the next run); null when ok"),
     ("calib_night", pa.string(), "night of the calibration set used (an earlier night when this night had none)"),
     ("calib_id", pa.string(), "id of the calibration set used (changes when the set is rebuilt)"),
-    ("config_hash", pa.string(), "SHA-256 of the reduction parameters (as in runs.config_hash)"),
+    ("config_hash", pa.string(), "SHA-256 of every science parameter this extraction's spectra depend on"),
     ("run_id", pa.string(), "run that wrote the exposure's spectra and metrics"),
-    ("n_spectra", pa.int32(), "spectra rows written (fibers x extractions)"),
+    ("n_spectra", pa.int32(), "spectra rows written (fibers)"),
     ("seconds", pa.float32(), "wall time of the reduction"),
     ("landed_at", TS, "when the raw frame was committed to exposures"),
     ("reduced_at", TS, "when this row was committed (spectra and metrics were committed just before)"),
 ])
-"""One row per reduced (night, expid, camera): the commit marker of a reduction.
+"""One row per reduced (night, expid, camera, extraction): the commit marker of a reduction.
 
 Written last, after the exposure's ``spectra`` and ``metrics`` rows, so a row here means those
 rows are complete; a frame without one (or with other inputs) is reduced again, which replaces
@@ -200,8 +208,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "fibermap": ("night", "expid", "spectrograph", "fiber"),
     "spectra": ("night", "expid", "camera", "fiber", "extraction"),
     "metrics": ("night", "expid", "camera", "fiber", "extraction"),
-    "runs": ("run_id",),
-    "reductions": ("night", "expid", "camera"),
+    "runs": ("run_id", "night"),
+    "reductions": ("night", "expid", "camera", "extraction"),
     "deliveries": ("night", "filename", "file_sha256"),
 }
 
@@ -209,3 +217,15 @@ ARRAY_COLUMNS: tuple[str, ...] = ("flux", "ivar", "mask", "sky")
 """List columns that hold one value per wavelength bin."""
 
 PARTITION_COLUMN = "night"
+
+TABLE_DESCRIPTIONS: dict[str, str] = {
+    "exposures": "one row per raw frame in the lake (file version): header values, hashes, where the pixels are",
+    "quarantine": "one row per refused file: why, and where its bytes were kept",
+    "fibermap": "one row per fiber per exposure: the target each fiber saw",
+    "spectra": "one row per fiber, exposure, camera and extraction: calibrated flux, ivar, mask and sky",
+    "metrics": "one row per spectrum: signal-to-noise, wavelength and trace quality",
+    "runs": "one row per processing run and night: code version and every parameter",
+    "reductions": "one row per reduced frame: the marker that its spectra and metrics are complete",
+    "deliveries": "one row per delivered file looked at: the ingest log",
+}
+"""What each table holds, in one line (``fiberlake tables``); columns carry their own description."""

@@ -52,19 +52,20 @@ def test_slab_coordinates():
     np.testing.assert_allclose(s_sub, s_full)
 
 
+@pytest.mark.slow  # builds a calibration set and reduces a simulated frame whole and in bundles
 def test_bundles_reduce_like_the_whole_frame():
     pytest.importorskip("torch")
     frames = {}
     for seq, obstype in enumerate(("BIAS", "FLAT", "ARC", "SCIENCE"), start=1):
         frames[obstype] = simulate_frame(MINI, "b1", obstype, night=NIGHT, expid=make_expid(NIGHT, seq), seed=SEED)
     params = ccd.CCDParams.from_header(dict(frames["FLAT"].header), saturation=65535)
-    whole = ReductionParams(extractions=("box", "optimal", "deconv"), chunk_fibers=0)
+    whole = ReductionParams().updated({"extractions": ("box", "optimal", "deconv"), "execution.chunk_fibers": 0})
     calib = build_calibration([frames["BIAS"].raw], [frames["FLAT"].raw], [frames["ARC"].raw], params, MINI, "b", whole)
     sci = frames["SCIENCE"]
     sky = np.asarray(sci.truth["TARGETS"]["OBJTYPE"]) == "SKY"
     ref = reduce_frame(sci.raw, params, calib, sky, whole)
-    out = reduce_frame(sci.raw, params, calib, sky, ReductionParams(extractions=whole.extractions, chunk_fibers=7,
-                                                                        chunk_margin=2))
+    out = reduce_frame(sci.raw, params, calib, sky, whole.updated({"execution.chunk_fibers": 7,
+                                                                        "execution.chunk_margin": 2}))
     for method, tol in (("box", 0.0), ("optimal", 1e-3), ("deconv", 0.01)):
         a, b = ref[method].spectra, out[method].spectra
         # differences in units of the noise: box is identical, the simultaneous fits nearly so

@@ -15,6 +15,8 @@ from fiberlake.schemas.instrument import MINI  # noqa: E402
 from fiberlake.schemas.maskbits import Mask  # noqa: E402
 from fiberlake.storage.calibstore import read_calib_set, write_calib_set  # noqa: E402
 
+pytestmark = pytest.mark.slow  # builds a calibration set with a PSF and reduces a simulated frame
+
 NIGHT = "2026-04-17"
 SEED = 6613  # used by no other test
 
@@ -24,7 +26,7 @@ def test_deconv_through_the_pipeline(tmp_path):
     for seq, obstype in enumerate(("BIAS", "FLAT", "ARC", "SCIENCE"), start=1):
         frames[obstype] = simulate_frame(MINI, "b1", obstype, night=NIGHT, expid=make_expid(NIGHT, seq), seed=SEED)
     params = ccd.CCDParams.from_header(dict(frames["FLAT"].header), saturation=65535)
-    rp = ReductionParams(extractions=("optimal", "deconv"), cosmics=False)
+    rp = ReductionParams().updated({"extractions": ("optimal", "deconv"), "cosmics.enabled": False})
     calib = build_calibration([frames["BIAS"].raw], [frames["FLAT"].raw], [frames["ARC"].raw], params, MINI, "b", rp)
     assert calib.psf is not None and set(calib.fiberflats) == {"optimal", "deconv"}
     assert calib.psf.info["n_lsf_lines"] > 100

@@ -194,6 +194,7 @@ def mini_camera():
     return frames
 
 
+@pytest.mark.slow  # builds a calibration set and reduces a simulated mini frame
 def test_stage_inside_calibration_and_reduction(mini_camera):
     from fiberlake.processors.ccd import CCDParams
     from fiberlake.processors.pipeline import Calibration, ReductionParams, build_calibration, reduce_frame
@@ -201,7 +202,7 @@ def test_stage_inside_calibration_and_reduction(mini_camera):
 
     frames = mini_camera
     ccdp = CCDParams.from_header(frames["FLAT"][0].header)
-    params = ReductionParams(extractions=("box",))
+    params = ReductionParams().updated({"extractions": ("box",)})
     cal = build_calibration([f.raw for f in frames["BIAS"]], [f.raw for f in frames["FLAT"]],
                             [f.raw for f in frames["ARC"]], ccdp, MINI, "r", params)
     assert cal.info["rectify"]["applied"] and cal.rectification is not None
@@ -229,7 +230,7 @@ def test_stage_inside_calibration_and_reduction(mini_camera):
 
     # the old path: no map, traces on the distorted frame, metrics say so
     off = build_calibration([f.raw for f in frames["BIAS"]], [f.raw for f in frames["FLAT"]],
-                            [f.raw for f in frames["ARC"]], ccdp, MINI, "r", ReductionParams(extractions=("box",), rectify=False))
+                            [f.raw for f in frames["ARC"]], ccdp, MINI, "r", ReductionParams().updated({"extractions": ("box",), "rectify.enabled": False}))
     assert off.rectification is None and not off.info["rectify"]["applied"]
     red_off = reduce_frame(sci.raw, CCDParams.from_header(sci.header), off, sky, params)["box"]
     assert np.isnan(red_off.metrics["map_residual"]).all()

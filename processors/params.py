@@ -1,0 +1,299 @@
+"""The reduction's parameters: one typed set per stage, nested in :class:`ReductionParams`.
+
+Every tunable of the classical reduction is declared here once (default, allowed values, unit,
+one line of meaning) and passed explicitly to the stage that uses it, so the ``runs`` row and
+each calibration set record how a product was made, and a changed value changes the hash that
+decides what is redone:
+
+* :meth:`ReductionParams.calibration_digest` covers the stages that build a calibration set
+  (CCD, tracing, aberration correction, wavelength, profile). With the set's input frames it
+  makes ``calib_id``.
+* :meth:`ReductionParams.extraction_digest` covers everything one extraction's spectra depend on
+  (the calibration stages, cosmic rays, the extraction itself and its PSF, fiber flat, sky). It
+  is the ``config_hash`` of the frame's marker for that extraction, so adding ``deconv`` to a
+  night leaves its box and optimal spectra alone.
+* :class:`ExecutionParams` (chunking, devices, batch sizes) never enters either.
+
+``fiberlake params`` prints the whole list; ``tests/test_params.py`` checks that each default
+agrees with the keyword default of the function it feeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fiberlake.schemas.parset import ParSet, digest_of, nested, par
+
+EXTRACTIONS = ("box", "optimal", "deconv")
+DEFAULT_EXTRACTIONS = ("box", "optimal")
+PROFILE_SHAPES = ("gauss", "hermite", "halo")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class CCDStageParams(ParSet):
+    """Overscan and frame combination (:mod:`fiberlake.processors.ccd`)."""
+
+    stage: ClassVar[str] = "ccd"
+    overscan_sigma: float = par(3.0, "sigma-clipping threshold of the per-row overscan level", unit="sigma",
+                                bounds=(1.0, 20.0))
+    overscan_smooth: int = par(31, "window of the Savitzky-Golay smoothing of the overscan level (1: none)",
+                               unit="rows", bounds=(1, 1001))
+    combine_sigma: float = par(3.0, "sigma-clipping threshold when bias, flat and arc frames are combined",
+                               unit="sigma", bounds=(1.0, 20.0))
+
+
+@dataclass(frozen=True)
+class CosmicsParams(ParSet):
+    """Cosmic-ray detection on science and standard frames (astroscrappy's L.A.Cosmic)."""
+
+    stage: ClassVar[str] = "cosmics"
+    enabled: bool = par(True, "detect cosmic rays on science and standard frames")
+    sigclip: float = par(5.0, "Laplacian-to-noise threshold of a cosmic-ray pixel", unit="sigma", bounds=(1.0, 50.0))
+    sigfrac: float = par(0.3, "fraction of sigclip for the neighbouring pixels of a cosmic ray", bounds=(0.01, 1.0))
+    objlim: float = par(5.0, "contrast between the Laplacian and the fine structure of a real source",
+                        bounds=(0.1, 100.0))
+    niter: int = par(4, "iterations of the detection", bounds=(1, 20))
+    grow: int = par(0, "pixels added around each detected cosmic ray", unit="px", bounds=(0, 10))
+
+
+@dataclass(frozen=True)
+class TracingParams(ParSet):
+    """Fiber traces on the master flat (:func:`fiberlake.processors.tracing.trace_fibers`)."""
+
+    stage: ClassVar[str] = "tracing"
+    deg: int = par(5, "Legendre degree of each fiber's trace x(row)", bounds=(1, 15))
+    band_rows: int = par(16, "rows summed into one band where the centroids are measured", unit="rows",
+                         bounds=(4, 512))
+    dead_fraction: float = par(0.1, "a fiber fainter than this fraction of the median is dead", bounds=(0.0, 1.0))
+    sigma_guess: float = par(2.4, "first guess of the cross-dispersion sigma", unit="px", bounds=(0.3, 20.0))
+    max_offset: float | None = par(None, "largest offset searched from the nominal fiber position "
+                                   "(none: half the fiber spacing)", unit="px", bounds=(0.0, 1000.0), optional=True)
+    clip: float = par(3.0, "sigma-clipping threshold of the Legendre fit", unit="sigma", bounds=(1.0, 20.0))
+    n_neighbours: int = par(5, "neighbours used to interpolate a fiber without a good trace", bounds=(1, 50))
+    min_valid_fraction: float = par(0.3, "a fiber with fewer valid bands than this fraction is interpolated",
+                                    bounds=(0.0, 1.0))
+    err_floor: float = par(0.01, "floor added to each centroid's error", unit="px", bounds=(0.0, 1.0))
+    profile: str = par("halo", "cross-dispersion profile fitted to the bands", choices=PROFILE_SHAPES)
+
+
+@dataclass(frozen=True)
+class RectifyParams(ParSet):
+    """Aberration correction (seed 000, :mod:`fiberlake.processors.rectify`)."""
+
+    stage: ClassVar[str] = "rectify"
+    enabled: bool = par(True, "fit a map that straightens the traces and reduce in the rectified frame")
+    map: str = par("legendre", "coordinate map: 2D Legendre warp, or the paper's 2-20-2 ReLU network (torch)",
+                   choices=("legendre", "mlp"))
+    sampling: str = par("semicircle", "training samples along the traces: eq. 13 (more on edge fibers) or uniform",
+                        choices=("semicircle", "uniform"))
+    samples: int = par(30000, "training samples (the paper: ~30,000)", bounds=(100, 10_000_000))
+    edge_ratio: float = par(3.0, "semicircle sampling: density at the slit ends over the centre", bounds=(1.0, 100.0))
+    labels: str = par("slit", "target lines: parallel and equally spaced (slit) or each trace's TLS line (tls)",
+                      choices=("slit", "tls"))
+    order: int = par(3, "interpolation of the cumulative flux when resampling: 1 linear, 3 cubic", choices=(1, 3))
+    deg: int = par(5, "Legendre map: degree in each coordinate", bounds=(1, 15))
+    mlp_hidden: int = par(20, "MLP map: hidden units", bounds=(1, 1024))
+    mlp_epochs: int = par(50, "MLP map: training epochs (the paper: 50)", bounds=(1, 10000))
+    mlp_batch: int = par(600, "MLP map: batch size", bounds=(1, 1_000_000))
+    mlp_lr: float = par(0.01, "MLP map: Adam learning rate", bounds=(1e-7, 1.0))
+    mlp_seed: int = par(0, "MLP map: seed of the initialisation and batch order", bounds=(0, 2**31 - 1))
+    mlp_residual: bool = par(True, "MLP map: learn the offset from the identity")
+
+
+@dataclass(frozen=True)
+class WavecalParams(ParSet):
+    """Wavelength solution from the arcs (:func:`fiberlake.processors.wavecal.calibrate_wavelength`)."""
+
+    stage: ClassVar[str] = "wavecal"
+    deg: int = par(4, "Legendre degree of each fiber's wavelength(row)", bounds=(1, 12))
+    half_width: float = par(3.5, "half width of the box extraction of the arc", unit="px", bounds=(0.5, 20.0))
+    nsig: float = par(5.0, "line detection threshold", unit="sigma", bounds=(1.0, 100.0))
+    lsf_sigma: float = par(1.4, "expected line sigma along rows", unit="px", bounds=(0.3, 20.0))
+    min_sep: float = par(4.0, "lines closer than this to another are blends and not used", unit="px",
+                         bounds=(0.0, 100.0))
+    max_shift: float | None = par(None, "largest row offset searched (none: max(30, 0.03 ny))", unit="px",
+                                  bounds=(1.0, 10000.0), optional=True)
+    max_stretch: float = par(0.04, "largest fractional dispersion error searched for the seed fiber",
+                             bounds=(0.0, 0.5))
+    max_curvature: float | None = par(None, "largest quadratic departure searched for the seed (none: 0.015 ny)",
+                                      unit="px", bounds=(0.0, 10000.0), optional=True)
+    tol0: float = par(3.0, "first matching tolerance", unit="px", bounds=(0.01, 100.0))
+    tol_final: float = par(0.6, "last matching tolerance", unit="px", bounds=(0.01, 100.0))
+    clip: float = par(3.0, "sigma-clipping threshold of the solution fit", unit="sigma", bounds=(1.0, 20.0))
+    min_lines: int | None = par(None, "fewest matched lines of a good fiber (none: deg + 3)", bounds=(2, 1000),
+                                optional=True)
+    max_rms_px: float = par(0.25, "a fiber with a larger residual RMS is interpolated", unit="px",
+                            bounds=(0.001, 100.0))
+    err_floor: float = par(0.01, "floor added to each line position's error", unit="px", bounds=(0.0, 1.0))
+    n_seeds: int = par(3, "fibers tried as the seed of the line identification", bounds=(1, 50))
+    line_profile: str = par("halo", "line profile fitted to the arc lines", choices=PROFILE_SHAPES)
+
+
+@dataclass(frozen=True)
+class ProfileParams(ParSet):
+    """Cross-dispersion profile model fitted on the master flat (:func:`fiberlake.processors.extract.measure_profile`)."""
+
+    stage: ClassVar[str] = "profile"
+    measure: bool = par(False, "fit the profile (Gaussian core + offset wing) and use it in box and optimal; "
+                        "otherwise a Gaussian of the traced width")
+    n_bands: int = par(12, "row bands where the profile is measured", bounds=(1, 512))
+    rows_per_band: int = par(6, "rows per band", unit="rows", bounds=(1, 256))
+    max_sweeps: int = par(8, "sweeps of the alternating fit", bounds=(1, 100))
+    deg: int = par(2, "Legendre degree of the profile's variation (columns and rows)", bounds=(0, 6))
+
+
+@dataclass(frozen=True)
+class PSFParams(ParSet):
+    """PSF of the deconvolution (:func:`fiberlake.processors.psf.fit_psf`)."""
+
+    stage: ClassVar[str] = "psf"
+    order: int = par(8, "Gauss-Hermite order of the LSF (arcs) and cross-dispersion profile (flat)", bounds=(0, 20))
+    deg: int = par(2, "Legendre degree (column and row) of the PSF's variation over the CCD", bounds=(0, 6))
+    invariant: bool = par(False, "one PSF for the whole frame (rectified frames) instead of one varying over the CCD")
+    lsf_halfwidth: int = par(8, "half width of the line-spread function", unit="px", bounds=(2, 64))
+    xsf_halfwidth: int = par(12, "half width of the cross-dispersion profile", unit="px", bounds=(2, 64))
+    n_rows: int = par(48, "rows of the flat sampled for the cross-dispersion profile", bounds=(4, 4096))
+    min_snr: float = par(30.0, "arc lines fainter than this are not used", unit="S/N", bounds=(1.0, 1e6))
+
+
+@dataclass(frozen=True)
+class BoxParams(ParSet):
+    """Box extraction (:func:`fiberlake.processors.extract.box_extract`)."""
+
+    stage: ClassVar[str] = "box"
+    halfwidth: float = par(7.0, "half width of the aperture", unit="px", bounds=(0.5, 50.0))
+
+
+@dataclass(frozen=True)
+class OptimalParams(ParSet):
+    """Optimal extraction, Horne (1986) with a simultaneous fit of neighbours
+    (:func:`fiberlake.processors.extract.optimal_extract`)."""
+
+    stage: ClassVar[str] = "optimal"
+    halfwidth: float = par(7.0, "half width of the aperture", unit="px", bounds=(0.5, 50.0))
+    reject_sigma: float = par(5.0, "outlier rejection threshold", unit="sigma", bounds=(1.0, 100.0))
+    max_iter: int = par(5, "iterations of the rejection", bounds=(1, 50))
+    deblend: bool = par(True, "fit neighbouring fibers together (a tridiagonal solve per row)")
+    deblend_halfwidth: float | None = par(None, "profile support of the simultaneous fit (none: from the traces)",
+                                          unit="px", bounds=(0.5, 50.0), optional=True)
+    profile_error: float = par(0.02, "fractional profile error added to the variance model", bounds=(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class DeconvStageParams(ParSet):
+    """Deconvolution extraction, spectro-perfectionism (:mod:`fiberlake.processors.deconv`)."""
+
+    stage: ClassVar[str] = "deconv"
+    patch_fibers: int = par(10, "fibers in the core of a patch", unit="fibers", bounds=(1, 1000))
+    patch_rows: int = par(30, "rows in the core of a patch", unit="rows", bounds=(1, 4096))
+    pad_rows: int = par(10, "rows solved and discarded on each side of a patch", unit="rows", bounds=(0, 1000))
+    overlap_fibers: int = par(1, "fibers solved and discarded on each side of a patch", unit="fibers",
+                              bounds=(0, 50))
+    resolution_halfwidth: int = par(7, "half width of the stored resolution band", unit="rows", bounds=(1, 50))
+    regularize: float = par(1e-10, "ridge added to the normal equations, relative", bounds=(0.0, 1.0))
+    retry_regularize: float = par(1e-4, "ridge of the retry of a patch whose solve failed", bounds=(0.0, 1.0))
+    variance_model: str = par("rows", "pixel variance model: from a row fit, from the deconvolved model, or none",
+                              choices=("rows", "deconv", "none"))
+
+
+@dataclass(frozen=True)
+class FiberFlatParams(ParSet):
+    """Fiber flat from the master flat (:func:`fiberlake.processors.fiberflat.compute_fiberflat`)."""
+
+    stage: ClassVar[str] = "fiberflat"
+    smooth: int = par(51, "running-median width of the lamp spectrum", unit="rows", bounds=(1, 4097))
+
+
+@dataclass(frozen=True)
+class SkyParams(ParSet):
+    """Sky model from the sky fibers (:mod:`fiberlake.processors.sky`)."""
+
+    stage: ClassVar[str] = "sky"
+    clip_sigma: float = par(3.0, "sigma-clipping threshold across the sky fibers", unit="sigma", bounds=(1.0, 100.0))
+
+
+@dataclass(frozen=True)
+class ExecutionParams(ParSet):
+    """How the work is cut and where it runs; never changes what a product is (not hashed)."""
+
+    stage: ClassVar[str] = "execution"
+    chunk_fibers: int = par(25, "fibers per bundle, the unit of work of the extraction (0: whole frames)",
+                            unit="fibers", bounds=(0, 100000), science=False)
+    chunk_margin: int = par(2, "neighbour fibers extracted with each bundle on either side, then dropped",
+                            unit="fibers", bounds=(0, 100), science=False)
+    deconv_device: str = par("auto", "torch device of the deconvolution (auto: CUDA when available)",
+                             choices=DEVICES, science=False)
+    deconv_batch: int = par(0, "deconvolution patches solved per batch (0: all of a bundle)", bounds=(0, 1_000_000),
+                            science=False)
+    deconv_cpu_threads: int = par(1, "torch CPU threads of the deconvolution", bounds=(1, 1024), science=False)
+    rectify_device: str = par("auto", "torch device of the MLP aberration map (auto: CUDA when available)",
+                              choices=DEVICES, science=False)
+
+
+CALIBRATION_STAGES = ("ccd", "tracing", "rectify", "wavecal", "profile")
+"""Stages whose parameters shape a calibration set (with its input frames, its ``calib_id``)."""
+
+FRAME_STAGES = ("cosmics", "sky")
+"""Stages applied to science frames only."""
+
+METHOD_STAGES = {"box": ("box", "fiberflat"), "optimal": ("optimal", "fiberflat"),
+                 "deconv": ("deconv", "psf", "fiberflat")}
+"""Stages behind each extraction's spectra (beyond the calibration and frame stages)."""
+
+
+@dataclass(frozen=True)
+class ReductionParams(ParSet):
+    """Parameters of the classical reduction: the extractions to run and one set per stage.
+
+    Examples
+    --------
+    >>> params = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False})
+    >>> params.cosmics.enabled
+    False
+    """
+
+    stage: ClassVar[str] = ""
+    extractions: tuple[str, ...] = par(DEFAULT_EXTRACTIONS, "extraction methods to run; a run adds its "
+                                       "methods to a night and replaces only the same methods", choices=EXTRACTIONS)
+    ccd: CCDStageParams = nested(CCDStageParams, "overscan and frame combination")
+    cosmics: CosmicsParams = nested(CosmicsParams, "cosmic-ray detection")
+    tracing: TracingParams = nested(TracingParams, "fiber tracing")
+    rectify: RectifyParams = nested(RectifyParams, "aberration correction (seed 000)")
+    wavecal: WavecalParams = nested(WavecalParams, "wavelength calibration")
+    profile: ProfileParams = nested(ProfileParams, "cross-dispersion profile model")
+    psf: PSFParams = nested(PSFParams, "PSF of the deconvolution")
+    box: BoxParams = nested(BoxParams, "box extraction")
+    optimal: OptimalParams = nested(OptimalParams, "optimal extraction")
+    deconv: DeconvStageParams = nested(DeconvStageParams, "deconvolution extraction")
+    fiberflat: FiberFlatParams = nested(FiberFlatParams, "fiber flat")
+    sky: SkyParams = nested(SkyParams, "sky subtraction")
+    execution: ExecutionParams = nested(ExecutionParams, "chunking and devices (not hashed)", science=False)
+
+    def _stages(self, names: tuple[str, ...]) -> dict:
+        return {name: getattr(self, name).science_dict() for name in names}
+
+    def calibration_dict(self) -> dict:
+        """Science parameters of the stages that build a calibration set's common part."""
+        return self._stages(CALIBRATION_STAGES)
+
+    def method_dict(self, method: str) -> dict:
+        """Science parameters of one extraction's own calibration products (fiber flat, PSF)."""
+        return self._stages(METHOD_STAGES[method])
+
+    def extraction_dict(self, method: str) -> dict:
+        """Every science parameter one extraction's spectra depend on."""
+        return self.calibration_dict() | self._stages(FRAME_STAGES) | self.method_dict(method)
+
+    def calibration_digest(self) -> str:
+        """Hash of :meth:`calibration_dict` (part of ``calib_id``)."""
+        return digest_of(self.calibration_dict())
+
+    def method_digest(self, method: str) -> str:
+        """Hash of :meth:`method_dict` (identifies a method's products in a calibration set)."""
+        return digest_of(self.method_dict(method))
+
+    def extraction_digest(self, method: str) -> str:
+        """Hash of :meth:`extraction_dict`: the ``config_hash`` of a frame's marker for ``method``."""
+        return digest_of(self.extraction_dict(method))
