@@ -1,4 +1,4 @@
-"""The ``fiberlake`` command: simulate, ingest, watch, process, query, compact, vacuum, verify, evaluate, demo.
+"""The ``fiberlake`` command: simulate, ingest, watch, process, query, tables, compact, vacuum, verify, evaluate, demo.
 
 Every subcommand exits 0 on success and non-zero with one line ``fiberlake: error: <reason>`` on
 failure (``--traceback`` shows the full stack for debugging).
@@ -18,6 +18,16 @@ def _add_lake(parser: argparse.ArgumentParser) -> None:
                         help=f"lake root: a directory or s3://bucket/prefix (AWS_* variables; default {DEFAULT_LAKE})")
 
 
+def _night(text: str) -> str:
+    """``--night`` values: a real calendar date written YYYY-MM-DD (argparse type)."""
+    from fiberlake.schemas.header import check_night
+
+    try:
+        return check_night(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (e.g. 2026-11-21)") from None
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fiberlake.ingest.simulate import simulate_night
 
@@ -29,28 +39,35 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.ingest import ingest_night
+    from fiberlake.jobs.ingest import declare_instrument, ingest_night
     from fiberlake.storage.layout import Lake
 
     lake = Lake.at(args.lake)
+    declare_instrument(lake, args.instrument)  # a new lake needs one; an existing lake keeps its own
     for night_dir in args.night_dirs:
-        report = ingest_night(lake, night_dir, progress=not args.quiet, settle=args.settle)
+        report = ingest_night(lake, night_dir, progress=not args.quiet, settle=args.settle, instrument=args.instrument)
         print(f"{night_dir}: {report.summary()}")
         for name, reason in report.quarantined:
             print(f"  quarantined {name}: {reason}")
+        for name, reason in report.refused:
+            print(f"  refused {name}: {reason}")
         for name, why in report.waiting:
             print(f"  left for the next run: {name}: {why}")
     return 0
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.ingest import declare_instrument
     from fiberlake.jobs.watch import watch_night
     from fiberlake.storage.layout import Lake
 
     config = _reduction_params(args)
+    lake = Lake.at(args.lake)
+    declare_instrument(lake, args.instrument)  # a new lake needs one; an existing lake keeps its own
     report = watch_night(
-        Lake.at(args.lake), args.night_dir, poll=args.poll, settle=args.settle, stale_after=args.stale_after,
+        lake, args.night_dir, poll=args.poll, settle=args.settle, stale_after=args.stale_after,
         process=not args.no_process, config=config, once=args.once, log=lambda line: print(line, flush=True),
+        instrument=args.instrument,
     )
     print(report.summary())
     return 0 if not report.failed else 3
@@ -60,7 +77,7 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     from fiberlake.jobs.upkeep import compact
     from fiberlake.storage.layout import Lake
 
-    for name, (before, after) in compact(Lake.at(args.lake), args.night).items():
+    for name, (before, after) in compact(Lake.open(args.lake), args.night).items():
         print(f"{name:12s} {before:6d} -> {after:6d} files")
     return 0
 
@@ -69,7 +86,7 @@ def _cmd_vacuum(args: argparse.Namespace) -> int:
     from fiberlake.jobs.upkeep import vacuum
     from fiberlake.storage.layout import Lake
 
-    report = vacuum(Lake.at(args.lake), args.retention_hours, dry_run=args.dry_run)
+    report = vacuum(Lake.open(args.lake), args.retention_hours, dry_run=args.dry_run)
     print(("would remove: " if args.dry_run else "removed: ") + report.summary())
     for rel in report.orphan_arrays + report.temporaries:
         print(f"  {rel}")
@@ -80,7 +97,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from fiberlake.jobs.upkeep import verify
     from fiberlake.storage.layout import Lake
 
-    report = verify(Lake.at(args.lake), args.night)
+    report = verify(Lake.open(args.lake), args.night)
     for problem in report.problems:
         print(f"  MISMATCH {problem}")
     print(report.summary())
@@ -88,36 +105,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _reduction_params(args: argparse.Namespace):
-    """ReductionParams from the reduction flags shared by ``process`` and ``watch``."""
-    from fiberlake.jobs.process import ProcessConfig
+    """ReductionParams from the generated parameter flags shared by ``process``, ``reprocess`` and ``watch``."""
+    from fiberlake.jobs.cli_params import params_from_args
 
-    return ProcessConfig(extractions=tuple(args.extract.split(",")), cosmics=not args.no_cosmics,
-                         psf_invariant=args.psf_invariant, deconv_device=args.deconv_device,
-                         rectify=not args.no_rectify, rectify_map=args.rectify_map,
-                         rectify_sampling=args.rectify_sampling, rectify_labels=args.rectify_labels,
-                         chunk_fibers=args.chunk_fibers, chunk_margin=args.chunk_margin)
+    return params_from_args(args)
 
 
 def _add_reduction_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--extract", default="box,optimal",
-                        help="comma-separated extractions: box, optimal, deconv (spectro-perfectionism)")
-    parser.add_argument("--no-cosmics", action="store_true", help="skip cosmic-ray detection")
-    parser.add_argument("--psf-invariant", action="store_true",
-                        help="deconv: one PSF for the whole frame (rectified frames) instead of one varying over the CCD")
-    parser.add_argument("--deconv-device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="deconv: torch device (auto: CUDA when available)")
-    parser.add_argument("--no-rectify", action="store_true",
-                        help="skip the aberration correction (seed 000): extract on the distorted frames")
-    parser.add_argument("--rectify-map", default="legendre", choices=("legendre", "mlp"),
-                        help="aberration map: 2D Legendre warp (default) or the paper's 2-20-2 MLP (torch)")
-    parser.add_argument("--rectify-sampling", default="semicircle", choices=("semicircle", "uniform"),
-                        help="training samples along the traces: semicircle (eq. 13, default) or uniform")
-    parser.add_argument("--rectify-labels", default="slit", choices=("slit", "tls"),
-                        help="target lines: parallel and equally spaced (slit, default) or each trace's TLS line (tls, the paper)")
-    parser.add_argument("--chunk-fibers", type=int, default=25,
-                        help="fibers per bundle, the unit of work of the extraction (0: whole frames)")
-    parser.add_argument("--chunk-margin", type=int, default=2,
-                        help="neighbour fibers extracted with each bundle on either side")
+    from fiberlake.jobs.cli_params import add_parameter_flags
+
+    add_parameter_flags(parser)
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
@@ -125,7 +122,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
     from fiberlake.storage.layout import Lake
 
     config = _reduction_params(args)
-    report = process_night(Lake.at(args.lake), args.night, config=config, progress=not args.quiet,
+    report = process_night(Lake.open(args.lake), args.night, config=config, progress=not args.quiet,
                            force=args.force, retry_failed=args.retry_failed, executor=_executor(args),
                            batch_frames=args.batch_frames)
     print(report.summary())
@@ -157,7 +154,7 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
     from fiberlake.jobs.reprocess import reprocess
     from fiberlake.storage.layout import Lake
 
-    report = reprocess(Lake.at(args.lake), release=args.release, nights=args.nights, config=_reduction_params(args),
+    report = reprocess(Lake.open(args.lake), release=args.release, nights=args.nights, config=_reduction_params(args),
                        executor=_executor(args), progress=not args.quiet, batch_frames=args.batch_frames)
     print(report.summary())
     return 0 if not report.failed else 3
@@ -166,23 +163,31 @@ def _cmd_reprocess(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from fiberlake.jobs.query import sql
+    from fiberlake.jobs.query import encode_nested, sql, user_tables
     from fiberlake.storage.layout import Lake
 
-    result = sql(Lake.at(args.lake), args.sql, as_of=args.as_of)
+    if args.format == "parquet" and not args.output:
+        raise ValueError("--format parquet needs --output FILE")
+    result = sql(Lake.open(args.lake), args.sql, as_of=args.as_of, extra=user_tables(args.table))
     if args.format == "table":
         with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160):
             print(result)
     elif args.format == "csv":
-        flat = result.select([c for c in result.columns if not isinstance(result.schema[c], (pl.List, pl.Array))])
-        sys.stdout.write(flat.write_csv())
+        sys.stdout.write(encode_nested(result).write_csv())
     elif args.format == "json":
         sys.stdout.write(result.write_ndjson())
     elif args.format == "parquet":
-        if not args.output:
-            raise ValueError("--format parquet needs --output FILE")
         result.write_parquet(args.output)
         print(f"wrote {result.height} rows to {args.output}")
+    return 0
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.query import format_columns, format_summaries, table_summaries
+    from fiberlake.storage.layout import Lake
+
+    lake = Lake.open(args.lake)
+    print(format_columns(args.name) if args.name else format_summaries(table_summaries(lake)))
     return 0
 
 
@@ -193,16 +198,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fiberlake.storage.layout import Lake
 
     night_dir = Path(args.truth)
-    results = evaluate_night(Lake.at(args.lake), args.night, night_dir)
+    results = evaluate_night(Lake.open(args.lake), args.night, night_dir)
     with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=250):
         print(format_report(results))
     return 0
 
 
-def _cmd_evaluate_rectify(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.evaluate_rectify import evaluate_rectification, format_tables, write_tables
-
-    def values(text: str, kind=str):
+def values(text: str, kind=str):
         return tuple(kind(v) for v in text.split(",") if v)
 
     tables = evaluate_rectification(
@@ -212,6 +214,34 @@ def _cmd_evaluate_rectify(args: argparse.Namespace) -> int:
     print(format_tables(tables))
     if args.out:
         write_tables(tables, args.out)
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.runs import format_parameter_table
+
+    if args.markdown:
+        from fiberlake.processors.params import ReductionParams
+
+        print("| parameter | default | allowed | unit | description |\n|---|---|---|---|---|")
+        for row in ReductionParams.describe():
+            print(f"| `{row['path']}` | `{row['default']}` | {row['allowed']} | {row['unit']} | {row['description']} |")
+        return 0
+    print(format_parameter_table())
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from fiberlake.jobs.runs import format_run, read_run
+    from fiberlake.storage.layout import Lake
+
+    record = read_run(Lake.at(args.lake), args.run_id)
+    if args.json:
+        print(json.dumps(record.params.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_run(record))
     return 0
 
 
@@ -230,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="write a simulated night of raw FITS frames with truth files")
     p.add_argument("--instrument", default="mini", choices=["mini", "lamost"], help="instrument (default mini)")
-    p.add_argument("--night", default="2026-11-21", help="night, YYYY-MM-DD")
+    p.add_argument("--night", default="2026-11-21", type=_night, help="night, YYYY-MM-DD")
     p.add_argument("--out", required=True, help="output directory; the night goes to OUT/NIGHT/")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--n-science", type=int, default=2, help="science exposures")
@@ -242,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lake(p)
     p.add_argument("--settle", type=float, default=5.0,
                    help="files changed less than this many seconds ago are left for the next run (default 5)")
+    p.add_argument("--instrument", metavar="NAME", default=None,
+                   help="instrument of a new lake (required to create one unless FIBERLAKE_INSTRUMENT is set); "
+                        "an existing lake keeps the instrument in its lake.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
 
@@ -254,11 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", type=float, default=300.0,
                    help="seconds after which an unchanged incomplete file is quarantined as truncated (default 300)")
     p.add_argument("--no-process", action="store_true", help="ingest only")
+    p.add_argument("--instrument", metavar="NAME", default=None,
+                   help="instrument of a new lake (required to create one unless FIBERLAKE_INSTRUMENT is set); "
+                        "an existing lake keeps the instrument in its lake.json")
     _add_reduction_flags(p)
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("process", help="reduce a night's science frames to calibrated spectra")
-    p.add_argument("--night", required=True, help="night to process, YYYY-MM-DD")
+    p.add_argument("--night", required=True, type=_night, help="night to process, YYYY-MM-DD")
     _add_lake(p)
     _add_reduction_flags(p)
     _add_ray_flags(p)
@@ -270,26 +306,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reprocess", help="reduce every exposure of a release again into one resumable run")
     _add_lake(p)
     p.add_argument("--release", default="all", help="name of the data release (part of the run id)")
-    p.add_argument("--nights", nargs="+", default=None, help="nights to include (default: every night)")
+    p.add_argument("--nights", nargs="+", default=None, type=_night, help="nights to include (default: every night)")
     _add_reduction_flags(p)
     _add_ray_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_reprocess)
 
-    p = sub.add_parser("query", help="run SQL over the lake's tables (Polars SQL)")
+    p = sub.add_parser("query", help="run one SQL SELECT over the lake's tables (Polars SQL)",
+                       description="Run one SQL SELECT (or WITH ... SELECT) over the lake's tables with Polars SQL. "
+                       "The query sees the lake's tables and the files named with --table, nothing else: "
+                       "table functions such as read_csv(...) and quoted paths are refused.")
     p.add_argument("sql", help="SQL query; tables: exposures quarantine deliveries fibermap spectra metrics "
-                   "reductions runs")
+                   "reductions runs ('fiberlake tables' describes them)")
     _add_lake(p)
-    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                   help="output format (default table); csv writes list columns (flux, ivar, mask, sky, ...) "
+                   "as JSON lists such as [1.0,2.5,null] (NaN is written null), json writes one object per row")
     p.add_argument("--output", help="output file for --format parquet")
-    p.add_argument("--as-of", default=None,
-                   help="time travel: an ISO 8601 time (every table as it was then) or a Delta version number")
+    p.add_argument("--as-of", default=None, metavar="WHEN",
+                   help="time travel: TIME (ISO 8601, UTC unless a zone is given) reads every table as it was "
+                   "then, a consistent view of the lake; N reads each table at its newest version <= N; "
+                   "TABLE@N reads that table at exactly version N, TABLE@TIME that table as it was then; "
+                   "combine with commas (2026-11-21T18:00,spectra@3); 'fiberlake tables' lists the versions "
+                   "each table can read (a vacuum removes older ones)")
+    p.add_argument("--table", action="append", default=[], metavar="NAME=PATH",
+                   help="also let the query read this file as table NAME (.parquet, .csv, .arrow/.ipc); repeatable")
     p.add_argument("--max-rows", type=int, default=40, help="rows shown with --format table")
     p.set_defaults(func=_cmd_query)
 
+    p = sub.add_parser("tables", help="list the lake's tables, or print one table's columns and what they mean")
+    p.add_argument("name", nargs="?", default=None, metavar="NAME",
+                   help="a table: print its columns with type and description (default: list every table "
+                   "with rows and readable versions)")
+    _add_lake(p)
+    p.set_defaults(func=_cmd_tables)
+
     p = sub.add_parser("compact", help="merge small table files (one night or all) and checkpoint the logs")
     _add_lake(p)
-    p.add_argument("--night", default=None, help="night partition to compact (default: all)")
+    p.add_argument("--night", default=None, type=_night, help="night partition to compact (default: all)")
     p.set_defaults(func=_cmd_compact)
 
     p = sub.add_parser("vacuum", help="delete table files and raw arrays nothing references any more")
@@ -301,28 +355,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-read raw arrays and check them against the hashes recorded at ingest")
     _add_lake(p)
-    p.add_argument("--night", default=None, help="night to verify (default: all)")
+    p.add_argument("--night", default=None, type=_night, help="night to verify (default: all)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("evaluate", help="compare a processed simulated night with its truth files")
-    p.add_argument("--night", required=True, help="night, YYYY-MM-DD")
+    p.add_argument("--night", required=True, type=_night, help="night, YYYY-MM-DD")
     p.add_argument("--truth", required=True, help="the simulated night directory (with truth/)")
     _add_lake(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("evaluate-rectify",
-                       help="aberration correction before/after on simulated cameras (map, PSF, Tables 2-3)")
-    p.add_argument("--instrument", default="mini", choices=["mini", "lamost"])
-    p.add_argument("--seeds", default="31,32", help="comma-separated simulation seeds (default: seeds no test uses)")
-    p.add_argument("--k", default="0.012,0.02,0.03", help="comma-separated pincushion coefficients")
-    p.add_argument("--psf", default="distortion,radial", help="simulator PSF models: distortion, radial")
-    p.add_argument("--cameras", default="b1,r1")
-    p.add_argument("--variants", default="none,legendre,legendre-slit",
-                   help="none, legendre, legendre-uniform, legendre-slit, mlp, mlp-uniform, mlp-slit, mlp-direct")
-    p.add_argument("--extract", default="box,optimal")
-    p.add_argument("--out", help="directory for the tables as CSV and JSON")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_evaluate_rectify)
+    p = sub.add_parser("params", help="list every reduction parameter: default, allowed values, unit, flag, meaning")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's parameter section)")
+    p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("runs", help="what a run did and every parameter it used")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    show = runs_sub.add_parser("show", help="print a run's parameters (--json: reusable with --params FILE)")
+    show.add_argument("run_id", metavar="RUN_ID", help="run id (column run_id of runs, spectra, reductions)")
+    _add_lake(show)
+    show.add_argument("--json", action="store_true", help="the parameters as JSON, for 'fiberlake process --params'")
+    show.set_defaults(func=_cmd_runs)
 
     p = sub.add_parser("demo", help="simulate a mini night, ingest, process and report")
     p.add_argument("--workdir", default="./fiberlake-demo", help="directory for the night and the lake")

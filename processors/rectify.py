@@ -26,7 +26,7 @@ an identity or integer-shift map reproduces the input exactly, and the first mom
 the map. The cubic form reproduces a locally quadratic ``Q`` (linear flux density), so it does
 not broaden the profiles at second order; the linear form adds up to ``s (1 - s) <= 1/4`` px^2
 to the variance of a profile shifted by a fraction ``s`` of a pixel, which then varies across
-the CCD with the phase of the shift (measured in ``jobs/evaluate_rectify.py``).
+the CCD with the phase of the shift (measured in ``bench/evaluate_rectify.py``).
 
 Variance is resampled like flux with the positive overlap weights (``order=1``): an output
 pixel gets ``sum_j w_j var_j``, so the variance of a sum over several output pixels (a box

@@ -1,6 +1,6 @@
 """Before/after figures of the aberration correction against the simulator's truth (pure).
 
-Used by :mod:`fiberlake.jobs.evaluate_rectify`: the map against the true distortion, the arc-line
+Used by ``bench/evaluate_rectify.py``: the map against the true distortion, the arc-line
 spot moments and their spread over the CCD, and flux residuals binned so that the resampling's
 pixel correlations cannot make them look better.
 """

@@ -21,11 +21,13 @@ and variant:
   improved, and flux accuracy against the truth (binned by 8 so that the resampling's pixel
   correlations cannot make it look better).
 
-``fiberlake evaluate-rectify`` runs it; seeds used by no test are the default.
+Run it from the repository root: ``python bench/evaluate_rectify.py [--seeds 31,32] [--out DIR]``;
+seeds used by no test are the default.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
@@ -41,7 +43,8 @@ from fiberlake.processors import accuracy, pipeline, rectify
 from fiberlake.processors.rectify_accuracy import (arc_spots, binned_residual, iso_column_residual, match_spots,
                                                    spot_spread, true_label_error)
 from fiberlake.processors.ccd import CCDParams
-from fiberlake.processors.pipeline import ReductionParams, build_calibration, reduce_frame
+from fiberlake.processors.params import ReductionParams
+from fiberlake.processors.pipeline import build_calibration, reduce_frame
 from fiberlake.processors.rectify_map import MapConfig
 from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
 
@@ -285,3 +288,36 @@ def write_tables(tables: dict[str, pl.DataFrame], out_dir: str | Path) -> None:
     for name, df in tables.items():
         df.write_csv(out / f"rectify_{name}.csv")
     (out / "rectify_eval.json").write_text(json.dumps({k: v.to_dicts() for k, v in tables.items()}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of the evaluation: simulate, reduce with each variant, print (and write) the tables."""
+    p = argparse.ArgumentParser(description="aberration correction before/after on simulated cameras "
+                                            "(map, PSF, Tables 2-3)")
+    p.add_argument("--instrument", default="mini", choices=["mini", "lamost"])
+    p.add_argument("--seeds", default="31,32", help="comma-separated simulation seeds (default: seeds no test uses)")
+    p.add_argument("--k", default="0.012,0.02,0.03", help="comma-separated pincushion coefficients")
+    p.add_argument("--psf", default="distortion,radial", help="simulator PSF models: distortion, radial")
+    p.add_argument("--cameras", default="b1,r1")
+    p.add_argument("--variants", default="none,legendre,legendre-slit",
+                   help="none, legendre, legendre-uniform, legendre-slit, mlp, mlp-uniform, mlp-slit, mlp-direct")
+    p.add_argument("--extract", default="box,optimal")
+    p.add_argument("--out", help="directory for the tables as CSV and JSON")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    def values(text: str, kind=str):
+        return tuple(kind(v) for v in text.split(",") if v)
+
+    tables = evaluate_rectification(
+        instrument=args.instrument, seeds=values(args.seeds, int), ks=values(args.k, float),
+        psf_models=values(args.psf), cameras=values(args.cameras), variants=values(args.variants),
+        extractions=values(args.extract), progress=not args.quiet)
+    print(format_tables(tables))
+    if args.out:
+        write_tables(tables, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
