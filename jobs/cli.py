@@ -204,19 +204,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def values(text: str, kind=str):
-        return tuple(kind(v) for v in text.split(",") if v)
-
-    tables = evaluate_rectification(
-        instrument=args.instrument, seeds=values(args.seeds, int), ks=values(args.k, float),
-        psf_models=values(args.psf), cameras=values(args.cameras), variants=values(args.variants),
-        extractions=values(args.extract), progress=not args.quiet)
-    print(format_tables(tables))
-    if args.out:
-        write_tables(tables, args.out)
-    return 0
-
-
 def _cmd_params(args: argparse.Namespace) -> int:
     from fiberlake.jobs.runs import format_parameter_table
 
