@@ -205,16 +205,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.runs import format_parameter_table
+    from fiberlake.jobs.runs import format_parameter_markdown, format_parameter_table
 
-    if args.markdown:
-        from fiberlake.processors.params import ReductionParams
-
-        print("| parameter | default | allowed | unit | description |\n|---|---|---|---|---|")
-        for row in ReductionParams.describe():
-            print(f"| `{row['path']}` | `{row['default']}` | {row['allowed']} | {row['unit']} | {row['description']} |")
-        return 0
-    print(format_parameter_table())
+    print(format_parameter_markdown() if args.markdown else format_parameter_table())
     return 0
 
 

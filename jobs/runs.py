@@ -104,3 +104,16 @@ def format_parameter_table() -> str:
         lines.append(f"{row['path']} = {default}{unit}  [{row['allowed']}]  {flag_name(row['path'])}{kind}\n"
                      f"    {row['description']}")
     return "\n".join(lines)
+
+
+def format_parameter_markdown() -> str:
+    """Every reduction parameter as a Markdown table (the README's parameter section)."""
+    from fiberlake.schemas.parset import flag_name
+
+    lines = ["| parameter | flag | default | allowed | unit | description |", "|---|---|---|---|---|---|"]
+    for row in ReductionParams.describe():
+        default = json.dumps(row["default"])
+        lines.append(f"| `{row['path']}` | `{flag_name(row['path'])}` | `{default}` | {row['allowed']} | {row['unit']} "
+                     f"| {row['description']}{'' if row['science'] else ' (execution: not hashed)'} |")
+    return "\n".join(lines)
+

@@ -137,3 +137,13 @@ def test_every_stage_set_is_frozen_and_nested_once():
     assert len(stages) == 13
     with pytest.raises(dataclasses.FrozenInstanceError):
         ReductionParams().box.halfwidth = 3.0  # type: ignore[misc]
+
+
+def test_readme_parameter_section_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    from fiberlake.jobs.runs import format_parameter_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("<!-- params:begin -->\n")[1].split("<!-- params:end -->")[0]
+    assert section.strip() == format_parameter_markdown().strip(), "run: fiberlake params --markdown"
