@@ -73,6 +73,24 @@ class Lake:
                 raise LakeError(str(err)) from None
         return cls(Path(root).expanduser().resolve())
 
+    @classmethod
+    def open(cls, root: str | os.PathLike | ObjectPath) -> "Lake":
+        """The existing lake at ``root``; unlike :meth:`at`, never a path that is not a lake yet.
+
+        Every command but ``ingest`` and ``watch`` (which create lakes) opens its lake this way,
+        so that a mistyped ``--lake`` is refused instead of becoming a new, empty lake.
+
+        Raises
+        ------
+        LakeError
+            If ``root`` holds no lake description (``lake.json``).
+        """
+        lake = cls.at(root)
+        if not lake.describe():
+            raise LakeError(f"{root} is not a fiberlake lake (it has no lake.json); only 'fiberlake ingest' "
+                            f"and 'fiberlake watch' create a lake, so check the --lake path")
+        return lake
+
     @property
     def on_object_store(self) -> bool:
         """Whether the root is an object-store location rather than a local directory."""
@@ -115,6 +133,7 @@ class Lake:
                 )
             return
         text = json.dumps({"instrument": instrument, "format_version": LAKE_FORMAT_VERSION}, indent=2)
+        self._create_tables()
         if self.on_object_store:
             # One conditional PUT: atomic, and a lake created meanwhile by another writer is kept.
             if put_if_absent(self.description_path, text.encode()) is None:
@@ -126,6 +145,14 @@ class Lake:
         tmp = self.description_path.with_suffix(".json.tmp")
         tmp.write_text(text)
         os.replace(tmp, self.description_path)
+
+    def _create_tables(self) -> None:
+        """Every table, empty, before ``lake.json`` is published: a lake always has all its tables."""
+        from fiberlake.storage.tables import TableStore  # storage.tables does not import layout
+
+        if not self.on_object_store:
+            self.root.mkdir(parents=True, exist_ok=True)
+        TableStore(self.root / "tables").create_missing()
 
     @property
     def instrument(self) -> str:

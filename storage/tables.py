@@ -33,6 +33,8 @@ from deltalake import (
     write_deltalake,
 )
 
+from deltalake.exceptions import DeltaError
+
 from fiberlake.schemas.tables import PARTITION_COLUMN, SCHEMAS
 from fiberlake.storage.failpoints import failpoint
 from fiberlake.storage.objectstore import LakeRoot, ObjectPath, as_root, storage_options
@@ -119,8 +121,20 @@ class TableStore:
         return DeltaTable.is_deltatable(str(self.path(name)), storage_options=self.storage_options)
 
     def delta(self, name: str, version: int | None = None) -> DeltaTable:
-        """The :class:`deltalake.DeltaTable`, optionally as of ``version``."""
-        return DeltaTable(str(self.path(name)), version=version, storage_options=self.storage_options)
+        """The :class:`deltalake.DeltaTable`, optionally as of ``version``.
+
+        Raises
+        ------
+        LookupError
+            If ``version`` is given and the table cannot be opened at it (a sentence naming the
+            versions the table has, never delta-kernel's text).
+        """
+        if version is None:
+            return DeltaTable(str(self.path(name)), storage_options=self.storage_options)
+        try:
+            return DeltaTable(str(self.path(name)), version=version, storage_options=self.storage_options)
+        except (DeltaError, OverflowError, FileNotFoundError, ValueError):
+            raise LookupError(f"table {name} has no version {version}; it has {self.versions(name).span()}") from None
 
     def committed_version(self, name: str, app_id: str) -> int | None:
         """Last version committed by application ``app_id`` on table ``name`` (None if never)."""
@@ -179,13 +193,6 @@ class TableStore:
             return SCHEMAS[name].empty_table()
         return self.delta(name).to_pyarrow_table(filters=filters, columns=columns)
 
-    def existed_at(self, name: str, when: datetime) -> bool:
-        """Whether table ``name`` had its first commit at or before ``when``."""
-        if not self.exists(name):
-            return False
-        first = min(entry["timestamp"] for entry in self.delta(name).history())
-        return first <= when.timestamp() * 1000
-
     def scan(self, name: str, version: int | datetime | None = None) -> pl.LazyFrame:
         """Polars LazyFrame over table ``name``, optionally as of a Delta version or a time."""
         if not self.exists(name):
@@ -196,3 +203,131 @@ class TableStore:
         """Current table version (-1 if the table does not exist)."""
         return self.delta(name).version() if self.exists(name) else -1
 
+    def create_missing(self) -> list[str]:
+        """Create every table of :data:`~fiberlake.schemas.tables.SCHEMAS` that does not exist yet.
+
+        Each is one empty Delta commit (version 0) with the declared schema and partitioning, so
+        that every reader (Polars, pyarrow, DuckDB) sees every table, empty, from the lake's
+        creation. Idempotent: existing tables are left alone.
+
+        Returns
+        -------
+        list of str
+            The tables created.
+        """
+        created = []
+        for name, schema in SCHEMAS.items():
+            if self.exists(name):
+                continue
+            self.path(name).mkdir(parents=True, exist_ok=True)
+            try:
+                write_deltalake(str(self.path(name)), schema.empty_table(), partition_by=[PARTITION_COLUMN],
+                                mode="append", writer_properties=_writer_properties(schema),
+                                storage_options=self.storage_options)
+            except DeltaError:
+                if not self.exists(name):  # not a creation raced by another writer
+                    raise
+                continue
+            created.append(name)
+        return created
+
+    def versions(self, name: str) -> "TableVersions":
+        """The versions of table ``name`` a reader can ask for (from its commit history).
+
+        Raises
+        ------
+        LookupError
+            If the table does not exist.
+        """
+        if not self.exists(name):
+            raise LookupError(f"table {name} does not exist yet (nothing was ever written to it)")
+        history = self.delta(name).history()
+        commits = tuple(sorted((_commit(entry) for entry in history), key=lambda c: c.version))
+        return TableVersions(name, commits)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One commit of a table's log, as far as time travel needs it."""
+
+    version: int
+    timestamp_ms: int
+    """Commit time, milliseconds since the epoch (UTC)."""
+    removes_files: bool
+    """Whether the commit took data files out of the table (overwrite, delete, compaction)."""
+    vacuum_cutoff_ms: int | None = None
+    """For a vacuum: files taken out before this time were deleted."""
+
+
+def _commit(entry: dict) -> Commit:
+    metrics = entry.get("operationMetrics") or {}
+    removed = any("removed" in key.lower() and "file" in key.lower() and _positive(value)
+                  for key, value in metrics.items())
+    cutoff = None
+    if entry.get("operation") == "VACUUM START":
+        params = entry.get("operationParameters") or {}
+        retention = params.get("specifiedRetentionMillis") or params.get("defaultRetentionMillis") or 0
+        cutoff = int(entry["timestamp"]) - int(retention)
+    return Commit(int(entry["version"]), int(entry["timestamp"]), removed, cutoff)
+
+
+def _positive(value: object) -> bool:
+    try:
+        return int(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class TableVersions:
+    """The versions a table's log holds, and which of them can still be read.
+
+    A vacuum deletes the data files that commits older than its retention took out of the table;
+    a version that still refers to one of them cannot be read any more.
+    """
+
+    name: str
+    commits: tuple[Commit, ...]
+    """Oldest first."""
+
+    @property
+    def first(self) -> int:
+        """Oldest version in the log."""
+        return self.commits[0].version
+
+    @property
+    def latest(self) -> int:
+        """Newest version."""
+        return self.commits[-1].version
+
+    @property
+    def created_ms(self) -> int:
+        """Time of the oldest commit in the log (ms since the epoch)."""
+        return self.commits[0].timestamp_ms
+
+    @property
+    def readable_from(self) -> int:
+        """Oldest version whose data files a vacuum has not deleted."""
+        oldest = self.first
+        for vacuum in (c for c in self.commits if c.vacuum_cutoff_ms is not None):
+            for commit in self.commits:
+                if commit.removes_files and commit.version < vacuum.version and commit.timestamp_ms <= vacuum.vacuum_cutoff_ms:
+                    oldest = max(oldest, commit.version)
+        return oldest
+
+    def at_time(self, when_ms: float) -> int | None:
+        """Newest version committed at or before ``when_ms`` (None if the table is younger)."""
+        older = [c.version for c in self.commits if c.timestamp_ms <= when_ms]
+        return max(older) if older else None
+
+    def time_of(self, version: int) -> int:
+        """Commit time of ``version`` (ms since the epoch)."""
+        return next(c.timestamp_ms for c in self.commits if c.version == version)
+
+    def span(self) -> str:
+        """The readable versions in words, e.g. ``versions 0 to 7`` or ``versions 3 to 7 (0 to 2 ...)``."""
+        start = self.readable_from
+        text = f"version {start}" if start == self.latest else f"versions {start} to {self.latest}"
+        if start > self.first:
+            text += f" (versions {self.first} to {start - 1} refer to data files that 'fiberlake vacuum' removed)"
+        return text

@@ -13,7 +13,7 @@ from conftest import write_raw
 
 from fiberlake.jobs.cli import main
 from fiberlake.jobs.ingest import ingest_night
-from fiberlake.jobs.query import scan_tables, sql
+from fiberlake.jobs.query import AsOfError, scan_tables, sql
 from fiberlake.jobs.upkeep import compact, vacuum, verify
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeBusy, LakeLock
@@ -75,8 +75,10 @@ def test_compaction_keeps_rows_and_readers_see_no_gap(lake_of_many_commits):
 def test_time_travel_by_timestamp_and_version(lake_of_many_commits):
     lake, stamps = lake_of_many_commits
     assert sql(lake, "SELECT count(*) AS n FROM exposures", as_of=stamps[1].isoformat())["n"][0] == 2
-    assert sql(lake, "SELECT count(*) AS n FROM exposures", as_of=0)["n"][0] == 1
-    assert "exposures" not in scan_tables(lake, as_of=stamps[0] - dt.timedelta(hours=1))
+    assert sql(lake, "SELECT count(*) AS n FROM exposures", as_of=0)["n"][0] == 0  # created empty with the lake
+    assert sql(lake, "SELECT count(*) AS n FROM exposures", as_of=1)["n"][0] == 1
+    with pytest.raises(AsOfError, match="before the lake existed"):
+        scan_tables(lake, as_of=stamps[0] - dt.timedelta(hours=1))
     assert sql(lake, "SELECT count(*) AS n FROM exposures")["n"][0] == 5
 
 

@@ -169,7 +169,7 @@ def test_query_on_s3(s3_lake, local_lake, capsys):
     url = str(s3_lake.root / "tables" / "spectra")
     direct = pl.scan_delta(url, storage_options=storage_options()).select(pl.len()).collect().item()
     assert direct == 64  # 2 frames x 32 fibers, box
-    assert main(["query", "--lake", str(s3_lake.root), "--format", "csv", "--as-of", "0",
+    assert main(["query", "--lake", str(s3_lake.root), "--format", "csv", "--as-of", "exposures@1",
                  "SELECT count(*) AS n FROM exposures"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "5"
 
