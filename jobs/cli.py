@@ -217,7 +217,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     from fiberlake.jobs.runs import format_run, read_run
     from fiberlake.storage.layout import Lake
 
-    record = read_run(Lake.at(args.lake), args.run_id)
+    record = read_run(Lake.open(args.lake), args.run_id)
     if args.json:
         print(json.dumps(record.params.to_dict(), indent=2, sort_keys=True))
     else:

@@ -298,6 +298,7 @@ NOT_A_LAKE = [
     ["vacuum"],
     ["verify"],
     ["evaluate", "--night", NIGHT, "--truth", "nowhere"],
+    ["runs", "show", "r1"],
 ]
 
 
