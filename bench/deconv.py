@@ -123,8 +123,7 @@ def _build_inputs(camera: str, out: Path) -> dict:
 
 
 def _load_inputs(path: Path):
-    from fiberlake.processors.psf import PSFModel
-    from fiberlake.schemas.calib import TraceSet
+    from fiberlake.schemas.containers import PSFModel, TraceSet
 
     z = dict(np.load(path))
     traces = TraceSet.from_arrays({k[7:]: v for k, v in z.items() if k.startswith("traces/")})
@@ -189,7 +188,7 @@ def _shapes(inputs: Path, n_fibers: int = 50) -> list[dict]:
     from scipy.ndimage import binary_dilation
 
     from fiberlake.processors import deconv as D
-    from fiberlake.schemas.calib import TraceSet
+    from fiberlake.schemas.containers import TraceSet
 
     image, ivar, mask, traces, psf = _load_inputs(inputs)
     order = np.argsort(np.median(traces.x(), axis=1))[:n_fibers]

@@ -87,7 +87,7 @@ def main() -> None:
     from fiberlake.processors.rectify import rectify_image
     from fiberlake.processors.rectify_map import Frame, MapConfig, fit_map
     from fiberlake.processors.rectify_sampling import build_training_set
-    from fiberlake.schemas.calib import TraceSet
+    from fiberlake.schemas.containers import TraceSet
     from fiberlake.schemas.instrument import LAMOST
 
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fiberlake.ingest.sim_spectra import GROUPS, FineGrid, group_strengths, stellar_line_table, _line_matrix
+from fiberlake.ingest.sim_spectra import GROUPS, FineGrid, group_strengths, line_matrix, stellar_line_table
 
 MODEL_FILES = {
     "cool": "cannongrid_3000_18000_coolstars_norm_cubic_model.pkl",
@@ -115,6 +115,6 @@ def cannon_rest_spectra(grid: FineGrid, teff, logg, feh, folder: str | Path) -> 
     if np.any(strength > 0):
         table = stellar_line_table()
         amp = np.where(table["group"][None, :] == tio, strength[:, None] * table["weight"][None, :], 0.0)
-        tau = np.asarray((_line_matrix(grid).T @ amp.T).T)
+        tau = np.asarray((line_matrix(grid).T @ amp.T).T)
         out *= np.exp(-tau)
     return out

@@ -330,7 +330,7 @@ def group_strengths(teff: np.ndarray, logg: np.ndarray, feh: np.ndarray) -> np.n
 
 
 @lru_cache(maxsize=8)
-def _line_matrix(grid: FineGrid) -> sparse.csr_matrix:
+def line_matrix(grid: FineGrid) -> sparse.csr_matrix:
     """Sparse ``(n_lines, n_pixels)`` matrix of unit-depth line profiles on ``grid``."""
     table = stellar_line_table()
     wave = grid.wave
@@ -374,7 +374,7 @@ def stellar_rest_spectra(grid: FineGrid, teff, logg, feh) -> np.ndarray:
     strengths = group_strengths(teff, logg, feh)
     table = stellar_line_table()
     amp = strengths[:, table["group"]] * table["weight"][None, :]  # (n_stars, n_lines)
-    tau = np.asarray((_line_matrix(grid).T @ amp.T).T)  # (n_stars, n_pix)
+    tau = np.asarray((line_matrix(grid).T @ amp.T).T)  # (n_stars, n_pix)
     wave = grid.wave
     blanket = 0.35 * np.clip((6500.0 - teff) / 2000.0 + 0.15, 0.0, 1.5) * 10.0 ** (0.5 * np.atleast_1d(feh))
     tau += blanket[:, None] * (4000.0 / wave[None, :]) ** 6

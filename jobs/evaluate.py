@@ -17,7 +17,7 @@ from astropy.io import fits
 from fiberlake.jobs.calibrations import load_calibration
 from fiberlake.jobs.process import latest_exposures
 from fiberlake.processors import accuracy, rectify
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.truth import camera_truth_name, spectra_truth_name
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore

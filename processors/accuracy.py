@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fiberlake.processors.extract import Spectra1D
 from fiberlake.processors.resample import resample_to_grid
+from fiberlake.schemas.containers import Spectra1D
 
 
 def _rms(values: np.ndarray) -> float:

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fiberlake.processors.extract import ProfileModel
-from fiberlake.processors.psf import PSFModel
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import ProfileModel, PSFModel, TraceSet
 
 
 @dataclass(frozen=True)

@@ -83,9 +83,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fiberlake.processors.extract import Spectra1D, prepare_pixels, solve_tridiagonal
-from fiberlake.processors.psf import PSFModel
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.processors.extract import prepare_pixels, solve_tridiagonal
+from fiberlake.schemas.containers import PSFModel, Spectra1D, TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
 
 MIN_GOOD_FRACTION = 0.5

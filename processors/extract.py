@@ -2,16 +2,18 @@
 
 Both extractors take a CCD-corrected frame in electrons, ``image[row, col]`` with wavelength
 along rows, its inverse variance and 2D mask, and the fiber traces; they return one value per
-fiber per CCD row (electrons per row) as :class:`Spectra1D`. :func:`measure_profile` fits the
-cross-dispersion profiles (Gaussian core + Gaussian wing) on the master flat.
+fiber per CCD row (electrons per row) as :class:`~fiberlake.schemas.containers.Spectra1D`.
+:func:`measure_profile` fits the cross-dispersion profiles (Gaussian core + Gaussian wing) on
+the master flat.
 
 Profile model
 -------------
-The cross-dispersion profile of fiber ``f`` at row ``r`` (:class:`ProfileModel`) is a Gaussian
-core of sigma ``sigma[f, r]`` plus, optionally, a wider Gaussian wing holding a fraction of the
-flux and offset from the core, with the flux centroid on the trace ``x_f(r)``; it is
-integrated exactly over each pixel (``[c - 0.5, c + 0.5)``). By default it is a plain Gaussian
-of ``traces.sigma``. The box uses it truncated to ``|x - x_f| <= halfwidth`` (edge pixels by
+The cross-dispersion profile of fiber ``f`` at row ``r``
+(:class:`~fiberlake.schemas.containers.ProfileModel`) is a Gaussian core of sigma
+``sigma[f, r]`` plus, optionally, a wider Gaussian wing holding a fraction of the flux and
+offset from the core, with the flux centroid on the trace ``x_f(r)``; it is integrated exactly
+over each pixel (``[c - 0.5, c + 0.5)``). By default it is a plain Gaussian of
+``traces.sigma``. The box uses it truncated to ``|x - x_f| <= halfwidth`` (edge pixels by
 their fractional overlap) only to correct masked pixels; the optimal fit uses whole pixels
 with centres within the half-width. Both normalise it to unit sum over that support; off-CCD
 parts count in the normalisation but hold no data. The deblended fit couples nearest
@@ -35,13 +37,11 @@ and all of their bits where the value is unusable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.polynomial import legendre
 from scipy.special import ndtr
 
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import ProfileModel, Spectra1D, TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
 
 DEFAULT_PROFILE_SIGMA = 2.4
@@ -58,45 +58,6 @@ BAD2DFIT_FACTOR = 5.0
 """``BAD2DFIT`` where the reduced chi^2 exceeds this many times ``max(1, median chi^2)``."""
 _BLOCK_ELEMENTS = 1 << 21  # window elements per row block (bounds peak memory, ~16 MB/array)
 _NONFATAL = np.uint32(~int(FATAL) & 0xFFFFFFFF)
-
-
-@dataclass
-class Spectra1D:
-    """Spectra of all fibers of one camera: flux, inverse variance and mask travel together.
-
-    Attributes
-    ----------
-    flux : ndarray of float32, shape (n_fibers, n)
-        Flux (electrons per row on the CCD grid, per Angstrom on a wavelength grid).
-    ivar : ndarray of float32, shape (n_fibers, n)
-        Inverse variance of ``flux``; 0 marks an unusable value.
-    mask : ndarray of uint32, shape (n_fibers, n)
-        :class:`~fiberlake.schemas.maskbits.Mask` bits.
-    chi2 : ndarray of float32 or None
-        Reduced chi^2 of the profile fit per fiber per row (optimal extraction only).
-    npix : ndarray of float32 or None
-        Number of good pixels (box: summed fractional weights) per fiber per row.
-    """
-
-    flux: np.ndarray
-    ivar: np.ndarray
-    mask: np.ndarray
-    chi2: np.ndarray | None = None
-    npix: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.flux = np.asarray(self.flux, dtype=np.float32)
-        self.ivar = np.asarray(self.ivar, dtype=np.float32)
-        self.mask = np.asarray(self.mask, dtype=MASK_DTYPE)
-        if not (self.flux.shape == self.ivar.shape == self.mask.shape) or self.flux.ndim != 2:
-            raise ValueError(
-                f"flux, ivar, mask must be 2D of one shape, got {self.flux.shape}, "
-                f"{self.ivar.shape}, {self.mask.shape}")
-
-    @property
-    def n_fibers(self) -> int:
-        """Number of fibers (rows of the arrays)."""
-        return int(self.flux.shape[0])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -138,60 +99,6 @@ def _prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
     with np.errstate(divide="ignore"):
         var = np.where(good, 1.0 / np.where(good, iv, 1.0), np.inf)
     return img, good, var, msk
-
-
-def _per_fiber_row(a, n_fibers: int, ny: int) -> np.ndarray:
-    """Scalar, (n_fibers,) or (n_fibers, ny) -> float array (n_fibers, ny)."""
-    a = np.asarray(a, dtype=float)
-    return np.broadcast_to(a[:, None] if a.ndim == 1 else a, (n_fibers, ny)).astype(float)
-
-
-@dataclass
-class ProfileModel:
-    """Cross-dispersion profile of every fiber: a Gaussian core plus a wider Gaussian wing.
-
-    The profile's flux centroid is the trace; the core sits at ``-wing_fraction * wing_offset``
-    and the wing at ``(1 - wing_fraction) * wing_offset`` from it. ``wing_fraction = 0`` is a
-    plain Gaussian.
-
-    Attributes
-    ----------
-    sigma : ndarray, shape (n_fibers, ny)
-        Core Gaussian sigma (px).
-    wing_fraction : ndarray, shape (n_fibers, ny)
-        Flux fraction in the wing.
-    wing_offset : ndarray, shape (n_fibers, ny)
-        Wing centre minus core centre (px, signed, along columns).
-    wing_ratio : float or ndarray, shape (n_fibers, ny)
-        Wing sigma over core sigma.
-    """
-
-    sigma: np.ndarray
-    wing_fraction: np.ndarray
-    wing_offset: np.ndarray
-    wing_ratio: float = 1.5
-
-    @classmethod
-    def gaussian(cls, sigma: np.ndarray, n_fibers: int, ny: int) -> "ProfileModel":
-        """Plain Gaussian profiles; ``sigma`` scalar, per fiber or per fiber and row."""
-        zero = np.zeros((n_fibers, ny))
-        return cls(_per_fiber_row(sigma, n_fibers, ny), zero, zero.copy())
-
-    def stacked(self, n_fibers: int, ny: int) -> np.ndarray:
-        """Parameters as one array ``(n_fibers, ny, 4)``: sigma, wing fraction, wing offset,
-        wing ratio."""
-        par = np.stack([_per_fiber_row(a, n_fibers, ny)
-                        for a in (self.sigma, self.wing_fraction, self.wing_offset, self.wing_ratio)],
-                       axis=-1)
-        if not (np.all(np.isfinite(par)) and np.all(par[..., 0] > 0)
-                and np.all((par[..., 1] >= 0) & (par[..., 1] < 1)) and np.all(par[..., 3] > 0)):
-            raise ValueError("profile: sigma > 0, 0 <= wing_fraction < 1 and wing_ratio > 0 required")
-        return par
-
-    def max_extent(self) -> float:
-        """Largest Gaussian sigma of core or wing (px)."""
-        wing = np.any(np.asarray(self.wing_fraction) > 0)
-        return float(np.max(self.sigma)) * (max(1.0, float(np.max(self.wing_ratio))) if wing else 1.0)
 
 
 def _resolve_profile(traces: TraceSet, profile_sigma, profile: ProfileModel | None) -> ProfileModel:

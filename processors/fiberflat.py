@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 from scipy.ndimage import median_filter
 
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
 
 LOW_RESPONSE = 0.1

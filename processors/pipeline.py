@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from fiberlake.processors import ccd, deconv, extract, fiberflat, quality, rectify, resample, sky, tracing, wavecal
 from fiberlake.processors.chunks import Bundle, bundle_columns, plan_bundles, subset_profile, subset_psf, subset_traces
-from fiberlake.processors.extract import Spectra1D
 from fiberlake.processors.rectify import Rectification, RectifyConfig
 from fiberlake.processors.params import DEFAULT_EXTRACTIONS, EXTRACTIONS, ReductionParams
 from fiberlake.processors.rectify_map import MapConfig
-from fiberlake.processors.psf import PSFModel, fit_psf
-from fiberlake.schemas.calib import TraceSet, WaveSolution
+from fiberlake.processors.psf import fit_psf
+from fiberlake.schemas.containers import (ArrayContainer, ProfileModel, PSFModel, Spectra1D, TraceSet, WaveSolution,
+                                          transient)
 from fiberlake.schemas.instrument import Instrument
 from fiberlake.schemas.linelists import arc_lines
 from fiberlake.schemas.maskbits import Mask
@@ -68,8 +68,15 @@ def camera_ccd_params(camera: ccd.CCDParams, params: ReductionParams) -> ccd.CCD
 
 
 @dataclass
-class Calibration:
-    """A night's calibration set for one camera."""
+class Calibration(ArrayContainer):
+    """A night's calibration set for one camera.
+
+    Stored by :class:`~fiberlake.schemas.containers.ArrayContainer`: each field under its own
+    name (``master_bias``, ``traces/...``, ``wave/...``, ``fiberflats/<method>/...``,
+    ``profile/...``, ``psf/...``, ``rectification/...``; a product that is None writes nothing),
+    except ``info``, which the calibration store keeps as the set's metadata (see
+    :meth:`from_arrays`). A stage that adds a product to the set adds a field.
+    """
 
     master_bias: np.ndarray
     master_flat: np.ndarray
@@ -78,14 +85,14 @@ class Calibration:
     wave: WaveSolution
     fiberflats: dict[str, Spectra1D]
     grid: np.ndarray
-    profile: extract.ProfileModel | None = None
-    info: dict = field(default_factory=dict)
+    profile: ProfileModel | None = None
+    info: dict = transient(default_factory=dict)
     psf: PSFModel | None = None
-    """PSF model of the deconvolution extraction (stored under ``psf/``), when requested."""
+    """PSF model of the deconvolution extraction, when requested."""
     rectification: Rectification | None = None
-    """Aberration map (stored under ``rectify/``) when the set was built with ``rectify``: then
-    ``master_flat``, ``traces``, ``wave``, ``fiberflats`` (and ``profile``, ``psf``) are in the
-    rectified frame, and every frame is resampled with this map before extraction."""
+    """Aberration map when the set was built with ``rectify``: then ``master_flat``, ``traces``,
+    ``wave``, ``fiberflats`` (and ``profile``, ``psf``) are in the rectified frame, and every
+    frame is resampled with this map before extraction."""
 
     @cached_property
     def wave_rows(self) -> np.ndarray:
@@ -101,58 +108,12 @@ class Calibration:
                 "trace_straightness_raw": rect.straightness_raw if rect is not None else straight,
                 "map_residual": rect.residual if rect is not None else np.full(self.traces.n_fibers, np.nan)}
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Named arrays of the set (``a/b`` names nest), for the calibration store.
-
-        Every product of the set must appear here and be restored by :meth:`from_arrays`:
-        a stage that adds a product to the set adds its arrays under its own prefix.
-        """
-        arrays = {
-            "master_bias": self.master_bias,
-            "master_flat": self.master_flat,
-            "master_flat_ivar": self.master_flat_ivar,
-            "grid": self.grid,
-        }
-        arrays |= {f"traces/{k}": v for k, v in self.traces.to_arrays().items()}
-        arrays |= {f"wave/{k}": v for k, v in self.wave.to_arrays().items()}
-        if self.profile is not None:
-            p = self.profile
-            arrays |= {"profile/sigma": p.sigma, "profile/wing_fraction": p.wing_fraction,
-                       "profile/wing_offset": p.wing_offset, "profile/wing_ratio": np.asarray(p.wing_ratio)}
-        for method, ff in self.fiberflats.items():
-            arrays |= {f"fiberflat_{method}/flux": ff.flux, f"fiberflat_{method}/ivar": ff.ivar,
-                       f"fiberflat_{method}/mask": ff.mask}
-        if self.psf is not None:
-            arrays |= {f"psf/{k}": v for k, v in self.psf.to_arrays().items()}
-        if self.rectification is not None:
-            arrays |= {f"rectify/{k}": v for k, v in self.rectification.to_arrays().items()}
-        return arrays
-
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], info: dict | None = None) -> Calibration:
-        """Rebuild a set from :meth:`to_arrays` output (and its metadata)."""
-
-        def subset(prefix: str) -> dict[str, np.ndarray]:
-            start = prefix + "/"
-            return {k[len(start):]: v for k, v in arrays.items() if k.startswith(start)}
-
-        fiberflats = {}
-        for key in sorted({k.split("/")[0] for k in arrays if k.startswith("fiberflat_")}):
-            part = subset(key)
-            fiberflats[key.removeprefix("fiberflat_")] = Spectra1D(part["flux"], part["ivar"], part["mask"])
-        return cls(
-            master_bias=arrays["master_bias"],
-            master_flat=arrays["master_flat"],
-            master_flat_ivar=arrays["master_flat_ivar"],
-            traces=TraceSet.from_arrays(subset("traces")),
-            wave=WaveSolution.from_arrays(subset("wave")),
-            fiberflats=fiberflats,
-            grid=arrays["grid"],
-            profile=extract.ProfileModel(**subset("profile")) if "profile/sigma" in arrays else None,
-            info=dict(info or {}),
-            psf=PSFModel.from_arrays(subset("psf")) if "psf/shape" in arrays else None,
-            rectification=Rectification.from_arrays(subset("rectify")) if "rectify/samples" in arrays else None,
-        )
+        """Rebuild a set from :meth:`to_arrays` output and its metadata (``info``)."""
+        calib = super().from_arrays(arrays)
+        calib.info = dict(info or {})
+        return calib
 
 
 @dataclass

@@ -9,7 +9,7 @@ pixel ``(r, c)`` with weight ::
 
 ``L`` is the LSF along the rows (the wavelength axis) and ``P`` the cross-dispersion profile
 across the columns at the destination row ``r``, centred on the trace ``x_f(r)`` (a
-:class:`~fiberlake.schemas.calib.TraceSet`). Spots therefore follow curved traces. Both 1D
+:class:`~fiberlake.schemas.containers.TraceSet`). Spots therefore follow curved traces. Both 1D
 profiles are Gauss-Hermite (GH) series, integrated exactly over each pixel::
 
     p(t) = sum_{k=0..K} c_k He_k(z) phi(z) / sigma,   z = (t - mu) / sigma,   c_0 = 1,
@@ -44,7 +44,7 @@ the residual / noise on held-out arcs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.polynomial import legendre
@@ -52,47 +52,16 @@ from scipy.ndimage import maximum_filter1d, median_filter
 from scipy.special import ndtr
 
 from fiberlake.processors.extract import solve_tridiagonal
-from fiberlake.schemas.calib import TraceSet
+# The model's containers and its evaluation (gh_cdf, gh_weights) live with the data; psf.gh_weights,
+# psf.GHField and psf.PSFModel stay reachable from here for the fit's callers.
+from fiberlake.schemas.containers import GHField, PSFModel, TraceSet, gaussian_pdf, gh_cdf, gh_weights  # noqa: F401
 
-_SQRT2PI = np.sqrt(2.0 * np.pi)
 DEFAULT_ORDER = 8
 """Gauss-Hermite order of both profiles (orders 6 / 8 / 10 leave ~0.5 / 0.2 / 0.07 % of the
 peak on the simulator's corner LSF)."""
 
 
 # ----------------------------------------------------------------------------- Gauss-Hermite
-
-
-def _phi(z: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * z * z) / _SQRT2PI
-
-
-def gh_cdf(z: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Cumulative of a Gauss-Hermite series at standardised positions.
-
-    Parameters
-    ----------
-    z : ndarray, shape (..., m)
-        ``(t - mu) / sigma``.
-    c : ndarray, shape (..., K + 1)
-        Coefficients; ``c[..., 0]`` multiplies the Gaussian (1 for a normalised profile).
-
-    Returns
-    -------
-    ndarray, shape (..., m)
-        ``c_0 Phi(z) - phi(z) sum_{k>=1} c_k He_{k-1}(z)``.
-    """
-    c = np.asarray(c, dtype=float)
-    out = c[..., 0:1] * ndtr(z)
-    K = c.shape[-1] - 1
-    if K == 0:
-        return out
-    he_prev, he = np.zeros_like(z), np.ones_like(z)       # He_{-1} (unused), He_0
-    acc = c[..., 1:2] * he
-    for k in range(1, K):                                  # He_k from He_{k-1}, He_{k-2}
-        he_prev, he = he, z * he - (k - 1) * he_prev if k > 1 else z * he
-        acc = acc + c[..., k + 1:k + 2] * he
-    return out - _phi(z) * acc
 
 
 def gh_basis(edges: np.ndarray, order: int) -> np.ndarray:
@@ -110,42 +79,12 @@ def gh_basis(edges: np.ndarray, order: int) -> np.ndarray:
     """
     z = np.asarray(edges, dtype=float)
     cols = [np.diff(ndtr(z), axis=-1)]
-    ph = _phi(z)
+    ph = gaussian_pdf(z)
     he_prev, he = np.zeros_like(z), np.ones_like(z)
     for k in range(1, order + 1):
         cols.append(-np.diff(he * ph, axis=-1))            # int He_k phi = -He_{k-1} phi
         he_prev, he = he, z * he - (k - 1) * he_prev if k > 1 else z * he
     return np.stack(cols, axis=-1)
-
-
-def gh_weights(rel: np.ndarray, sigma: np.ndarray, c: np.ndarray, *, passes: int = 2) -> np.ndarray:
-    """Pixel-integrated GH profile on a window, unit sum, flux centroid at 0.
-
-    Parameters
-    ----------
-    rel : ndarray, shape (..., m)
-        Pixel centres relative to the requested flux centroid (contiguous, unit steps).
-    sigma : ndarray, shape (...)
-    c : ndarray, shape (..., K + 1)
-    passes : int
-        Centroid-correction passes (the profile is shifted by minus the centroid error of the
-        previous pass; two passes leave < 1e-4 px).
-
-    Returns
-    -------
-    ndarray, shape (..., m)
-    """
-    rel = np.asarray(rel, dtype=float)
-    sig = np.asarray(sigma, dtype=float)[..., None]
-    edges = np.concatenate([rel - 0.5, rel[..., -1:] + 0.5], axis=-1)
-    shift = np.zeros(sig.shape)
-    w = None
-    for _ in range(max(1, passes)):
-        w = np.diff(gh_cdf((edges - shift) / sig, c), axis=-1)
-        tot = w.sum(axis=-1, keepdims=True)
-        w = w / np.where(np.abs(tot) > 1e-300, tot, 1.0)
-        shift = shift - (w * rel).sum(axis=-1, keepdims=True)
-    return w
 
 
 # ----------------------------------------------------------------------------- smooth fields
@@ -175,169 +114,6 @@ def _legfit2d(u: np.ndarray, v: np.ndarray, y: np.ndarray, deg: tuple[int, int],
             break
         keep = new
     return coef.reshape(deg[0] + 1, deg[1] + 1), keep
-
-
-@dataclass
-class GHField:
-    """A 1D Gauss-Hermite profile whose shape varies smoothly over the CCD.
-
-    Attributes
-    ----------
-    halfwidth : int
-        The profile is evaluated on ``2 * halfwidth + 1`` pixels around its centroid.
-    sigma_coef : ndarray, shape (du + 1, dv + 1)
-        2D Legendre series of ``sigma`` (px) in the normalised trace column ``u`` and row ``v``
-        (both in [-1, 1] over the CCD).
-    coef : ndarray, shape (K, du + 1, dv + 1)
-        2D Legendre series of ``c_1..c_K`` (``c_0 = 1``).
-    focus : ndarray, shape (n_fibers,)
-        Per-fiber relative sigma offset ``e_f``: ``sigma = S(u, v) * (1 + e_f)``.
-    rms : float
-        Clipped RMS of the relative sigma residuals of the samples about the model.
-    n_samples : int
-        Samples kept in the fit.
-    """
-
-    halfwidth: int
-    sigma_coef: np.ndarray
-    coef: np.ndarray
-    focus: np.ndarray
-    rms: float = 0.0
-    n_samples: int = 0
-
-    @property
-    def order(self) -> int:
-        """Gauss-Hermite order ``K``."""
-        return int(self.coef.shape[0])
-
-    def params(self, u: np.ndarray, v: np.ndarray, fiber: np.ndarray | None = None):
-        """``sigma`` (...) and ``c`` (..., K + 1) at normalised positions ``u``, ``v``.
-
-        Positions beyond [-1, 1] are clipped (the series are not extrapolated).
-        """
-        u = np.clip(np.asarray(u, dtype=float), -1.0, 1.0)
-        v = np.clip(np.asarray(v, dtype=float), -1.0, 1.0)
-        u, v = np.broadcast_arrays(u, v)
-        sigma = legendre.legval2d(u, v, self.sigma_coef)
-        if fiber is not None and self.focus.size:
-            sigma = sigma * (1.0 + np.broadcast_to(self.focus[np.asarray(fiber)], u.shape))
-        c = np.empty(u.shape + (self.order + 1,))
-        c[..., 0] = 1.0
-        for k in range(self.order):
-            c[..., k + 1] = legendre.legval2d(u, v, self.coef[k])
-        return np.maximum(sigma, 0.2), c
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Arrays for storage; the inverse of :meth:`from_arrays`."""
-        return {"halfwidth": np.array(self.halfwidth), "sigma_coef": self.sigma_coef, "coef": self.coef,
-                "focus": self.focus, "rms": np.array(self.rms), "n_samples": np.array(self.n_samples)}
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> GHField:
-        """Rebuild from :meth:`to_arrays` output."""
-        return cls(halfwidth=int(a["halfwidth"]), sigma_coef=np.asarray(a["sigma_coef"], float),
-                   coef=np.asarray(a["coef"], float), focus=np.asarray(a["focus"], float),
-                   rms=float(a.get("rms", 0.0)), n_samples=int(a.get("n_samples", 0)))
-
-    @classmethod
-    def gaussian(cls, sigma: float, halfwidth: int, order: int = 0, n_fibers: int = 0) -> GHField:
-        """A spatially invariant Gaussian (all GH terms zero)."""
-        return cls(halfwidth=int(halfwidth), sigma_coef=np.array([[float(sigma)]]),
-                   coef=np.zeros((order, 1, 1)), focus=np.zeros(n_fibers))
-
-
-@dataclass
-class PSFModel:
-    """LSF (along rows) and cross-dispersion profile (along columns) of every fiber.
-
-    Attributes
-    ----------
-    lsf : GHField
-        Line-spread function; its samples were located at (trace column, line row).
-    xsf : GHField
-        Cross-dispersion profile.
-    ny, nx : int
-        CCD shape the normalised coordinates refer to.
-    invariant : bool
-        One PSF for the whole frame (degree-0 series, no focus terms).
-    """
-
-    lsf: GHField
-    xsf: GHField
-    ny: int
-    nx: int
-    invariant: bool = False
-    info: dict = field(default_factory=dict)
-    x_offset: float = 0.0
-    """CCD column of column 0 of the image the model is applied to (a slab of the frame, see
-    :func:`fiberlake.processors.chunks.subset_psf`); not stored."""
-
-    def _uv(self, x: np.ndarray, rows: np.ndarray):
-        x_ccd = np.asarray(x, float) + self.x_offset
-        return 2.0 * x_ccd / (self.nx - 1) - 1.0, 2.0 * np.asarray(rows, float) / (self.ny - 1) - 1.0
-
-    def lsf_weights(self, fibers: np.ndarray, x: np.ndarray, centres: np.ndarray):
-        """LSF of line centroids at fractional ``centres`` (rows).
-
-        Parameters
-        ----------
-        fibers : int array (...)
-        x : array (...)
-            Trace column at the centre.
-        centres : array (...)
-            Row of the LSF's flux centroid.
-
-        Returns
-        -------
-        first : int array (...)
-            First row of the window ``first + arange(2 W + 1)``.
-        weights : array (..., 2 W + 1)
-        """
-        W = self.lsf.halfwidth
-        centres = np.asarray(centres, float)
-        first = np.rint(centres).astype(np.int64) - W
-        rel = first[..., None] + np.arange(2 * W + 1) - centres[..., None]
-        sigma, c = self.lsf.params(*self._uv(x, centres), fibers)
-        return first, gh_weights(rel, sigma, c)
-
-    def xsf_weights(self, fibers: np.ndarray, x: np.ndarray, rows: np.ndarray):
-        """Cross-dispersion profiles centred on trace columns ``x`` at ``rows``.
-
-        Returns
-        -------
-        first : int array (...)
-            First column of the window ``first + arange(2 W + 1)``.
-        weights : array (..., 2 W + 1)
-        """
-        W = self.xsf.halfwidth
-        x = np.asarray(x, float)
-        first = np.rint(x).astype(np.int64) - W
-        rel = first[..., None] + np.arange(2 * W + 1) - x[..., None]
-        sigma, c = self.xsf.params(*self._uv(x, rows), fibers)
-        return first, gh_weights(rel, sigma, c)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Arrays for storage (``lsf/...``, ``xsf/...``, ``shape``, ``invariant``)."""
-        out = {f"lsf/{k}": v for k, v in self.lsf.to_arrays().items()}
-        out |= {f"xsf/{k}": v for k, v in self.xsf.to_arrays().items()}
-        out |= {"shape": np.array([self.ny, self.nx]), "invariant": np.array(bool(self.invariant))}
-        return out
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> PSFModel:
-        """Rebuild from :meth:`to_arrays` output."""
-        def sub(p):
-            return {k[len(p) + 1:]: v for k, v in a.items() if k.startswith(p + "/")}
-        ny, nx = (int(s) for s in np.asarray(a["shape"]))
-        return cls(lsf=GHField.from_arrays(sub("lsf")), xsf=GHField.from_arrays(sub("xsf")), ny=ny, nx=nx,
-                   invariant=bool(a.get("invariant", False)))
-
-    @classmethod
-    def gaussian(cls, sigma_lsf: float, sigma_xsf: float, ny: int, nx: int, *, lsf_halfwidth: int = 8,
-                 xsf_halfwidth: int = 12) -> PSFModel:
-        """An invariant Gaussian PSF (tests, first guesses)."""
-        return cls(lsf=GHField.gaussian(sigma_lsf, lsf_halfwidth), xsf=GHField.gaussian(sigma_xsf, xsf_halfwidth),
-                   ny=ny, nx=nx, invariant=True)
 
 
 # ----------------------------------------------------------------------------- profile fits
@@ -426,7 +202,7 @@ def fit_profiles(y: np.ndarray, ivar: np.ndarray, rel: np.ndarray, sigma0: np.nd
     model, a, g = evaluate(p)
     chi = np.sum(w * (y - model) ** 2, axis=1)
     for _ in range(iters):
-        ph = _phi(a)
+        ph = gaussian_pdf(a)
         J = [g, p[:, 0:1] * (ph[:, :-1] - ph[:, 1:]) / p[:, 2:3],
              p[:, 0:1] * (a[:, :-1] * ph[:, :-1] - a[:, 1:] * ph[:, 1:]) / p[:, 2:3]]
         if background:

@@ -45,18 +45,16 @@ covered fraction).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from fiberlake.processors.ccd import CCDImage
-from fiberlake.processors.rectify_map import (CoordinateMap, Frame, MapConfig, _bytes, _text, fit_map,
-                                              map_from_arrays)
+from fiberlake.processors.rectify_map import CoordinateMap, Frame, MapConfig, fit_map
 from fiberlake.processors.rectify_sampling import LABELS, SAMPLINGS, build_training_set, trace_lines
 from fiberlake.processors.tls import Lines, perpendicular_distance, perpendicular_feet
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import ArrayContainer, TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
 
 BAD_TOLERANCE = 0.02
@@ -110,8 +108,11 @@ class RectifyConfig:
 
 
 @dataclass(eq=False)
-class Rectification:
+class Rectification(ArrayContainer):
     """The aberration correction of one camera and night (a calibration product).
+
+    Stored by :class:`~fiberlake.schemas.containers.ArrayContainer` (``map/``, ``config/``,
+    ``traces_raw/``, ``samples``, ``residual``, ``straightness_raw``, ``info``).
 
     Attributes
     ----------
@@ -139,37 +140,6 @@ class Rectification:
     residual: np.ndarray
     straightness_raw: np.ndarray
     info: dict = field(default_factory=dict)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Named arrays for the calibration store; see :meth:`from_arrays`."""
-        out = {f"map/{k}": v for k, v in self.map.to_arrays().items()}
-        out |= {f"traces_raw/{k}": v for k, v in self.traces_raw.to_arrays().items()}
-        out |= {
-            "config_json": _bytes(json.dumps(self.config.to_dict(), sort_keys=True)),
-            "info_json": _bytes(json.dumps(self.info, sort_keys=True)),
-            "samples": np.asarray(self.samples, float),
-            "residual": np.asarray(self.residual, float),
-            "straightness_raw": np.asarray(self.straightness_raw, float),
-            "seed": np.array(self.config.map.seed, np.int64),
-            "epochs": np.array(self.config.map.epochs, np.int64),
-            "n_samples": np.array(self.samples.shape[0], np.int64),
-        }
-        return out
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Rectification":
-        """Rebuild from :meth:`to_arrays` output."""
-
-        def sub(prefix: str) -> dict[str, np.ndarray]:
-            return {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
-
-        cfg = json.loads(_text(arrays["config_json"]))
-        cfg["map"] = MapConfig(**cfg["map"])
-        return cls(map=map_from_arrays(sub("map")), config=RectifyConfig(**cfg),
-                   traces_raw=TraceSet.from_arrays(sub("traces_raw")),
-                   samples=np.asarray(arrays["samples"], float), residual=np.asarray(arrays["residual"], float),
-                   straightness_raw=np.asarray(arrays["straightness_raw"], float),
-                   info=json.loads(_text(arrays["info_json"])))
 
 
 # ------------------------------------------------------------------------------ fitting

@@ -23,12 +23,13 @@ applied: torch is imported only to train an ``mlp``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from numpy.polynomial import legendre
+
+from fiberlake.schemas.containers import ArrayContainer
 
 MAP_KINDS = ("mlp", "legendre")
 _CHUNK = 1 << 18  # points per block when evaluating an MLP (bounds memory on 16M-point grids)
@@ -93,18 +94,14 @@ class Frame:
         return (np.asarray(col, float) - hx) / hx, (np.asarray(row, float) - hy) / hy
 
 
-def _bytes(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode(), dtype=np.uint8).copy()
-
-
-def _text(arr: np.ndarray) -> str:
-    return np.asarray(arr, dtype=np.uint8).tobytes().decode()
-
-
 # ----------------------------------------------------------------------------- interface
 @dataclass(eq=False)
-class CoordinateMap:
+class CoordinateMap(ArrayContainer):
     """A fitted distorted <-> rectified coordinate map of one CCD.
+
+    Stored by :class:`~fiberlake.schemas.containers.ArrayContainer`: ``frame/``, ``config/``,
+    ``info`` and the subclass's weights, with the subclass's name under ``class``, so that
+    ``CoordinateMap.from_arrays`` (or :func:`map_from_arrays`) rebuilds the right kind.
 
     Attributes
     ----------
@@ -153,38 +150,10 @@ class CoordinateMap:
         cc, rr = np.meshgrid(np.asarray(cols, float), np.asarray(rows, float))
         return self.inverse(cc, rr)
 
-    # --- persistence -------------------------------------------------------------------
-    def _arrays(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Named arrays (weights, configuration, training figures); see :func:`map_from_arrays`."""
-        return {
-            "kind": _bytes(self.kind),
-            "shape": np.array([self.frame.ny, self.frame.nx], np.int64),
-            "config_json": _bytes(json.dumps(self.config.to_dict(), sort_keys=True)),
-            "info_json": _bytes(json.dumps(self.info, sort_keys=True)),
-            "seed": np.array(self.config.seed, np.int64),
-            "epochs": np.array(self.config.epochs, np.int64),
-        } | self._arrays()
-
 
 def map_from_arrays(arrays: dict[str, np.ndarray]) -> CoordinateMap:
-    """Rebuild a map from :meth:`CoordinateMap.to_arrays` output."""
-    kind = _text(arrays["kind"])
-    ny, nx = (int(v) for v in arrays["shape"])
-    cfg = json.loads(_text(arrays["config_json"]))
-    config = MapConfig(**cfg)
-    info = json.loads(_text(arrays["info_json"])) if "info_json" in arrays else {}
-    frame = Frame(ny, nx)
-    if kind == "mlp":
-        nets = {d: {k: np.asarray(arrays[f"{d}/{k}"], float) for k in ("w1", "b1", "w2", "b2", "scale")}
-                for d in ("fwd", "inv")}
-        return MLPMap(frame, config, info, fwd=nets["fwd"], inv=nets["inv"])
-    if kind == "legendre":
-        return LegendreMap(frame, config, info, fwd=np.asarray(arrays["fwd/coeffs"], float),
-                           inv=np.asarray(arrays["inv/coeffs"], float))
-    raise ValueError(f"unknown map kind {kind!r}")
+    """Rebuild a map (of the kind stored) from :meth:`CoordinateMap.to_arrays` output."""
+    return CoordinateMap.from_arrays(arrays)
 
 
 # ------------------------------------------------------------------------------------ MLP
@@ -197,8 +166,8 @@ class MLPMap(CoordinateMap):
     the target in normalised coordinates (direct form, ``scale`` = 1).
     """
 
-    fwd: dict = field(default_factory=dict)
-    inv: dict = field(default_factory=dict)
+    fwd: dict[str, np.ndarray] = field(default_factory=dict)
+    inv: dict[str, np.ndarray] = field(default_factory=dict)
 
     kind = "mlp"
 
@@ -224,12 +193,6 @@ class MLPMap(CoordinateMap):
                 dc[s:s + _CHUNK] = (out[:, 0] - u[s:s + _CHUNK]) * hx
                 dr[s:s + _CHUNK] = (out[:, 1] - v[s:s + _CHUNK]) * hy
         return dc, dr
-
-    def _arrays(self):
-        out = {}
-        for d, net in (("fwd", self.fwd), ("inv", self.inv)):
-            out |= {f"{d}/{k}": np.asarray(v) for k, v in net.items()}
-        return out
 
 
 def torch_device(name: str | None = None):
@@ -374,9 +337,6 @@ class LegendreMap(CoordinateMap):
     def inverse_grid(self, cols, rows):
         """Separable evaluation of the inverse on the grid."""
         return self._grid(self.inv, cols, rows)
-
-    def _arrays(self):
-        return {"fwd/coeffs": self.fwd, "inv/coeffs": self.inv}
 
 
 def _lstsq_legendre(src: np.ndarray, disp: np.ndarray, frame: Frame, deg: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.maskbits import MASK_DTYPE, Mask
 
 MIN_WEIGHT = 1e-3

@@ -12,7 +12,7 @@ import numpy as np
 from astropy.stats import sigma_clip
 from scipy.ndimage import median_filter
 
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.maskbits import MASK_DTYPE, Mask
 
 LINE_WIDTH = 51

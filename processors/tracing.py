@@ -29,7 +29,7 @@ from numpy.polynomial import legendre
 from scipy.ndimage import gaussian_filter1d
 from scipy.special import erf
 
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 
 _SQRT2 = np.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / np.sqrt(2.0 * np.pi)

@@ -30,7 +30,7 @@ from numpy.polynomial import legendre
 from scipy.ndimage import median_filter
 
 from fiberlake.processors.tracing import fit_legendre_clipped, fit_pixel_gaussians, interpolate_fibers
-from fiberlake.schemas.calib import TraceSet, WaveSolution
+from fiberlake.schemas.containers import TraceSet, WaveSolution
 
 FAILED_RMS = 99.0
 """``WaveSolution.rms`` (Angstrom) of fibers whose solution is interpolated from neighbours."""

@@ -50,7 +50,8 @@ def write_calib_set(path: LakeRoot, arrays: dict[str, np.ndarray], metadata: dic
     path : Path or ObjectPath
         Destination group (``lake/calib/<night>/<camera>``), a directory or an object-store prefix.
     arrays : dict of str to ndarray
-        Products, e.g. ``master_bias``, ``traces/coeffs``; a ``/`` makes a sub-group.
+        Products, e.g. ``master_bias``, ``traces/coeffs``; a ``/`` makes a sub-group (the
+        output of :meth:`~fiberlake.schemas.containers.ArrayContainer.to_arrays`).
     metadata : dict
         JSON-serialisable description (input exposures, parameters, quality figures).
     """
@@ -77,7 +78,7 @@ def write_calib_set(path: LakeRoot, arrays: dict[str, np.ndarray], metadata: dic
 
 
 def read_calib_set(path: LakeRoot) -> tuple[dict[str, np.ndarray], dict]:
-    """Read every array and the metadata of a calibration set.
+    """Read every array (dtype and shape as written) and the metadata of a calibration set.
 
     Raises
     ------
@@ -117,7 +118,7 @@ def _read_group(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict]:
             if isinstance(member, zarr.Group):
                 walk(member, key + "/")
             else:
-                arrays[key] = member[...]
+                arrays[key] = np.asarray(member[...])  # a 0-d array too, not a numpy scalar
 
     walk(root, "")
     return arrays, dict(root.attrs)
@@ -150,8 +151,3 @@ def list_calib_leftovers(root: LakeRoot) -> list[tuple[str, float]]:
     return [(tmp.relative_to(root).as_posix(), tmp.stat().st_mtime) for tmp in sorted(calib.glob("*/.*"))
             if tmp.name.startswith((".tmp-", ".old-"))]
 
-
-def subset(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """Arrays under ``prefix/`` with the prefix removed."""
-    start = prefix.rstrip("/") + "/"
-    return {k[len(start):]: v for k, v in arrays.items() if k.startswith(start)}

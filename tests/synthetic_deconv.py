@@ -14,7 +14,7 @@ from numpy.polynomial import legendre
 
 from fiberlake.ingest.sim_optics import build_camera_model
 from fiberlake.ingest.sim_params import SimParams
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 from fiberlake.schemas.instrument import ArmSpec, Instrument
 
 TINY = Instrument(

@@ -10,7 +10,7 @@ import numpy as np
 from numpy.polynomial import legendre
 from scipy.stats import norm
 
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 
 
 def make_traces(n_fibers: int, ny: int, nx: int, *, pitch: float = 16.0, x0: float | None = None,

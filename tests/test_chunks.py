@@ -9,8 +9,7 @@ from fiberlake.ingest.simulate import make_expid, simulate_frame
 from fiberlake.processors import ccd
 from fiberlake.processors.chunks import bundle_columns, n_bundles, plan_bundles, subset_psf, subset_traces
 from fiberlake.processors.pipeline import ReductionParams, build_calibration, reduce_frame
-from fiberlake.processors.psf import PSFModel
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import PSFModel, TraceSet
 from fiberlake.schemas.instrument import MINI
 from fiberlake.schemas.maskbits import Mask
 

@@ -12,7 +12,7 @@ from fiberlake.processors import deconv as D  # noqa: E402
 from fiberlake.processors import extract as E  # noqa: E402
 from fiberlake.processors import psf as P  # noqa: E402
 from fiberlake.processors.deconv_reference import deconv_extract_reference  # noqa: E402
-from fiberlake.schemas.calib import TraceSet  # noqa: E402
+from fiberlake.schemas.containers import TraceSet  # noqa: E402
 from fiberlake.schemas.maskbits import Mask  # noqa: E402
 from synthetic_deconv import (arc_rows, camera, flat_binned, image_of, observe, science_binned,  # noqa: E402
                               traces_from_truth, truth_F)

@@ -7,8 +7,8 @@ import pytest
 from scipy.special import ndtr
 from scipy.stats import norm
 
-from fiberlake.processors.extract import (Spectra1D, solve_tridiagonal, box_extract,
-                                          measure_profile, optimal_extract)
+from fiberlake.processors.extract import solve_tridiagonal, box_extract, measure_profile, optimal_extract
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.maskbits import FATAL, Mask
 
 from synthetic_extract import make_traces, observe, render, with_columns

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.processors.fiberflat import apply_fiberflat, compute_fiberflat, running_median
 from fiberlake.schemas.maskbits import Mask
 

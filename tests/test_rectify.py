@@ -11,7 +11,7 @@ from scipy.special import erf
 from fiberlake.processors import rectify
 from fiberlake.processors.rectify import RectifyConfig, fit_rectification, rectify_image, spot_moments
 from fiberlake.processors.rectify_map import Frame, LegendreMap, MapConfig
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 from fiberlake.schemas.maskbits import Mask
 
 

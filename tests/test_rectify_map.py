@@ -10,7 +10,7 @@ from fiberlake.processors.rectify_map import Frame, LegendreMap, MapConfig, fit_
 from fiberlake.processors.rectify_sampling import (build_training_set, points_per_fiber, sample_rows,
                                                    semicircle_positions)
 from fiberlake.processors.tls import perpendicular_distance
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 
 NY, NX, NF = 512, 320, 18
 

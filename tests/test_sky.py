@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fiberlake.processors.extract import Spectra1D
+from fiberlake.schemas.containers import Spectra1D
 from fiberlake.processors.sky import sky_model, sky_residuals, subtract_sky
 from fiberlake.schemas.linelists import sky_lines
 from fiberlake.schemas.maskbits import Mask

@@ -10,7 +10,7 @@ from synthetic import distorted_traces, fiber_image, halo_fiber_image, nominal_c
 
 from fiberlake.processors.tracing import (band_profiles, fit_legendre_clipped, fit_pixel_gaussians,
                                           interpolate_fibers, measure_band_centroids, trace_fibers)
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 
 
 def test_fit_pixel_gaussians_exact_and_against_curve_fit():

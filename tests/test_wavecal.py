@@ -9,7 +9,7 @@ from synthetic import (arc_spectra, distorted_traces, fiber_image, nominal_colum
                        wave_solutions)
 
 from fiberlake.processors.wavecal import FAILED_RMS, calibrate_wavelength, detect_lines, extract_boxcar
-from fiberlake.schemas.calib import TraceSet, WaveSolution
+from fiberlake.schemas.containers import TraceSet, WaveSolution
 from fiberlake.schemas.instrument import MINI
 from fiberlake.schemas.linelists import arc_lines
 
