@@ -5,7 +5,8 @@ over a slow link). Reading it too early would quarantine a good frame as truncat
 taken only when
 
 * its FITS structure is whole: every HDU's header reaches its ``END`` card and the file holds
-  exactly the data blocks those headers declare (:func:`fits_structure`);
+  exactly the data blocks those headers declare (:func:`fits_structure`); a gzip file (``.fits.gz``)
+  is whole when its gzip stream is (CRC and length) and the FITS inside is;
 * its size and modification time did not change between two looks (:class:`ArrivalTracker`),
   and the last change is at least ``settle`` seconds old.
 
@@ -17,12 +18,18 @@ is handed over anyway, so that it is quarantined as truncated instead of waiting
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from astropy.io import fits
+
+from fiberlake.ingest.delivery import GZIP_MAGIC, MAX_DELIVERY_BYTES, gunzip
 
 FITS_BLOCK = 2880
 
@@ -43,6 +50,11 @@ def _hdu_data_bytes(header: fits.Header) -> int:
 def fits_structure(path: Path) -> tuple[bool, str]:
     """Whether ``path`` holds whole FITS HDUs from its first byte to its last.
 
+    A ``.gz`` file is decompressed first (bounded, see :func:`fiberlake.ingest.delivery.gunzip`):
+    it is whole when its gzip stream is (CRC and length check) and the FITS inside is. A file
+    that cannot be opened (no permission, swapped for a link) counts as complete: there is nothing
+    to wait for, and the reader logs why it is not taken.
+
     Returns
     -------
     complete : bool
@@ -52,10 +64,31 @@ def fits_structure(path: Path) -> tuple[bool, str]:
         Empty when complete, otherwise what is missing (for logs and reports).
     """
     path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        size = path.stat().st_size
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return False, "the file disappeared"
+    except OSError:
+        return True, ""
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return True, ""
+            if handle.read(2) == GZIP_MAGIC:
+                handle.seek(0)
+                try:
+                    inner = gunzip(handle.read(MAX_DELIVERY_BYTES + 1))
+                except ValueError as err:
+                    return False, str(err)
+                return stream_structure(io.BytesIO(inner), len(inner))
+            return stream_structure(handle, os.fstat(handle.fileno()).st_size)
+        except OSError:
+            return True, ""
+
+
+def stream_structure(handle: BinaryIO, size: int) -> tuple[bool, str]:
+    """:func:`fits_structure` of an open binary stream of ``size`` bytes."""
     if size == 0:
         return False, "the file is empty"
     if size % FITS_BLOCK:
@@ -63,18 +96,17 @@ def fits_structure(path: Path) -> tuple[bool, str]:
     offset = 0
     n_hdu = 0
     try:
-        with open(path, "rb") as handle:
-            while offset < size:
-                handle.seek(offset)
-                try:
-                    header = fits.Header.fromfile(handle)
-                except (EOFError, OSError, ValueError) as err:
-                    if n_hdu == 0:
-                        return False, f"the primary header is incomplete or not FITS ({str(err)[:80]})"
-                    return False, f"header of HDU {n_hdu} is incomplete"
-                data = _hdu_data_bytes(header)
-                offset = handle.tell() + -(-data // FITS_BLOCK) * FITS_BLOCK
-                n_hdu += 1
+        while offset < size:
+            handle.seek(offset)
+            try:
+                header = fits.Header.fromfile(handle)
+            except (EOFError, OSError, ValueError) as err:
+                if n_hdu == 0:
+                    return False, f"the primary header is incomplete or not FITS ({str(err)[:80]})"
+                return False, f"header of HDU {n_hdu} is incomplete"
+            data = _hdu_data_bytes(header)
+            offset = handle.tell() + -(-data // FITS_BLOCK) * FITS_BLOCK
+            n_hdu += 1
     except (KeyError, TypeError, ValueError) as err:
         return False, f"header of HDU {n_hdu} lacks its size keywords ({err})"
     if offset > size:
@@ -106,7 +138,8 @@ class ArrivalTracker:
     stale_after: float = 300.0
     _seen: dict[Path, _Seen] = field(default_factory=dict)
 
-    def poll(self, paths: list[Path], now: float | None = None) -> tuple[list[Path], dict[Path, str]]:
+    def poll(self, paths: list[Path], now: float | None = None,
+             structure: Callable[[Path], tuple[bool, str]] | None = None) -> tuple[list[Path], dict[Path, str]]:
         """Split ``paths`` into files to take now and files still in flight.
 
         Parameters
@@ -115,6 +148,9 @@ class ArrivalTracker:
             Candidate files of the night directory.
         now : float, optional
             ``time.time()`` of this poll (tests pass their own clock).
+        structure : callable, optional
+            Completeness check of a settled file (default :func:`fits_structure`); files that
+            are only logged, not read, pass one that always answers ``(True, "")``.
 
         Returns
         -------
@@ -124,12 +160,13 @@ class ArrivalTracker:
             Files in flight, with the reason they are not taken yet.
         """
         now = time.time() if now is None else now
+        structure = structure or fits_structure
         ready: list[Path] = []
         waiting: dict[Path, str] = {}
         for path in sorted(paths):
             try:
                 st = os.stat(path)
-            except FileNotFoundError:
+            except OSError:  # gone, or a link to nothing: the listing logs what it is
                 self._seen.pop(path, None)
                 continue
             seen = self._seen.get(path)
@@ -143,7 +180,7 @@ class ArrivalTracker:
             if quiet_for < self.settle:
                 waiting[path] = f"still being written (changed {quiet_for:.1f} s ago)"
                 continue
-            complete, why = fits_structure(path)
+            complete, why = structure(path)
             if complete or quiet_for >= self.stale_after:
                 ready.append(path)
             else:

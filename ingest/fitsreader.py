@@ -7,6 +7,7 @@ class (``error_class``) and a sentence a person can act on (``reason``). Nothing
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from fiberlake.ingest.delivery import GZIP_MAGIC, MAX_DELIVERY_BYTES, gunzip
 from fiberlake.schemas.header import (
-    CAMERA_PATTERN,
-    NIGHT_PATTERN,
     OBSTYPES,
     REQUIRED_KEYWORDS,
+    check_camera,
+    check_expid,
+    check_night,
     parse_section,
 )
 from fiberlake.schemas.instrument import Instrument, get_instrument
@@ -90,8 +93,18 @@ def _card_value(header: fits.Header, key: str, kind: type):
         raise FrameRejected("bad_keyword", f"header keyword {key} = {value!r} is not a valid {kind.__name__}") from None
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_RANGES = {"EXPTIME": (0.0, FLOAT32_MAX), "GAIN": (0.0, FLOAT32_MAX), "RDNOISE": (0.0, FLOAT32_MAX)}
+"""Allowed closed ranges of float keywords stored as float32 (GAIN must also be above 0)."""
+
+
 def validate_header(header: fits.Header, instrument: Instrument | None = None) -> dict:
     """Check the header contract; return the typed values of the required keywords.
+
+    Every key field is checked by the rule its table column uses
+    (:mod:`fiberlake.schemas.header`): ``NIGHT`` is a real date, ``EXPID`` fits int64,
+    ``CAMERA`` is ``<arm><spectrograph>`` and names a camera of the instrument, the floats fit
+    their float32 columns.
 
     Parameters
     ----------
@@ -106,14 +119,15 @@ def validate_header(header: fits.Header, instrument: Instrument | None = None) -
         On any missing, mistyped or inconsistent keyword, or values unsafe to use in paths.
     """
     values = {kw.name: _card_value(header, kw.name, kw.kind) for kw in REQUIRED_KEYWORDS}
-    for key in ("INSTRUME", "NIGHT", "CAMERA", "ARM", "OBSTYPE"):
+    for key in ("INSTRUME", "NIGHT", "CAMERA", "ARM", "OBSTYPE", "DATE-OBS"):
         text = values[key]
         if not text.isascii() or not text.isprintable() or len(text) > 64 or "/" in text or ".." in text:
             raise FrameRejected("unsafe_keyword", f"header keyword {key} = {text[:80]!r} is not a safe identifier")
-    if not NIGHT_PATTERN.match(values["NIGHT"]):
-        raise FrameRejected("bad_keyword", f"NIGHT = {values['NIGHT']!r} is not YYYY-MM-DD")
-    if not CAMERA_PATTERN.match(values["CAMERA"]):
-        raise FrameRejected("bad_keyword", f"CAMERA = {values['CAMERA']!r} is not <arm letter><spectrograph>")
+    for key, check in (("NIGHT", check_night), ("CAMERA", check_camera), ("EXPID", check_expid)):
+        try:
+            values[key] = check(values[key])
+        except ValueError as err:
+            raise FrameRejected("bad_keyword", f"header keyword {key}: {err}") from None
     obstype = values["OBSTYPE"].upper()
     if obstype not in OBSTYPES:
         raise FrameRejected("bad_keyword", f"OBSTYPE = {values['OBSTYPE']!r} is not one of {', '.join(OBSTYPES)}")
@@ -122,10 +136,9 @@ def validate_header(header: fits.Header, instrument: Instrument | None = None) -
         raise FrameRejected(
             "bad_keyword", f"CAMERA = {values['CAMERA']!r} disagrees with ARM = {values['ARM']!r}, SPECID = {values['SPECID']}"
         )
-    if values["EXPID"] < 0:
-        raise FrameRejected("bad_keyword", f"EXPID = {values['EXPID']} is negative")
-    if values["EXPTIME"] < 0 or values["GAIN"] <= 0 or values["RDNOISE"] < 0:
-        raise FrameRejected("bad_keyword", "EXPTIME, GAIN or RDNOISE is out of range")
+    for key, (low, high) in _RANGES.items():
+        if not low <= values[key] <= high or (key == "GAIN" and values[key] == 0):
+            raise FrameRejected("bad_keyword", f"header keyword {key} = {values[key]!r} is out of range")
     try:
         inst = get_instrument(values["INSTRUME"])
     except KeyError as err:
@@ -144,12 +157,12 @@ def validate_header(header: fits.Header, instrument: Instrument | None = None) -
     return values
 
 
-def _declared_size(path: Path) -> int | None:
+def _declared_size(data: bytes) -> int | None:
     """Bytes the primary HDU should occupy according to its header (None if unreadable)."""
     try:
-        with open(path, "rb") as handle:
-            header = fits.Header.fromfile(handle)
-            header_bytes = handle.tell()
+        handle = io.BytesIO(data)
+        header = fits.Header.fromfile(handle)
+        header_bytes = handle.tell()
         nbytes = abs(int(header["BITPIX"])) // 8
         for axis in range(1, int(header["NAXIS"]) + 1):
             nbytes *= int(header[f"NAXIS{axis}"])
@@ -158,55 +171,104 @@ def _declared_size(path: Path) -> int | None:
         return None
 
 
-def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
+def frame_bytes(source: Path | bytes) -> bytes:
+    """The FITS bytes of a delivery: read from a path, gunzipped when gzip-compressed.
+
+    Raises
+    ------
+    FrameRejected
+        If a gzip stream is truncated, corrupt or decompresses to more than any frame.
+    """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if data[:2] == GZIP_MAGIC:
+        try:
+            return gunzip(data)
+        except ValueError as err:
+            cls = "truncated" if "ends early" in str(err) else "too_large" if "exceeds" in str(err) else "corrupt_gzip"
+            raise FrameRejected(cls, str(err)) from None
+    return data
+
+
+def _checksum_verdict(caught: list) -> None:
+    """Raise ``checksum`` if astropy warned that a CHECKSUM or DATASUM did not match."""
+    for warning in caught:
+        message = str(warning.message)
+        if "checksum" in message.lower() or "datasum" in message.lower():
+            raise FrameRejected("checksum", f"CHECKSUM/DATASUM verification failed: {message.strip()[:200]}")
+
+
+def image_hdu(hdul: fits.HDUList):
+    """The HDU holding the raw pixels: the primary, or a tile-compressed image right after it (fpack)."""
+    if hdul[0].header.get("NAXIS", 0) or len(hdul) < 2:
+        return hdul[0]
+    if isinstance(hdul[1], fits.CompImageHDU):
+        return hdul[1]
+    return hdul[0]
+
+
+def read_frame(source: Path | bytes, instrument: Instrument | None = None) -> RawFrame:
     """Open, verify and validate a raw frame.
 
-    Checks, in order: the file is non-empty and a whole number of FITS blocks; astropy can parse
-    it; CHECKSUM/DATASUM match when present; the header contract; BITPIX/BZERO give uint16;
-    the shape is the instrument's raw shape; the pixels are not all zero or all saturated.
+    ``source`` is a path, or the delivered bytes (what ingest passes: read once, hashed once). A
+    gzip-compressed file (``.fits.gz``) is decompressed in memory, bounded; an fpack file
+    (``.fits.fz``: an empty primary HDU and a tile-compressed image) is read through astropy.
+
+    Checks, in order: the file is non-empty and a whole number of FITS blocks (after gzip);
+    astropy can parse it; the header contract; the declared image size; CHECKSUM/DATASUM match
+    when present (of the compressed table for fpack, as written by astropy and fpack -C);
+    BITPIX/BZERO give uint16; the shape is the instrument's raw shape; the pixels are not all
+    zero or all saturated.
 
     Raises
     ------
     FrameRejected
         With a readable reason for any failure.
     """
-    path = Path(path)
-    size = path.stat().st_size
+    data = frame_bytes(source)
+    size = len(data)
+    caught: list = []
     if size == 0:
         raise FrameRejected("empty", "the file is empty (0 bytes)")
     if size % FITS_BLOCK:
         raise FrameRejected(
             "truncated", f"file size {size} is not a multiple of the FITS block (2880 bytes): truncated or still being written"
         )
-    with open(path, "rb") as handle:
-        if not handle.read(30).startswith(b"SIMPLE  =                    T"):
-            raise FrameRejected("not_fits", "the file does not start with a FITS primary header (SIMPLE = T)")
+    if not data[:30].startswith(b"SIMPLE  =                    T"):
+        raise FrameRejected("not_fits", "the file does not start with a FITS primary header (SIMPLE = T)")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with fits.open(path, memmap=False, checksum=True, do_not_scale_image_data=False, uint=True) as hdul:
-                hdu = hdul[0]
+            with fits.open(io.BytesIO(data), memmap=False, checksum=True, do_not_scale_image_data=False,
+                           uint=True) as hdul:
+                hdu = image_hdu(hdul)
                 header = hdu.header.copy()
                 bitpix, bzero = header.get("BITPIX"), header.get("BZERO", 0)
-                data = hdu.data
-                data = None if data is None else np.array(data)
+                if isinstance(hdu, fits.CompImageHDU):  # decompressed size from the header, before decompressing
+                    declared = abs(int(bitpix)) // 8
+                    for axis in range(1, int(header.get("NAXIS", 0)) + 1):
+                        declared *= int(header[f"NAXIS{axis}"])
+                    if declared > MAX_DELIVERY_BYTES:
+                        raise FrameRejected("bad_shape", f"the compressed image declares {declared} bytes, more than "
+                                                         "any raw frame")
+                pixels = hdu.data
+                pixels = None if pixels is None else np.array(pixels)
     except FrameRejected:
         raise
     except Exception as err:  # astropy raises many types for corrupt files
+        _checksum_verdict(caught)  # a failed checksum names the cause better than the error it led to
         text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        expected = _declared_size(path)
+        expected = _declared_size(data)
         if expected is not None and size < expected:
             raise FrameRejected(
                 "truncated", f"the file has {size} bytes but its header declares {expected}: truncated or still being written"
             ) from None
         cls = "truncated" if "truncat" in text.lower() or "smaller than" in text.lower() else "unreadable"
         raise FrameRejected(cls, f"astropy could not read the FITS file: {text}") from None
+    _checksum_verdict(caught)
     for warning in caught:
         message = str(warning.message)
-        if "checksum" in message.lower() or "datasum" in message.lower():
-            raise FrameRejected("checksum", f"CHECKSUM/DATASUM verification failed: {message[:200]}")
         if "truncat" in message.lower():
-            raise FrameRejected("truncated", f"the file is truncated: {message[:200]}")
+            raise FrameRejected("truncated", f"the file is truncated: {message.strip()[:200]}")
     try:
         values = validate_header(header, instrument)
     except FrameRejected:
@@ -215,6 +277,7 @@ def read_frame(path: Path, instrument: Instrument | None = None) -> RawFrame:
         text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise FrameRejected("bad_header", f"the header has a card astropy cannot parse: {text}") from None
     inst: Instrument = values["_instrument"]
+    data = pixels
     if data is None:
         raise FrameRejected("no_data", "the primary HDU has no pixel data")
     if np.issubdtype(data.dtype, np.floating):

@@ -7,6 +7,23 @@ beside the old one, never over it; under another name it is a conflicting exposu
 quarantined (``duplicate_expid``). Refused files are copied under ``quarantine/`` with a row
 giving the reason, and the rest of the night still lands.
 
+Nothing a file says can delete, leak or block (see :mod:`fiberlake.ingest.delivery` for what is
+read at all): every entry of the night directory is logged in ``deliveries``; an entry that must
+not be read (a link out of the directory, a FIFO, a name that is not UTF-8, a file without read
+permission) is ``refused`` without reading or copying a byte and looked at again by the next
+run; other extensions and sub-directories are ``ignored`` with the reason. Every key value a
+frame or fiber map supplies is checked against the header contract before it reaches a path or a
+table, and table rows are replaced only through typed key predicates
+(:meth:`~fiberlake.storage.tables.TableStore.replace_keys`). A file's rows are checked against the
+table schemas before its pixels are published, so one file's values cannot fail a commit of the
+night: each bad file costs that file only.
+
+The lake's instrument is declared (``lake.json``), never guessed from whatever frame sorts first:
+:func:`declare_instrument` creates a lake for the instrument named by the caller (``--instrument``)
+or by ``FIBERLAKE_INSTRUMENT``, and the CLI refuses to create a lake without one; frames of another
+instrument are quarantined. (A library call on a new lake without a declaration takes the one
+instrument that every frame of its batch names, and refuses a batch whose frames disagree.)
+
 Crash safety comes from the order of the steps: pixels are published (an atomic rename, or on an
 object store a last PUT of the array's ``zarr.json``) before the table rows that reference
 them; ``exposures`` and ``quarantine`` are committed before the
@@ -19,8 +36,11 @@ One writer at a time holds the lake (:class:`~fiberlake.storage.lock.LakeLock`).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import json
 import os
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -32,15 +52,19 @@ from astropy.io import fits
 from tqdm import tqdm
 
 from fiberlake.ingest.arrival import ArrivalTracker
-from fiberlake.ingest.fibermap import is_fibermap, read_fibermap
-from fiberlake.ingest.fitsreader import FrameRejected, RawFrame, read_frame, sha256_file
-from fiberlake.schemas.header import NIGHT_PATTERN
-from fiberlake.schemas.instrument import get_instrument
-from fiberlake.storage.layout import Lake
-from fiberlake.storage.rawstore import pixel_sha256, remove_stale_temporaries, write_raw_frame
+from fiberlake.ingest.delivery import DeliveryRefused, Entry, classify, delivery_order, read_delivery, scan_night
+from fiberlake.ingest.fibermap import read_fibermap
+from fiberlake.ingest.fitsreader import FrameRejected, RawFrame, image_hdu, frame_bytes, read_frame
+from fiberlake.schemas.header import check_night
+from fiberlake.schemas.instrument import INSTRUMENTS, Instrument, get_instrument
+from fiberlake.storage.layout import Lake, LakeError
 from fiberlake.storage.lock import LakeLock
-from fiberlake.storage.quarantine import keep_copy
-from fiberlake.storage.tables import TableStore, Txn
+from fiberlake.storage.quarantine import copy_mode, keep_copy
+from fiberlake.storage.rawstore import pixel_sha256, remove_stale_temporaries, write_raw_frame
+from fiberlake.storage.tables import TableStore, Txn, conform
+
+INSTRUMENT_ENV = "FIBERLAKE_INSTRUMENT"
+"""Environment variable naming the instrument of a lake created without ``--instrument``."""
 
 
 @dataclass
@@ -52,6 +76,8 @@ class IngestReport:
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     fibermaps: list[str] = field(default_factory=list)
     waiting: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for people."""
@@ -59,11 +85,15 @@ class IngestReport:
             f"{len(self.ingested)} frames ingested, {len(self.duplicates)} already in the lake, "
             f"{len(self.quarantined)} quarantined, {len(self.fibermaps)} fiber maps"
         )
+        if self.refused:
+            text += f", {len(self.refused)} refused unread"
+        if self.ignored:
+            text += f", {len(self.ignored)} ignored"
         return text + (f", {len(self.waiting)} still being written" if self.waiting else "")
 
     def merge(self, other: IngestReport) -> None:
         """Add another batch's outcome to this one."""
-        for name in ("ingested", "duplicates", "quarantined", "fibermaps"):
+        for name in ("ingested", "duplicates", "quarantined", "fibermaps", "refused", "ignored"):
             getattr(self, name).extend(getattr(other, name))
         self.waiting = list(other.waiting)
 
@@ -90,26 +120,15 @@ def _now() -> dt.datetime:
 
 
 def _night_of_dir(night_dir: Path) -> str:
-    name = night_dir.name
-    return name if NIGHT_PATTERN.match(name) else "unknown"
+    """The night a delivery directory is named after, or ``unknown`` when its name is not a date."""
+    try:
+        return check_night(night_dir.name)
+    except ValueError:
+        return "unknown"
 
 
-def _quarantine(lake: Lake, night: str, path: Path, sha: str, size: int, rejected: FrameRejected) -> dict:
-    rel = lake.quarantine_relpath(night, sha, path.name)
-    keep_copy(lake.root, rel, path)
-    return {
-        "night": night,
-        "filename": path.name,
-        "file_sha256": sha,
-        "file_size": size,
-        "reason": rejected.reason,
-        "error_class": rejected.error_class,
-        "stored_path": rel,
-        "quarantined_at": _now(),
-    }
-
-
-def _exposure_row(frame: RawFrame, path: Path, sha: str, size: int, version: int, relpath: str, pixel_sha: str, header_json: str) -> dict:
+def _exposure_row(frame: RawFrame, name: str, sha: str, size: int, version: int, relpath: str, pixel_sha: str,
+                  header_json: str) -> dict:
     hdr = frame.header
     return {
         "night": frame.night,
@@ -122,7 +141,7 @@ def _exposure_row(frame: RawFrame, path: Path, sha: str, size: int, version: int
         "mjd_obs": float(hdr["MJD-OBS"]),
         "date_obs": str(hdr["DATE-OBS"]),
         "instrument": frame.instrument.name,
-        "filename": path.name,
+        "filename": name,
         "file_sha256": sha,
         "file_size": size,
         "file_version": version,
@@ -138,6 +157,12 @@ def _exposure_row(frame: RawFrame, path: Path, sha: str, size: int, version: int
 
 
 APP_ID = "fiberlake.ingest"
+
+FINAL_OUTCOMES = frozenset({"ingested", "new_version", "duplicate", "quarantined", "fibermap"})
+"""Outcomes that depend on the bytes only: a file logged with one, unchanged since, is not read again.
+``refused`` and ``ignored`` entries are looked at again by every run (nothing of them is read, and a
+refusal such as a missing read permission may be lifted), and logged again only when the outcome
+or its reason changes."""
 
 
 @dataclass
@@ -164,7 +189,8 @@ class LakeState:
             filenames[key] = row["filename"]
         quarantine = tables.read("quarantine", columns=["night", "filename", "file_sha256", "reason"]).to_pylist()
         deliveries = tables.read("deliveries", columns=["night", "filename", "file_sha256", "file_size", "mtime_ns",
-                                                        "outcome"]).to_pylist()
+                                                        "outcome", "detail", "recorded_at"]).to_pylist()
+        deliveries.sort(key=lambda r: r["recorded_at"])  # the latest row of a name is its current state
         return cls(
             exposures={r["file_sha256"]: r for r in exp},
             quarantined={r["file_sha256"]: r for r in quarantine},
@@ -174,28 +200,34 @@ class LakeState:
             filenames=filenames,
         )
 
-    def unchanged(self, night: str, path: Path, st: os.stat_result) -> bool:
-        """Whether ``path`` is a file already looked at, with the same size and mtime."""
-        row = self.deliveries.get((night, path.name))
-        return row is not None and row["file_size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns
+    def unchanged(self, night: str, name: str, st: os.stat_result) -> bool:
+        """Whether ``name`` is a file already read, with the same size and mtime."""
+        row = self.deliveries.get((night, name))
+        return (row is not None and row["outcome"] in FINAL_OUTCOMES and row["file_size"] == st.st_size
+                and row["mtime_ns"] == st.st_mtime_ns)
+
+    def logged(self, night: str, name: str, outcome: str, detail: str) -> bool:
+        """Whether the latest ``deliveries`` row of ``name`` already says ``outcome`` for the same reason."""
+        row = self.deliveries.get((night, name))
+        return row is not None and row["outcome"] == outcome and row["detail"] == detail
 
 
-def _delivery(night: str, path: Path, sha: str, st: os.stat_result, outcome: str, detail: str) -> dict:
-    return {"night": night, "filename": path.name, "file_sha256": sha, "file_size": st.st_size,
+def _delivery(night: str, name: str, sha: str, st: os.stat_result, outcome: str, detail: str) -> dict:
+    return {"night": night, "filename": name, "file_sha256": sha, "file_size": st.st_size,
             "mtime_ns": st.st_mtime_ns, "outcome": outcome, "detail": detail, "recorded_at": _now()}
 
 
-def _known_outcome(state: LakeState, path: Path, sha: str) -> tuple[str, str] | None:
+def _known_outcome(state: LakeState, name: str, sha: str) -> tuple[str, str] | None:
     """Outcome of bytes the lake already holds: the original delivery itself, or a duplicate."""
     if sha in state.exposures:
         row = state.exposures[sha]
         where = f"{row['raw_path']} (expid {row['expid']} {row['camera']} v{row['file_version']})"
-        if row["filename"] == path.name:
+        if row["filename"] == name:
             return ("ingested" if row["file_version"] == 1 else "new_version"), where
         return "duplicate", f"same bytes as {row['filename']}: {where}"
     if sha in state.quarantined:
         row = state.quarantined[sha]
-        if row["filename"] == path.name:
+        if row["filename"] == name:
             return "quarantined", row["reason"]
         return "duplicate", f"same bytes as quarantined {row['filename']}: {row['reason']}"
     if sha in state.fibermap_sha:
@@ -203,106 +235,216 @@ def _known_outcome(state: LakeState, path: Path, sha: str) -> tuple[str, str] | 
     return None
 
 
+# --- the instrument of the lake ---------------------------------------------------------------
+def declare_instrument(lake: Lake, instrument: str | None = None) -> Instrument:
+    """The lake's instrument: the one ``lake.json`` holds, or the declared one for a new lake.
+
+    A new lake is created for ``instrument``, else for ``$FIBERLAKE_INSTRUMENT``; it is never
+    guessed from the frames.
+
+    Raises
+    ------
+    LakeError
+        If the lake holds another instrument than ``instrument``, the name is unknown, or a new
+        lake has no declared instrument.
+    """
+    held = lake.describe().get("instrument")
+    if held:
+        if instrument and instrument != held:
+            raise LakeError(f"the lake at {lake.root} holds instrument {held!r}; it cannot take {instrument!r}")
+        return get_instrument(held)
+    name = instrument or os.environ.get(INSTRUMENT_ENV, "").strip()
+    if not name:
+        raise LakeError(f"there is no lake at {lake.root} yet: declare its instrument with --instrument NAME "
+                        f"(one of {', '.join(sorted(INSTRUMENTS))}) or {INSTRUMENT_ENV}")
+    if name not in INSTRUMENTS:
+        raise LakeError(f"unknown instrument {name!r}; known: {', '.join(sorted(INSTRUMENTS))}")
+    lake.ensure(name)
+    return get_instrument(name)
+
+
+def _named_instrument(entry: Entry) -> str | None:
+    """``INSTRUME`` of a frame delivery when it names a known instrument (None otherwise)."""
+    try:
+        data = frame_bytes(read_delivery(entry)[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(io.BytesIO(data), memmap=False) as hdul:
+                name = image_hdu(hdul).header.get("INSTRUME")
+    except Exception:  # unreadable: the reader refuses it later with the reason
+        return None
+    name = name.strip() if isinstance(name, str) else None
+    return name if name in INSTRUMENTS else None
+
+
+def _batch_instrument(lake: Lake, instrument: str | None, entries: list[Entry]) -> Instrument | None:
+    """Instrument for a batch: held or declared; for a library call on a new lake without a
+    declaration, the one instrument every frame of the batch names (the CLI always declares)."""
+    held = lake.describe().get("instrument")
+    if held or instrument or os.environ.get(INSTRUMENT_ENV, "").strip():
+        return declare_instrument(lake, instrument)
+    named = {n for n in (_named_instrument(e) for e in entries if e.kind == "frame") if n}
+    if len(named) > 1:
+        raise LakeError(f"the frames name several instruments ({', '.join(sorted(named))}) and the lake at "
+                        f"{lake.root} has none declared: declare it with --instrument NAME or {INSTRUMENT_ENV}")
+    return declare_instrument(lake, named.pop()) if named else None
+
+
+# --- one batch ---------------------------------------------------------------------------------
 PREFETCH = 2
 """Files inspected ahead of the one being published (bounds the frames held in memory)."""
 
 
 @dataclass
 class _Inspected:
-    """A delivered file after hashing and reading (the parallel part of ingest)."""
+    """A delivered file after reading, hashing and validating (the parallel part of ingest).
+
+    ``data`` keeps the delivered bytes until the file is taken: a frame refused only then (another
+    instrument, a conflicting exposure id) is quarantined from the very bytes that were hashed.
+    """
 
     st: os.stat_result
-    sha: str
+    sha: str = ""
+    data: bytes | None = None
     frame: RawFrame | None = None
     pixel_sha: str | None = None
+    fibermap: list[dict] | None = None
     rejected: FrameRejected | None = None
+    refused: DeliveryRefused | None = None
 
 
-def _inspect(path: Path, st: os.stat_result, instrument, state: LakeState) -> _Inspected:
-    """Hash a file and, unless its bytes are known or it is a fiber map, read and validate it."""
-    sha, _ = sha256_file(path)
-    seen = _Inspected(st=st, sha=sha)
-    if _known_outcome(state, path, sha) is not None or is_fibermap(path):
+def _inspect(entry: Entry, instrument: Instrument | None, state: LakeState, night: str) -> _Inspected:
+    """Read a file once, hash it and, unless its bytes are known, validate it as a frame or fiber map."""
+    try:
+        data, st = read_delivery(entry)
+    except DeliveryRefused as refused:
+        return _Inspected(st=entry.st, refused=refused)
+    seen = _Inspected(st=st, sha=hashlib.sha256(data).hexdigest(), data=data)
+    if _known_outcome(state, entry.name, seen.sha) is not None:
+        seen.data = None
         return seen
     try:
-        seen.frame = read_frame(path, instrument)
-        seen.pixel_sha = pixel_sha256(seen.frame.pixels)
+        if entry.kind == "fibermap":
+            seen.fibermap = read_fibermap(data, night, instrument, name=entry.name)
+            conform("fibermap", seen.fibermap)
+        else:
+            seen.frame = read_frame(data, instrument)
+            seen.pixel_sha = pixel_sha256(seen.frame.pixels)
     except FrameRejected as rejected:
         seen.rejected = rejected
-    except (OSError, MemoryError):
+    except MemoryError:
         raise  # the machine, not the file: stop, a re-run resumes
-    except Exception as err:  # a reader bug must cost one file, not the night
+    except Exception as err:  # a reader bug or a value no column holds must cost one file, not the night
         seen.rejected = FrameRejected("unreadable", f"unexpected {type(err).__name__} reading the file: {str(err)[:200]}")
     return seen
 
 
-def _take(lake: Lake, night: str, path: Path, seen: _Inspected, state: LakeState, report: IngestReport,
-          exposure_rows: list, quarantine_rows: list, delivery_rows: list, fibermap_rows: dict) -> None:
+@dataclass
+class _Batch:
+    """Rows of one batch, committed together at its end."""
+
+    exposures: list[dict] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)
+    deliveries: list[dict] = field(default_factory=list)
+    fibermaps: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
+
+
+def _log_unread(night: str, entry: Entry, outcome: str, reason: str, state: LakeState, report: IngestReport,
+                batch: _Batch) -> None:
+    """Record an entry that is not read (refused or ignored), once per outcome and reason."""
+    (report.refused if outcome == "refused" else report.ignored).append((entry.name, reason))
+    if not state.logged(night, entry.name, outcome, reason):
+        row = _delivery(night, entry.name, "", entry.st, outcome, reason)
+        batch.deliveries.append(row)
+        state.deliveries[(night, entry.name)] = row
+
+
+def _take(lake: Lake, night: str, entry: Entry, seen: _Inspected, instrument: Instrument | None, state: LakeState,
+          report: IngestReport, batch: _Batch) -> None:
     """Decide what an inspected file is (in delivery order) and publish its pixels."""
+    name = entry.name
+    if seen.refused is not None:
+        _log_unread(night, entry, "refused", seen.refused.reason, state, report, batch)
+        return
     st, sha = seen.st, seen.sha
-    known = _known_outcome(state, path, sha)
+    known = _known_outcome(state, name, sha)
     if known is not None:
-        report.duplicates.append(path.name)
-        if (night, path.name) not in state.deliveries or state.deliveries[(night, path.name)]["file_sha256"] != sha:
-            delivery_rows.append(_delivery(night, path, sha, st, *known))
+        report.duplicates.append(name)
+        logged = state.deliveries.get((night, name))
+        if logged is None or logged["file_sha256"] != sha or logged["outcome"] not in FINAL_OUTCOMES:
+            batch.deliveries.append(_delivery(night, name, sha, st, *known))
         return
 
     def refuse(rejected: FrameRejected) -> None:
-        row = _quarantine(lake, night, path, sha, st.st_size, rejected)
-        quarantine_rows.append(row)
+        rel = lake.quarantine_relpath(night, sha, name)
+        keep_copy(lake.root, rel, seen.data, copy_mode(st.st_mode))
+        row = {"night": night, "filename": name, "file_sha256": sha, "file_size": st.st_size,
+               "reason": rejected.reason, "error_class": rejected.error_class, "stored_path": rel,
+               "quarantined_at": _now()}
+        batch.quarantine.append(row)
         state.quarantined[sha] = row
-        delivery_rows.append(_delivery(night, path, sha, st, "quarantined", rejected.reason))
-        report.quarantined.append((path.name, rejected.reason))
+        batch.deliveries.append(_delivery(night, name, sha, st, "quarantined", rejected.reason))
+        report.quarantined.append((name, rejected.reason))
 
-    if is_fibermap(path):
-        try:
-            rows = read_fibermap(path, night)
-        except FrameRejected as rejected:
-            refuse(rejected)
-            return
-        if rows:
-            fibermap_rows[(rows[0]["night"], rows[0]["expid"])] = rows
-        state.fibermap_sha.add(sha)
-        delivery_rows.append(_delivery(night, path, sha, st, "fibermap",
-                                       f"{len(rows)} fibers of expid {rows[0]['expid'] if rows else '?'}"))
-        report.fibermaps.append(path.name)
-        return
     if seen.rejected is not None:
         refuse(seen.rejected)
         return
+    if seen.fibermap is not None:
+        rows = seen.fibermap
+        batch.fibermaps[(rows[0]["night"], rows[0]["expid"])] = rows
+        state.fibermap_sha.add(sha)
+        batch.deliveries.append(_delivery(night, name, sha, st, "fibermap",
+                                          f"{len(rows)} fibers of expid {rows[0]['expid']} ({rows[0]['night']})"))
+        report.fibermaps.append(name)
+        return
     frame = seen.frame
+    key = (frame.night, frame.expid, frame.camera)
+    holder = state.filenames.get(key)
+    version = state.versions.get(key, 0) + 1
     try:
-        if lake.describe() and frame.instrument.name != lake.instrument:
+        if instrument is None or frame.instrument.name != instrument.name:
             raise FrameRejected("wrong_instrument", f"frame is from {frame.instrument.name!r} but the lake holds "
-                                                    f"{lake.instrument!r}")
-        key = (frame.night, frame.expid, frame.camera)
-        holder = state.filenames.get(key)
-        if holder is not None and holder != path.name:
+                                                    f"{instrument.name if instrument else 'no declared instrument'!r}")
+        if holder is not None and holder != name:
             raise FrameRejected(
                 "duplicate_expid",
                 f"exposure {frame.expid} camera {frame.camera} of {frame.night} is already in the lake from "
                 f"{holder} with other bytes; a corrected file must keep the original name to become a new version",
             )
+        relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
+        cards = header_to_json(frame.header)
+        row = _exposure_row(frame, name, sha, st.st_size, version, relpath, seen.pixel_sha, json.dumps(cards))
+        conform("exposures", [row])  # a value no column holds refuses this file before anything is written
     except FrameRejected as rejected:
         refuse(rejected)
         return
-    lake.ensure(frame.instrument.name)
-    version = state.versions.get(key, 0) + 1
-    relpath = lake.raw_relpath(frame.night, frame.expid, frame.camera, version)
-    cards = header_to_json(frame.header)
-    attrs = {"header": cards, "filename": path.name, "file_sha256": sha, "file_version": version}
-    pixel_sha = write_raw_frame(lake.root, relpath, frame.pixels, attrs, digest=seen.pixel_sha)
+    except (ValueError, TypeError, OverflowError) as err:
+        refuse(FrameRejected("bad_keyword", f"a header value does not fit the exposures table: {str(err)[:200]}"))
+        return
+    attrs = {"header": cards, "filename": name, "file_sha256": sha, "file_version": version}
+    write_raw_frame(lake.root, relpath, frame.pixels, attrs, digest=seen.pixel_sha)
     state.versions[key] = version
-    state.filenames[key] = path.name
-    row = _exposure_row(frame, path, sha, st.st_size, version, relpath, pixel_sha, json.dumps(cards))
+    state.filenames[key] = name
     state.exposures[sha] = row
-    exposure_rows.append(row)
+    batch.exposures.append(row)
     detail = f"{relpath} (expid {frame.expid} {frame.camera} v{version})"
-    delivery_rows.append(_delivery(night, path, sha, st, "ingested" if version == 1 else "new_version", detail))
-    report.ingested.append(path.name)
+    batch.deliveries.append(_delivery(night, name, sha, st, "ingested" if version == 1 else "new_version", detail))
+    report.ingested.append(name)
 
 
-def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = False) -> IngestReport:
+def _entries(files: list[Path]) -> list[Entry]:
+    """Classify the given files of a night directory; links last, each group in name order."""
+    entries = []
+    for path in files:
+        try:
+            entries.append(classify(Path(path)))
+        except FileNotFoundError:
+            continue
+    return sorted(entries, key=delivery_order)
+
+
+def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = False,
+                 instrument: str | None = None) -> IngestReport:
     """Ingest the given delivered files of one night directory in one batch.
 
     The batch reads what the lake holds once, publishes pixel arrays one by one, then commits
@@ -313,73 +455,101 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
     Parameters
     ----------
     lake : Lake
-        Destination lake; created on first use for the instrument of the first valid frame.
+        Destination lake.
     files : list of Path
-        Complete files (see :mod:`fiberlake.ingest.arrival`), FITS frames or fiber maps.
+        Entries of the night directory: complete files (see :mod:`fiberlake.ingest.arrival`),
+        and entries that are only logged (links, other extensions, sub-directories).
     night : str
         Night of the delivery directory (its name), used for quarantine and the delivery log.
     progress : bool
         Show a progress bar.
+    instrument : str, optional
+        Instrument of a new lake (see :func:`declare_instrument`); an existing lake keeps its own.
+        A library call on a new lake without one takes the instrument every frame of the batch
+        names, and refuses a batch whose frames name several.
 
     Returns
     -------
     IngestReport
+
+    Raises
+    ------
+    LakeError
+        If the lake holds another instrument than ``instrument``, or a new lake's is unclear.
     """
+    entries = _entries(files)
+    inst = _batch_instrument(lake, instrument, entries)
     tables = TableStore(lake.root / "tables")
-    instrument = get_instrument(lake.instrument) if lake.describe() else None
     state = LakeState.read(tables)
     report = IngestReport()
-    exposure_rows: list[dict] = []
-    quarantine_rows: list[dict] = []
-    delivery_rows: list[dict] = []
-    fibermap_rows: dict[tuple[str, int], list[dict]] = {}
-    pending = [p for p in sorted(files) if p.exists()]
-    ahead: deque[tuple[Path, Future]] = deque()
+    batch = _Batch()
+    pending: list[Entry] = []
+    for entry in entries:
+        if not entry.candidate:
+            _log_unread(night, entry, entry.kind, entry.reason, state, report, batch)
+        elif state.unchanged(night, entry.name, entry.st):
+            report.duplicates.append(entry.name)
+        else:
+            pending.append(entry)
+    ahead: deque[tuple[Entry, Future]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiberlake-ingest") as pool:
-        # Hashing and FITS decoding of the next file overlap with the compression and
+        # Reading, hashing and FITS decoding of the next file overlap with the compression and
         # publication of the current one (both release the GIL): a two-stage pipeline.
         def refill() -> None:
             while pending and len(ahead) < PREFETCH:
-                path = pending.pop(0)
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    continue
-                if state.unchanged(night, path, st):
-                    report.duplicates.append(path.name)
-                    continue
-                ahead.append((path, pool.submit(_inspect, path, st, instrument, state)))
+                entry = pending.pop(0)
+                ahead.append((entry, pool.submit(_inspect, entry, inst, state, night)))
 
         bar = tqdm(total=len(pending), desc=f"ingest {night}", unit="file", disable=not progress)
         refill()
         while ahead:
-            path, future = ahead.popleft()
+            entry, future = ahead.popleft()
             seen = future.result()
             refill()
             bar.update(1)
-            _take(lake, night, path, seen, state, report, exposure_rows, quarantine_rows, delivery_rows, fibermap_rows)
-            if instrument is None and lake.describe():
-                instrument = get_instrument(lake.instrument)
+            _take(lake, night, entry, seen, inst, state, report, batch)
         bar.close()
     report.duplicates.sort()
 
     def txn(name: str) -> Txn:
         return Txn(APP_ID, (tables.committed_version(name, APP_ID) or 0) + 1)
 
-    if exposure_rows:
-        tables.append("exposures", exposure_rows, txn=txn("exposures"))
-    if quarantine_rows:
-        tables.append("quarantine", quarantine_rows, txn=txn("quarantine"))
-    for (fm_night, expid), rows in fibermap_rows.items():
-        tables.replace("fibermap", rows, f"night = '{fm_night}' AND expid = {int(expid)}")
-    if delivery_rows:
-        tables.append("deliveries", delivery_rows, txn=txn("deliveries"))
+    if batch.exposures:
+        tables.append("exposures", batch.exposures, txn=txn("exposures"))
+    if batch.quarantine:
+        tables.append("quarantine", batch.quarantine, txn=txn("quarantine"))
+    if batch.fibermaps:  # one commit: every delivered map replaces its exposure's rows, nothing else
+        tables.replace_keys("fibermap", [row for rows in batch.fibermaps.values() for row in rows],
+                            [{"night": night_, "expid": expid} for night_, expid in batch.fibermaps])
+    if batch.deliveries:
+        tables.append("deliveries", batch.deliveries, txn=txn("deliveries"))
     return report
 
 
 def list_delivered(night_dir: Path) -> list[Path]:
-    """The ``*.fits`` files directly in ``night_dir`` (sub-directories such as ``truth/`` are not deliveries)."""
-    return sorted(p for p in night_dir.iterdir() if p.is_file() and p.suffix.lower() == ".fits")
+    """Every entry of ``night_dir``: frames and fiber maps, and what is only logged (links,
+    other extensions, sub-directories such as ``truth/``); see :func:`~fiberlake.ingest.delivery.scan_night`."""
+    return [entry.path for entry in scan_night(Path(night_dir))]
+
+
+def _settled(path: Path) -> tuple[bool, str]:
+    return True, ""
+
+
+def split_ready(tracker: ArrivalTracker, entries: list[Entry]) -> tuple[list[Path], dict[Path, str]]:
+    """Entries to hand to :func:`ingest_files` now, and those still being written.
+
+    Frames and fiber maps must be complete and settled (:class:`ArrivalTracker`); ignored files
+    must be settled (a temporary file of a copy in progress is not logged); refused entries and
+    directories are handed over at once (nothing of them is read).
+    """
+    candidates = [e.path for e in entries if e.candidate]
+    logged_files = [e.path for e in entries if e.kind == "ignored" and e.source == e.path]
+    ready, waiting = tracker.poll(candidates)
+    ready_logged, waiting_logged = tracker.poll(logged_files, structure=_settled)
+    logged = set(logged_files)
+    at_once = [e.path for e in entries if not e.candidate and e.path not in logged]
+    return ready + ready_logged + at_once, waiting | waiting_logged
 
 
 def ingest_night(
@@ -389,15 +559,16 @@ def ingest_night(
     progress: bool = False,
     settle: float = 0.0,
     lock: bool = True,
+    instrument: str | None = None,
 ) -> IngestReport:
     """Ingest every raw frame and fiber map in ``night_dir`` that the lake does not hold yet.
 
     Parameters
     ----------
     lake : Lake
-        Destination lake; created on first use for the instrument of the first valid frame.
+        Destination lake.
     night_dir : path
-        Directory of delivered ``*.fits`` files (sub-directories such as ``truth/`` are ignored).
+        Directory of delivered files; every entry is looked at and logged in ``deliveries``.
     progress : bool
         Show a progress bar.
     settle : float
@@ -407,6 +578,8 @@ def ingest_night(
         truncated.
     lock : bool
         Take the lake's writer lock (callers that already hold it pass False).
+    instrument : str, optional
+        Instrument of a new lake (see :func:`declare_instrument`); an existing lake keeps its own.
 
     Returns
     -------
@@ -416,9 +589,9 @@ def ingest_night(
     if not night_dir.is_dir():
         raise FileNotFoundError(f"night directory {night_dir} does not exist")
     tracker = ArrivalTracker(settle=settle, stale_after=settle)
-    ready, waiting = tracker.poll(list_delivered(night_dir))
+    ready, waiting = split_ready(tracker, scan_night(night_dir))
     with LakeLock(lake.root, "ingest") if lock else nullcontext():
         remove_stale_temporaries(lake.root)
-        report = ingest_files(lake, ready, _night_of_dir(night_dir), progress=progress)
+        report = ingest_files(lake, ready, _night_of_dir(night_dir), progress=progress, instrument=instrument)
     report.waiting = [(p.name, why) for p, why in waiting.items()]
     return report

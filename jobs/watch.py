@@ -22,6 +22,7 @@ what is there and returns.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -31,7 +32,8 @@ from pathlib import Path
 import polars as pl
 
 from fiberlake.ingest.arrival import ArrivalTracker
-from fiberlake.jobs.ingest import IngestReport, _night_of_dir, ingest_files, list_delivered
+from fiberlake.ingest.delivery import scan_night
+from fiberlake.jobs.ingest import IngestReport, _night_of_dir, declare_instrument, ingest_files, split_ready
 from fiberlake.jobs.process import ProcessReport, process_night
 from fiberlake.processors.pipeline import ReductionParams
 from fiberlake.storage.layout import Lake
@@ -82,6 +84,7 @@ def watch_night(
     stop: threading.Event | None = None,
     log: Callable[[str], None] | None = None,
     max_cycles: int | None = None,
+    instrument: str | None = None,
 ) -> WatchReport:
     """Watch ``night_dir`` and bring every frame that lands into the lake (see the module docstring).
 
@@ -110,6 +113,9 @@ def watch_night(
         Receives one line per cycle that did something.
     max_cycles : int, optional
         Stop after this many cycles (tests, benchmarks).
+    instrument : str, optional
+        Instrument of a new lake (see :func:`~fiberlake.jobs.ingest.declare_instrument`); an
+        existing lake keeps its own.
 
     Returns
     -------
@@ -129,6 +135,8 @@ def watch_night(
     try:
         with LakeLock(lake.root, f"watch {night_dir}"):
             remove_stale_temporaries(lake.root)
+            if instrument or lake.describe():
+                declare_instrument(lake, instrument)  # before any frame: a wrong lake fails at once
             reducer = _Reducer(lake, config, stop, report, log) if process else None
             if reducer:
                 reducer.wake({night})  # catch up on anything left unreduced by an earlier session
@@ -137,7 +145,7 @@ def watch_night(
             try:
                 while not stop.is_set():
                     report.cycles += 1
-                    nights = _ingest_cycle(lake, night_dir, night, tracker, handled, report, log)
+                    nights = _ingest_cycle(lake, night_dir, night, tracker, handled, report, log, instrument)
                     if reducer:
                         reducer.wake(nights)
                         if once:
@@ -155,33 +163,42 @@ def watch_night(
 
 
 def _ingest_cycle(lake: Lake, night_dir: Path, night: str, tracker: ArrivalTracker, handled: dict,
-                  report: WatchReport, log: Callable[[str], None]) -> set[str]:
-    """Ingest the files that became complete; return the nights of the frames ingested."""
-    candidates = []
-    for path in list_delivered(night_dir):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue
-        if handled.get(path.name) != (st.st_size, st.st_mtime_ns):
-            candidates.append(path)
-    ready, waiting = tracker.poll(candidates)
+                  report: WatchReport, log: Callable[[str], None], instrument: str | None = None) -> set[str]:
+    """Ingest the files that became complete; return the nights of the frames ingested.
+
+    Every entry of the directory is looked at (frames, fiber maps, and what is only logged:
+    links, other extensions, sub-directories); one handled in this session is looked at again
+    only when its size, mtime or ctime changed (a ``chmod`` that lifts a refusal changes ctime).
+    """
+    fresh = []
+    for entry in scan_night(night_dir):
+        if handled.get(entry.name) != _signature(entry.st):
+            fresh.append(entry)
+    ready, waiting = split_ready(tracker, fresh)
     report.waiting = [(p.name, why) for p, why in waiting.items()]
     if not ready:
         return set()
-    batch = ingest_files(lake, ready, night)
+    batch = ingest_files(lake, ready, night, instrument=instrument)
     report.ingest.merge(batch)
-    for path in ready:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+    for entry in fresh:
+        if entry.path in waiting:
             continue
-        handled[path.name] = (st.st_size, st.st_mtime_ns)
-        tracker.forget(path)
-    if batch.ingested or batch.quarantined:
-        log(_stamp(f"ingested {len(batch.ingested)}, quarantined {len(batch.quarantined)}, known {len(batch.duplicates)}")
-            + "".join(f"\n  quarantined {n}: {why}" for n, why in batch.quarantined))
+        try:
+            handled[entry.name] = _signature(os.lstat(entry.path) if entry.source in (None, entry.path)
+                                             else os.stat(entry.path))
+        except OSError:
+            continue
+        tracker.forget(entry.path)
+    if batch.ingested or batch.quarantined or batch.refused:
+        log(_stamp(f"ingested {len(batch.ingested)}, quarantined {len(batch.quarantined)}, "
+                   f"refused {len(batch.refused)}, known {len(batch.duplicates)}")
+            + "".join(f"\n  quarantined {n}: {why}" for n, why in batch.quarantined)
+            + "".join(f"\n  refused {n}: {why}" for n, why in batch.refused))
     return set(_nights_of(lake, batch.ingested))
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class _Reducer(threading.Thread):
@@ -226,7 +243,7 @@ class _Reducer(threading.Thread):
                 self.log(_stamp(f"processing {pnight} failed: {type(err).__name__}: {err}"))
                 continue
             _merge_process(self.report, done)
-            if done.done or done.failed:
+            if done.done or done.failed or done.retry:
                 self.log(_stamp(done.summary()))
 
     def run(self) -> None:
@@ -240,6 +257,7 @@ class _Reducer(threading.Thread):
 def _merge_process(report: WatchReport, done: ProcessReport) -> None:
     report.reduced.extend(done.done)
     report.failed.update(done.failed)
+    report.failed.update({key: f"{error} (environment: retried by the next run)" for key, error in done.retry.items()})
 
 
 def _stamp(text: str) -> str:

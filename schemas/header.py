@@ -6,6 +6,8 @@ does, as int16 with ``BZERO = 32768``) and the keywords below.
 
 from __future__ import annotations
 
+import datetime as dt
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -42,9 +44,85 @@ REQUIRED_KEYWORDS: tuple[Keyword, ...] = (
     Keyword("BIASSEC", str, "overscan section, FITS 1-based '[x1:x2,y1:y2]'"),
 )
 
-NIGHT_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-CAMERA_PATTERN = re.compile(r"^[a-z][0-9]{1,2}$")
+NIGHT_PATTERN = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+CAMERA_PATTERN = re.compile(r"^[a-z][0-9]{1,2}\Z")
 SECTION_PATTERN = re.compile(r"^\[(\d+):(\d+),(\d+):(\d+)\]$")
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}\Z")
+"""Any other string that may become a key: letters, digits and ``._:+-``, no quotes, no spaces."""
+
+INT64_MAX = 2**63 - 1
+"""Largest exposure id (the ``expid`` columns are int64)."""
+
+
+def check_night(value: object) -> str:
+    """Return ``value`` if it is a real calendar date written ``YYYY-MM-DD``.
+
+    Raises
+    ------
+    ValueError
+        If it is not a string of that form or not a date that exists (``2026-02-30``).
+    """
+    if not isinstance(value, str) or not NIGHT_PATTERN.match(value):
+        raise ValueError(f"night {str(value)[:40]!r} is not written YYYY-MM-DD")
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"night {value!r} is not a calendar date") from None
+    return value
+
+
+def check_camera(value: object) -> str:
+    """Return ``value`` if it is a camera name, an arm letter and a spectrograph number (``b1``, ``r16``).
+
+    Raises
+    ------
+    ValueError
+        Otherwise.
+    """
+    if not isinstance(value, str) or not CAMERA_PATTERN.match(value):
+        raise ValueError(f"camera {str(value)[:40]!r} is not <arm letter><spectrograph number>")
+    return value
+
+
+def check_int(value: object, what: str, low: int = 0, high: int = INT64_MAX) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) in ``[low, high]``.
+
+    Raises
+    ------
+    ValueError
+        If it is not an integer or lies outside the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what} {str(value)[:40]!r} is not an integer")
+    value = int(value)
+    if not low <= value <= high:
+        shown = str(value) if abs(value) < 10**40 else f"of {len(str(abs(value)))} digits"
+        raise ValueError(f"{what} {shown} is outside {low}..{high}")
+    return value
+
+
+def check_expid(value: object) -> int:
+    """Return ``value`` if it is an exposure id: an integer from 0 to 2**63 - 1 (int64).
+
+    Raises
+    ------
+    ValueError
+        Otherwise.
+    """
+    return check_int(value, "exposure id")
+
+
+def check_token(value: object, what: str) -> str:
+    """Return ``value`` if it is a plain identifier (:data:`TOKEN_PATTERN`).
+
+    Raises
+    ------
+    ValueError
+        If it holds anything else (quotes, spaces, operators, non-ASCII) or is too long.
+    """
+    if not isinstance(value, str) or not TOKEN_PATTERN.match(value):
+        raise ValueError(f"{what} {str(value)[:40]!r} is not a plain identifier (letters, digits, ._:+-)")
+    return value
 
 
 def parse_section(section: str) -> tuple[slice, slice]:

@@ -159,7 +159,12 @@ DELIVERIES = _schema([
     ("detail", pa.string(), "where the bytes went, or what they duplicate, or why they were refused"),
     ("recorded_at", TS, "time the row was committed"),
 ])
-"""One row per delivered file (name + bytes) the lake has looked at: the ingest log.
+"""One row per delivered file (name + bytes) the lake has looked at: the ingest log. Every entry of a
+night directory gets one. ``outcome`` may also be ``refused`` (not read: a link out of the night
+directory, no read permission, a name that is not UTF-8; looked at again by every run) or
+``ignored`` (not a delivery: another extension, a hidden file, a sub-directory); their
+``file_sha256`` is empty. (The column descriptions stay as they were: Delta refuses to append to a
+table whose field metadata differs.)
 
 A re-delivery of known bytes under another name is recorded here as ``duplicate`` and adds
 nothing else. A later run skips a file whose name, size and mtime match a row without reading

@@ -21,7 +21,7 @@ from pathlib import Path
 from fiberlake.storage.objectstore import LakeRoot, ObjectPath, ObjectStoreError, is_object_url, put_if_absent
 
 LAKE_FORMAT_VERSION = 1
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: no trailing newline
 
 
 class LakeError(RuntimeError):

@@ -7,7 +7,9 @@ Every write is one Delta commit, so a reader sees all of it or none of it. Two k
   is not newer is a no-op, so a retried job cannot add its rows twice.
 * :meth:`TableStore.replace` deletes the rows matching a predicate and adds the new rows in the
   same commit (Delta's ``overwrite`` with ``predicate``): re-processing an exposure swaps its rows
-  atomically and never leaves two copies.
+  atomically and never leaves two copies. :meth:`TableStore.replace_keys` does the same with the
+  predicate built from typed key values (:mod:`fiberlake.storage.predicates`): use it whenever a
+  value came from data.
 
 On an object store (``s3://``) the tables are written and read through deltalake's own object
 store with the ``storage_options`` of :func:`fiberlake.storage.objectstore.storage_options`;
@@ -19,6 +21,7 @@ for float columns (the layout measured best here for per-fiber spectra, ``anchor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,6 +41,7 @@ from deltalake.exceptions import DeltaError
 from fiberlake.schemas.tables import PARTITION_COLUMN, SCHEMAS
 from fiberlake.storage.failpoints import failpoint
 from fiberlake.storage.objectstore import LakeRoot, ObjectPath, as_root, storage_options
+from fiberlake.storage.predicates import KeyValue, keys_predicate
 
 ROW_GROUP_ROWS = 512
 
@@ -186,6 +190,37 @@ class TableStore:
         """
         table = conform(name, data)
         return self._write(name, table, "overwrite", predicate, txn)
+
+    def replace_keys(self, name: str, data: pa.Table | list[dict],
+                     keys: Mapping[str, KeyValue] | list[Mapping[str, KeyValue]], txn: Txn | None = None) -> bool:
+        """Atomically replace the rows whose key columns equal ``keys`` by ``data`` (one commit).
+
+        The predicate is built by :mod:`fiberlake.storage.predicates` from typed, validated values,
+        so no value a file supplied is ever spliced into SQL; prefer this to :meth:`replace`.
+
+        Parameters
+        ----------
+        name : str
+            Table name.
+        data : pyarrow.Table or list of dict
+            The new rows; each must match one of ``keys`` (Delta checks this).
+        keys : mapping, or list of mappings
+            Column name to value (``{"night": "2026-11-21", "expid": 7}``), or several such
+            mappings naming the same columns (rows matching any of them are replaced).
+        txn : Txn, optional
+            Application transaction, checked before writing.
+
+        Raises
+        ------
+        ValueError
+            If a key names a column the table does not have, or a value is refused by its
+            column's rule (:func:`fiberlake.storage.predicates.literal`).
+        """
+        many = [keys] if isinstance(keys, Mapping) else list(keys)
+        unknown = sorted({column for key in many for column in key} - set(SCHEMAS[name].names))
+        if unknown:
+            raise ValueError(f"table {name} has no column {', '.join(unknown)} to select rows by")
+        return self.replace(name, data, keys_predicate(many), txn=txn)
 
     def read(self, name: str, filters: list | None = None, columns: list[str] | None = None) -> pa.Table:
         """Read table ``name`` into an Arrow table (empty with the declared schema if absent)."""

@@ -221,8 +221,8 @@ def test_second_ingest_reads_no_known_file(tmp_path, monkeypatch):
     import fiberlake.jobs.ingest as ingest_module
 
     calls = []
-    real = ingest_module.sha256_file
-    monkeypatch.setattr(ingest_module, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = ingest_module.read_delivery
+    monkeypatch.setattr(ingest_module, "read_delivery", lambda entry: calls.append(entry.path) or real(entry))
     tables = TableStore(lake.root / "tables")
     versions = {n: tables.version(n) for n in ("exposures", "quarantine", "deliveries")}
     report = ingest_night(lake, night)
