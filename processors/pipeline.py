@@ -22,6 +22,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import numpy as np
 
@@ -75,8 +76,13 @@ class Calibration(ArrayContainer):
     name (``master_bias``, ``traces/...``, ``wave/...``, ``fiberflats/<method>/...``,
     ``profile/...``, ``psf/...``, ``rectification/...``; a product that is None writes nothing),
     except ``info``, which the calibration store keeps as the set's metadata (see
-    :meth:`from_arrays`). A stage that adds a product to the set adds a field.
+    :meth:`from_arrays`). A stage that adds a product to the set adds a field. The arrays also
+    hold ``layout``, the version of these names: a set of another layout is refused, not misread.
     """
+
+    LAYOUT: ClassVar[int] = 2
+    """Version of the stored array names (1: the hand-written ``fiberflat_<method>/``, ``rectify/``
+    names before the containers had one serialisation)."""
 
     master_bias: np.ndarray
     master_flat: np.ndarray
@@ -108,9 +114,23 @@ class Calibration(ArrayContainer):
                 "trace_straightness_raw": rect.straightness_raw if rect is not None else straight,
                 "map_residual": rect.residual if rect is not None else np.full(self.traces.n_fibers, np.nan)}
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays of the set (``a/b`` names nest), with its ``layout``."""
+        return super().to_arrays() | {"layout": np.array(self.LAYOUT, np.int64)}
+
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], info: dict | None = None) -> Calibration:
-        """Rebuild a set from :meth:`to_arrays` output and its metadata (``info``)."""
+        """Rebuild a set from :meth:`to_arrays` output and its metadata (``info``).
+
+        Raises
+        ------
+        ValueError
+            If the arrays are of another layout (a set written by other code: build it again).
+        """
+        layout = int(arrays["layout"]) if "layout" in arrays else 1
+        if layout != cls.LAYOUT:
+            raise ValueError(f"calibration set of array layout {layout}; this code reads layout {cls.LAYOUT}: "
+                             "build the set again")
         calib = super().from_arrays(arrays)
         calib.info = dict(info or {})
         return calib

@@ -146,7 +146,7 @@ def test_generic_rules():
 def test_calibration_round_trip_through_arrays_and_the_store(tmp_path):
     cal = calibration()
     arrays = cal.to_arrays()
-    assert {"master_bias", "fiberflats/box/flux", "fiberflats/optimal/chi2", "profile/wing_ratio", "psf/lsf/coef",
+    assert {"layout", "master_bias", "fiberflats/box/flux", "fiberflats/optimal/chi2", "profile/wing_ratio", "psf/lsf/coef",
             "rectification/map/fwd", "rectification/map/class", "rectification/traces_raw/coeffs",
             "rectification/config/map/kind"} <= set(arrays)
     assert not any(k.startswith("info") for k in arrays)  # the set's metadata carries it
@@ -160,6 +160,11 @@ def test_calibration_round_trip_through_arrays_and_the_store(tmp_path):
     assert_same(cal, back, "stored calibration")
     assert meta["n_bias"] == 3
     np.testing.assert_array_equal(back.rectification.map.forward(5.0, 7.0), cal.rectification.map.forward(5.0, 7.0))
+
+    # a set of the hand-written layout before (no "layout" array) is refused, not misread
+    old = {k: v for k, v in stored.items() if k != "layout"}
+    with pytest.raises(ValueError, match="layout 1"):
+        Calibration.from_arrays(old, meta)
 
     # the optional products are optional; a set without them comes back without them
     bare = calibration(profile=None, psf=None, rectification=None, fiberflats={}, info={})
