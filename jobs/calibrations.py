@@ -46,8 +46,10 @@ def calibration_sources(camera_rows: pl.DataFrame) -> dict[str, list[list]]:
 
 
 def calibration_id(night: str, camera: str, sources: dict, calibration_digest: str) -> str:
-    """Content address of a calibration set: same inputs and calibration parameters, same id."""
-    return digest_of({"night": night, "camera": camera, "sources": sources, "config": calibration_digest})[:24]
+    """Content address of a calibration set: same inputs, calibration parameters and array layout, same id
+    (a set stored by code of another layout is rebuilt, not misread)."""
+    return digest_of({"night": night, "camera": camera, "sources": sources, "config": calibration_digest,
+                      "layout": Calibration.LAYOUT})[:24]
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fiberlake.processors.tls import Lines, fit_lines, perpendicular_feet
-from fiberlake.schemas.calib import TraceSet
+from fiberlake.schemas.containers import TraceSet
 
 SAMPLINGS = ("semicircle", "uniform")
 LABELS = ("tls", "slit")
