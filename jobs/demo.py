@@ -50,7 +50,7 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: bool = True) -> pl.DataF
     t0 = time.perf_counter()
     paths = simulate_night("mini", NIGHT, workdir / "nights", seed=seed, progress=progress)
     t1 = time.perf_counter()
-    ingest = ingest_night(lake, workdir / "nights" / NIGHT, progress=progress)
+    ingest = ingest_night(lake, workdir / "nights" / NIGHT, progress=progress, instrument="mini")
     t2 = time.perf_counter()
     processed = process_night(lake, NIGHT, progress=progress)
     t3 = time.perf_counter()

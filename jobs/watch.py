@@ -35,7 +35,7 @@ from fiberlake.ingest.arrival import ArrivalTracker
 from fiberlake.ingest.delivery import scan_night
 from fiberlake.jobs.ingest import IngestReport, _night_of_dir, declare_instrument, ingest_files, split_ready
 from fiberlake.jobs.process import ProcessReport, process_night
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.rawstore import remove_stale_temporaries

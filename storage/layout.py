@@ -20,7 +20,10 @@ from pathlib import Path
 
 from fiberlake.storage.objectstore import LakeRoot, ObjectPath, ObjectStoreError, is_object_url, put_if_absent
 
-LAKE_FORMAT_VERSION = 1
+LAKE_FORMAT_VERSION = 2
+"""Version of the lake's table schemas and layout. 2: one ``reductions`` marker per extraction,
+``metrics`` with the full per-fiber key, ``runs.execution_json``, ``reductions.error_kind``, every
+table created with the lake. A lake of another version is refused with a sentence, not misread."""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: no trailing newline
 
 
@@ -86,10 +89,26 @@ class Lake:
             If ``root`` holds no lake description (``lake.json``).
         """
         lake = cls.at(root)
-        if not lake.describe():
+        desc = lake.describe()
+        if not desc:
             raise LakeError(f"{root} is not a fiberlake lake (it has no lake.json); only 'fiberlake ingest' "
                             f"and 'fiberlake watch' create a lake, so check the --lake path")
+        lake.check_format(desc)
         return lake
+
+    def check_format(self, desc: dict) -> None:
+        """Refuse a lake written with other table schemas (:data:`LAKE_FORMAT_VERSION`).
+
+        Raises
+        ------
+        LakeError
+            With the way out: ingest the night directories into a new lake.
+        """
+        version = desc.get("format_version")
+        if version != LAKE_FORMAT_VERSION:
+            raise LakeError(f"lake {self.root} is of format {version}, and this fiberlake reads format "
+                            f"{LAKE_FORMAT_VERSION} (other table columns); ingest its night directories into a "
+                            f"new lake")
 
     @property
     def on_object_store(self) -> bool:
@@ -127,6 +146,7 @@ class Lake:
         """
         desc = self.describe()
         if desc:
+            self.check_format(desc)
             if desc.get("instrument") != instrument:
                 raise LakeError(
                     f"lake {self.root} holds instrument {desc.get('instrument')!r}, not {instrument!r}"
