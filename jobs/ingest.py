@@ -119,7 +119,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _night_of_dir(night_dir: Path) -> str:
+def night_of_dir(night_dir: Path) -> str:
     """The night a delivery directory is named after, or ``unknown`` when its name is not a date."""
     try:
         return check_night(night_dir.name)
@@ -592,6 +592,6 @@ def ingest_night(
     ready, waiting = split_ready(tracker, scan_night(night_dir))
     with LakeLock(lake.root, "ingest") if lock else nullcontext():
         remove_stale_temporaries(lake.root)
-        report = ingest_files(lake, ready, _night_of_dir(night_dir), progress=progress, instrument=instrument)
+        report = ingest_files(lake, ready, night_of_dir(night_dir), progress=progress, instrument=instrument)
     report.waiting = [(p.name, why) for p, why in waiting.items()]
     return report

@@ -54,7 +54,8 @@ class Txn:
     version: int
 
 
-def _writer_properties(schema: pa.Schema) -> WriterProperties:
+def writer_properties_for(schema: pa.Schema) -> WriterProperties:
+    """Parquet writer properties of a table with ``schema`` (every write and compaction uses them)."""
     # Scalar float columns: BYTE_STREAM_SPLIT, no dictionary. delta-rs applies per-column
     # properties only to top-level leaves, so list columns (spectra) get the table default,
     # which turns dictionaries off (float spectra do not repeat; zstd does the work).
@@ -163,7 +164,7 @@ class TableStore:
             partition_by=[PARTITION_COLUMN],
             mode=mode,
             predicate=predicate,
-            writer_properties=_writer_properties(table.schema),
+            writer_properties=writer_properties_for(table.schema),
             commit_properties=commit,
             storage_options=self.storage_options,
         )
@@ -257,7 +258,7 @@ class TableStore:
             self.path(name).mkdir(parents=True, exist_ok=True)
             try:
                 write_deltalake(str(self.path(name)), schema.empty_table(), partition_by=[PARTITION_COLUMN],
-                                mode="append", writer_properties=_writer_properties(schema),
+                                mode="append", writer_properties=writer_properties_for(schema),
                                 storage_options=self.storage_options)
             except DeltaError:
                 if not self.exists(name):  # not a creation raced by another writer
