@@ -33,7 +33,7 @@ import polars as pl
 
 from fiberlake.ingest.arrival import ArrivalTracker
 from fiberlake.ingest.delivery import scan_night
-from fiberlake.jobs.ingest import IngestReport, _night_of_dir, declare_instrument, ingest_files, split_ready
+from fiberlake.jobs.ingest import IngestReport, night_of_dir, declare_instrument, ingest_files, split_ready
 from fiberlake.jobs.process import ProcessReport, process_night
 from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
@@ -128,7 +128,7 @@ def watch_night(
     stop = stop or threading.Event()
     log = log or (lambda line: None)
     report = WatchReport()
-    night = _night_of_dir(night_dir)
+    night = night_of_dir(night_dir)
     tracker = ArrivalTracker(settle=0.0 if once else settle, stale_after=stale_after)
     handled: dict[str, tuple[int, int]] = {}
     previous = _install_signal_handlers(stop, report)
