@@ -452,3 +452,56 @@ def stellar_spectra(grid: FineGrid, teff, logg, feh, rv, model: str = "analytic"
     wide = FineGrid(grid.w0 - pad * grid.dw, grid.dw, grid.n + 2 * pad)
     shifted = _shift(rest_spectra(wide), wide, rv)[:, pad:pad + grid.n]
     return shifted / norm[:, None]
+
+
+# --------------------------------------------------------------------------------------
+# absolute flux: the simulator's magnitudes on the AB scale
+# --------------------------------------------------------------------------------------
+H_ERG_S = 6.62607015e-27
+"""Planck constant (erg s)."""
+C_ANGSTROM_S = 2.99792458e18
+"""Speed of light (Angstrom per second)."""
+HC_ERG_ANGSTROM = H_ERG_S * C_ANGSTROM_S
+"""h c (erg Angstrom): a photon of wavelength ``lambda`` (A) carries ``HC_ERG_ANGSTROM / lambda`` erg."""
+
+
+def ab_photon_flux(wave: np.ndarray, mag: float | np.ndarray) -> np.ndarray:
+    """Photon flux density of a source of constant AB magnitude (photons s^-1 cm^-2 A^-1).
+
+    ``f_nu = 10**(-0.4 (mag + 48.6))`` erg s^-1 cm^-2 Hz^-1, so ``n_lambda = f_nu / (h lambda)``.
+    """
+    fnu = 10.0 ** (-0.4 * (np.asarray(mag, dtype=float) + 48.6))
+    return fnu / (H_ERG_S * np.asarray(wave, dtype=float))
+
+
+def effective_area_cm2(rate_mag16: float) -> float:
+    """Effective collecting area (cm^2) that ties :attr:`SimParams.rate_mag16` to the AB scale.
+
+    A star's ``MAG`` is its photon-counting AB magnitude through a top-hat filter over
+    :data:`R_BAND`: its mean photon flux density over the band equals that of a flat-``f_nu``
+    source of that AB magnitude. A magnitude-16 star gives ``rate_mag16`` photo-electrons s^-1
+    A^-1 at efficiency 1 above the atmosphere, so the area is ``rate_mag16`` over the mean photon
+    flux density of AB = 16 in the band (LAMOST numbers: ~4300 cm^2, the 4 m pupil times the
+    fiber, telescope and spectrograph losses not in the efficiency curve).
+    """
+    grid = _r_band_grid()
+    return float(rate_mag16 / ab_photon_flux(grid.wave, 16.0).mean())
+
+
+def absolute_flux(wave: np.ndarray, photon_shape: np.ndarray, mag: np.ndarray, rate_mag16: float) -> np.ndarray:
+    """Flux density above the atmosphere (erg s^-1 cm^-2 A^-1) of stars of magnitude ``mag``.
+
+    Parameters
+    ----------
+    wave : ndarray, shape (n,)
+        Wavelengths (A) of ``photon_shape``.
+    photon_shape : ndarray, shape (n_stars, n)
+        :func:`stellar_spectra` output (photon shape, mean 1 over :data:`R_BAND`).
+    mag : ndarray, shape (n_stars,)
+        Magnitudes (the fibermap's ``MAG``).
+    rate_mag16 : float
+        :attr:`SimParams.rate_mag16`.
+    """
+    rate = rate_mag16 * 10.0 ** (-0.4 * (np.asarray(mag, dtype=float) - 16.0))
+    photons = photon_shape * (rate / effective_area_cm2(rate_mag16))[:, None]
+    return photons * (HC_ERG_ANGSTROM / np.asarray(wave, dtype=float))[None, :]

@@ -40,6 +40,7 @@ from fiberlake.ingest.sim_spectra import (
     sky_line_list,
     stellar_spectra,
 )
+from fiberlake.ingest.sim_spectra import absolute_flux, effective_area_cm2
 from fiberlake.schemas.header import OBSTYPES, SKY_OBSTYPES, format_section
 from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
 from fiberlake.schemas.truth import camera_truth_name, fibermap_name, raw_frame_name, spectra_truth_name
@@ -149,13 +150,16 @@ def plan_night(instrument: Instrument | str, night: str, seed: int = 0, *, n_bia
 
 
 def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obstype: str = "SCIENCE",
-                  plate: int = 0, expid: int | None = None) -> Table:
+                  plate: int = 0, expid: int | None = None, n_std: int = 0) -> Table:
     """Fiber assignment of a plate: one row per fiber of every spectrograph.
 
     About ``sky_fiber_fraction`` of each spectrograph's fibers are ``SKY``, spread evenly along
     the slit. On a SCIENCE plate the rest are ``TGT`` stars with magnitudes stratified between
     r = 12 and 19 (so every spectrograph has bright and faint targets); on a STANDARD plate they
-    are mostly ``STD`` F stars of r = 11-14.5 with a few targets.
+    are mostly ``STD`` F stars of r = 11-14.5 with a few targets. ``n_std`` > 0 turns that many
+    targets of each spectrograph of a SCIENCE plate into ``STD`` F stars of r = 12.5-15 (as
+    surveys place standards on every plate, for the flux calibration of each exposure); they are
+    drawn from their own stream, so ``n_std = 0`` (the default) gives the plates of before.
 
     Returns
     -------
@@ -188,6 +192,11 @@ def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obsty
             mag[tgt] = rng.uniform(13.0, 17.0, size=tgt.size)
         else:
             mag[rest] = 12.0 + 7.0 * (rng.permutation(rest.size) + rng.uniform(size=rest.size)) / rest.size
+            if n_std > 0:
+                std_rng = rng_for(seed, TAG.PLATE, night, kind, plate, "standards", s)
+                std = std_rng.choice(rest, size=min(int(n_std), rest.size), replace=False)
+                objtype[std] = "STD"
+                mag[std] = std_rng.uniform(12.5, 15.0, size=std.size)
         r = 2.5 * np.sqrt(rng.uniform(size=nf))
         phi = rng.uniform(0.0, 2 * np.pi, size=nf)
         dec = np.clip(dec0 + r * np.sin(phi), -90.0, 90.0)
@@ -271,8 +280,14 @@ def _sky_rows(cam: CameraModel, cond: Conditions, exptime: float, night: str, ex
     return rows + cam.deposit_lines(lw, flux)
 
 
-def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, seed: int) -> tuple[np.ndarray, dict]:
-    """Object electrons per row (throughput 1) and the TARGETS truth table of this spectrograph."""
+def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, seed: int,
+                 flam_out: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Object electrons per row (throughput 1) and the TARGETS truth table of this spectrograph.
+
+    When ``flam_out`` is given it receives ``FLAM_ROWS``: each star's flux above the atmosphere
+    (erg s^-1 cm^-2 per row: :func:`~fiberlake.ingest.sim_spectra.absolute_flux` integrated over
+    the row, through the same line-spread function as ``OBJ_ROWS``; 0 for sky fibers).
+    """
     inst = cam.instrument
     nf = inst.n_fibers
     spec = fib["OBJTYPE"]
@@ -300,6 +315,10 @@ def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, 
         binned = np.zeros((nf,) + cam.wave_ext.shape[1:])
         binned[idx] = cam.bin_continuum(grid, photons, idx)
         rows = cam.convolve_lsf(binned)
+        if flam_out is not None:
+            flam = np.zeros_like(binned)
+            flam[idx] = cam.bin_continuum(grid, absolute_flux(wave, shape, mag, cam.params.rate_mag16), idx)
+            flam_out["FLAM_ROWS"] = cam.convolve_lsf(flam)
     targets = {
         "FIBER": fib["FIBER"].astype(np.int16),
         "TARGETID": fib["TARGETID"].astype(np.int64),
@@ -451,12 +470,15 @@ def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, n
         fib["OBJTYPE"] = np.char.strip(np.asarray(fib["OBJTYPE"]).astype(str))
         if not np.array_equal(fib["FIBER"].astype(int), np.arange(nf)):
             raise ValueError(f"fiber map lacks rows for fibers of spectrograph {specid} (needs 0..{nf - 1})")
-        obj, targets = _object_rows(cam, cond, exptime, fib, seed)
+        flam: dict = {}
+        obj, targets = _object_rows(cam, cond, exptime, fib, seed, flam)
         sky = _sky_rows(cam, cond, exptime, night, expid, seed)
         truth.update({"OBJ_ROWS": obj.astype(np.float32), "SKY_ROWS": sky.astype(np.float32), "TARGETS": targets})
+        truth["FLAM_ROWS"] = flam.get("FLAM_ROWS", np.zeros((nf, ny))).astype(np.float32)
         light = obj + sky
         meta.update({"AIRMASS": cond.airmass, "TRANSP": cond.transparency, "SKYSCALE": cond.sky_scale,
                      "SPECMODL": resolve_stellar_model(params.stellar_model)[0]})
+        meta["AEFF"] = effective_area_cm2(params.rate_mag16)
     elif obstype == "FLAT":
         light, scale = _flat_rows(cam, det, cond, exptime)
         truth["LAMP_ROWS"] = light.astype(np.float32)
@@ -630,6 +652,10 @@ def write_spectra_truth(path: str | os.PathLike, frame: SimulatedFrame) -> Path:
     for key in ("OBJ_ROWS", "SKY_ROWS", "LAMP_ROWS"):
         if key in t:
             hdus.append(fits.ImageHDU(t[key].astype(np.float32), name=key))
+    if "FLAM_ROWS" in t:
+        flam = fits.ImageHDU(t["FLAM_ROWS"].astype(np.float32), name="FLAM_ROWS")
+        flam.header["BUNIT"] = ("erg s-1 cm-2", "per row, above the atmosphere")
+        hdus.append(flam)
     hdus.append(fits.CompImageHDU(t["CRMASK"], name="CRMASK", compression_type="RICE_1"))
     if "TARGETS" in t:
         hdus.append(fits.BinTableHDU(Table(t["TARGETS"]), name="TARGETS"))
@@ -647,14 +673,17 @@ def _cache_bytes(inst: Instrument, params: SimParams) -> int:
 def simulate_night(instrument: Instrument | str, night: str, out_dir: str | Path, seed: int = 0, *,
                    n_bias: int = 3, n_flat: int = 2, n_arc: int = 1, n_science: int = 2,
                    n_standard: int = 1, cameras: list[str] | None = None,
-                   progress: bool = False, params: SimParams = DEFAULT_PARAMS) -> list[Path]:
+                   progress: bool = False, params: SimParams = DEFAULT_PARAMS,
+                   std_per_spectrograph: int = 0) -> list[Path]:
     """Write a night to ``out_dir/<night>/`` and return the raw frame paths written.
 
     Writes every exposure of :func:`plan_night` for every camera (``fl-<expid>-<camera>.fits``),
     a fiber map per SCIENCE/STANDARD exposure, and the truth files under ``truth/``. Files are
     written atomically (temporary name, then rename), so a watcher never sees a partial file.
     Small instruments are written exposure by exposure; large ones camera by camera (so each
-    camera's rendering kernels are built once and memory stays bounded).
+    camera's rendering kernels are built once and memory stays bounded). ``std_per_spectrograph``
+    places that many flux standards on each spectrograph of every SCIENCE plate
+    (:func:`make_fibermap`'s ``n_std``; 0, the default, keeps the nights of before byte for byte).
 
     Returns
     -------
@@ -673,7 +702,8 @@ def simulate_night(instrument: Instrument | str, night: str, out_dir: str | Path
     fibermaps = {}
     for exp in plan:
         if exp.obstype in SKY_OBSTYPES:
-            fm = make_fibermap(inst, night, seed, exp.obstype, exp.plate, exp.expid)
+            fm = make_fibermap(inst, night, seed, exp.obstype, exp.plate, exp.expid,
+                               n_std=std_per_spectrograph if exp.obstype == "SCIENCE" else 0)
             write_fibermap(night_dir / fibermap_name(exp.expid), fm, night, exp.expid, exp.obstype)
             fibermaps[exp.expid] = fm
 

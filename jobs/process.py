@@ -301,8 +301,11 @@ def process_night(
     """
     config = config or ReductionParams()
     with LakeLock(lake.root, "process") if lock else nullcontext():
-        return _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
-                              executor or Executor(), batch_frames, run_id)
+        report = _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
+                                executor or Executor(), batch_frames, run_id)
+        from fiberlake.jobs.products import run_after_frames  # products above the frame (issue 14)
+        run_after_frames(lake, night, config, report, run_id, stop)
+        return report
 
 
 def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bool, force: bool,

@@ -232,6 +232,50 @@ class ExecutionParams(ParSet):
                               choices=DEVICES, science=False)
 
 
+@dataclass(frozen=True)
+class FluxCalParams(ParSet):
+    """Flux calibration from the standard stars (:mod:`fiberlake.processors.fluxcal`), a product above the frame."""
+
+    stage: ClassVar[str] = "fluxcal"
+    min_standards: int = par(2, "an exposure and spectrograph with fewer good standards uses the night's mean "
+                             "response (flagged FLUXFALLBACK)", bounds=(1, 1000))
+    max_standards: int = par(8, "brightest standards fitted per exposure and spectrograph", bounds=(1, 1000))
+    cont_deg: int = par(5, "Legendre degree of each camera's free continuum in the stellar fit", bounds=(0, 20))
+    model_error: float = par(0.02, "fractional model error added to the variance of the stellar and response fits",
+                             bounds=(0.0, 1.0))
+    knot_spacing: float = par(40.0, "B-spline knot spacing of the response", unit="A", bounds=(5.0, 5000.0))
+    clip_sigma: float = par(4.0, "sigma-clipping threshold of the response fit", unit="sigma", bounds=(1.0, 100.0))
+    star_clip: float = par(0.1, "a standard whose grey level departs from the median by more than this fraction is "
+                           "rejected", bounds=(0.001, 10.0))
+    line_mask: float = par(10.0, "half width of the strong stellar lines masked in the response fit", unit="A",
+                           bounds=(0.0, 200.0))
+    band_min: float = par(5600.0, "blue edge of the catalogue magnitude's band (photon-counting AB, top hat)",
+                          unit="A", bounds=(1000.0, 20000.0))
+    band_max: float = par(6900.0, "red edge of the catalogue magnitude's band", unit="A", bounds=(1000.0, 20000.0))
+    telluric_flag: float = par(0.95, "bins where the telluric transmission divided out is below this get TELLURIC",
+                               bounds=(0.0, 1.0))
+    max_chi2: float = par(50.0, "a standard whose reduced chi^2 against its best model exceeds this is not used",
+                          bounds=(1.0, 1e6))
+
+
+@dataclass(frozen=True)
+class CoaddParams(ParSet):
+    """Arms joined and exposures combined per target (:mod:`fiberlake.processors.coadd`)."""
+
+    stage: ClassVar[str] = "coadd"
+    pixel_kms: float | None = par(None, "velocity step of the joined log-linear grid (none: the finest arm's own "
+                                  "sampling)", unit="km/s", bounds=(1.0, 1000.0), optional=True)
+    clip_sigma: float = par(4.0, "outlier rejection of a bin of one exposure against the others", unit="sigma",
+                            bounds=(1.0, 100.0))
+    max_iter: int = par(3, "iterations of the rejection", bounds=(1, 50))
+    rel_floor: float = par(0.02, "fractional difference between exposures never rejected (their calibrations "
+                           "differ by about this)", bounds=(0.0, 1.0))
+    rescale: bool = par(True, "match each exposure's grey level to the exposures' mean before combining (aperture "
+                        "losses differ between exposures)")
+    nside: int = par(64, "HEALPix nside of the coadds' healpix column (nested)", choices=tuple(2**i for i in range(14)))
+    across_nights: bool = par(True, "also combine each target's exposures of every night (coadds rows of night 'all')")
+
+
 CALIBRATION_STAGES = ("ccd", "tracing", "rectify", "wavecal", "profile")
 """Stages whose parameters shape a calibration set (with its input frames, its ``calib_id``)."""
 
@@ -269,6 +313,8 @@ class ReductionParams(ParSet):
     deconv: DeconvStageParams = nested(DeconvStageParams, "deconvolution extraction")
     fiberflat: FiberFlatParams = nested(FiberFlatParams, "fiber flat")
     sky: SkyParams = nested(SkyParams, "sky subtraction")
+    fluxcal: FluxCalParams = nested(FluxCalParams, "flux calibration from the standard stars")
+    coadd: CoaddParams = nested(CoaddParams, "arms joined, exposures combined per target")
     execution: ExecutionParams = nested(ExecutionParams, "chunking and devices (not hashed)", science=False)
 
     def _stages(self, names: tuple[str, ...]) -> dict:
@@ -297,3 +343,8 @@ class ReductionParams(ParSet):
     def extraction_digest(self, method: str) -> str:
         """Hash of :meth:`extraction_dict`: the ``config_hash`` of a frame's marker for ``method``."""
         return digest_of(self.extraction_dict(method))
+
+    def products_digest(self, method: str) -> str:
+        """Hash of everything the products above the frame (flux calibration, joined spectra, coadds)
+        of one extraction depend on: :meth:`extraction_dict` plus ``fluxcal`` and ``coadd``."""
+        return digest_of(self.extraction_dict(method) | self._stages(("fluxcal", "coadd")))

@@ -143,3 +143,46 @@ def resample_to_grid(wave_rows: np.ndarray, spectra: Spectra1D, grid_wave: np.nd
     usable = ~off & ~bad & (varsum > 0)
     out_ivar = np.where(usable, dw**2 / np.where(usable, varsum, 1.0), 0.0)
     return Spectra1D(out_flux.astype(np.float32), out_ivar.astype(np.float32), omask)
+
+
+def ripple_factor(wave_rows: np.ndarray, grid_wave: np.ndarray) -> np.ndarray:
+    """Fraction of each output bin's variance that :func:`resample_to_grid` keeps on its diagonal.
+
+    ``resample_to_grid`` gives a bin the variance ``sum_r w_jr^2 var_r`` of its own counts; rows
+    it shares with its neighbours make them correlated, and the share ``q_j = sum_r w_jr^2 /
+    sum_r w_jr`` (between 1/2 and 1) rises and falls with the phase of the bins against the rows:
+    the inverse variance ripples (+-20 % with a 30-80 A beat for 0.535-0.550 A rows on a 0.5377 A
+    grid). ``ivar * q`` is the inverse of ``sum_r w_jr var_r`` (rows of locally equal variance):
+    the variance the bin contributes to any sum of bins, which does not ripple.
+
+    Parameters
+    ----------
+    wave_rows : ndarray, shape (n_fibers, ny)
+        Wavelength of every row centre (increasing or decreasing along each fiber).
+    grid_wave : ndarray, shape (nwave,)
+        Output bin centres.
+
+    Returns
+    -------
+    ndarray, shape (n_fibers, nwave)
+        ``q`` in ``[0.5, 1]`` (1 where a bin lies inside one row, or off the rows).
+    """
+    wave_rows = np.asarray(wave_rows, dtype=float)
+    if np.all(wave_rows[:, -1] < wave_rows[:, 0]):
+        wave_rows = wave_rows[:, ::-1]
+    ny = wave_rows.shape[1]
+    out_edges = _edges(np.asarray(grid_wave, dtype=float))
+    tpos = np.arange(ny + 1, dtype=float)
+    q = np.ones((wave_rows.shape[0], out_edges.size - 1))
+    for f in range(wave_rows.shape[0]):
+        t = np.interp(out_edges, _edges(wave_rows[f]), tpos)
+        lo, hi = t[:-1], t[1:]
+        k0, k1 = np.floor(lo), np.floor(np.minimum(hi, ny - 1e-9))
+        same = k0 == k1
+        w_first = np.where(same, hi - lo, k0 + 1.0 - lo)
+        w_last = np.where(same, 0.0, hi - k1)
+        n_inner = np.maximum(k1 - k0 - 1.0, 0.0)
+        total = w_first + w_last + n_inner
+        squares = w_first**2 + w_last**2 + n_inner
+        q[f] = np.where(total > 0, squares / np.where(total > 0, total, 1.0), 1.0)
+    return np.clip(q, 0.0, 1.0)

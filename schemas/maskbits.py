@@ -41,6 +41,15 @@ class Mask(IntFlag):
     """Wavelength outside the range constrained by arc lines."""
     BAD2DFIT = 1 << 11
     """Profile (optimal / deconvolution) fit has a large chi^2 here."""
+    FLUXFALLBACK = 1 << 12
+    """Flux calibrated with the night's mean response (the exposure had too few good standards)."""
+    NOFLUXCAL = 1 << 13
+    """No response to calibrate with (no standards this night or before): flux 0, ivar 0."""
+    TELLURIC = 1 << 14
+    """Telluric absorption deeper than the flag level was divided out here."""
+    NODATA = 1 << 15
+    """No camera covers this bin of a joined or coadded spectrum (a gap between the arms, a
+    missing camera, or every exposure masked here): flux 0, ivar 0."""
 
     @classmethod
     def describe(cls, value: int) -> list[str]:

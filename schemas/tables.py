@@ -196,6 +196,102 @@ Written last, after the exposure's ``spectra`` and ``metrics`` rows, so a row he
 rows are complete; a frame without one (or with other inputs) is reduced again, which replaces
 its rows rather than adding to them."""
 
+FLUXCAL = _schema([
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id; 0 for the night's mean response of a camera"),
+    ("camera", pa.string(), "camera"),
+    ("spectrograph", pa.int16(), "spectrograph number"),
+    ("extraction", pa.string(), "extraction the spectra came from (box, optimal, deconv)"),
+    ("run_id", pa.string(), "run that made the row"),
+    ("status", pa.string(), "ok (this exposure's standards), fallback (too few good standards: the night's mean "
+     "response was applied), none (no response anywhere: spectra flux 0, ivar 0, NOFLUXCAL), mean (expid 0)"),
+    ("calib_expids", pa.list_(pa.int64()), "exposures whose standards made the response that was applied"),
+    ("calib_night", pa.string(), "night of the response applied (an earlier night's mean when this night had none)"),
+    ("n_standards", pa.int32(), "standard-star fibers in the exposure and spectrograph"),
+    ("n_used", pa.int32(), "standards fitted and kept in this camera's response"),
+    ("std_fiber", pa.list_(pa.int16()), "fibers of the standards fitted"),
+    ("std_teff", pa.list_(pa.float32()), "their fitted Teff (K)"),
+    ("std_logg", pa.list_(pa.float32()), "their fitted log g"),
+    ("std_feh", pa.list_(pa.float32()), "their fitted [Fe/H]"),
+    ("std_rv", pa.list_(pa.float32()), "their fitted radial velocity (km/s)"),
+    ("std_chi2", pa.list_(pa.float32()), "reduced chi^2 of each fit (model error included)"),
+    ("std_ok", pa.list_(pa.bool_()), "whether each fit was usable"),
+    ("exptime", pa.float32(), "exposure time (s)"),
+    ("wave_min", pa.float64(), "camera grid: first bin centre (A, air)"),
+    ("dwave", pa.float64(), "camera grid: bin width (A)"),
+    ("nwave", pa.int32(), "camera grid: number of bins"),
+    ("response", pa.list_(pa.float32()), "counts per second over flux above the atmosphere: e- s^-1 A^-1 per "
+     "(erg s^-1 cm^-2 A^-1); smooth (cubic B-spline); includes the atmosphere's extinction and the mean aperture loss"),
+    ("response_ivar", pa.list_(pa.float32()), "inverse variance of response"),
+    ("telluric", pa.list_(pa.float32()), "telluric transmission (1 outside the O2 and H2O bands)"),
+    ("telluric_ivar", pa.list_(pa.float32()), "inverse variance of telluric (0 outside the bands: not measured)"),
+    ("input_hash", pa.string(), "hash of the frames' reduction markers and the parameters behind this row: the "
+     "exposure's products are rebuilt when it changes"),
+    ("made_at", TS, "when the row was committed (after the exposure's joined rows: the row is their marker)"),
+])
+"""One row per (night, expid, camera, extraction): the flux calibration applied to that camera of that
+exposure, and the marker that the exposure's ``joined`` rows are complete. ``expid`` 0 rows hold the
+night's mean response of a camera (from the exposures with status ok)."""
+
+JOINED = _schema([
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("spectrograph", pa.int16(), "spectrograph number"),
+    ("fiber", pa.int16(), "fiber index within the spectrograph"),
+    ("extraction", pa.string(), "extraction the spectra came from"),
+    ("targetid", pa.int64(), "target id from the fiber map (-1 when unknown)"),
+    ("objtype", pa.string(), "TGT, SKY or STD"),
+    ("obstype", pa.string(), "SCIENCE or STANDARD"),
+    ("run_id", pa.string(), "run that made the row"),
+    ("cameras", pa.string(), "cameras joined, e.g. b1,r1 (a missing camera leaves NODATA bins)"),
+    ("fluxcal_status", pa.string(), "ok, fallback or none (see table fluxcal)"),
+    ("loglam_min", pa.float64(), "log10 of the first bin centre (A, air)"),
+    ("dloglam", pa.float64(), "log10 step of the grid: wave = 10 ** (loglam_min + dloglam * arange(nwave))"),
+    ("nwave", pa.int32(), "number of bins"),
+    ("flux", pa.list_(pa.float32()), "flux above the atmosphere (erg s^-1 cm^-2 A^-1), arms joined (overlap "
+     "combined by inverse variance)"),
+    ("ivar", pa.list_(pa.float32()), "inverse variance of flux, decorrelated: the variance a bin adds to any sum of "
+     "bins (no resampling ripple); 0 where masked"),
+    ("mask", pa.list_(pa.uint32()), "mask bits (schemas.maskbits.Mask)"),
+    ("resolution", pa.list_(pa.float32()), "deconv only (null otherwise): resolution band on this grid, "
+     "[resolution_ndiag, nwave] flattened; element [k, j] weighs the true flux of bin j + k - h in bin j"),
+    ("resolution_ndiag", pa.int16(), "diagonals of resolution (null when absent)"),
+])
+"""One row per fiber per exposure and extraction: the flux-calibrated spectrum with the arms joined."""
+
+COADDS = _schema([
+    ("night", pa.string(), "night whose exposures are combined (partition); for scope 'all', the latest night"),
+    ("targetid", pa.int64(), "target id"),
+    ("extraction", pa.string(), "extraction the spectra came from"),
+    ("scope", pa.string(), "night (that night's exposures) or all (the target's exposures of every night)"),
+    ("run_id", pa.string(), "run that made the row"),
+    ("objtype", pa.string(), "TGT or STD (the fiber map's)"),
+    ("ra", pa.float64(), "right ascension (deg, fiber map)"),
+    ("dec", pa.float64(), "declination (deg, fiber map)"),
+    ("mag", pa.float32(), "catalogue magnitude (fiber map)"),
+    ("healpix", pa.int64(), "HEALPix pixel of (ra, dec), nested ordering"),
+    ("nside", pa.int32(), "HEALPix nside of healpix"),
+    ("n_exp", pa.int32(), "exposures combined"),
+    ("expids", pa.list_(pa.int64()), "those exposures"),
+    ("nights", pa.list_(pa.string()), "their nights"),
+    ("n_rejected", pa.int32(), "bins of single exposures rejected as outliers"),
+    ("fluxcal_status", pa.string(), "ok when every exposure had its own standards, else fallback or none"),
+    ("loglam_min", pa.float64(), "log10 of the first bin centre (A, air)"),
+    ("dloglam", pa.float64(), "log10 step: wave = 10 ** (loglam_min + dloglam * arange(nwave))"),
+    ("nwave", pa.int32(), "number of bins"),
+    ("flux", pa.list_(pa.float32()), "inverse-variance mean flux (erg s^-1 cm^-2 A^-1)"),
+    ("ivar", pa.list_(pa.float32()), "inverse variance of flux (sum over the exposures used)"),
+    ("mask", pa.list_(pa.uint32()), "mask bits: NODATA where no exposure measured the bin; others OR-ed from the "
+     "exposures used"),
+    ("resolution", pa.list_(pa.float32()), "deconv only (null otherwise): inverse-variance mean of the exposures' "
+     "resolution bands, [resolution_ndiag, nwave] flattened"),
+    ("resolution_ndiag", pa.int16(), "diagonals of resolution (null when absent)"),
+    ("input_hash", pa.string(), "hash of the joined inputs and parameters; the row is rebuilt when it changes"),
+    ("made_at", TS, "when the row was committed"),
+])
+"""One row per target, night and extraction (scope night), and one per target and extraction over every
+night (scope all, in the partition of its latest night): the exposures combined."""
+
 SCHEMAS: dict[str, pa.Schema] = {
     "exposures": EXPOSURES,
     "quarantine": QUARANTINE,
@@ -205,6 +301,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "runs": RUNS,
     "reductions": REDUCTIONS,
     "deliveries": DELIVERIES,
+    "fluxcal": FLUXCAL,
+    "joined": JOINED,
+    "coadds": COADDS,
 }
 
 KEYS: dict[str, tuple[str, ...]] = {
@@ -216,6 +315,9 @@ KEYS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id", "night"),
     "reductions": ("night", "expid", "camera", "extraction"),
     "deliveries": ("night", "filename", "file_sha256"),
+    "fluxcal": ("night", "expid", "camera", "extraction"),
+    "joined": ("night", "expid", "spectrograph", "fiber", "extraction"),
+    "coadds": ("night", "targetid", "extraction", "scope"),
 }
 
 ARRAY_COLUMNS: tuple[str, ...] = ("flux", "ivar", "mask", "sky")
@@ -232,5 +334,8 @@ TABLE_DESCRIPTIONS: dict[str, str] = {
     "runs": "one row per processing run and night: code version and every parameter",
     "reductions": "one row per reduced frame: the marker that its spectra and metrics are complete",
     "deliveries": "one row per delivered file looked at: the ingest log",
+    "fluxcal": "one row per camera, exposure and extraction: the response and telluric applied (expid 0: the night's mean)",
+    "joined": "one row per fiber, exposure and extraction: flux-calibrated spectrum, arms joined",
+    "coadds": "one row per target, night (and over all nights) and extraction: exposures combined, HEALPix index",
 }
 """What each table holds, in one line (``fiberlake tables``); columns carry their own description."""

@@ -1,0 +1,170 @@
+"""Flux calibration: stellar models, response and telluric recovery, propagation, fallbacks; a mini night end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiberlake.processors import fluxcal as fc
+from fiberlake.processors import stellar_models as sm
+from fiberlake.processors.telluric import band_mask, telluric_from_ratios
+from fiberlake.schemas.containers import Spectra1D
+from fiberlake.schemas.maskbits import Mask
+
+SETTINGS = fc.FluxCalSettings(max_standards=3)
+EXPTIME = 600.0
+
+
+def test_hydrogen_lines_and_air_wavelengths():
+    wave, loggf, upper = sm.hydrogen_lines(2, 5)
+    assert wave[0] == pytest.approx(6562.80, abs=0.02)       # H-alpha in air
+    assert wave[1] == pytest.approx(4861.33, abs=0.02)
+    assert loggf[0] == pytest.approx(0.71, abs=0.03)           # Kramers' formula vs the NIST value
+    assert list(upper) == [3, 4, 5]
+
+
+def test_models_are_calibrated_on_the_sun_and_positive():
+    wave = np.arange(5240.0, 5300.0, 0.05)
+    sun = sm.StarLabels(*sm.SOLAR)
+    ratio = sm.model_spectrum(wave, sun, 0.75) / sm.continuum(wave, sun)
+    line = np.abs(wave - 5269.54) < 5.0
+    assert np.sum(1 - ratio[line]) * 0.05 == pytest.approx(sm.FE_5269_SUN_EW, rel=0.15)
+    # hotter F stars: stronger Balmer lines, weaker metal lines
+    wave = np.arange(4700.0, 5300.0, 0.5)
+    depth = {}
+    for teff in (6000.0, 7000.0):
+        lab = sm.StarLabels(teff, 4.2, -0.5)
+        r = sm.model_spectrum(wave, lab, 0.75) / sm.continuum(wave, lab)
+        depth[teff] = (1 - r[np.abs(wave - 4861.3) < 1].min(), 1 - r[np.abs(wave - 5183.6) < 1].min())
+        assert np.all(np.isfinite(r)) and np.all(r > 0) and np.all(r <= 1.0 + 1e-9)
+    assert depth[7000.0][0] > depth[6000.0][0] and depth[7000.0][1] < depth[6000.0][1]
+
+
+def test_band_scale_is_the_ab_magnitude():
+    wave = np.arange(5600.0, 6901.0, 1.0)
+    flat_fnu = 3.0e-15 * (6000.0 / wave) ** 2                  # f_lambda of a flat f_nu source
+    scale = fc.band_scale(wave, flat_fnu, 16.0)
+    fnu = scale * flat_fnu * wave**2 / fc.C_ANGSTROM_S
+    assert -2.5 * np.log10(fnu.mean()) - 48.6 == pytest.approx(16.0, abs=1e-6)
+
+
+def _truth_response(wave):
+    return 2.0e14 * np.exp(-0.5 * ((wave - 6000.0) / 1500.0) ** 2) * (1.0 + 0.05 * np.sin(wave / 180.0))
+
+
+def _telluric(wave):
+    return 1.0 - 0.6 * np.exp(-0.5 * ((wave - 6885.0) / 6.0) ** 2)
+
+
+def _exposure(rng, labels, mags, n_targets=2, drop=None):
+    """Model-consistent synthetic exposure: stars of the model grid through a known response."""
+    arms = {}
+    truth = {}
+    stars = list(labels) + [sm.StarLabels(6200.0, 4.4, -0.2, 10.0)] * n_targets
+    all_mags = list(mags) + [15.5] * n_targets
+    band = np.arange(5600.0, 6901.0, 1.0)
+    for cam, (w0, dw, n, sig) in {"b1": (4700.0, 0.54, 930, 0.75), "r1": (6300.0, 0.81, 990, 1.13)}.items():
+        if cam == drop:
+            continue
+        wave = w0 + dw * np.arange(n)
+        flux = np.stack([fc.band_scale(band, sm.model_spectrum(band, s, 1.0), m) * sm.model_spectrum(wave, s, sig)
+                         for s, m in zip(stars, all_mags)])
+        counts = flux * EXPTIME * _truth_response(wave) * _telluric(wave)
+        var = counts + 20.0
+        obs = counts + rng.normal(size=counts.shape) * np.sqrt(var)
+        arms[cam] = fc.Arm(wave, Spectra1D(obs, 1.0 / var, np.zeros(obs.shape, np.uint32)), sig)
+        truth[cam] = flux
+    return arms, truth
+
+
+STARS = [sm.StarLabels(6400.0, 4.1, -0.6, 25.0), sm.StarLabels(6700.0, 4.3, -0.3, -40.0),
+         sm.StarLabels(6150.0, 4.0, -0.9, 5.0)]
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    rng = np.random.default_rng(7)
+    arms, truth = _exposure(rng, STARS, [13.0, 13.5, 14.0])
+    cal = fc.calibrate_exposure(arms, np.arange(3), np.array([13.0, 13.5, 14.0]), EXPTIME, SETTINGS)
+    return arms, truth, cal
+
+
+def test_standards_fitted_and_response_recovered(calibrated):
+    arms, truth, cal = calibrated
+    assert cal.status == "ok" and len(cal.fits) == 3 and all(f.ok for f in cal.fits)
+    for f in cal.fits:
+        star = STARS[f.fiber]
+        assert abs(f.labels.teff - star.teff) < 250 and abs(f.labels.rv - star.rv) < 5
+    for cam, arm in arms.items():
+        c = cal.cameras[cam]
+        ratio = c.response / _truth_response(arm.wave)
+        inner = slice(20, -20)
+        assert np.median(np.abs(ratio[inner] - 1)) < 0.01, cam
+        assert np.all(c.response_ivar[inner] > 0)
+        pull = (c.response - _truth_response(arm.wave)) * np.sqrt(c.response_ivar)
+        assert np.median(np.abs(pull[inner])) < 5
+    # telluric: the O2 B band's depth is measured, 1 outside the bands
+    r = cal.cameras["r1"]
+    band = np.abs(arms["r1"].wave - 6885.0) < 3
+    assert np.allclose(r.telluric[band], _telluric(arms["r1"].wave)[band], atol=0.05)
+    assert np.all(r.telluric[~band_mask(arms["r1"].wave)] == 1.0)
+
+
+def test_targets_calibrated_to_absolute_flux(calibrated):
+    arms, truth, cal = calibrated
+    for cam, arm in arms.items():
+        out = fc.apply_calibration(arm.spectra, cal.cameras[cam], EXPTIME, fallback=False, settings=SETTINGS)
+        tgt = slice(3, None)
+        ratio = np.median(out.flux[tgt, 20:-20] / truth[cam][tgt, 20:-20], axis=1)
+        assert np.all(np.abs(ratio - 1) < 0.02), (cam, ratio)
+        pull = (out.flux[tgt] - truth[cam][tgt]) * np.sqrt(out.ivar[tgt])
+        assert 0.8 < np.std(pull[:, 20:-20]) < 1.3
+        assert np.all(np.isfinite(out.flux)) and np.all(np.isfinite(out.ivar))
+        assert np.any(out.mask & Mask.TELLURIC) == (cam == "r1")
+
+
+def test_apply_propagates_ivar_and_flags():
+    flux = np.array([[100.0, 200.0, 300.0]])
+    ivar = np.array([[0.01, 0.0, 0.04]])
+    cal = fc.CameraCalibration(np.array([2.0, 2.0, 0.0]), np.array([400.0, 400.0, 0.0]), np.array([0.5, 1.0, 1.0]),
+                               np.array([1e4, 0.0, 0.0]))
+    out = fc.apply_calibration(Spectra1D(flux, ivar, np.zeros((1, 3), np.uint32)), cal, 10.0, fallback=True,
+                               settings=SETTINGS)
+    f0 = 100.0 / (10.0 * 2.0 * 0.5)
+    var0 = (1 / 0.01) / (10.0 * 2.0 * 0.5) ** 2 + f0**2 * (1 / (400.0 * 4.0) + 1 / (1e4 * 0.25))
+    assert out.flux[0, 0] == pytest.approx(f0) and out.ivar[0, 0] == pytest.approx(1 / var0, rel=1e-5)
+    assert out.ivar[0, 1] == 0 and out.ivar[0, 2] == 0 and out.flux[0, 2] == 0
+    assert out.mask[0, 2] & Mask.NOFLUXCAL and np.all(out.mask & Mask.FLUXFALLBACK)
+    assert out.mask[0, 0] & Mask.TELLURIC and not out.mask[0, 1] & Mask.TELLURIC
+    none = fc.apply_calibration(Spectra1D(flux, ivar, np.zeros((1, 3), np.uint32)), None, 10.0, fallback=False,
+                                settings=SETTINGS)
+    assert np.all(none.flux == 0) and np.all(none.ivar == 0) and np.all(none.mask & Mask.NOFLUXCAL)
+
+
+def test_no_standards_and_missing_camera_are_flagged_not_crashes():
+    rng = np.random.default_rng(8)
+    arms, _ = _exposure(rng, STARS[:1], [13.0], drop="r1")      # one standard, red camera missing
+    none = fc.calibrate_exposure(arms, np.array([], int), np.array([]), EXPTIME, SETTINGS)
+    assert none.status == "too_few" and none.cameras == {}
+    one = fc.calibrate_exposure(arms, np.array([0]), np.array([13.0]), EXPTIME, SETTINGS)
+    assert one.status == "too_few" and set(one.cameras) == {"b1"}   # min_standards is 2
+    # every standard's spectrum masked: no fit, no NaN
+    masked = fc.Arm(arms["b1"].wave, Spectra1D(arms["b1"].spectra.flux, np.zeros_like(arms["b1"].spectra.ivar),
+                                               arms["b1"].spectra.mask), 0.75)
+    bad = fc.calibrate_exposure({"b1": masked}, np.array([0]), np.array([13.0]), EXPTIME, SETTINGS)
+    assert bad.status == "too_few" and not bad.fits[0].ok
+
+
+def test_night_mean_and_telluric_combination():
+    a = fc.CameraCalibration(np.full(4, 2.0), np.full(4, 1.0), np.ones(4), np.zeros(4), 3)
+    b = fc.CameraCalibration(np.full(4, 4.0), np.full(4, 3.0), np.ones(4), np.zeros(4), 2)
+    empty = fc.CameraCalibration(np.zeros(4), np.zeros(4), np.ones(4), np.zeros(4), 0)
+    mean = fc.mean_calibration([a, b, empty])
+    np.testing.assert_allclose(mean.response, 3.5)
+    np.testing.assert_allclose(mean.response_ivar, 4.0)
+    assert mean.n_used == 5 and fc.mean_calibration([empty]) is None
+    wave = np.array([6000.0, 6880.0, 6890.0])
+    ratio = np.array([[2.0, 1.0, 1.5], [2.0, 1.2, 1.3]])
+    t, tivar = telluric_from_ratios(wave, ratio, np.ones_like(ratio), np.full(3, 2.0))
+    np.testing.assert_allclose(t, [1.0, 0.55, 0.7])
+    assert tivar[0] == 0 and tivar[1] > 0
