@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def make_raw_header(**overrides) -> fits.Header:
 def write_raw(path: Path, data: np.ndarray | None = None, checksum: bool = True, **overrides) -> Path:
     """Write a MINI-shaped raw frame (uint16 with BZERO) and return its path."""
     if data is None:
-        rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(path.name.encode()))  # stable across runs (hash() is salted)
         data = (1000 + rng.normal(0, 3, MINI.raw_shape)).astype(np.uint16)
     hdu = fits.PrimaryHDU(data=data, header=make_raw_header(**overrides))
     hdu.writeto(path, checksum=checksum, overwrite=True)

@@ -24,6 +24,8 @@ from fiberlake.jobs.query import scan_tables, sql
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
 
+pytestmark = pytest.mark.slow  # simulates, ingests and reduces a whole mini night
+
 NIGHT = "2026-11-22"
 SEED = 7
 

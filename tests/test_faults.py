@@ -27,6 +27,8 @@ from fiberlake.storage.layout import Lake
 from tests.lakecompare import assert_lakes_equal
 from tests.nights import night_with_bad_deliveries
 
+pytestmark = pytest.mark.slow  # SIGKILLs ingest/process workers at seeded points over a whole night
+
 NIGHT = "2026-11-23"
 CONFIG = ReductionParams(extractions=("box",), cosmics=False)
 WORKER = [sys.executable, "-m", "fiberlake.jobs.cli", "watch", "--once", "--extract", "box", "--no-cosmics"]

@@ -54,6 +54,8 @@ from fiberlake.storage.tables import TableStore  # noqa: E402
 from tests.lakecompare import assert_lakes_equal, table_rows  # noqa: E402
 from tests.nights import night_with_bad_deliveries  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a moto S3 server and whole ingests/reductions on s3:// lakes
+
 NIGHT = "2026-11-28"
 BUCKET = "fiberlake-test"
 REDUCE = ["--extract", "box", "--no-cosmics", "--no-rectify"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.ingest import ingest_night
@@ -12,6 +13,8 @@ from fiberlake.jobs.query import scan_tables
 from fiberlake.processors.pipeline import ReductionParams
 from fiberlake.schemas.instrument import MINI
 from fiberlake.storage.layout import Lake
+
+pytestmark = pytest.mark.slow  # simulates and reduces a night with the deconvolution extraction
 
 NIGHT = "2026-11-27"
 

@@ -20,6 +20,8 @@ from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
 from tests.lakecompare import assert_lakes_equal
 
+pytestmark = pytest.mark.slow  # runs Ray actors over a simulated night
+
 NIGHT = "2026-11-26"
 CONFIG = ReductionParams(extractions=("box",), cosmics=False, chunk_fibers=8)  # 4 bundles a frame
 

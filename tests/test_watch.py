@@ -20,6 +20,8 @@ from fiberlake.jobs.watch import watch_night
 from fiberlake.processors.pipeline import ReductionParams
 from fiberlake.storage.layout import Lake
 
+pytestmark = pytest.mark.slow  # watches and reduces simulated nights
+
 CONFIG = ReductionParams(extractions=("box",), cosmics=False)
 NIGHT_A, NIGHT_B = "2026-11-24", "2026-11-25"
 

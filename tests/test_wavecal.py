@@ -118,9 +118,10 @@ def test_calibrate_wavelength_without_lines_warns_and_flags():
     np.testing.assert_allclose(centre, spec.wave_center)
 
 
+@pytest.mark.slow  # three stages on simulated mini frames against the simulator's truth
 def test_ccd_tracing_wavecal_on_simulated_mini_frames():
     """The three stages on the instrument simulator's MINI frames, against its truth."""
-    sim = pytest.importorskip("fiberlake.ingest.simulate")
+    from fiberlake.ingest import simulate as sim
     from fiberlake.processors.ccd import CCDParams, combine_frames, overscan_subtract, preprocess
     from fiberlake.processors.tracing import trace_fibers
 
