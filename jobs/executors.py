@@ -9,24 +9,47 @@ them; ``num_gpus`` per actor, fractions allowed, when the cluster has GPUs, CPU 
 has none), keeps at most ``max_in_flight`` calls per actor outstanding (the driver never holds
 more than ``n_actors * max_in_flight`` results: backpressure), and restarts an actor that dies
 (``max_restarts``), retrying its calls there (``max_task_retries``).
+
+A local Ray (no ``address``) ends with the job that started it, however the job ends (exit,
+exception, SIGTERM, SIGKILL): :func:`init_ray` starts it from a watchdog child in a session of its
+own (:func:`serve_local_cluster`), under a temporary directory of its own. The watchdog holds the
+read end of a pipe whose write end only the driver holds; when the driver is gone the pipe reads
+end-of-file and the watchdog stops Ray, then signals every process left in its session (gcs_server,
+raylet, agents, workers: Ray's processes never leave the session they are started in; workers only
+change their process group), then removes the temporary directory. The local cluster uses token
+authentication with a token of this process (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``) unless
+``RAY_AUTH_MODE`` is set: Ray prints a notice on every start when the mode is not set explicitly.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from fiberlake.jobs.reduce_worker import FrameReducer
-
 Call = tuple[Any, ...]
+
+LOCAL_RAY_START_TIMEOUT_S = 180.0
+"""How long :func:`init_ray` waits for a local Ray to start."""
 
 
 class LocalPool:
     """One reducer in this process; calls run in order."""
 
     def __init__(self, lake_root: str, config: dict):
+        from fiberlake.jobs.reduce_worker import FrameReducer  # not at import: the Ray watchdog imports this module
+
         self.reducer = FrameReducer(lake_root, config)
 
     def map(self, method: str, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
@@ -36,7 +59,7 @@ class LocalPool:
             yield call, fn(*call)
 
     def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
-        """Reduce frames (``(exp, calib_night, calib_id, fibermap)`` calls) one after the other."""
+        """Reduce frames (``(exp, calib_night, calib_id, fibermap, methods)`` calls) one after the other."""
         return self.map("reduce", calls)
 
     def close(self) -> None:
@@ -44,21 +67,197 @@ class LocalPool:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start (or join, with ``address``) Ray without the dashboard; a no-op when already connected."""
+    """Join Ray at ``address``, or start a local Ray that ends with this process; a no-op when connected.
+
+    The local Ray has ``num_cpus`` CPUs (all of this machine's by default), no dashboard, and its
+    own temporary directory (under ``RAY_TMPDIR`` or the system's temporary directory); its
+    workers see the driver's ``FIBERLAKE_*``, ``AWS_*`` and ``PYTHONPATH`` settings.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": False,
-                              "configure_logging": False}
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "configure_logging": False}
     if address:
+        kwargs["include_dashboard"] = False
         kwargs["address"] = address
     else:
-        kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        kwargs["address"] = _start_local_cluster(num_cpus or os.cpu_count() or 1)
         env = {k: v for k, v in os.environ.items() if k.startswith(("FIBERLAKE_", "AWS_")) or k == "PYTHONPATH"}
         if env:  # workers see the driver's fiberlake and object-store settings (and its source tree)
             kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
+
+
+def shutdown_ray(timeout: float = 30.0) -> None:
+    """Disconnect from Ray and end the local Ray this process started, waiting up to ``timeout`` seconds."""
+    import ray
+
+    ray.shutdown()
+    _stop_local_cluster(timeout)
+
+
+_local_cluster: subprocess.Popen | None = None
+"""The watchdog of the local Ray this process started (its stdin is the pipe that keeps it up)."""
+
+
+def _start_local_cluster(num_cpus: int) -> str:
+    """Start a local Ray from a watchdog child in its own session; return the Ray address to join."""
+    global _local_cluster
+    _stop_local_cluster()  # one left by an earlier init_ray of this process, since disconnected (ray.shutdown)
+    if "RAY_AUTH_MODE" not in os.environ:
+        _use_token_auth()
+    temp_dir = tempfile.mkdtemp(prefix="fiberlake-ray-", dir=os.environ.get("RAY_TMPDIR"))
+    log_path = os.path.join(temp_dir, "watchdog.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from fiberlake.jobs.executors import serve_local_cluster; serve_local_cluster()",
+             str(num_cpus), temp_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    address = b""
+    deadline = time.monotonic() + LOCAL_RAY_START_TIMEOUT_S
+    while not address.endswith(b"\n") and proc.poll() is None and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            address += chunk
+    if not address.endswith(b"\n"):
+        proc.stdin.close()  # the watchdog stops whatever it started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        with open(log_path, "rb") as f:
+            tail = f.read().decode(errors="replace").strip().splitlines()[-5:]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise RuntimeError("local Ray did not start: " + (" | ".join(tail) or f"no address in {LOCAL_RAY_START_TIMEOUT_S:.0f} s"))
+    proc.stdout.close()
+    if not _atexit_registered:
+        _register_atexit()
+    _local_cluster = proc
+    return address.decode().strip()
+
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    """At a normal exit, end the local Ray before returning (a killed process leaves it to the watchdog).
+
+    Registered after ``import ray``, so it runs before Ray's own exit handler.
+    """
+    global _atexit_registered
+    _atexit_registered = True
+    atexit.register(shutdown_ray, 30.0)
+
+
+def _use_token_auth() -> None:
+    """Token authentication, chosen explicitly (Ray's notice stays quiet), with a token of this process.
+
+    The watchdog and Ray's processes inherit the setting; this process re-reads it as Ray's own
+    ``ray.init`` does when it turns token authentication on, since Ray caches its configuration
+    and token when first imported. The token is set once per process and never changed.
+    """
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # not ~/.ray/auth_token: nothing written
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication ignores both settings
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _stop_local_cluster(timeout: float = 0.0) -> None:
+    """Let the watchdog end the local Ray (closing its pipe); wait up to ``timeout`` seconds for it."""
+    global _local_cluster
+    proc, _local_cluster = _local_cluster, None
+    if proc is None:
+        return
+    proc.stdin.close()
+    if timeout:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def serve_local_cluster() -> None:
+    """The watchdog: start a local Ray, print its address, and end it with the driver.
+
+    Run as ``python -c ... NUM_CPUS TEMP_DIR`` by :func:`init_ray` in a session of its own, with
+    the driver's pipe on stdin. Prints the Ray address on stdout, then reads stdin until
+    end-of-file (the driver exited, however it did, or let go of the cluster), stops Ray, and
+    signals every process left in its session (SIGTERM, then SIGKILL after a grace period);
+    removes ``TEMP_DIR``.
+    """
+    import ray
+
+    num_cpus, temp_dir = int(sys.argv[1]), sys.argv[2]
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever Ray prints goes to the log, not into the address line
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+                 configure_logging=False)
+        out.write(ray.get_runtime_context().gcs_address + "\n")
+        out.close()
+        while os.read(0, 4096):
+            pass
+    except BaseException as err:  # noqa: BLE001 - the log says why; the cluster ends all the same
+        print(f"fiberlake Ray watchdog: {err!r}", file=sys.stderr, flush=True)
+    finally:
+        stopper = threading.Thread(target=ray.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        _end_session(grace=5.0)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        os._exit(0)  # no interpreter teardown under Ray's threads
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid`` other than this one (Linux /proc; empty elsewhere)."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        state, session = fields[0], int(fields[3])
+        if session == sid and state not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
+
+
+def _end_session(grace: float) -> None:
+    """SIGTERM every other process of this session, SIGKILL those left after ``grace`` seconds."""
+    sid = os.getsid(0)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _session_members(sid)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+            pids = _session_members(sid)
+        if not pids:
+            return
 
 
 class RayPool:
@@ -89,6 +288,8 @@ class RayPool:
                  max_task_retries: int = 3, num_cpus: int = 1):
         import ray
 
+        from fiberlake.jobs.reduce_worker import FrameReducer
+
         init_ray(address, num_cpus=None)
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpu else 0,
@@ -107,7 +308,7 @@ class RayPool:
     def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
         """Reduce frames, each as a small graph of actor calls, yielding ``(call, result)`` as frames finish.
 
-        A frame ``(exp, calib_night, calib_id, fibermap)`` is prepared on the least loaded
+        A frame ``(exp, calib_night, calib_id, fibermap, methods)`` is prepared on the least loaded
         actor, which returns one Ray object per fiber-bundle slab; its bundles are extracted on
         all the actors in turn (each fetches only its slab); the actor that prepared it joins
         them. The calls carry object references, so the driver never holds pixels. Actors run
@@ -117,10 +318,10 @@ class RayPool:
         turn = itertools.cycle(range(len(self.actors)))
 
         def launch(call: Call, home: int):
-            exp, calib_night, calib_id, fibermap = call
+            exp, calib_night, calib_id, fibermap, methods = call
             home_actor = self.actors[home]
             prepared, *slabs = home_actor.prepare.options(num_returns=self.n_bundles + 1).remote(
-                exp, calib_night, calib_id)
+                exp, calib_night, calib_id, methods)
             parts = [self.actors[next(turn)].extract.remote(prepared, slab) for slab in slabs]
             return home_actor.finish.remote(exp, fibermap, prepared, *parts)
 
