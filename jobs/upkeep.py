@@ -28,7 +28,7 @@ from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.objectstore import remove_tree
 from fiberlake.storage.quarantine import stored_copy_sha256
 from fiberlake.storage.rawstore import list_raw_arrays, open_raw_frame, pixel_sha256
-from fiberlake.storage.tables import TableStore, _writer_properties
+from fiberlake.storage.tables import TableStore, writer_properties_for
 
 
 def _files(store: TableStore, name: str, night: str | None) -> int:
@@ -66,7 +66,7 @@ def compact(lake: Lake, night: str | None = None, *, lock: bool = True) -> dict[
                 table = store.delta(name)
                 table.optimize.compact(
                     partition_filters=[("night", "=", night)] if night else None,
-                    writer_properties=_writer_properties(SCHEMAS[name]),
+                    writer_properties=writer_properties_for(SCHEMAS[name]),
                     min_commit_interval=timedelta(0),
                 )
             table = store.delta(name)
@@ -115,7 +115,11 @@ def vacuum(lake: Lake, retention_hours: float = 168.0, *, dry_run: bool = False,
                     retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False
                 )
                 report.table_files[name] = len(removed)
-        referenced = set(store.read("exposures", columns=["raw_path"]).column("raw_path").to_pylist())
+        # Polars reads the Parquet files itself. Not store.read: pyarrow reads a Delta table through a
+        # Python filesystem, and its scanner can still be releasing those Python buffers on its own
+        # threads when the command returns; a release after the interpreter began to exit aborts the
+        # process ("terminate called without an active exception", exit 134; apache/arrow#34314).
+        referenced = set(store.scan("exposures").select("raw_path").collect()["raw_path"].to_list())
         for array in list_raw_arrays(lake.root):
             if array.mtime > cutoff:
                 continue
