@@ -30,6 +30,7 @@ class TAG(IntEnum):
     TARGET = 11       # per target id: stellar parameters
     LAMP = 12         # per camera and night: arc-lamp line intensities
     BIAS_DRIFT = 13   # per exposure and camera: bias level and row drift
+    TYPING = 14       # typing data set (ingest.typing_dataset): nights, cameras, frame variants
 
 
 def _as_int(key) -> int:

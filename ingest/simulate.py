@@ -15,6 +15,7 @@ writes a whole night directory (raw frames, fiber maps, truth files; see
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from fiberlake.ingest.sim_detector import DetectorModel, bias_drift, build_detec
 from fiberlake.ingest.sim_optics import CameraModel, build_camera_model
 from fiberlake.ingest.sim_params import DEFAULT_PARAMS, SIM_VERSION, SimParams
 from fiberlake.ingest.sim_rng import TAG, rng_for
+from fiberlake.ingest.sim_variety import FrameVariant, arc_line_factor, solar_rows, twilight_rows
 from fiberlake.ingest.sim_spectra import (
     arc_line_list,
     atmosphere_transmission,
@@ -345,7 +347,8 @@ def _flat_rows(cam: CameraModel, det: DetectorModel, cond: Conditions, exptime: 
     return unit * scale, scale
 
 
-def _arc_rows(cam: CameraModel, cond: Conditions, exptime: float, night: str, seed: int) -> tuple[np.ndarray, dict]:
+def _arc_rows(cam: CameraModel, cond: Conditions, exptime: float, night: str, seed: int,
+              variant: FrameVariant | None = None) -> tuple[np.ndarray, dict]:
     p = cam.params
     grid = cam.fine_grid
     wave = grid.wave
@@ -353,6 +356,9 @@ def _arc_rows(cam: CameraModel, cond: Conditions, exptime: float, night: str, se
     rows = cam.convolve_lsf(cam.bin_continuum(grid, cont))
     lw, rel, ion = arc_line_list(rng_for(seed, TAG.LAMP, night))
     flux = p.arc_rate_1000 * rel / 1000.0 * cam.efficiency(lw) * exptime * cond.lamp_scale
+    if variant is not None:
+        rows = rows * variant.lamp_scale
+        flux = flux * arc_line_factor(ion, variant)
     rows = rows + cam.deposit_lines(lw, flux)
     on = (lw > cam.wave.min()) & (lw < cam.wave.max())
     lines = {"WAVE": lw[on], "ION": np.asarray(ion[on], dtype="<U8"), "FLUX": flux[on]}
@@ -407,7 +413,7 @@ def frame_electrons(camera: CameraModel, truth: dict) -> np.ndarray:
 def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, night: str, expid: int,
                    seed: int, exptime: float | None = None, fibermap=None, date_obs: str | None = None,
                    params: SimParams = DEFAULT_PARAMS, camera_model: CameraModel | None = None,
-                   detector: DetectorModel | None = None) -> SimulatedFrame:
+                   detector: DetectorModel | None = None, variant: FrameVariant | None = None) -> SimulatedFrame:
     """Simulate one camera of one exposure in memory.
 
     Parameters
@@ -435,6 +441,10 @@ def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, n
     params : SimParams, optional
     camera_model, detector : optional
         Precomputed :func:`camera_truth` / :func:`detector_truth` for this camera and night.
+    variant : FrameVariant, optional
+        How this frame departs from the defaults (lamp level, lamps out, twilight flat,
+        moonlight, clouds, plate brightness, bias drift; :mod:`~fiberlake.ingest.sim_variety`).
+        None (default): the frame of the defaults, byte for byte.
 
     Returns
     -------
@@ -453,6 +463,8 @@ def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, n
     cam = camera_model or camera_truth(inst, camera, night, seed, params)
     det = detector or detector_truth(inst, camera, seed, params)
     cond = exposure_conditions(inst, night, expid, seed, obstype)
+    if variant is not None and variant.transparency != 1.0:
+        cond = dataclasses.replace(cond, transparency=cond.transparency * variant.transparency)
     nf, ny, nx = inst.n_fibers, inst.ny, inst.nx
 
     truth: dict = {"THROUGHPUT": cam.throughput.copy()}
@@ -468,23 +480,33 @@ def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, n
         order = mine[np.argsort(cols["FIBER"][mine].astype(int))]
         fib = {k: v[order] for k, v in cols.items()}
         fib["OBJTYPE"] = np.char.strip(np.asarray(fib["OBJTYPE"]).astype(str))
+        if variant is not None and variant.mag_offset:
+            fib["MAG"] = fib["MAG"].astype(np.float32) + np.float32(variant.mag_offset)
         if not np.array_equal(fib["FIBER"].astype(int), np.arange(nf)):
             raise ValueError(f"fiber map lacks rows for fibers of spectrograph {specid} (needs 0..{nf - 1})")
         flam: dict = {}
         obj, targets = _object_rows(cam, cond, exptime, fib, seed, flam)
         sky = _sky_rows(cam, cond, exptime, night, expid, seed)
+        if variant is not None and variant.moon > 0:
+            sky = sky + variant.moon * cam.params.sky_rate * exptime * solar_rows(cam, cond.airmass)
         truth.update({"OBJ_ROWS": obj.astype(np.float32), "SKY_ROWS": sky.astype(np.float32), "TARGETS": targets})
         truth["FLAM_ROWS"] = flam.get("FLAM_ROWS", np.zeros((nf, ny))).astype(np.float32)
         light = obj + sky
         meta.update({"AIRMASS": cond.airmass, "TRANSP": cond.transparency, "SKYSCALE": cond.sky_scale,
                      "SPECMODL": resolve_stellar_model(params.stellar_model)[0]})
         meta["AEFF"] = effective_area_cm2(params.rate_mag16)
+    elif obstype == "FLAT" and variant is not None and variant.twilight_peak_adu > 0:
+        light, scale = twilight_rows(cam, det, variant, rng_for(seed, TAG.EXPOSURE, night, expid, "skylines"))
+        truth["LAMP_ROWS"] = light.astype(np.float32)
+        meta["LAMPSCAL"] = scale
     elif obstype == "FLAT":
         light, scale = _flat_rows(cam, det, cond, exptime)
+        if variant is not None:
+            light, scale = light * variant.lamp_scale, scale * variant.lamp_scale
         truth["LAMP_ROWS"] = light.astype(np.float32)
         meta["LAMPSCAL"] = scale
     elif obstype == "ARC":
-        light, extra = _arc_rows(cam, cond, exptime, night, seed)
+        light, extra = _arc_rows(cam, cond, exptime, night, seed, variant)
         truth["LAMP_ROWS"] = light.astype(np.float32)
         truth.update(extra)
         meta["LAMPSCAL"] = cond.lamp_scale
@@ -505,12 +527,17 @@ def simulate_frame(instrument: Instrument | str, camera: str, obstype: str, *, n
         crmask |= ((cr >= 3.0 * det.read_noise).astype(np.uint8) << 1)
     truth["CRMASK"] = crmask
     drift = bias_drift(rng_for(seed, TAG.BIAS_DRIFT, night, expid, camera), ny, params)
+    if variant is not None:
+        drift = variant.drift_scale * drift + variant.bias_offset_adu
+        truth["VARIANT"] = variant.to_dict()
     raw = digitize(electrons, det, drift, inst.n_overscan, inst.saturation,
                    rng_for(seed, TAG.NOISE, night, expid, camera), cr)
     truth["meta"] = meta
     header = frame_header(inst, camera, obstype, night=night, expid=expid, exptime=exptime,
                           date_obs=date_obs or _default_date_obs(inst, night, expid), gain=det.gain,
                           read_noise=det.read_noise, seed=seed, fibermap_meta=fm_meta, conditions=cond)
+    if variant is not None and obstype == "FLAT" and variant.twilight_peak_adu > 0:
+        header["LAMP"] = ("twilight", "twilight sky flat")
     return SimulatedFrame(raw=raw, header=header, truth=truth, camera=cam, detector=det)
 
 

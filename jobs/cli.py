@@ -225,6 +225,25 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.train import register_model, train_params_from_args, train_typing
+    from fiberlake.storage.layout import Lake
+    from fiberlake.storage.models import ship
+
+    params = train_params_from_args(args)
+    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else f"fiberlake train {args.stage}"
+    out = Path(args.out)
+    card, path = train_typing(params, out=out, command=command, cache=args.cache, progress=not args.quiet)
+    print(f"model {card['model_id']}: {path} (held-out final accuracy {card['heldout']['final_accuracy']:.4f}, "
+          f"unknown {card['heldout']['unknown_rate']:.4f})")
+    if args.lake:
+        register_model(Lake.at(args.lake), path)
+        print(f"registered in {args.lake}: models/{card['stage']}/{card['model_id']}")
+    if args.ship:
+        print(f"shipped as the default {card['stage']} model: {ship(path, card['stage'])}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fiberlake.jobs.demo import run_demo
 
@@ -355,6 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lake(show)
     show.add_argument("--json", action="store_true", help="the parameters as JSON, for 'fiberlake process --params'")
     show.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser("train", help="train a model from simulated data and write its artifact (safetensors + card)")
+    train_sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    t = train_sub.add_parser("typing", help="the frame typer (seed 001, SPIT): simulate, train, evaluate on "
+                             "held-out nights, write weights.safetensors and card.json under OUT/<model_id>/")
+    t.add_argument("--out", default="./models", help="folder of the artifact (default ./models)")
+    t.add_argument("--lake", default=None, help="also copy the artifact into this lake and list it in its models table")
+    t.add_argument("--ship", action="store_true",
+                   help="make it the package's default model (replaces the shipped one; for maintainers)")
+    t.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep the simulated, pre-processed frames here and reuse them on the next run")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    from fiberlake.jobs.train import add_train_flags
+
+    add_train_flags(t)
+    t.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="simulate a mini night, ingest, process and report")
     p.add_argument("--workdir", default="./fiberlake-demo", help="directory for the night and the lake")

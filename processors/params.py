@@ -348,3 +348,74 @@ class ReductionParams(ParSet):
         """Hash of everything the products above the frame (flux calibration, joined spectra, coadds)
         of one extraction depend on: :meth:`extraction_dict` plus ``fluxcal`` and ``coadd``."""
         return digest_of(self.extraction_dict(method) | self._stages(("fluxcal", "coadd")))
+
+
+# --------------------------------------------------------------------------------------
+# frame typing (seed 001, SPIT): an ingest stage, not part of the reduction
+# --------------------------------------------------------------------------------------
+ROUTING_MODES = ("auto", "header", "pixels")
+TYPING_ARCHITECTURES = ("compact", "paper")
+
+
+@dataclass(frozen=True)
+class TypingParams(ParSet):
+    """Frame typing at ingest (:mod:`fiberlake.processors.typing_route`): which model, and how its answer is used.
+
+    ``routing`` decides the type the pipeline acts on (``type_used`` of the ``frames`` table):
+
+    * ``auto`` - the header type stays primary (as PypeIt); a frame whose header type is missing
+      or not a known type, or whose header is contradicted by the pixels with at least
+      ``min_flips`` of 4 flips agreeing and a mean probability of at least ``min_confidence``,
+      is routed by its pixel type and flagged;
+    * ``header`` - the header type always (pixel types are recorded and disagreements flagged,
+      never acted on): the classical rules alone;
+    * ``pixels`` - the pixel type whenever the final scheme decided one, else the header type.
+    """
+
+    stage: ClassVar[str] = "typing"
+    enabled: bool = par(True, "type every frame from its pixels at ingest (needs torch)")
+    model: str = par("default", "typing model: default (shipped with fiberlake), a model id of the lake's "
+                     "models table, or a directory with weights.safetensors and card.json")
+    routing: str = par("auto", "which type the pipeline acts on: auto (header unless missing or contradicted with "
+                       "confidence), header (header rules alone), pixels (pixel type when decided)",
+                       choices=ROUTING_MODES)
+    min_confidence: float = par(0.9, "mean probability (over the 4 flips) a pixel type needs to override a header",
+                                bounds=(0.0, 1.0))
+    min_flips: int = par(4, "flips (of 4) that must agree before a pixel type overrides a header", bounds=(3, 4))
+    super_majority: int = par(3, "flips (of 4) that must agree for a pixel type at all, else UNKNOWN (the paper: 3)",
+                              bounds=(3, 4))
+    batch: int = par(16, "frames per forward pass of the typing network", bounds=(1, 4096), science=False)
+    device: str = par("auto", "torch device of the typing network (auto: CUDA when available)", choices=DEVICES,
+                      science=False)
+    cpu_threads: int = par(2, "torch CPU threads of the typing network", bounds=(1, 1024), science=False)
+
+
+@dataclass(frozen=True)
+class TypingTrainParams(ParSet):
+    """Training of a typing model (``fiberlake train typing``): data, network and optimiser.
+
+    The defaults make the shipped model within ~15 minutes on 2 CPU cores. Seeds of training
+    nights come from :data:`fiberlake.ingest.typing_dataset.TRAIN_SEEDS`, held-out nights from
+    :data:`~fiberlake.ingest.typing_dataset.HELDOUT_SEEDS`.
+    """
+
+    stage: ClassVar[str] = "train"
+    arch: str = par("compact", "network: compact (shippable, global pooling) or paper (the paper's, 69 M weights)",
+                    choices=TYPING_ARCHITECTURES)
+    mini_nights: int = par(24, "training nights of the mini instrument (one camera, every type)", bounds=(1, 200))
+    lamost_nights: int = par(2, "training nights of the lamost instrument", bounds=(0, 200))
+    per_class: int = par(6, "frames of each type in a mini training night", bounds=(1, 100))
+    lamost_per_class: int = par(2, "frames of each type in a lamost night", bounds=(1, 100))
+    heldout_mini_nights: int = par(10, "held-out mini nights (seeds no training run uses)", bounds=(1, 100))
+    heldout_lamost_nights: int = par(1, "held-out lamost nights", bounds=(0, 100))
+    heldout_per_class: int = par(5, "frames of each type in a held-out mini night", bounds=(1, 100))
+    epochs: int = par(14, "passes over the (class-balanced) training frames times their 4 flips", bounds=(1, 10000))
+    lr: float = par(2e-3, "initial Adam learning rate, decayed to 0 along a half cosine over the budget (the "
+                    "paper: 1e-4 constant, over ~1,000 updates of 30 on a GPU)", bounds=(1e-7, 1.0))
+    batch: int = par(32, "frames per Adam update", bounds=(1, 4096))
+    seed: int = par(0, "seed of the initialisation, oversampling, flips and batch order", bounds=(0, 2**31 - 1))
+    max_minutes: float = par(15.0, "stop training after this many minutes (the data simulation not counted)",
+                             unit="min", bounds=(0.1, 10000.0))
+    cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
+    device: str = par("auto", "torch device of the training (auto: CUDA when available)", choices=DEVICES,
+                      science=False)

@@ -196,6 +196,51 @@ Written last, after the exposure's ``spectra`` and ``metrics`` rows, so a row he
 rows are complete; a frame without one (or with other inputs) is reduced again, which replaces
 its rows rather than adding to them."""
 
+TYPE_CLASSES: tuple[str, ...] = ("bias", "dark", "flat", "arc", "science", "standard")
+"""Frame types of the typer, one probability column ``p_<type>`` each in ``frames``."""
+
+FRAMES = _schema([
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("camera", pa.string(), "camera"),
+    ("file_version", pa.int32(), "file version of the raw frame that was typed (as in exposures)"),
+    ("pixel_sha256", pa.string(), "SHA-256 of the raw pixels that were typed"),
+    ("type_header", pa.string(), "OBSTYPE of the header as delivered (null when missing)"),
+    ("type_pixels", pa.string(), "type from the pixels by the final scheme (3 of 4 flips agree): BIAS DARK FLAT "
+     "ARC SCIENCE STANDARD, or UNKNOWN"),
+] + [(f"p_{c}", pa.float32(), f"probability of {c.upper()}, softmax averaged over the 4 flips (null when not typed)")
+     for c in TYPE_CLASSES] + [
+    ("flips_agreeing", pa.int8(), "flips (of 4) voting for the most voted type; 0 when the frame was not typed"),
+    ("confidence", pa.float32(), "mean probability of the most voted type over the 4 flips"),
+    ("type_agree", pa.bool_(), "type_pixels equals type_header (false when either is missing or UNKNOWN)"),
+    ("type_used", pa.string(), "the type the pipeline acts on (calibration sets, reductions): see routing"),
+    ("routed_by", pa.string(), "header or pixels: where type_used came from"),
+    ("type_flag", pa.string(), "null, or why a person should look: header_missing, header_overridden, "
+     "disagree (header kept), untypable (no type at all), pixels_unknown (header kept, pixels undecided)"),
+    ("untypable", pa.string(), "why the pixels could not be typed (blank, saturated, not finite); null otherwise"),
+    ("routing", pa.string(), "routing mode: auto, header or pixels (typing.routing)"),
+    ("model_id", pa.string(), "typing model (table models); null when typing was off"),
+    ("typed_at", TS, "time the row was committed"),
+])
+"""One row per ingested frame (version): what the header says, what the pixels say, what is used."""
+
+MODELS = _schema([
+    ("night", pa.string(), "UTC date the model was registered, YYYY-MM-DD (partition)"),
+    ("stage", pa.string(), "pipeline stage, e.g. typing"),
+    ("model_id", pa.string(), "content hash of weights and definition: <stage>-<16 hex digits>"),
+    ("architecture", pa.string(), "network, e.g. compact or paper"),
+    ("n_parameters", pa.int64(), "trainable weights"),
+    ("size_bytes", pa.int64(), "size of weights.safetensors"),
+    ("path", pa.string(), "artifact folder relative to the lake root (models/<stage>/<model_id>)"),
+    ("source", pa.string(), "trained (fiberlake train) or shipped (the package's default)"),
+    ("code_version", pa.string(), "fiberlake version and git commit of the training"),
+    ("heldout_accuracy", pa.float32(), "final-scheme accuracy on the held-out simulated frames"),
+    ("heldout_unknown", pa.float32(), "fraction of held-out frames typed UNKNOWN"),
+    ("card_json", pa.string(), "the whole model card (command, seeds, data sizes, hyper-parameters, figures)"),
+    ("registered_at", TS, "time the row was committed"),
+])
+"""One row per model artifact the lake holds."""
+
 FLUXCAL = _schema([
     ("night", pa.string(), "night (partition)"),
     ("expid", pa.int64(), "exposure id; 0 for the night's mean response of a camera"),
@@ -301,6 +346,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "runs": RUNS,
     "reductions": REDUCTIONS,
     "deliveries": DELIVERIES,
+    "frames": FRAMES,
+    "models": MODELS,
     "fluxcal": FLUXCAL,
     "joined": JOINED,
     "coadds": COADDS,
@@ -315,6 +362,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id", "night"),
     "reductions": ("night", "expid", "camera", "extraction"),
     "deliveries": ("night", "filename", "file_sha256"),
+    "frames": ("night", "expid", "camera", "file_version"),
+    "models": ("stage", "model_id"),
     "fluxcal": ("night", "expid", "camera", "extraction"),
     "joined": ("night", "expid", "spectrograph", "fiber", "extraction"),
     "coadds": ("night", "targetid", "extraction", "scope"),
@@ -334,6 +383,8 @@ TABLE_DESCRIPTIONS: dict[str, str] = {
     "runs": "one row per processing run and night: code version and every parameter",
     "reductions": "one row per reduced frame: the marker that its spectra and metrics are complete",
     "deliveries": "one row per delivered file looked at: the ingest log",
+    "frames": "one row per ingested frame: header type, pixel type (SPIT), probabilities, the type used",
+    "models": "one row per model artifact in the lake: stage, architecture, held-out figures, model card",
     "fluxcal": "one row per camera, exposure and extraction: the response and telluric applied (expid 0: the night's mean)",
     "joined": "one row per fiber, exposure and extraction: flux-calibrated spectrum, arms joined",
     "coadds": "one row per target, night (and over all nights) and extraction: exposures combined, HEALPix index",

@@ -1,0 +1,169 @@
+"""Frame typing (seed 001, SPIT): accuracy of the paper's network and the shipped variant, and costs.
+
+Usage: ``python bench/typing.py [--paper-minutes 10] [--cache DIR] [--out DIR] [--skip-paper]``
+
+In one run, on the same frames:
+
+* the held-out nights of ``fiberlake train typing``'s defaults (seeds no training run uses):
+  the shipped compact model and the paper's network (:class:`~fiberlake.processors.spit.SPITNet`,
+  69 M weights) trained here on the same training nights with the paper's Adam 1e-4 for as long
+  as ``--paper-minutes`` allows; for each: the paper's normalized accuracy (every flip alone,
+  classes weighted equally), the final scheme's accuracy, unknown and misclassified rates, the
+  confusion matrix, and the wrong-header audit (5 % of the headers wrong or missing: fraction
+  caught, false alarms on good headers, calibration sets equal to the true ones with the routing
+  rule and with the header rules alone);
+* costs on CPU (and CUDA when present): pre-processing frames/s for mini and lamost frames,
+  inference frames/s (4 flips each) of both networks, and typing's share of the ingest time of
+  a simulated mini night ingested here (``jobs.ingest.ingest_night``).
+
+Prints a table and writes ``typing.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_of  # noqa: E402  (bench/timing.py)
+
+
+def accuracy_rows(name: str, figures: dict, n_params: int, train: dict | None) -> dict:
+    audit = figures["wrong_headers"]
+    return {"network": name, "parameters": n_params, "normalized": figures["normalized_accuracy"],
+            "final": figures["final_accuracy"], "unknown": figures["unknown_rate"],
+            "misclassified": figures["misclassified_rate"], "caught": audit["caught"],
+            "false_alarm": audit["false_alarm"], "calib_equal_routing": audit["calib_equal_routing"],
+            "calib_equal_header": audit["calib_equal_header"],
+            "train_minutes": None if train is None else round(train["seconds"] / 60, 1),
+            "epochs": None if train is None else train["epochs"], "updates": None if train is None else train["updates"]}
+
+
+def preprocessing_rate(instrument: str, n: int) -> float:
+    """Frames per second of :func:`prepare_frame` on simulated raw frames of ``instrument``."""
+    from fiberlake.ingest import typing_dataset as td
+    from fiberlake.processors.typing_prep import prepare_frame
+
+    spec = td.plan_nights(instrument, td.HELDOUT_SEEDS[:1], 1)[0]
+    raws = [f.raw for f in td.simulate_night_frames(spec)][:n]
+    seconds, _ = best_of(lambda: [prepare_frame(r) for r in raws], 2)
+    return len(raws) / seconds
+
+
+def inference_rate(typer, n: int = 32) -> float:
+    """Frames per second (each frame: 4 flips) of a typer on random uint8 frames."""
+    from fiberlake.processors.typing_prep import TARGET_SHAPE
+
+    images = np.random.default_rng(0).integers(0, 255, (n,) + TARGET_SHAPE, dtype=np.uint8)
+    seconds, _ = best_of(lambda: typer.flip_probabilities(images), 2)
+    return n / seconds
+
+
+def ingest_share(typer, workdir: Path) -> dict:
+    """Ingest a simulated mini night and type its frames: seconds per frame of each, measured here."""
+    from fiberlake.ingest.simulate import simulate_night
+    from fiberlake.jobs.ingest import ingest_night
+    from fiberlake.processors.typing_prep import prepare_frame
+    from fiberlake.storage.layout import Lake
+
+    paths = simulate_night("mini", "2026-01-05", workdir / "nights", seed=9050, n_science=4)
+    lake = Lake.at(workdir / "lake")
+    lake.ensure("mini")
+    t0 = time.perf_counter()
+    ingest_night(lake, workdir / "nights" / "2026-01-05", instrument="mini")
+    ingest_s = time.perf_counter() - t0
+    from astropy.io import fits
+
+    raws = [fits.getdata(p) for p in paths]
+    t0 = time.perf_counter()
+    images = np.stack([prepare_frame(r) for r in raws])
+    prep_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    typer.type_images(images)
+    infer_s = time.perf_counter() - t0
+    n = len(paths)
+    return {"frames": n, "ingest_s_per_frame": ingest_s / n, "prep_s_per_frame": prep_s / n,
+            "inference_s_per_frame": infer_s / n, "typing_share_of_ingest": (prep_s + infer_s) / ingest_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paper-minutes", type=float, default=10.0, help="training budget of the paper's network")
+    parser.add_argument("--skip-paper", action="store_true", help="the shipped model only")
+    parser.add_argument("--cache", default="bench_out/typing_cache", help="simulated, pre-processed frames")
+    parser.add_argument("--out", default="bench_out", help="where typing.json goes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+
+    import torch
+
+    from fiberlake.jobs.train import evaluate, fit, load_typing_model, night_specs, prepare_dataset
+    from fiberlake.processors.params import TypingTrainParams
+    from fiberlake.processors.spit import FrameTyper, SPITNet, format_confusion, n_parameters
+    from fiberlake.storage.models import shipped_dir
+
+    torch.set_num_threads(args.threads)
+    from fiberlake.schemas.header import OBSTYPES as CLASSES
+
+    shipped = load_typing_model("default", device="cpu", batch=16)
+    card = json.loads((shipped_dir("typing") / "card.json").read_text())
+    params = TypingTrainParams.from_dict(card["training"]["params"])
+    held = prepare_dataset(night_specs(params, heldout=True), args.cache, progress=True, label="held-out nights")
+    results: dict = {"heldout": held.summary(), "shipped_model": card["model_id"]}
+    rows = []
+    fig = evaluate(shipped, held)
+    results["compact"] = fig
+    rows.append(accuracy_rows(f"compact (shipped {card['model_id']})", fig, n_parameters(shipped.model),
+                              card["training"]))
+    print("compact, final scheme on held-out frames:\n" + format_confusion(fig, CLASSES))
+    if not args.skip_paper:
+        train = prepare_dataset(night_specs(params, heldout=False), args.cache, progress=True, label="training nights")
+        paper_params = params.updated({"arch": "paper", "lr": 1e-4, "max_minutes": args.paper_minutes,
+                                       "cpu_threads": args.threads, "device": "auto"})
+        model = SPITNet(len(CLASSES))
+        training = fit(model, train, paper_params)
+        typer = FrameTyper(model, CLASSES, device="auto", batch=8)
+        fig = evaluate(typer, held)
+        results["paper"] = {**fig, "training": training}
+        rows.append(accuracy_rows("paper (SPITNet, Adam 1e-4)", fig, n_parameters(model), training))
+        print("paper, final scheme on held-out frames:\n" + format_confusion(fig, CLASSES))
+        results["paper_inference_fps_cpu"] = inference_rate(FrameTyper(model, CLASSES, device="cpu", batch=8), 16)
+    results["accuracy"] = rows
+    results["prep_fps"] = {"mini": preprocessing_rate("mini", 12), "lamost": preprocessing_rate("lamost", 4)}
+    results["compact_inference_fps_cpu"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cpu", batch=16))
+    if torch.cuda.is_available():
+        results["compact_inference_fps_cuda"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cuda",
+                                                                          batch=64), 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        results["ingest"] = ingest_share(shipped, Path(tmp))
+
+    print()
+    head = ["network", "parameters", "normalized", "final", "unknown", "misclassified", "caught", "false_alarm",
+            "calib_equal_routing", "calib_equal_header", "train_minutes", "epochs"]
+    print(" | ".join(head))
+    for row in rows:
+        print(" | ".join(f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in head))
+    print(f"pre-processing frames/s (CPU): mini {results['prep_fps']['mini']:.1f}, "
+          f"lamost {results['prep_fps']['lamost']:.2f}")
+    print(f"inference frames/s (4 flips, CPU): compact {results['compact_inference_fps_cpu']:.1f}"
+          + (f", paper {results['paper_inference_fps_cpu']:.2f}" if "paper_inference_fps_cpu" in results else "")
+          + (f"; CUDA compact {results['compact_inference_fps_cuda']:.0f}" if "compact_inference_fps_cuda" in results
+             else ""))
+    ing = results["ingest"]
+    print(f"ingest of a mini night: {ing['ingest_s_per_frame'] * 1e3:.0f} ms/frame; typing "
+          f"{(ing['prep_s_per_frame'] + ing['inference_s_per_frame']) * 1e3:.0f} ms/frame "
+          f"= {100 * ing['typing_share_of_ingest']:.0f}% of it")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "typing.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {out / 'typing.json'}")
+
+
+if __name__ == "__main__":
+    main()

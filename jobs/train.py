@@ -1,0 +1,483 @@
+"""``fiberlake train typing``: simulate labelled frames, train SPIT, evaluate on held-out nights, write an artifact.
+
+Steps (each a function, so :mod:`bench.typing` and the tests reuse them):
+
+1. :func:`prepare_dataset` - simulate the typing nights of :mod:`fiberlake.ingest.typing_dataset`
+   (training seeds, or held-out seeds no training run uses) and pre-process every frame
+   (:func:`~fiberlake.processors.typing_prep.prepare_frame`); optionally cached as ``.npz``.
+2. :func:`fit` - Adam on the class-balanced (oversampled) frames times their 4 flips, within a
+   time budget.
+3. :func:`evaluate` - the paper's figures on the held-out frames and the wrong-header audit.
+4. :func:`train_typing` - all of it, and the artifact (:mod:`fiberlake.storage.models`):
+   safetensors weights, model card, ``model_id``; :func:`register_model` adds it to a lake.
+
+:func:`load_typing_model` is what ingest calls at start: the shipped default, a folder or a
+model id of the lake, checked (missing, truncated or mis-shaped weights are one clear error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from fiberlake.jobs.cli_params import _converter, _dest, _help, _metavar
+from fiberlake.processors.params import TypingParams, TypingTrainParams
+from fiberlake.schemas.header import OBSTYPES as CLASSES
+from fiberlake.schemas.parset import flag_name
+from fiberlake.storage import models as store
+
+# The simulator, the pre-processing and torch are imported where they are used, so that building
+# the command line (``fiberlake --help``) stays light.
+
+STAGE = "typing"
+TRAIN_PREFIX = "train"
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+@dataclass
+class TypingData:
+    """Pre-processed labelled frames.
+
+    Attributes
+    ----------
+    images : ndarray of uint8, shape (N, 210, 650)
+    labels : ndarray of int, shape (N,)
+        Index into :data:`~fiberlake.ingest.typing_dataset.CLASSES`.
+    meta : list of dict
+        ``instrument seed night camera expid exptime kind`` of each frame.
+    specs : list of NightSpec
+        The nights simulated (:class:`fiberlake.ingest.typing_dataset.NightSpec`).
+    seconds : float
+        Time spent simulating and pre-processing (0 when read from the cache).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    meta: list[dict]
+    specs: list
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    def subset(self, keep: np.ndarray) -> "TypingData":
+        """The frames where ``keep`` is true."""
+        keep = np.asarray(keep, dtype=bool)
+        return TypingData(self.images[keep], self.labels[keep], [m for m, k in zip(self.meta, keep) if k],
+                          self.specs, self.seconds)
+
+    def groups(self) -> np.ndarray:
+        """One integer per (instrument, seed, camera): the frames of one night and camera."""
+        keys = [f"{m['instrument']}/{m['seed']}/{m['camera']}" for m in self.meta]
+        _, inverse = np.unique(keys, return_inverse=True)
+        return inverse
+
+    def summary(self) -> dict:
+        """Sizes for a model card: frames per class and per instrument, nights, seeds."""
+        instruments: dict[str, int] = {}
+        for m in self.meta:
+            instruments[m["instrument"]] = instruments.get(m["instrument"], 0) + 1
+        return {"frames": len(self), "per_class": {c: int((self.labels == i).sum()) for i, c in enumerate(CLASSES)},
+                "per_instrument": instruments, "nights": len(self.specs),
+                "seeds": sorted({s.seed for s in self.specs}), "cameras": sorted({s.camera for s in self.specs}),
+                "bytes_preprocessed": int(self.images.nbytes)}
+
+
+def night_specs(params: TypingTrainParams, heldout: bool) -> list:
+    """The typing nights of a training run (training seeds) or of its evaluation (held-out seeds).
+
+    Mini nights take the first seeds of their pool, lamost nights the last ones, so the two
+    never share a seed and adding nights of one instrument does not change the other's.
+    """
+    from fiberlake.ingest.typing_dataset import HELDOUT_SEEDS, TRAIN_SEEDS, plan_nights
+
+    pool = HELDOUT_SEEDS if heldout else TRAIN_SEEDS
+    n_mini = params.heldout_mini_nights if heldout else params.mini_nights
+    n_lamost = params.heldout_lamost_nights if heldout else params.lamost_nights
+    per_class = params.heldout_per_class if heldout else params.per_class
+    if n_mini + n_lamost > len(pool):
+        raise ValueError(f"{n_mini + n_lamost} nights asked for, {len(pool)} seeds in the pool")
+    specs = plan_nights("mini", pool[:n_mini], per_class)
+    if n_lamost:
+        specs += plan_nights("lamost", pool[len(pool) - n_lamost:], params.lamost_per_class)
+    return specs
+
+
+def _cache_key(specs: list) -> str:
+    from fiberlake.ingest.typing_dataset import simulator_settings
+    from fiberlake.processors.typing_prep import prep_config
+
+    text = json.dumps({"specs": [s.to_dict() for s in specs], "sim": simulator_settings(), "prep": prep_config()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def prepare_dataset(specs: list, cache: str | Path | None = None, progress: bool = False,
+                    label: str = "simulate") -> TypingData:
+    """Simulate and pre-process the frames of ``specs`` (or read them from ``cache``).
+
+    The cache file's name hashes the nights, the simulator's settings and the pre-processing,
+    so a changed simulator never reads stale frames.
+    """
+    from fiberlake.ingest.typing_dataset import iter_frames
+    from fiberlake.processors.typing_prep import TARGET_SHAPE, prepare_frame
+
+    path = Path(cache) / f"typing-{_cache_key(specs)}.npz" if cache else None
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            return TypingData(z["images"], z["labels"], json.loads(str(z["meta"])), specs, 0.0)
+    t0 = time.perf_counter()
+    total = sum(s.per_class for s in specs) * len(CLASSES)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=label, unit="frame")
+    images = np.empty((total,) + TARGET_SHAPE, dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    meta = []
+    for i, frame in enumerate(iter_frames(specs)):
+        images[i] = prepare_frame(frame.raw)
+        labels[i] = CLASSES.index(frame.label)
+        meta.append({"instrument": frame.instrument, "seed": frame.seed, "night": frame.night, "camera": frame.camera,
+                     "expid": frame.expid, "exptime": round(frame.exptime, 2), "kind": frame.kind})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    data = TypingData(images, labels, meta, specs, time.perf_counter() - t0)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, images=images, labels=labels, meta=np.array(json.dumps(meta)))
+        tmp.replace(path)
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------
+def balanced_indices(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices with every class oversampled to the largest class's count (the paper's 2.3).
+
+    Each frame of a smaller class is repeated as many whole times as fit, and the remainder is
+    drawn at random without repetition.
+
+    Examples
+    --------
+    >>> idx = balanced_indices(np.array([0, 0, 0, 0, 1]), np.random.default_rng(0))
+    >>> np.bincount(np.array([0, 0, 0, 0, 1])[idx]).tolist()
+    [4, 4]
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    target = max(int((labels == c).sum()) for c in present)
+    out = []
+    for c in present:
+        members = np.flatnonzero(labels == c)
+        whole, rest = divmod(target, members.size)
+        out.append(np.concatenate([np.tile(members, whole), rng.choice(members, rest, replace=False)]))
+    return np.concatenate(out)
+
+
+def flip_image(image: np.ndarray, flip: int) -> np.ndarray:
+    """Flip 0: none, 1: left-right, 2: up-down, 3: both (the order of :func:`typing_prep.flips`)."""
+    if flip & 1:
+        image = image[..., :, ::-1]
+    if flip & 2:
+        image = image[..., ::-1, :]
+    return image
+
+
+def fit(model, data: TypingData, params: TypingTrainParams, log: Callable[[str], None] = print) -> dict:
+    """Train ``model`` in place with Adam on the balanced frames times their 4 flips.
+
+    One epoch is one pass, in random order, over every (oversampled frame, flip) pair: the
+    paper's expanded training set. Training stops after ``params.epochs`` epochs or
+    ``params.max_minutes``, whichever comes first; the learning rate decays from ``params.lr``
+    to 0 along a half cosine over that budget (the paper kept 1e-4 constant over ~1,000 GPU
+    updates; on two CPU cores the budget is a few hundred updates, and a larger rate that
+    decays converges within it).
+
+    Returns
+    -------
+    dict
+        ``epochs`` run, ``updates``, ``seconds``, ``stopped_by`` (epochs or time) and a per-epoch
+        ``history`` of mean loss and accuracy on the training pairs.
+    """
+    import torch
+    from torch import nn
+
+    from fiberlake.processors.spit import resolve_device, to_input
+
+    torch.manual_seed(params.seed)
+    torch.set_num_threads(params.cpu_threads)
+    rng = np.random.default_rng(params.seed)
+    device = resolve_device(params.device)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    balanced = balanced_indices(data.labels, rng)
+    pairs = np.stack([np.repeat(balanced, 4), np.tile(np.arange(4), balanced.size)], axis=1)
+    t0 = time.perf_counter()
+    deadline = t0 + 60.0 * params.max_minutes
+    history, updates, stopped_by = [], 0, "epochs"
+    per_epoch = -(-len(pairs) // params.batch)
+    for epoch in range(params.epochs):
+        order = pairs[rng.permutation(len(pairs))]
+        total_loss = correct = seen = 0.0
+        for start in range(0, len(order), params.batch):
+            chunk = order[start:start + params.batch]
+            batch = np.stack([flip_image(data.images[i], f) for i, f in chunk])
+            x = to_input(batch).to(device)
+            y = torch.as_tensor(data.labels[chunk[:, 0]], device=device)
+            progress = max(updates / (per_epoch * params.epochs), (time.perf_counter() - t0) / (deadline - t0))
+            for group in optimizer.param_groups:
+                group["lr"] = params.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            optimizer.zero_grad()
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            loss.backward()
+            optimizer.step()
+            updates += 1
+            total_loss += float(loss.detach()) * len(chunk)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(chunk)
+            if time.perf_counter() > deadline:
+                stopped_by = "time"
+                break
+        history.append({"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+                        "pairs": int(seen), "seconds": round(time.perf_counter() - t0, 1)})
+        log(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}, train accuracy {history[-1]['accuracy']:.4f} "
+            f"({history[-1]['seconds']:.0f} s)")
+        if stopped_by == "time":
+            break
+    model.eval()
+    return {"epochs": len(history), "updates": updates, "seconds": round(time.perf_counter() - t0, 1),
+            "stopped_by": stopped_by, "balanced_frames": int(balanced.size), "pairs_per_epoch": int(len(pairs)),
+            "history": history}
+
+
+# --------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------
+def evaluate(typer, data: TypingData, typing: TypingParams | None = None) -> dict:
+    """Held-out figures: the paper's normalized and final-scheme accuracy, per instrument, and the
+    wrong-header audit (5 % of the headers wrong or missing, routed with ``typing``'s rule).
+
+    Returns
+    -------
+    dict
+        :func:`~fiberlake.processors.spit.evaluate_votes` of all frames plus ``per_instrument``,
+        ``errors`` (each frame the final scheme got wrong or left UNKNOWN), ``wrong_headers``
+        (:func:`~fiberlake.processors.typing_route.header_audit`) and ``inference_s``.
+    """
+    from fiberlake.processors.spit import evaluate_votes, vote
+    from fiberlake.processors.typing_route import header_audit
+
+    typing = typing or TypingParams()
+    t0 = time.perf_counter()
+    probs = typer.flip_probabilities(data.images)
+    seconds = time.perf_counter() - t0
+    figures = evaluate_votes(probs, data.labels, CLASSES, typing.super_majority)
+    instruments = np.array([m["instrument"] for m in data.meta])
+    figures["per_instrument"] = {name: evaluate_votes(probs[instruments == name], data.labels[instruments == name],
+                                                      CLASSES, typing.super_majority)
+                                 for name in sorted(set(instruments))}
+    votes = vote(probs, typing.super_majority)
+    figures["errors"] = [
+        {**data.meta[i], "true": CLASSES[data.labels[i]],
+         "typed": CLASSES[votes.index[i]] if votes.index[i] >= 0 else "UNKNOWN",
+         "flips_agreeing": int(votes.flips_agreeing[i]), "confidence": round(float(votes.confidence[i]), 3)}
+        for i in np.flatnonzero(votes.index != data.labels)]
+    figures["wrong_headers"] = header_audit(probs, data.labels, CLASSES, data.groups(), routing=typing.routing,
+                                            min_flips=typing.min_flips, min_confidence=typing.min_confidence,
+                                            super_majority=typing.super_majority)
+    figures["inference_s"] = round(seconds, 2)
+    return figures
+
+
+# --------------------------------------------------------------------------------------
+# artifacts
+# --------------------------------------------------------------------------------------
+def arch_params(model) -> dict:
+    """The constructor arguments of a typing network (recorded in the model card)."""
+    from torch import nn
+
+    from fiberlake.processors.spit import SPITCompact, SPITNet
+
+    if isinstance(model, SPITCompact):
+        convs = [m.out_channels for m in model.features if hasattr(m, "out_channels")]
+        return {"channels": convs, "hidden": model.classifier[1].out_features,
+                "batchnorm": any(isinstance(m, nn.BatchNorm2d) for m in model.features)}
+    if isinstance(model, SPITNet):
+        convs = [m for m in model.features if hasattr(m, "out_channels")]
+        return {"conv1": convs[0].out_channels, "conv2": convs[1].out_channels, "kernel": convs[0].kernel_size[0],
+                "hidden": model.classifier[1].out_features}
+    raise TypeError(f"not a typing network: {type(model).__name__}")
+
+
+def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | None = None, command: str = "",
+                 cache: str | Path | None = None, progress: bool = False,
+                 log: Callable[[str], None] = print) -> tuple[dict, Path | None]:
+    """Simulate, train, evaluate and write one typing model artifact.
+
+    Parameters
+    ----------
+    params : TypingTrainParams
+    out : path, optional
+        Folder under which the artifact folder ``<model_id>/`` is written (nothing is written
+        when None: the card is returned alone).
+    command : str
+        The command line, for the card.
+    cache : path, optional
+        Folder of pre-processed data sets (:func:`prepare_dataset`).
+
+    Returns
+    -------
+    card : dict
+    path : Path or None
+        The artifact folder.
+    """
+    from fiberlake.ingest.typing_dataset import simulator_settings
+    from fiberlake.jobs.provenance import code_version
+    from fiberlake.processors.spit import FrameTyper, build_model, format_confusion, n_parameters, state_arrays
+    from fiberlake.processors.typing_prep import TARGET_SHAPE, prep_config
+
+    params = params or TypingTrainParams()
+    train_specs, held_specs = night_specs(params, heldout=False), night_specs(params, heldout=True)
+    train = prepare_dataset(train_specs, cache, progress, "simulate training nights")
+    log(f"training frames: {len(train)} ({train.seconds:.0f} s to simulate and pre-process)")
+    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights")
+    log(f"held-out frames: {len(held)} ({held.seconds:.0f} s)")
+    model = build_model(params.arch, len(CLASSES), TARGET_SHAPE)
+    training = fit(model, train, params, log)
+    typer = FrameTyper(model, CLASSES, device=params.device, batch=16)
+    figures = evaluate(typer, held)
+    log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "
+        f"unknown {figures['unknown_rate']:.4f}")
+    log(format_confusion(figures, CLASSES))
+    card = {
+        "stage": STAGE,
+        "architecture": params.arch,
+        "arch_params": arch_params(model),
+        "classes": list(CLASSES),
+        "input_shape": list(TARGET_SHAPE),
+        "prep": prep_config(),
+        "n_parameters": n_parameters(model),
+        "training": {**training, "params": params.to_dict(), "optimizer": "Adam, half-cosine decay of the rate",
+                     "loss": "cross-entropy on softmax", "oversampling": "every class to the largest",
+                     "augmentation": "the 4 flips of every frame, every epoch"},
+        "data": {"train": {**train.summary(), "specs": [s.to_dict() for s in train_specs],
+                           "simulate_s": round(train.seconds, 1)},
+                 "heldout": {**held.summary(), "specs": [s.to_dict() for s in held_specs],
+                             "simulate_s": round(held.seconds, 1)}},
+        "simulator": simulator_settings(),
+        "heldout": figures,
+        "command": command,
+        "code_version": code_version(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = None
+    if out is not None:
+        tmp = Path(out) / ".incoming"
+        card = store.write_artifact(tmp, state_arrays(model), card)
+        path = Path(out) / card["model_id"]
+        if path.exists():
+            import shutil
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return card, path
+
+
+def load_typing_model(source: str = "default", lake_root=None, device: str = "auto", batch: int = 16,
+                      cpu_threads: int | None = None):
+    """The typing model a setting names, ready to type (:class:`~fiberlake.processors.spit.FrameTyper`).
+
+    Parameters
+    ----------
+    source : str
+        ``default`` (shipped), a folder, or a model id of the lake's ``models/typing/``.
+    lake_root : Path or ObjectPath, optional
+        The lake, to find model ids.
+
+    Raises
+    ------
+    fiberlake.storage.models.ArtifactError
+        Missing, truncated or corrupt files.
+    fiberlake.processors.spit.ModelError
+        Weights that do not fit the card's architecture.
+    """
+    import torch
+
+    from fiberlake.processors.spit import FrameTyper, ModelError, build_model, load_state
+
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    directory = store.locate(source, STAGE, lake_root)
+    tensors, card = store.read_artifact(directory)
+    try:
+        model = build_model(card["architecture"], len(card["classes"]), tuple(card["input_shape"]),
+                            **card.get("arch_params", {}))
+    except TypeError as err:
+        raise ModelError(f"model card {directory}: architecture parameters do not fit ({err})") from None
+    load_state(model, tensors)
+    return FrameTyper(model, card["classes"], card["model_id"], device=device, batch=batch)
+
+
+def register_model(lake, directory: str | Path, source: str = "trained") -> dict:
+    """Copy an artifact into ``<lake>/models/typing/<model_id>/`` and add its ``models`` row (idempotent).
+
+    Returns
+    -------
+    dict
+        The card.
+    """
+    from fiberlake.storage.tables import TableStore
+
+    tensors, card = store.read_artifact(Path(directory))
+    target = store.artifact_dir(lake.root, card["stage"], card["model_id"])
+    if not (target / store.CARD).exists():
+        card = store.write_artifact(target, tensors, {k: v for k, v in card.items()
+                                                      if k not in ("model_id", "weights_sha256", "size_bytes")})
+    now = dt.datetime.now(dt.timezone.utc)
+    rel = f"models/{card['stage']}/{card['model_id']}"
+    tables = TableStore(lake.root / "tables")
+    tables.create_missing()
+    tables.replace_keys("models", [store.models_row(card, rel, source, now)],
+                        {"stage": card["stage"], "model_id": card["model_id"]})
+    return card
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TypingTrainParams` field (``--train-epochs``, ...), from the declarations."""
+    group = parser.add_argument_group("training parameters", TypingTrainParams.__doc__.splitlines()[0])
+    for row in TypingTrainParams.describe(prefix=f"{TRAIN_PREFIX}."):
+        if row["type"] == "bool":
+            group.add_argument(flag_name(row["path"]), dest=_dest(row["path"]), action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=_help(row))
+        else:
+            group.add_argument(flag_name(row["path"]), dest=_dest(row["path"]), default=argparse.SUPPRESS,
+                               metavar=_metavar(row), type=_converter(row["type"], False), help=_help(row))
+
+
+def train_params_from_args(args: argparse.Namespace) -> TypingTrainParams:
+    """The training parameters of the parsed flags (declared defaults for the flags not given)."""
+    prefix = _dest(f"{TRAIN_PREFIX}.")
+    names = {f.name for f in fields(TypingTrainParams)}
+    changes = {key[len(prefix):]: value for key, value in vars(args).items()
+               if key.startswith(prefix) and key[len(prefix):] in names}
+    return TypingTrainParams().updated(changes)

@@ -1,0 +1,244 @@
+"""Pre-processing of raw frames for the frame typer (seed 001, SPIT, section 2.2).
+
+A raw frame becomes a small uint8 image the network reads, in four steps, each a pure function
+on arrays:
+
+1. :func:`orient` - the spectral axis along the image's columns, the longer axis of the result
+   (the paper's NAXIS1 > NAXIS2). Our instruments disperse along rows (``schemas.instrument``),
+   so raw frames are transposed: the result is ``image[spatial, spectral]``.
+2. :func:`trim_region` - the data region along the spatial axis: ``astropy.stats.sigma_clip`` down
+   each column (the paper's "zero axis"), the maximum of each row, and the 10 % rule from both
+   ends: the first row whose maximum exceeds the previous one by more than 10 % starts the data,
+   and likewise from the back. Blank rows beyond the slit and the overscan columns of the raw
+   frame are left out; a frame with no such jump (a bias, a dark) is kept whole.
+3. :func:`resize` - to 210 x 650 (spatial, spectral). The paper interpolates linearly
+   (``congrid``); frames much larger than that (LAMOST, 4096 x 4136) are first averaged over
+   integer blocks, so a cosmic ray or a fiber is averaged into its output pixel instead of being
+   hit or missed by the interpolation (aliasing).
+4. :func:`zscale_uint8` - ZSCALE limits (``astropy.visualization.ZScaleInterval``, contrast 0.25),
+   scaled to 0-255 and cast to uint8.
+
+:func:`prepare_frame` runs all four; :func:`frame_defect` says when a frame holds nothing a model
+could type (blank, saturated, not finite), which the typer reports as ``UNKNOWN``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from astropy.stats import sigma_clip
+from astropy.visualization import ZScaleInterval
+from skimage.transform import resize as sk_resize
+
+TARGET_SHAPE: tuple[int, int] = (210, 650)
+"""Shape (spatial, spectral) of the network's input (the paper's)."""
+ZSCALE_CONTRAST = 0.25
+"""Contrast of the ZSCALE interval (the paper's)."""
+TRIM_JUMP = 0.10
+"""Relative increase of the row maximum that marks the edge of the data region (the paper's 10 %)."""
+TRIM_SIGMA = 3.0
+"""Threshold (sigma) of the clipping down each column before the row maxima are taken."""
+TRIM_MIN_ROWS = 16
+"""A data region narrower than this (rows) is not believed: the frame is kept whole."""
+SATURATED_FRACTION = 0.5
+"""A frame with more than this fraction of its pixels at the saturation level is not typed."""
+
+
+def prep_config() -> dict:
+    """The pre-processing constants as a dict (recorded in every model card)."""
+    return {"target_shape": list(TARGET_SHAPE), "zscale_contrast": ZSCALE_CONTRAST, "trim_jump": TRIM_JUMP,
+            "trim_sigma": TRIM_SIGMA, "trim_min_rows": TRIM_MIN_ROWS, "resize": "block mean then linear",
+            "orientation": "image[spatial, spectral]"}
+
+
+def orient(image: np.ndarray, dispersion_axis: int | None = 0) -> np.ndarray:
+    """Return the frame as ``image[spatial, spectral]``.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+    dispersion_axis : {0, 1, None}
+        Axis along which wavelength runs in ``image``: 0 for rows (every instrument of
+        :mod:`fiberlake.schemas.instrument`), 1 for columns, ``None`` to assume it runs along
+        the longer axis (the paper's rule for Kast, where the axis was not recorded).
+
+    Examples
+    --------
+    >>> orient(np.zeros((1024, 640))).shape
+    (640, 1024)
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"a frame is a 2-D array, not an array of shape {image.shape}")
+    if dispersion_axis is None:
+        dispersion_axis = 0 if image.shape[0] > image.shape[1] else 1
+    if dispersion_axis not in (0, 1):
+        raise ValueError(f"dispersion_axis must be 0, 1 or None, not {dispersion_axis!r}")
+    return image.T if dispersion_axis == 0 else image
+
+
+def row_max_profile(image: np.ndarray, sigma: float = TRIM_SIGMA) -> np.ndarray:
+    """Maximum of each row after sigma-clipping down each column (the paper's Fig. 2 profile).
+
+    Clipping down the columns (astropy's ``axis=0``) drops cosmic rays and other outliers
+    before the maxima are taken. A row whose pixels were all clipped gets its unclipped maximum.
+
+    Parameters
+    ----------
+    image : ndarray, shape (n_spatial, n_spectral)
+        Oriented frame (:func:`orient`).
+
+    Returns
+    -------
+    ndarray of float64, shape (n_spatial,)
+    """
+    data = np.asarray(image, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-equal or all-NaN columns
+        clipped = sigma_clip(data, sigma=sigma, maxiters=1, axis=0, masked=True, copy=False)
+    filled = np.ma.filled(clipped.astype(np.float64), -np.inf)
+    prof = filled.max(axis=1)
+    bad = ~np.isfinite(prof)
+    if bad.any():
+        prof[bad] = data[bad].max(axis=1)
+    return prof
+
+
+def trim_region(profile: np.ndarray, jump: float = TRIM_JUMP, min_rows: int = TRIM_MIN_ROWS) -> slice:
+    """Data region of a row-maximum profile by the 10 % rule, read from both ends.
+
+    From the front, the first row whose value exceeds the previous row's by more than ``jump``
+    (relative) starts the region; from the back, the last such row (compared with the row after
+    it) ends it. Without a jump on either side, or when the region would be narrower than
+    ``min_rows``, the whole range is returned.
+
+    Examples
+    --------
+    >>> trim_region(np.array([10.0] * 20 + [30.0] * 40 + [10.0] * 20))
+    slice(20, 60, None)
+    >>> trim_region(np.full(50, 10.0))
+    slice(0, 50, None)
+    """
+    v = np.asarray(profile, dtype=np.float64)
+    n = v.size
+    whole = slice(0, n)
+    if n < 2:
+        return whole
+    up = v[1:] > (1.0 + jump) * v[:-1]          # row i+1 jumps above row i
+    down = v[:-1] > (1.0 + jump) * v[1:]        # row i jumps above row i+1
+    if not up.any() and not down.any():
+        return whole
+    start = int(np.argmax(up)) + 1 if up.any() else 0
+    stop = int(n - 1 - np.argmax(down[::-1])) + 1 if down.any() else n
+    if stop - start < min_rows:
+        return whole
+    return slice(start, stop)
+
+
+def _block_mean(image: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    ny, nx = image.shape[0] // fy * fy, image.shape[1] // fx * fx
+    view = image[:ny, :nx].reshape(ny // fy, fy, nx // fx, fx)
+    return view.mean(axis=(1, 3), dtype=np.float64)
+
+
+def resize(image: np.ndarray, shape: tuple[int, int] = TARGET_SHAPE) -> np.ndarray:
+    """Resize to ``shape``: integer block means while the frame is at least twice as large, then linear.
+
+    Returns
+    -------
+    ndarray of float32, shape ``shape``
+    """
+    data = np.asarray(image, dtype=np.float32)
+    fy, fx = max(1, data.shape[0] // shape[0]), max(1, data.shape[1] // shape[1])
+    if fy > 1 or fx > 1:
+        data = _block_mean(data, fy, fx)
+    if data.shape == tuple(shape):
+        return data.astype(np.float32)
+    out = sk_resize(data, shape, order=1, mode="edge", anti_aliasing=False, preserve_range=True)
+    return out.astype(np.float32)
+
+
+def zscale_uint8(image: np.ndarray, contrast: float = ZSCALE_CONTRAST) -> np.ndarray:
+    """ZSCALE display limits (IRAF's algorithm, astropy's implementation) mapped to 0-255 uint8.
+
+    A constant image maps to zeros.
+    """
+    data = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(data.shape, dtype=np.uint8)
+    if not finite.all():
+        data = np.where(finite, data, np.median(data[finite]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z1, z2 = ZScaleInterval(contrast=contrast).get_limits(data)
+    if not np.isfinite(z1) or not np.isfinite(z2) or z2 <= z1:
+        return np.zeros(data.shape, dtype=np.uint8)
+    scaled = np.clip((data - z1) / (z2 - z1), 0.0, 1.0)
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def frame_defect(raw: np.ndarray, saturation: float | None = 65535) -> str | None:
+    """Why a frame cannot be typed from its pixels, or None when it can.
+
+    Returns
+    -------
+    str or None
+        ``"empty"`` (no pixels), ``"not finite"`` (no finite pixel), ``"blank"`` (every pixel the
+        same value), ``"saturated"`` (more than :data:`SATURATED_FRACTION` of the pixels at
+        ``saturation``), or None.
+    """
+    data = np.asarray(raw)
+    if data.ndim != 2 or data.size == 0:
+        return "empty"
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.any():
+            return "not finite"
+        values = data[finite]
+    else:
+        values = data.ravel()
+    if values.min() == values.max():
+        return "blank"
+    if saturation is not None and np.count_nonzero(values >= saturation) > SATURATED_FRACTION * values.size:
+        return "saturated"
+    return None
+
+
+def prepare_frame(raw: np.ndarray, dispersion_axis: int | None = 0) -> np.ndarray:
+    """Raw frame to the network's input: orient, trim, resize, ZSCALE (the paper's pre-processing).
+
+    Never raises on pixel values: a blank, saturated or non-finite frame gives a valid (if
+    meaningless) image; :func:`frame_defect` tells such frames apart.
+
+    Parameters
+    ----------
+    raw : ndarray, shape (ny, nx)
+        Raw frame (any numeric dtype), overscan included.
+    dispersion_axis : {0, 1, None}
+        See :func:`orient`.
+
+    Returns
+    -------
+    ndarray of uint8, shape :data:`TARGET_SHAPE`
+    """
+    image = orient(raw, dispersion_axis)
+    data = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(data).all():
+        finite = np.isfinite(data)
+        data = np.where(finite, data, np.median(data[finite]) if finite.any() else 0.0).astype(np.float32)
+    region = trim_region(row_max_profile(data))
+    return zscale_uint8(resize(data[region]))
+
+
+def flips(image: np.ndarray) -> np.ndarray:
+    """The image and its three flips (the paper's augmentation and final scheme).
+
+    Returns
+    -------
+    ndarray, shape (4,) + image.shape
+        Original, flipped left-right, flipped up-down, flipped both ways.
+    """
+    image = np.asarray(image)
+    return np.stack([image, image[:, ::-1], image[::-1, :], image[::-1, ::-1]])
