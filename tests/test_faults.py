@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fiberlake.jobs.watch import watch_night
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.storage import failpoints
 from fiberlake.storage.layout import Lake
 from tests.lakecompare import assert_lakes_equal
@@ -30,8 +30,9 @@ from tests.nights import night_with_bad_deliveries
 pytestmark = pytest.mark.slow  # SIGKILLs ingest/process workers at seeded points over a whole night
 
 NIGHT = "2026-11-23"
-CONFIG = ReductionParams(extractions=("box",), cosmics=False)
-WORKER = [sys.executable, "-m", "fiberlake.jobs.cli", "watch", "--once", "--extract", "box", "--no-cosmics"]
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False})
+WORKER = [sys.executable, "-m", "fiberlake.jobs.cli", "watch", "--once", "--instrument", "mini", "--extract", "box",
+          "--no-cosmics"]
 
 
 @pytest.fixture(scope="module")

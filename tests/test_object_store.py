@@ -36,7 +36,7 @@ from fiberlake.jobs.ingest import ingest_night  # noqa: E402
 from fiberlake.jobs.query import sql  # noqa: E402
 from fiberlake.jobs.upkeep import compact, vacuum, verify  # noqa: E402
 from fiberlake.jobs.watch import watch_night  # noqa: E402
-from fiberlake.processors.pipeline import ReductionParams  # noqa: E402
+from fiberlake.processors.params import ReductionParams  # noqa: E402
 from fiberlake.storage.calibstore import read_calib_meta, read_calib_set, write_calib_set  # noqa: E402
 from fiberlake.storage.layout import Lake, LakeError  # noqa: E402
 from fiberlake.storage.lock import LakeBusy, LakeLock  # noqa: E402
@@ -60,7 +60,7 @@ NIGHT = "2026-11-28"
 BUCKET = "fiberlake-test"
 REDUCE = ["--extract", "box", "--no-cosmics", "--no-rectify"]
 FLAGS = [*REDUCE, "--quiet"]
-CONFIG = ReductionParams(extractions=("box",), cosmics=False, rectify=False)
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "rectify.enabled": False})
 REPO = Path(__file__).resolve().parents[1]
 STORED = ("raw", "calib", "quarantine", "lake.json")
 """What the lake stores outside its tables (the tables' Parquet files have random names: rows are compared)."""
@@ -115,7 +115,7 @@ def night(tmp_path_factory) -> Path:
 
 
 def _ingest_and_process(lake: str, night: Path) -> None:
-    assert main(["ingest", str(night), "--lake", lake, "--settle", "0", "--quiet"]) == 0
+    assert main(["ingest", str(night), "--lake", lake, "--instrument", "mini", "--settle", "0", "--quiet"]) == 0
     assert main(["process", "--night", NIGHT, "--lake", lake, "--no-ray", *FLAGS]) == 0
 
 
@@ -177,12 +177,12 @@ def test_query_on_s3(s3_lake, local_lake, capsys):
 
 
 def test_an_earlier_nights_calibration_is_found_on_s3(s3_lake):
-    from fiberlake.jobs.process import earlier_calibration
+    from fiberlake.jobs.calibrations import earlier_calibration
 
     meta = read_calib_meta(s3_lake.calib_path(NIGHT, "b1"))
-    choice = earlier_calibration(s3_lake, "2026-12-01", "b1", meta["config_hash"])
+    choice = earlier_calibration(s3_lake, "2026-12-01", "b1", CONFIG)
     assert (choice.night, choice.calib_id) == (NIGHT, meta["calib_id"])
-    assert earlier_calibration(s3_lake, NIGHT, "b1", meta["config_hash"]) is None  # earlier only
+    assert earlier_calibration(s3_lake, NIGHT, "b1", CONFIG) is None  # earlier only
 
 
 def test_delta_commits_on_s3_never_overwrite_a_version(s3):
@@ -201,7 +201,7 @@ def test_delta_commits_on_s3_never_overwrite_a_version(s3):
 def test_kills_at_publication_failpoints_then_a_rerun_equal_a_clean_run(s3, night, local_lake):
     url = f"s3://{BUCKET}/crash"
     lake = Lake.at(url)
-    worker = ["watch", str(night), "--once", "--lake", url, *REDUCE]
+    worker = ["watch", str(night), "--once", "--lake", url, "--instrument", "mini", *REDUCE]
     # 1. killed after the 3rd array's chunks are up, before its zarr.json: no such array exists.
     assert _cli(worker, FIBERLAKE_FAILPOINT="raw.before_publish:3").returncode == -signal.SIGKILL
     arrays = list_raw_arrays(lake.root)
@@ -241,7 +241,7 @@ def test_a_second_writer_is_refused(s3, night):
     with LakeLock(lake.root, "test holder"):
         with pytest.raises(LakeBusy, match="test holder"):
             ingest_night(lake, night)
-        result = _cli(["ingest", str(night), "--lake", str(lake.root), "--settle", "0", "--quiet"])
+        result = _cli(["ingest", str(night), "--lake", str(lake.root), "--instrument", "mini", "--settle", "0", "--quiet"])
         assert result.returncode == 1
         assert result.stderr.startswith("fiberlake: error: another fiberlake writer holds the lake")
     assert not lake.root.exists(), "released, and nothing written by the refused writers"
@@ -356,7 +356,7 @@ def test_compact_vacuum_and_verify_on_s3(s3, night, monkeypatch):
 # --- Ray ------------------------------------------------------------------------------------------
 def test_process_on_ray_actors_then_reprocess_write_the_same_tables(s3, night, local_lake):
     url = f"s3://{BUCKET}/ray"
-    assert main(["ingest", str(night), "--lake", url, "--settle", "0", "--quiet"]) == 0
+    assert main(["ingest", str(night), "--lake", url, "--instrument", "mini", "--settle", "0", "--quiet"]) == 0
     result = _cli(["process", "--night", NIGHT, "--lake", url, "--actors", "1", *FLAGS])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 frames reduced" in result.stdout

@@ -10,7 +10,7 @@ from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.ingest import ingest_night
 from fiberlake.jobs.process import process_night
 from fiberlake.jobs.query import scan_tables
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.schemas.instrument import MINI
 from fiberlake.storage.layout import Lake
 
@@ -24,7 +24,7 @@ def test_deconv_rows_carry_their_resolution(tmp_path):
                    cameras=["b1"])
     lake = Lake.at(tmp_path / "lake")
     ingest_night(lake, tmp_path / NIGHT)
-    report = process_night(lake, NIGHT, config=ReductionParams(extractions=("box", "deconv"), cosmics=False))
+    report = process_night(lake, NIGHT, config=ReductionParams().updated({"extractions": ("box", "deconv"), "cosmics.enabled": False}))
     assert len(report.done) == 1 and not report.failed, report.failed
     spectra = scan_tables(lake)["spectra"].collect()
     deconv = spectra.filter(pl.col("extraction") == "deconv")

@@ -15,7 +15,7 @@ from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.ingest import ingest_night
 from fiberlake.jobs.process import Executor, process_night
 from fiberlake.jobs.reprocess import reprocess
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
 from tests.lakecompare import assert_lakes_equal
@@ -23,7 +23,7 @@ from tests.lakecompare import assert_lakes_equal
 pytestmark = pytest.mark.slow  # runs Ray actors over a simulated night
 
 NIGHT = "2026-11-26"
-CONFIG = ReductionParams(extractions=("box",), cosmics=False, chunk_fibers=8)  # 4 bundles a frame
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "execution.chunk_fibers": 8})  # 4 bundles a frame
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import pytest
 from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.query import sql
 from fiberlake.jobs.watch import watch_night
-from fiberlake.processors.pipeline import ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
 
 pytestmark = pytest.mark.slow  # watches and reduces simulated nights
 
-CONFIG = ReductionParams(extractions=("box",), cosmics=False)
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False})
 NIGHT_A, NIGHT_B = "2026-11-24", "2026-11-25"
 
 
@@ -124,7 +124,7 @@ def test_watch_stops_cleanly_on_sigterm(tmp_path):
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fiberlake.jobs.cli", "watch", str(night_dir), "--lake", str(tmp_path / "lake"),
-         "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+         "--instrument", "mini", "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.time() + 60
         while not (tmp_path / "lake" / ".writer.lock").exists() and time.time() < deadline:
