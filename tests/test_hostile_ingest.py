@@ -428,6 +428,7 @@ def _write_hostile(night: Path, kind: str, spec: dict) -> bytes | None:
     return name
 
 
+@pytest.mark.slow  # a Hypothesis fuzzer over whole ingests
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())

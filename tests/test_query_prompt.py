@@ -91,13 +91,25 @@ def test_every_table_exists_empty_from_the_lakes_creation(lake):
 
 
 def test_a_lake_made_before_every_table_existed_reads_missing_tables_as_empty(tmp_path):
+    from fiberlake.storage.layout import LAKE_FORMAT_VERSION
+
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "lake.json").write_text(json.dumps({"instrument": "mini", "format_version": 1}))
+    (tmp_path / "old" / "lake.json").write_text(json.dumps({"instrument": "mini",
+                                                             "format_version": LAKE_FORMAT_VERSION}))
     old = Lake.open(tmp_path / "old")
     TableStore(old.root / "tables").append("exposures", rows("exposures"))
     assert sql(old, "SELECT count(*) AS n FROM metrics")["n"][0] == 0
     assert sql(old, "SELECT count(*) AS n FROM exposures")["n"][0] == 2
     assert sql(old, "SELECT * FROM spectra", as_of=0).columns == SCHEMAS["spectra"].names
+
+
+def test_a_lake_of_another_format_is_refused_with_a_sentence(tmp_path, capsys):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "lake.json").write_text(json.dumps({"instrument": "mini", "format_version": 1}))
+    with pytest.raises(LakeError, match="is of format 1.*ingest its night directories into a new lake"):
+        Lake.open(tmp_path / "v1")
+    code, _, err = _run(capsys, "query", "--lake", str(tmp_path / "v1"), "SELECT * FROM runs")
+    assert code == 1 and "is of format 1" in err
 
 
 # --- 2. CSV keeps array columns ------------------------------------------------------------------------------
