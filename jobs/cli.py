@@ -39,11 +39,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.ingest import declare_instrument, ingest_night
+    from fiberlake.jobs.ingest import ingest_night, resolve_instrument
     from fiberlake.storage.layout import Lake
 
     lake = Lake.at(args.lake)
-    declare_instrument(lake, args.instrument)  # a new lake needs one; an existing lake keeps its own
+    resolve_instrument(lake, args.instrument)  # a new lake needs one (created under the writer lock)
     for night_dir in args.night_dirs:
         report = ingest_night(lake, night_dir, progress=not args.quiet, settle=args.settle, instrument=args.instrument)
         print(f"{night_dir}: {report.summary()}")
@@ -57,13 +57,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.ingest import declare_instrument
+    from fiberlake.jobs.ingest import resolve_instrument
     from fiberlake.jobs.watch import watch_night
     from fiberlake.storage.layout import Lake
 
     config = _reduction_params(args)
     lake = Lake.at(args.lake)
-    declare_instrument(lake, args.instrument)  # a new lake needs one; an existing lake keeps its own
+    resolve_instrument(lake, args.instrument)  # a new lake needs one (created under the writer lock)
     report = watch_night(
         lake, args.night_dir, poll=args.poll, settle=args.settle, stale_after=args.stale_after,
         process=not args.no_process, config=config, once=args.once, log=lambda line: print(line, flush=True),

@@ -236,6 +236,30 @@ def _known_outcome(state: LakeState, name: str, sha: str) -> tuple[str, str] | N
 
 
 # --- the instrument of the lake ---------------------------------------------------------------
+def resolve_instrument(lake: Lake, instrument: str | None = None) -> tuple[str, bool]:
+    """The lake's instrument name and whether the lake already exists; writes nothing.
+
+    Commands check this before taking the writer lock, so that a refused writer creates nothing.
+
+    Raises
+    ------
+    LakeError
+        As :func:`declare_instrument`.
+    """
+    held = lake.describe().get("instrument")
+    if held:
+        if instrument and instrument != held:
+            raise LakeError(f"the lake at {lake.root} holds instrument {held!r}; it cannot take {instrument!r}")
+        return held, True
+    name = instrument or os.environ.get(INSTRUMENT_ENV, "").strip()
+    if not name:
+        raise LakeError(f"there is no lake at {lake.root} yet: declare its instrument with --instrument NAME "
+                        f"(one of {', '.join(sorted(INSTRUMENTS))}) or {INSTRUMENT_ENV}")
+    if name not in INSTRUMENTS:
+        raise LakeError(f"unknown instrument {name!r}; known: {', '.join(sorted(INSTRUMENTS))}")
+    return name, False
+
+
 def declare_instrument(lake: Lake, instrument: str | None = None) -> Instrument:
     """The lake's instrument: the one ``lake.json`` holds, or the declared one for a new lake.
 
@@ -248,17 +272,9 @@ def declare_instrument(lake: Lake, instrument: str | None = None) -> Instrument:
         If the lake holds another instrument than ``instrument``, the name is unknown, or a new
         lake has no declared instrument.
     """
-    held = lake.describe().get("instrument")
+    name, held = resolve_instrument(lake, instrument)
     if held:
-        if instrument and instrument != held:
-            raise LakeError(f"the lake at {lake.root} holds instrument {held!r}; it cannot take {instrument!r}")
-        return get_instrument(held)
-    name = instrument or os.environ.get(INSTRUMENT_ENV, "").strip()
-    if not name:
-        raise LakeError(f"there is no lake at {lake.root} yet: declare its instrument with --instrument NAME "
-                        f"(one of {', '.join(sorted(INSTRUMENTS))}) or {INSTRUMENT_ENV}")
-    if name not in INSTRUMENTS:
-        raise LakeError(f"unknown instrument {name!r}; known: {', '.join(sorted(INSTRUMENTS))}")
+        return get_instrument(name)
     lake.ensure(name)
     return get_instrument(name)
 
