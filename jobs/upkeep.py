@@ -23,6 +23,7 @@ import polars as pl
 
 from fiberlake.schemas.tables import SCHEMAS
 from fiberlake.storage.calibstore import list_calib_leftovers
+from fiberlake.storage.failpoints import failpoint
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.objectstore import remove_tree
@@ -62,6 +63,7 @@ def compact(lake: Lake, night: str | None = None, *, lock: bool = True) -> dict[
             if not store.exists(name):
                 continue
             before = _files(store, name, night)
+            failpoint(f"compact.{name}")
             if before > 1:
                 table = store.delta(name)
                 table.optimize.compact(
@@ -69,6 +71,7 @@ def compact(lake: Lake, night: str | None = None, *, lock: bool = True) -> dict[
                     writer_properties=writer_properties_for(SCHEMAS[name]),
                     min_commit_interval=timedelta(0),
                 )
+            failpoint(f"compacted.{name}")
             table = store.delta(name)
             table.create_checkpoint()
             table.cleanup_metadata()
@@ -111,6 +114,7 @@ def vacuum(lake: Lake, retention_hours: float = 168.0, *, dry_run: bool = False,
     with LakeLock(lake.root, "vacuum", timeout=60) if lock else nullcontext():
         for name in SCHEMAS:
             if store.exists(name):
+                failpoint(f"vacuum.{name}")
                 removed = store.delta(name).vacuum(
                     retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False
                 )
@@ -130,6 +134,7 @@ def vacuum(lake: Lake, retention_hours: float = 168.0, *, dry_run: bool = False,
         report.temporaries.extend(rel for rel, mtime in list_calib_leftovers(lake.root) if mtime <= cutoff)
         if not dry_run:
             for rel in report.orphan_arrays + report.temporaries:
+                failpoint("vacuum.remove")
                 remove_tree(lake.root / rel)
     return report
 
