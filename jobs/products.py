@@ -37,7 +37,7 @@ from fiberlake.jobs.calibrations import load_calibration
 from fiberlake.processors import coadd as co
 from fiberlake.processors import fluxcal as fc
 from fiberlake.processors.params import ReductionParams
-from fiberlake.processors.resample import ripple_factor
+from fiberlake.processors.resample import bands_rebinned, resolutions_on_grid, ripple_factor
 from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
 from fiberlake.schemas.parset import digest_of
 from fiberlake.storage.layout import Lake
@@ -96,6 +96,8 @@ class _Context:
     grid: co.LogGrid
     report: ProductsReport
     ripple: dict[str, np.ndarray] = field(default_factory=dict)
+    resolution: dict[tuple[int, int, str], np.ndarray] = field(default_factory=dict)
+    """(expid, spectrograph, camera) to the deconv resolution bands on the camera's grid."""
 
     def stale(self, stored: dict | None, wanted: str) -> bool:
         if stored is None or stored["input_hash"] != wanted:
@@ -173,6 +175,9 @@ def _arms(ctx: _Context, method: str, expid: int, spec: int, cameras: list[dict]
         if cam_rows.is_empty():
             continue
         data = camera_arrays(cam_rows, ctx.instrument.n_fibers)
+        if data.resolution is not None:
+            ctx.resolution[(expid, spec, camera)] = resolutions_on_grid(data.resolution, data.resolution_wave,
+                                                                        data.wave)
         q = _ripple(ctx, marker, data.wave)
         spectra = co.decorrelate_ivar(data.spectra, q) if q is not None else data.spectra
         arm = ctx.instrument.arm(parse_camera(camera)[0])
@@ -314,6 +319,7 @@ def _write_exposure(ctx: _Context, method: str, expid: int, spec: int, arms: dic
         out = fc.apply_calibration(arm.spectra, c, exptime, fallback=status == "fallback", settings=settings)
         calibrated.append((arm.wave, out))
     joined = co.join_arms(calibrated, ctx.grid)
+    resolution = _joined_resolution(ctx, expid, spec, sorted(arms), calibrated)
     status = "ok" if statuses == {"ok"} else "none" if statuses == {"none"} else "fallback"
     obstype = ctx.exposures.filter(pl.col("expid") == expid)["obstype"][0]
     rows = []
@@ -325,8 +331,9 @@ def _write_exposure(ctx: _Context, method: str, expid: int, spec: int, arms: dic
             "objtype": info.get("objtype"), "obstype": obstype, "run_id": ctx.run_id,
             "cameras": ",".join(sorted(arms)), "fluxcal_status": status,
             "loglam_min": ctx.grid.loglam_min, "dloglam": ctx.grid.dloglam, "nwave": ctx.grid.nwave,
-            "flux": joined.flux[fiber], "ivar": joined.ivar[fiber], "mask": joined.mask[fiber],
-            "resolution": None, "resolution_ndiag": None,
+            "flam": joined.flux[fiber], "flam_ivar": joined.ivar[fiber], "flam_mask": joined.mask[fiber],
+            "resolution": None if resolution is None else resolution[fiber].ravel(),
+            "resolution_ndiag": None if resolution is None else resolution.shape[1],
         })
     ctx.tables.replace_keys("joined", products_table(rows, "joined"),
                             {"night": ctx.night, "expid": expid, "spectrograph": spec, "extraction": method})
@@ -365,6 +372,17 @@ def _write_exposure(ctx: _Context, method: str, expid: int, spec: int, arms: dic
         ctx.report.fallback.append(key)
     elif status == "none":
         ctx.report.uncalibrated.append(key)
+
+
+def _joined_resolution(ctx: _Context, expid: int, spec: int, cameras: list[str],
+                       calibrated: list[tuple[np.ndarray, object]]) -> np.ndarray | None:
+    """The exposure's deconv resolution bands on the joined grid (None unless every camera has them)."""
+    bands = [ctx.resolution.pop((expid, spec, c), None) for c in cameras]
+    if any(b is None for b in bands):
+        return None
+    on_grid = [bands_rebinned(b, wave, ctx.grid.wave) for b, (wave, _) in zip(bands, calibrated)]
+    ivars = [co.rebin(wave, spectra, ctx.grid).ivar for wave, spectra in calibrated]
+    return co.join_resolution(on_grid, ivars)
 
 
 def _write_means(ctx: _Context, method: str, means: dict, stored: pl.DataFrame) -> None:
@@ -462,8 +480,13 @@ def _coadd_rows(ctx: _Context, method: str, joined: pl.DataFrame, hashes: dict[i
         if tid not in hashes:
             continue
         group = group.sort(["night", "expid"])
-        result = co.coadd(np.stack(group["flux"].to_numpy()), np.stack(group["ivar"].to_numpy()),
-                          np.stack(group["mask"].to_numpy()), clip_sigma=ctx.config.coadd.clip_sigma,
+        ndiag = group["resolution_ndiag"].to_list()
+        res = None
+        if all(n is not None for n in ndiag):
+            res = np.stack([np.asarray(r, np.float32).reshape(int(n), -1)
+                            for r, n in zip(group["resolution"].to_list(), ndiag)])
+        result = co.coadd(np.stack(group["flam"].to_numpy()), np.stack(group["flam_ivar"].to_numpy()),
+                          np.stack(group["flam_mask"].to_numpy()), resolution=res, clip_sigma=ctx.config.coadd.clip_sigma,
                           max_iter=ctx.config.coadd.max_iter, rescale=ctx.config.coadd.rescale,
                           rel_floor=ctx.config.coadd.rel_floor)
         info = fm.filter(pl.col("targetid") == tid)
@@ -482,8 +505,10 @@ def _coadd_rows(ctx: _Context, method: str, joined: pl.DataFrame, hashes: dict[i
             "nights": np.array(group["night"].to_list(), dtype=object), "n_rejected": result.n_rejected,
             "fluxcal_status": "ok" if statuses == {"ok"} else "none" if statuses == {"none"} else "fallback",
             "loglam_min": ctx.grid.loglam_min, "dloglam": ctx.grid.dloglam, "nwave": ctx.grid.nwave,
-            "flux": result.flux, "ivar": result.ivar, "mask": result.mask,
-            "resolution": None, "resolution_ndiag": None, "input_hash": hashes[tid], "made_at": now,
+            "flam": result.flux, "flam_ivar": result.ivar, "flam_mask": result.mask,
+            "resolution": None if result.resolution is None else result.resolution.ravel(),
+            "resolution_ndiag": None if result.resolution is None else result.resolution.shape[0],
+            "input_hash": hashes[tid], "made_at": now,
         })
     return rows
 

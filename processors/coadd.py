@@ -343,3 +343,29 @@ def decorrelate_ivar(spectra: Spectra1D, q: np.ndarray) -> Spectra1D:
     if q.shape != spectra.ivar.shape:
         raise ValueError(f"ripple factor of shape {q.shape} for spectra of shape {spectra.ivar.shape}")
     return Spectra1D(spectra.flux, spectra.ivar * q, spectra.mask)
+
+
+def join_resolution(bands: list[np.ndarray], ivars: list[np.ndarray]) -> np.ndarray:
+    """Arms' resolution bands on the joined grid combined like their flux (inverse-variance weights).
+
+    Parameters
+    ----------
+    bands : list of ndarray, shape (n, ndiag, nwave)
+        Each camera's bands already on the joined grid.
+    ivars : list of ndarray, shape (n, nwave)
+        Each camera's inverse variance on the joined grid.
+
+    Returns
+    -------
+    ndarray, shape (n, ndiag, nwave)
+        The identity where no camera has data.
+    """
+    w = np.stack([np.asarray(v, float) for v in ivars])          # (n_cam, n, nwave)
+    b = np.stack([np.asarray(v, float) for v in bands])          # (n_cam, n, ndiag, nwave)
+    wsum = w.sum(axis=0)
+    out = (b * w[:, :, None, :]).sum(axis=0) / np.where(wsum > 0, wsum, 1.0)[:, None, :]
+    centre = out.shape[1] // 2
+    empty = wsum <= 0
+    out[:, :, :][np.broadcast_to(empty[:, None, :], out.shape)] = 0.0
+    out[:, centre, :][empty] = 1.0
+    return out.astype(np.float32)

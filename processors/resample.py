@@ -186,3 +186,138 @@ def ripple_factor(wave_rows: np.ndarray, grid_wave: np.ndarray) -> np.ndarray:
         squares = w_first**2 + w_last**2 + n_inner
         q[f] = np.where(total > 0, squares / np.where(total > 0, total, 1.0), 1.0)
     return np.clip(q, 0.0, 1.0)
+
+
+def _band_matrix(band: np.ndarray):
+    """Sparse ``(n, n)`` matrix of a band ``[ndiag, n]``: element ``[r, r + k - h] = band[k, r]``."""
+    from scipy import sparse
+
+    ndiag, n = band.shape
+    h = ndiag // 2
+    rows = np.repeat(np.arange(n)[None, :], ndiag, axis=0)
+    cols = rows + (np.arange(ndiag) - h)[:, None]
+    ok = (cols >= 0) & (cols < n)
+    return sparse.csr_matrix((band[ok], (rows[ok], cols[ok])), shape=(n, n))
+
+
+def _band_of(matrix, ndiag: int) -> np.ndarray:
+    """The ``[ndiag, n]`` band of a square sparse matrix (elements beyond it dropped)."""
+    n = matrix.shape[0]
+    h = ndiag // 2
+    out = np.zeros((ndiag, n))
+    for k in range(ndiag):
+        d = matrix.diagonal(k - h)
+        if k - h >= 0:
+            out[k, : n - (k - h)] = d
+        else:
+            out[k, -(k - h):] = d
+    return out
+
+
+def rebin_matrix(in_centres: np.ndarray, out_centres: np.ndarray):
+    """Sparse ``(n_out, n_in)`` operator of flux-conserving rebinning of densities (edges at midpoints)."""
+    from scipy import sparse
+
+    from fiberlake.processors.coadd import overlap_matrix
+
+    ein, eout = _edges(np.asarray(in_centres, float)), _edges(np.asarray(out_centres, float))
+    k, j, frac = overlap_matrix(ein, eout)
+    values = frac * np.diff(ein)[j] / np.diff(eout)[k]
+    return sparse.csr_matrix((values, (k, j)), shape=(eout.size - 1, ein.size - 1))
+
+
+def interp_matrix(from_centres: np.ndarray, to_centres: np.ndarray):
+    """Sparse ``(n_to, n_from)`` linear interpolation of a density sampled on ``from_centres``."""
+    from scipy import sparse
+
+    x = np.asarray(from_centres, float)
+    t = np.clip(np.asarray(to_centres, float), x[0], x[-1])
+    i = np.clip(np.searchsorted(x, t) - 1, 0, x.size - 2)
+    f = (t - x[i]) / (x[i + 1] - x[i])
+    rows = np.concatenate([np.arange(t.size)] * 2)
+    cols = np.concatenate([i, i + 1])
+    return sparse.csr_matrix((np.concatenate([1.0 - f, f]), (rows, cols)), shape=(t.size, x.size))
+
+
+def resolution_on_grid(band_rows: np.ndarray, wave_rows: np.ndarray, grid_wave: np.ndarray,
+                       ndiag: int | None = None) -> np.ndarray:
+    """A fiber's resolution band moved from its CCD rows to the wavelength grid of its spectrum.
+
+    With ``F`` the electrons per row before the line-spread function, the extracted rows are
+    ``R_rows F``; :func:`resample_to_grid` makes densities ``W R_rows F``, and ``F = P F_grid``
+    with ``P`` the row widths times the interpolation of the grid's density at the rows. So the
+    resolution on the grid is ``W R_rows P``, returned as a band (the fiber flat is smooth on the
+    band's scale and cancels).
+
+    Parameters
+    ----------
+    band_rows : ndarray, shape (ndiag_rows, ny)
+        ``ReducedFrame.resolution`` of one fiber.
+    wave_rows : ndarray, shape (ny,)
+        Wavelength of each row centre (either direction).
+    grid_wave : ndarray, shape (nwave,)
+        Bin centres of the spectrum.
+    ndiag : int, optional
+        Diagonals kept on the grid (default: as many as on the rows).
+
+    Returns
+    -------
+    ndarray, shape (ndiag, nwave)
+        Rows sum to 1 where the band is complete: ``band[k, j]`` weighs the true density of bin
+        ``j + k - h``.
+    """
+    from scipy import sparse
+
+    wave_rows = np.asarray(wave_rows, float)
+    band_rows = np.asarray(band_rows, float)
+    if wave_rows[-1] < wave_rows[0]:  # reverse the row order, and the band with it
+        wave_rows = wave_rows[::-1]
+        band_rows = band_rows[::-1, ::-1]
+    ndiag = ndiag or band_rows.shape[0]
+    widths = np.diff(_edges(wave_rows))
+    w = rebin_matrix(wave_rows, grid_wave) @ sparse.diags(1.0 / widths)          # counts per row -> density
+    p = sparse.diags(widths) @ interp_matrix(grid_wave, wave_rows)                 # density -> counts per row
+    return _band_of((w @ _band_matrix(band_rows) @ p).tocsr(), ndiag)
+
+
+def band_rebinned(band: np.ndarray, in_centres: np.ndarray, out_centres: np.ndarray) -> np.ndarray:
+    """A resolution band on ``in_centres`` carried to ``out_centres`` (flux-conserving rebinning)."""
+    m = rebin_matrix(in_centres, out_centres) @ _band_matrix(np.asarray(band, float)) \
+        @ interp_matrix(out_centres, in_centres)
+    return _band_of(m.tocsr(), band.shape[0])
+
+
+def resolutions_on_grid(bands: np.ndarray, wave_coeffs: np.ndarray, grid_wave: np.ndarray) -> np.ndarray:
+    """:func:`resolution_on_grid` for every fiber of a camera, from the ``spectra`` table's columns.
+
+    Parameters
+    ----------
+    bands : ndarray, shape (n_fibers, ndiag, ny)
+        Resolution bands on the CCD rows (all zero for a fiber without one).
+    wave_coeffs : ndarray, shape (n_fibers, deg + 1)
+        Legendre coefficients of the rows' wavelengths, ``wave(r) = legval(2 r / (ny - 1) - 1, c)``.
+    grid_wave : ndarray, shape (nwave,)
+
+    Returns
+    -------
+    ndarray, shape (n_fibers, ndiag, nwave)
+        Zero for fibers without a band.
+    """
+    from numpy.polynomial import legendre
+
+    n, ndiag, ny = bands.shape
+    x = 2.0 * np.arange(ny) / (ny - 1) - 1.0
+    out = np.zeros((n, ndiag, np.asarray(grid_wave).size), np.float32)
+    for f in range(n):
+        if np.any(bands[f]) and np.any(wave_coeffs[f]):
+            out[f] = resolution_on_grid(bands[f], legendre.legval(x, wave_coeffs[f]), grid_wave)
+    return out
+
+
+def bands_rebinned(bands: np.ndarray, in_centres: np.ndarray, out_centres: np.ndarray) -> np.ndarray:
+    """:func:`band_rebinned` for every fiber: ``(n, ndiag, n_in)`` to ``(n, ndiag, n_out)``."""
+    out = np.zeros(bands.shape[:2] + (np.asarray(out_centres).size,), np.float32)
+    for f in range(bands.shape[0]):
+        if np.any(bands[f]):
+            out[f] = band_rebinned(bands[f], in_centres, out_centres)
+    return out

@@ -293,11 +293,11 @@ JOINED = _schema([
     ("loglam_min", pa.float64(), "log10 of the first bin centre (A, air)"),
     ("dloglam", pa.float64(), "log10 step of the grid: wave = 10 ** (loglam_min + dloglam * arange(nwave))"),
     ("nwave", pa.int32(), "number of bins"),
-    ("flux", pa.list_(pa.float32()), "flux above the atmosphere (erg s^-1 cm^-2 A^-1), arms joined (overlap "
+    ("flam", pa.list_(pa.float32()), "flux density above the atmosphere (erg s^-1 cm^-2 A^-1), arms joined (overlap "
      "combined by inverse variance)"),
-    ("ivar", pa.list_(pa.float32()), "inverse variance of flux, decorrelated: the variance a bin adds to any sum of "
+    ("flam_ivar", pa.list_(pa.float32()), "inverse variance of flam, decorrelated: the variance a bin adds to any sum of "
      "bins (no resampling ripple); 0 where masked"),
-    ("mask", pa.list_(pa.uint32()), "mask bits (schemas.maskbits.Mask)"),
+    ("flam_mask", pa.list_(pa.uint32()), "mask bits of flam (schemas.maskbits.Mask)"),
     ("resolution", pa.list_(pa.float32()), "deconv only (null otherwise): resolution band on this grid, "
      "[resolution_ndiag, nwave] flattened; element [k, j] weighs the true flux of bin j + k - h in bin j"),
     ("resolution_ndiag", pa.int16(), "diagonals of resolution (null when absent)"),
@@ -324,9 +324,9 @@ COADDS = _schema([
     ("loglam_min", pa.float64(), "log10 of the first bin centre (A, air)"),
     ("dloglam", pa.float64(), "log10 step: wave = 10 ** (loglam_min + dloglam * arange(nwave))"),
     ("nwave", pa.int32(), "number of bins"),
-    ("flux", pa.list_(pa.float32()), "inverse-variance mean flux (erg s^-1 cm^-2 A^-1)"),
-    ("ivar", pa.list_(pa.float32()), "inverse variance of flux (sum over the exposures used)"),
-    ("mask", pa.list_(pa.uint32()), "mask bits: NODATA where no exposure measured the bin; others OR-ed from the "
+    ("flam", pa.list_(pa.float32()), "inverse-variance mean flux density (erg s^-1 cm^-2 A^-1)"),
+    ("flam_ivar", pa.list_(pa.float32()), "inverse variance of flam (sum over the exposures used)"),
+    ("flam_mask", pa.list_(pa.uint32()), "mask bits of flam: NODATA where no exposure measured the bin; others OR-ed from the "
      "exposures used"),
     ("resolution", pa.list_(pa.float32()), "deconv only (null otherwise): inverse-variance mean of the exposures' "
      "resolution bands, [resolution_ndiag, nwave] flattened"),

@@ -82,7 +82,7 @@ def products_table(rows: list[dict], name: str) -> pa.Table:
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
             parts = [np.asarray(v) for v in values if v is not None and len(v)]
             flat = (pa.array(np.concatenate(parts), type=vtype) if parts else pa.array([], type=vtype))
-            valid = pa.array([v is not None for v in values])
+            valid = pa.array([v is not None for v in values], type=pa.bool_())
             arr = pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pc.invert(valid))
             columns[field_.name] = arr.cast(field_.type)
         else:

@@ -176,3 +176,75 @@ def test_healpix_nested_against_astropy_healpix():
     assert got[4] == -1
     ring = HEALPix(64, order="ring").lonlat_to_healpix(ra[:4] * u.deg, dec[:4] * u.deg)
     assert not np.array_equal(got[:4], ring)
+
+
+def test_resolution_moves_from_rows_to_the_grid_and_joins():
+    from fiberlake.processors.resample import bands_rebinned, resolution_on_grid, resolutions_on_grid
+
+    ny, h, sig = 600, 7, 1.4
+    r = np.arange(ny)
+    wave_rows = 5000.0 + 0.545 * r + 3e-6 * r**2
+    k = np.arange(-h, h + 1)
+    band = np.exp(-0.5 * (k[:, None] / sig) ** 2) * np.ones((1, ny))
+    band /= band.sum(axis=0)
+    grid = 5010.0 + 0.5377 * np.arange(580)
+    res = resolution_on_grid(band, wave_rows, grid)
+    assert res.shape == (2 * h + 1, grid.size)
+    np.testing.assert_allclose(res.sum(axis=0)[10:-10], 1.0, atol=1e-4)       # flux conserved
+    # width in bins: the rows' sigma scaled by row/bin size, widened a little by the resampling
+    centre = res[:, 300]
+    width = np.sqrt(np.sum(centre * k**2) / centre.sum())
+    assert sig * 0.545 / 0.5377 < width < sig * 0.545 / 0.5377 + 0.5
+    # reversed rows give the same band; per-fiber helper agrees
+    np.testing.assert_allclose(resolution_on_grid(band[::-1, ::-1], wave_rows[::-1], grid), res, atol=1e-6)
+    coeffs = np.polynomial.legendre.legfit(2 * r / (ny - 1) - 1, wave_rows, 4)
+    many = resolutions_on_grid(np.stack([band, np.zeros_like(band)]), np.stack([coeffs, coeffs]), grid)
+    np.testing.assert_allclose(many[0], res, atol=2e-3)
+    assert np.all(many[1] == 0)
+    # onto the joined log grid, then two arms combined by ivar (identity where no data)
+    log = co.LogGrid(np.log10(5020.0), np.log10(1.0 + 32.0 / co.C_KMS), 500)
+    on_log = bands_rebinned(res[None], grid, log.wave)
+    np.testing.assert_allclose(on_log[0].sum(axis=0)[10:-10], 1.0, atol=1e-3)
+    ivar_a = np.ones((1, log.nwave))
+    ivar_b = np.zeros((1, log.nwave))
+    joined = co.join_resolution([on_log, on_log * 0], [ivar_a, ivar_b])
+    np.testing.assert_allclose(joined, on_log, atol=1e-6)
+    empty = co.join_resolution([on_log], [ivar_b])
+    assert np.all(empty[0, h] == 1.0) and np.all(empty[0, :h] == 0)
+
+
+def test_product_rows_round_trip_with_lists_of_any_length():
+    import polars as pl
+
+    from fiberlake.storage.products import camera_arrays, products_table
+    from fiberlake.storage.rows import rows_to_table
+
+    base = {name: None for name in products_table([], "coadds").schema.names}
+    rows = [base | {"night": "2026-12-01", "targetid": 7, "extraction": "box", "scope": "night",
+                    "expids": np.array([1, 2, 3]), "nights": np.array(["2026-12-01"] * 3, dtype=object),
+                    "flam": np.ones(5, np.float32), "flam_ivar": np.ones(5, np.float32),
+                    "flam_mask": np.zeros(5, np.uint32)},
+            base | {"night": "2026-12-01", "targetid": 8, "extraction": "box", "scope": "all",
+                    "expids": np.array([4]), "nights": np.array(["2026-12-01"], dtype=object),
+                    "flam": np.zeros(5, np.float32), "flam_ivar": np.zeros(5, np.float32),
+                    "flam_mask": np.zeros(5, np.uint32), "resolution": np.ones(15, np.float32), "resolution_ndiag": 3}]
+    table = products_table(rows, "coadds")
+    assert table.column("expids").to_pylist() == [[1, 2, 3], [4]]
+    assert table.column("resolution").to_pylist()[0] is None and len(table.column("resolution").to_pylist()[1]) == 15
+    # spectra rows of a camera (one fiber missing, deconv bands) back to arrays
+    ny, nwave = 8, 6
+    spectra_rows = []
+    for fiber in (0, 2):
+        spectra_rows.append({"night": "2026-12-01", "expid": 1, "camera": "b1", "spectrograph": 1, "arm": "b",
+                             "fiber": fiber, "targetid": fiber, "objtype": "TGT", "obstype": "SCIENCE",
+                             "extraction": "deconv", "run_id": "r", "wave_min": 5000.0, "dwave": 0.5, "nwave": nwave,
+                             "fiber_status": 0, "flux": np.full(nwave, fiber + 1.0, np.float32),
+                             "ivar": np.ones(nwave, np.float32), "mask": np.zeros(nwave, np.uint32),
+                             "sky": np.zeros(nwave, np.float32), "resolution": np.ones(3 * ny, np.float32),
+                             "resolution_ndiag": 3, "resolution_wave": np.array([5002.0, 2.0])})
+    frame = pl.from_arrow(rows_to_table(spectra_rows, "spectra"))
+    arrays = camera_arrays(frame, 3)
+    assert arrays.spectra.flux[2, 0] == 3.0 and arrays.spectra.ivar[1].sum() == 0
+    assert np.all(arrays.spectra.mask[1] & Mask.DEADFIBER)
+    assert arrays.resolution.shape == (3, 3, ny) and np.all(arrays.resolution[1] == 0)
+    np.testing.assert_allclose(arrays.resolution_wave[2], [5002.0, 2.0])

@@ -168,3 +168,86 @@ def test_night_mean_and_telluric_combination():
     t, tivar = telluric_from_ratios(wave, ratio, np.ones_like(ratio), np.full(3, 2.0))
     np.testing.assert_allclose(t, [1.0, 0.55, 0.7])
     assert tivar[0] == 0 and tivar[1] > 0
+
+
+# --------------------------------------------------------------------------- a mini night end to end
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fluxcal.py"
+    spec = importlib.util.spec_from_file_location("bench_fluxcal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_mini_night_calibrated_joined_and_coadded_exactly_once(tmp_path):
+    """Held-out seed 1401: streaming (two deliveries), figures against the truth, nothing redone."""
+    import shutil
+
+    import polars as pl
+
+    from fiberlake.ingest.simulate import simulate_night
+    from fiberlake.jobs.ingest import ingest_night
+    from fiberlake.jobs.process import process_night
+    from fiberlake.jobs.query import scan_tables
+    from fiberlake.processors.params import ReductionParams
+    from fiberlake.storage.layout import Lake
+
+    night = "2026-12-11"
+    sim = tmp_path / "sim"
+    simulate_night("mini", night, sim, seed=1401, n_bias=1, n_flat=1, n_arc=1, n_science=3, n_standard=1,
+                   std_per_spectrograph=4)
+    frames = sorted((sim / night).glob("fl-*.fits"))
+    last_science = sorted({p.name.split("-")[1] for p in frames})[-2]      # the third science exposure
+    delivered = tmp_path / "delivered" / night
+    delivered.mkdir(parents=True)
+    for p in (sim / night).iterdir():
+        if p.is_file() and last_science not in p.name:
+            shutil.copy(p, delivered / p.name)
+    lake = Lake.at(tmp_path / "lake")
+    config = ReductionParams().updated({"extractions": ("box",)})
+    ingest_night(lake, delivered)
+    first = process_night(lake, night, config=config)
+    assert not first.products.failed, first.products.failed
+    coadds = scan_tables(lake)["coadds"].collect()
+    science = coadds.filter((pl.col("scope") == "night") & (pl.col("objtype") == "TGT") & (pl.col("n_exp") == 2))
+    assert science.height > 10
+
+    for p in (sim / night).iterdir():                      # the third exposure arrives
+        if p.is_file() and last_science in p.name:
+            shutil.copy(p, delivered / p.name)
+    ingest_night(lake, delivered)
+    second = process_night(lake, night, config=config)
+    assert [k.split("/")[0] for k in second.products.exposures] == [str(int(last_science))]
+    tables = scan_tables(lake)
+    coadds = tables["coadds"].collect()
+    assert coadds.group_by(["night", "targetid", "extraction", "scope"]).len()["len"].max() == 1
+    grown = coadds.filter(pl.col("targetid").is_in(science["targetid"].to_list()) & (pl.col("scope") == "night"))
+    assert set(grown["n_exp"].to_list()) == {3}
+    versions = {name: lake_table_version(lake, name) for name in ("joined", "fluxcal", "coadds")}
+    third = process_night(lake, night, config=config)     # nothing new: nothing written
+    assert third.products.exposures == [] and third.products.coadds == 0
+    assert {name: lake_table_version(lake, name) for name in versions} == versions
+
+    for table in ("joined", "coadds"):
+        frame = tables[table].collect()
+        for col in ("flam", "flam_ivar"):
+            values = np.concatenate(frame[col].to_numpy())
+            assert np.all(np.isfinite(values))
+    figures = _bench().evaluate(lake, night, sim / night, "box")
+    raw = figures["raw"]
+    for camera in ("b1", "r1"):
+        assert 0.7 < raw[f"ratio_{camera}"] < 1.3, figures
+    assert abs(figures["aperture_corrected"]["colour_median"]) < 0.25, figures
+    assert figures["coadd"]["n_targets"] > 5
+    assert figures["coadd"]["median_snr_over_expected"] == pytest.approx(1.0, abs=0.03), figures
+    assert figures["ripple"]["joined"] < 0.3 * min(figures["ripple"]["frame_spectra"].values()), figures
+
+
+def lake_table_version(lake, name: str) -> int:
+    from fiberlake.storage.tables import TableStore
+
+    return TableStore(lake.root / "tables").version(name)
