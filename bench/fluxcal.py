@@ -14,31 +14,36 @@ Seeds 1401-1499 are held out from everything the flux calibration was developed 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import polars as pl
-from astropy.io import fits
+# run as ``python bench/fluxcal.py``, this folder comes first on the path, and a bench script named like a
+# standard module (bench/typing.py) would shadow it for numpy: take the folder off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from fiberlake.ingest.simulate import simulate_night
-from fiberlake.jobs.ingest import ingest_night
-from fiberlake.jobs.process import latest_exposures, process_night
-from fiberlake.jobs.products import joined_grid_of
-from fiberlake.processors import coadd as co
-from fiberlake.processors import fluxcal_accuracy as fa
-from fiberlake.processors.accuracy import truth_on_grid
-from fiberlake.processors.params import ReductionParams
-from fiberlake.processors.telluric import TELLURIC_BANDS
-from fiberlake.schemas.containers import Spectra1D
-from fiberlake.schemas.instrument import get_instrument
-from fiberlake.schemas.truth import camera_truth_name, spectra_truth_name
-from fiberlake.storage.layout import Lake
-from fiberlake.storage.tables import TableStore
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from astropy.io import fits  # noqa: E402
+
+from fiberlake.ingest.simulate import simulate_night  # noqa: E402
+from fiberlake.jobs.ingest import ingest_night  # noqa: E402
+from fiberlake.jobs.process import latest_exposures, process_night  # noqa: E402
+from fiberlake.jobs.products import joined_grid_of  # noqa: E402
+from fiberlake.processors import coadd as co  # noqa: E402
+from fiberlake.processors import fluxcal_accuracy as fa  # noqa: E402
+from fiberlake.processors.accuracy import truth_on_grid  # noqa: E402
+from fiberlake.processors.params import ReductionParams  # noqa: E402
+from fiberlake.processors.telluric import TELLURIC_BANDS  # noqa: E402
+from fiberlake.schemas.containers import Spectra1D  # noqa: E402
+from fiberlake.schemas.instrument import get_instrument  # noqa: E402
+from fiberlake.schemas.truth import camera_truth_name, spectra_truth_name  # noqa: E402
+from fiberlake.storage.layout import Lake  # noqa: E402
+from fiberlake.storage.tables import TableStore  # noqa: E402
 
 NIGHT = "2026-12-09"
 
@@ -67,7 +72,7 @@ def evaluate(lake: Lake, night: str, truth_dir: Path, extraction: str) -> dict:
     exposures = latest_exposures(tables, night).filter(pl.col("obstype").is_in(["SCIENCE", "STANDARD"]))
     joined = tables.scan("joined").filter((pl.col("night") == night) & (pl.col("extraction") == extraction)).collect()
     cal = tables.scan("fluxcal").filter((pl.col("night") == night) & (pl.col("extraction") == extraction)).collect()
-    raw, corrected, shapes, tell_in, tell_out = {}, {}, {}, [], []
+    raw, corrected, shapes, tell_in = {}, {}, {}, []
     truth_of: dict[int, np.ndarray] = {}
     for expid in sorted(exposures["expid"].unique().to_list()):
         cameras = sorted(exposures.filter(pl.col("expid") == expid)["camera"].to_list())
