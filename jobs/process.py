@@ -97,6 +97,8 @@ class ProcessReport:
     n_spectra: int = 0
     skipped: int = 0
     calib_nights: dict[str, str] = field(default_factory=dict)
+    products: object | None = None
+    """What the products above the frame did (:class:`fiberlake.jobs.products.ProductsReport`)."""
 
     def summary(self) -> str:
         """One line for people."""
@@ -111,6 +113,8 @@ class ProcessReport:
         if self.retry:
             text += (f", {len(self.retry)} failed on the environment (retried by the next run): "
                      + "; ".join(f"{k}: {v}" for k, v in self.retry.items()))
+        if self.products is not None:
+            text += "; " + self.products.summary()
         return text
 
 
