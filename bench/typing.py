@@ -21,16 +21,21 @@ Prints a table and writes ``typing.json`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
+# Run as a script, this file's folder comes first on sys.path, where its own name would shadow the
+# standard library's ``typing``: move the folder to the end (bench/timing.py is still found).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 from timing import best_of  # noqa: E402  (bench/timing.py)
 
 

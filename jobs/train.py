@@ -60,6 +60,8 @@ class TypingData:
         The nights simulated (:class:`fiberlake.ingest.typing_dataset.NightSpec`).
     seconds : float
         Time spent simulating and pre-processing (0 when read from the cache).
+    cached : bool
+        Read from a cache file made by an earlier run.
     """
 
     images: np.ndarray
@@ -67,6 +69,7 @@ class TypingData:
     meta: list[dict]
     specs: list
     seconds: float = 0.0
+    cached: bool = False
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -75,7 +78,7 @@ class TypingData:
         """The frames where ``keep`` is true."""
         keep = np.asarray(keep, dtype=bool)
         return TypingData(self.images[keep], self.labels[keep], [m for m, k in zip(self.meta, keep) if k],
-                          self.specs, self.seconds)
+                          self.specs, self.seconds, self.cached)
 
     def groups(self) -> np.ndarray:
         """One integer per (instrument, seed, camera): the frames of one night and camera."""
@@ -136,7 +139,7 @@ def prepare_dataset(specs: list, cache: str | Path | None = None, progress: bool
     path = Path(cache) / f"typing-{_cache_key(specs)}.npz" if cache else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
-            return TypingData(z["images"], z["labels"], json.loads(str(z["meta"])), specs, 0.0)
+            return TypingData(z["images"], z["labels"], json.loads(str(z["meta"])), specs, 0.0, cached=True)
     t0 = time.perf_counter()
     total = sum(s.per_class for s in specs) * len(CLASSES)
     bar = None
@@ -379,9 +382,10 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
                      "loss": "cross-entropy on softmax", "oversampling": "every class to the largest",
                      "augmentation": "the 4 flips of every frame, every epoch"},
         "data": {"train": {**train.summary(), "specs": [s.to_dict() for s in train_specs],
-                           "simulate_s": round(train.seconds, 1)},
+                           "simulate_s": None if train.cached else round(train.seconds, 1), "from_cache": train.cached},
                  "heldout": {**held.summary(), "specs": [s.to_dict() for s in held_specs],
-                             "simulate_s": round(held.seconds, 1)}},
+                             "simulate_s": None if held.cached else round(held.seconds, 1),
+                             "from_cache": held.cached}},
         "simulator": simulator_settings(),
         "heldout": figures,
         "command": command,
@@ -462,22 +466,39 @@ def register_model(lake, directory: str | Path, source: str = "trained") -> dict
 # --------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TypingTrainParams` field (``--train-epochs``, ...), from the declarations."""
-    group = parser.add_argument_group("training parameters", TypingTrainParams.__doc__.splitlines()[0])
-    for row in TypingTrainParams.describe(prefix=f"{TRAIN_PREFIX}."):
+def add_parset_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str | None = None) -> None:
+    """One flag per field of a top-level parameter set ``cls`` whose paths start with ``prefix``.
+
+    The same machinery as :func:`fiberlake.jobs.cli_params.add_parameter_flags` (flag names from
+    :func:`~fiberlake.schemas.parset.flag_name`, help with default, range and unit), for a set
+    that is not part of the reduction: ``add_parset_flags(p, TypingParams, "typing")`` gives
+    ``--typing``/``--no-typing``, ``--typing-model``, ``--typing-routing``, ...
+    """
+    group = parser.add_argument_group(title or f"{prefix} parameters", (cls.__doc__ or "").splitlines()[0])
+    for row in cls.describe(prefix=f"{prefix}."):
+        optional = row["allowed"].endswith("(derived from the data)")
         if row["type"] == "bool":
             group.add_argument(flag_name(row["path"]), dest=_dest(row["path"]), action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=_help(row))
         else:
             group.add_argument(flag_name(row["path"]), dest=_dest(row["path"]), default=argparse.SUPPRESS,
-                               metavar=_metavar(row), type=_converter(row["type"], False), help=_help(row))
+                               metavar=_metavar(row), type=_converter(row["type"], optional), help=_help(row))
+
+
+def parset_from_args(args: argparse.Namespace, cls: type, prefix: str):
+    """The set ``cls`` with the flags of :func:`add_parset_flags` that were given (declared defaults otherwise)."""
+    head = _dest(f"{prefix}.")
+    names = {f.name for f in fields(cls)}
+    changes = {key[len(head):]: value for key, value in vars(args).items()
+               if key.startswith(head) and key[len(head):] in names}
+    return cls().updated(changes)
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TypingTrainParams` field (``--train-epochs``, ...), from the declarations."""
+    add_parset_flags(parser, TypingTrainParams, TRAIN_PREFIX, "training parameters")
 
 
 def train_params_from_args(args: argparse.Namespace) -> TypingTrainParams:
     """The training parameters of the parsed flags (declared defaults for the flags not given)."""
-    prefix = _dest(f"{TRAIN_PREFIX}.")
-    names = {f.name for f in fields(TypingTrainParams)}
-    changes = {key[len(prefix):]: value for key, value in vars(args).items()
-               if key.startswith(prefix) and key[len(prefix):] in names}
-    return TypingTrainParams().updated(changes)
+    return parset_from_args(args, TypingTrainParams, TRAIN_PREFIX)

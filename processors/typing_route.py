@@ -1,8 +1,10 @@
 """Frame typing at ingest: pixels to a type, header and pixel types to the type the pipeline uses.
 
-The ingest job calls :func:`type_frames` once per batch of frames: raw arrays and header types
-in, one ``frames`` row per frame out (:data:`fiberlake.schemas.tables.FRAMES`, without the
-commit time). Pure: the model comes in as a :class:`~fiberlake.processors.spit.FrameTyper`.
+The ingest job calls :func:`prepare_for_typing` on each frame while its pixels are in memory
+(keeping a 136 kB image), then :func:`type_prepared` once per batch: images and header types in,
+one ``frames`` row per frame out (:data:`fiberlake.schemas.tables.FRAMES`, without the commit
+time). :func:`type_frames` does both for raw arrays. Pure: the model comes in as a
+:class:`~fiberlake.processors.spit.FrameTyper`.
 
 The routing rule (:func:`route`, mode ``typing.routing``):
 
@@ -86,47 +88,56 @@ def route(type_header: object, type_pixels: str, flips_agreeing: int, confidence
     return Routing(header, "header", "disagree")
 
 
-def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: list[object], keys: list[dict], *,
-                routing: str = "auto", min_flips: int = 4, min_confidence: float = 0.9, super_majority: int = 3,
-                saturation: float | None = 65535, dispersion_axis: int = 0) -> list[dict]:
-    """Type a batch of frames and route them: one ``frames`` row per frame (without ``typed_at``).
+@dataclass(frozen=True)
+class Prepared:
+    """A frame ready for the network: its pre-processed image, or why it cannot be typed."""
+
+    image: np.ndarray | None
+    """uint8 ``(210, 650)`` (:func:`~fiberlake.processors.typing_prep.prepare_frame`); None when untypable."""
+    defect: str | None
+    """``blank``, ``saturated``, ``not finite``, ``empty`` or None."""
+
+
+def prepare_for_typing(raw: np.ndarray, saturation: float | None = 65535, dispersion_axis: int = 0) -> Prepared:
+    """Pre-process one raw frame (call it while the frame's pixels are in memory; keep only the 136 kB result)."""
+    defect = frame_defect(raw, saturation)
+    return Prepared(None if defect else prepare_frame(raw, dispersion_axis), defect)
+
+
+def type_prepared(typer: FrameTyper | None, prepared: list[Prepared], header_types: list[object], keys: list[dict], *,
+                  routing: str = "auto", min_flips: int = 4, min_confidence: float = 0.9,
+                  super_majority: int = 3) -> list[dict]:
+    """Type a batch of pre-processed frames (one forward pass per ``typer.batch``) and route them.
 
     Parameters
     ----------
     typer : FrameTyper or None
         The model; None when typing is off (every frame then goes by its header; ``model_id`` null).
-    raws : list of ndarray
-        Raw frames (overscan included), as ingested.
+    prepared : list of Prepared
+        :func:`prepare_for_typing` of each frame.
     header_types : list
         OBSTYPE of each header (None when missing).
     keys : list of dict
         ``night``, ``expid``, ``camera``, ``file_version``, ``pixel_sha256`` of each frame.
     routing, min_flips, min_confidence, super_majority
         :class:`~fiberlake.processors.params.TypingParams`.
-    saturation : float, optional
-        ADC ceiling; a frame mostly at it is untypable.
-    dispersion_axis : int
-        Axis of the raw frames along which wavelength runs (0 for every instrument here).
 
     Returns
     -------
     list of dict
+        One ``frames`` row per frame, without ``typed_at``.
     """
-    if not (len(raws) == len(header_types) == len(keys)):
-        raise ValueError("raws, header_types and keys must have one entry per frame")
-    n = len(raws)
-    defects = [frame_defect(raw, saturation) for raw in raws]
+    if not (len(prepared) == len(header_types) == len(keys)):
+        raise ValueError("prepared, header_types and keys must have one entry per frame")
+    n = len(prepared)
     pixel_types = [UNKNOWN] * n
-    probs = np.full((n, len(OBSTYPES)), np.nan)
+    classes: tuple[str, ...] = typer.classes if typer is not None else OBSTYPES
+    probs = np.full((n, len(classes)), np.nan)
     agreeing = np.zeros(n, dtype=np.int64)
     confidence = np.full(n, np.nan)
-    classes: tuple[str, ...] = OBSTYPES
-    todo = [i for i in range(n) if defects[i] is None]
+    todo = [i for i in range(n) if prepared[i].image is not None]
     if typer is not None and todo:
-        classes = typer.classes
-        probs = np.full((n, len(classes)), np.nan)
-        images = np.stack([prepare_frame(raws[i], dispersion_axis) for i in todo])
-        types, votes = typer.type_images(images, super_majority)
+        types, votes = typer.type_images(np.stack([prepared[i].image for i in todo]), super_majority)
         for j, i in enumerate(todo):
             pixel_types[i] = types[j]
         probs[todo] = votes.probabilities
@@ -140,7 +151,7 @@ def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: 
         header = header_types[i].strip().upper() if isinstance(header_types[i], str) else None
         row = {k: keys[i].get(k) for k in ("night", "expid", "camera", "file_version", "pixel_sha256")}
         row.update({
-            "type_header": header,
+            "type_header": header or None,
             "type_pixels": pixel_types[i] if typer is not None else None,
             "flips_agreeing": int(agreeing[i]),
             "confidence": float(confidence[i]) if np.isfinite(confidence[i]) else None,
@@ -148,7 +159,7 @@ def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: 
             "type_used": decision.type_used,
             "routed_by": decision.routed_by,
             "type_flag": decision.flag if typer is not None or decision.flag == "untypable" else None,
-            "untypable": defects[i] if typer is not None else None,
+            "untypable": prepared[i].defect if typer is not None else None,
             "routing": mode,
             "model_id": typer.model_id if typer is not None else None,
         })
@@ -159,6 +170,14 @@ def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: 
     return rows
 
 
+def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: list[object], keys: list[dict], *,
+                routing: str = "auto", min_flips: int = 4, min_confidence: float = 0.9, super_majority: int = 3,
+                saturation: float | None = 65535, dispersion_axis: int = 0) -> list[dict]:
+    """:func:`prepare_for_typing` of every raw frame, then :func:`type_prepared`: raw arrays and header
+    types in, one ``frames`` row per frame out (without ``typed_at``)."""
+    prepared = [prepare_for_typing(raw, saturation, dispersion_axis) for raw in raws]
+    return type_prepared(typer, prepared, header_types, keys, routing=routing, min_flips=min_flips,
+                         min_confidence=min_confidence, super_majority=super_majority)
 
 CALIBRATION_TYPES = ("BIAS", "DARK", "FLAT", "ARC")
 """Types from which calibration sets are built (compared by :func:`header_audit`)."""

@@ -248,6 +248,11 @@ def test_train_flags_come_from_the_declarations():
     assert (params.epochs, params.arch, params.lr, params.batch) == (3, "paper", 0.01, TypingTrainParams().batch)
     with pytest.raises(ParameterError, match="--train-epochs"):
         tr.train_params_from_args(parser.parse_args(["--train-epochs", "0"]))
+    # the ingest stage's set gets its flags the same way
+    ingest = argparse.ArgumentParser()
+    tr.add_parset_flags(ingest, TypingParams, "typing")
+    typing = tr.parset_from_args(ingest.parse_args(["--no-typing", "--typing-routing", "header"]), TypingParams, "typing")
+    assert (typing.enabled, typing.routing, typing.model) == (False, "header", "default")
 
 
 def test_frames_and_models_tables_are_declared():
