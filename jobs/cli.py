@@ -237,7 +237,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"model {card['model_id']}: {path} (held-out final accuracy {card['heldout']['final_accuracy']:.4f}, "
           f"unknown {card['heldout']['unknown_rate']:.4f})")
     if args.lake:
-        register_model(Lake.at(args.lake), path)
+        register_model(Lake.open(args.lake), path)
         print(f"registered in {args.lake}: models/{card['stage']}/{card['model_id']}")
     if args.ship:
         print(f"shipped as the default {card['stage']} model: {ship(path, card['stage'])}")
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = train_sub.add_parser("typing", help="the frame typer (seed 001, SPIT): simulate, train, evaluate on "
                              "held-out nights, write weights.safetensors and card.json under OUT/<model_id>/")
     t.add_argument("--out", default="./models", help="folder of the artifact (default ./models)")
-    t.add_argument("--lake", default=None, help="also copy the artifact into this lake and list it in its models table")
+    t.add_argument("--lake", default=None,
+                   help="also copy the artifact into this (existing) lake and list it in its models table")
     t.add_argument("--ship", action="store_true",
                    help="make it the package's default model (replaces the shipped one; for maintainers)")
     t.add_argument("--cache", default=None, metavar="DIR",
