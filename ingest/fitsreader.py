@@ -118,7 +118,9 @@ def validate_header(header: fits.Header, instrument: Instrument | None = None) -
     FrameRejected
         On any missing, mistyped or inconsistent keyword, or values unsafe to use in paths.
     """
-    values = {kw.name: _card_value(header, kw.name, kw.kind) for kw in REQUIRED_KEYWORDS}
+    untyped = "OBSTYPE" not in header or (isinstance(header["OBSTYPE"], str) and not header["OBSTYPE"].strip())
+    values = {kw.name: ("UNKNOWN" if kw.name == "OBSTYPE" and untyped else _card_value(header, kw.name, kw.kind))
+              for kw in REQUIRED_KEYWORDS}
     for key in ("INSTRUME", "NIGHT", "CAMERA", "ARM", "OBSTYPE", "DATE-OBS"):
         text = values[key]
         if not text.isascii() or not text.isprintable() or len(text) > 64 or "/" in text or ".." in text:
@@ -129,7 +131,7 @@ def validate_header(header: fits.Header, instrument: Instrument | None = None) -
         except ValueError as err:
             raise FrameRejected("bad_keyword", f"header keyword {key}: {err}") from None
     obstype = values["OBSTYPE"].upper()
-    if obstype not in OBSTYPES:
+    if obstype not in OBSTYPES and not untyped:  # no type at all: typed from the pixels at ingest
         raise FrameRejected("bad_keyword", f"OBSTYPE = {values['OBSTYPE']!r} is not one of {', '.join(OBSTYPES)}")
     values["OBSTYPE"] = obstype
     if values["CAMERA"] != f"{values['ARM']}{values['SPECID']}":

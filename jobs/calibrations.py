@@ -37,12 +37,20 @@ def ccd_params_from_row(row: dict) -> CCDParams:
 
 
 def calibration_sources(camera_rows: pl.DataFrame) -> dict[str, list[list]]:
-    """The calibration inputs of one camera and night: ``[expid, file_version, pixel_sha256]`` per type."""
+    """The calibration inputs of one camera and night: ``[expid, file_version, pixel_sha256]`` per type
+    (the type the pipeline acts on, ``frames.type_used``: a frame re-typed changes the set's id)."""
     sources: dict[str, list[list]] = {}
     for obstype in CALIB_OBSTYPES:
         sel = camera_rows.filter(pl.col("obstype") == obstype).sort("expid")
         sources[obstype] = [[int(r["expid"]), int(r["file_version"]), r["pixel_sha256"]] for r in sel.iter_rows(named=True)]
     return sources
+
+
+def typing_models(camera_rows: pl.DataFrame) -> list[str]:
+    """Typing models (seed 001) that chose the types of a set's frames (``frames.model_id``)."""
+    if "typing_model_id" not in camera_rows.columns:
+        return []
+    return sorted({m for m in camera_rows["typing_model_id"].to_list() if m})
 
 
 def calibration_id(night: str, camera: str, sources: dict, calibration_digest: str) -> str:
@@ -179,6 +187,7 @@ def ensure_calibration(
         "calib_id": choice.calib_id, "calibration_digest": config.calibration_digest(),
         "methods": method_digests(build_config), "code_version": code_version(), "built_by": built_by,
         "sources": calibration_sources(camera_rows), "config": build_config.science_dict(),
+        "typing_models": typing_models(camera_rows),
     })
     choice.calib = calib
     return calib

@@ -45,7 +45,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     lake = Lake.at(args.lake)
     resolve_instrument(lake, args.instrument)  # a new lake needs one (created under the writer lock)
     for night_dir in args.night_dirs:
-        report = ingest_night(lake, night_dir, progress=not args.quiet, settle=args.settle, instrument=args.instrument)
+        report = ingest_night(lake, night_dir, progress=not args.quiet, settle=args.settle, instrument=args.instrument,
+                              typing=_typing_params(args))
         print(f"{night_dir}: {report.summary()}")
         for name, reason in report.quarantined:
             print(f"  quarantined {name}: {reason}")
@@ -67,7 +68,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     report = watch_night(
         lake, args.night_dir, poll=args.poll, settle=args.settle, stale_after=args.stale_after,
         process=not args.no_process, config=config, once=args.once, log=lambda line: print(line, flush=True),
-        instrument=args.instrument,
+        instrument=args.instrument, typing=_typing_params(args),
     )
     print(report.summary())
     return 0 if not report.failed else 3
@@ -102,6 +103,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"  MISMATCH {problem}")
     print(report.summary())
     return 0 if report.ok else 2
+
+
+def _typing_params(args: argparse.Namespace):
+    """TypingParams from the generated ``--typing-*`` flags of ``ingest`` and ``watch``."""
+    from fiberlake.jobs.cli_params import parset_from_args
+    from fiberlake.processors.params import TypingParams
+
+    return parset_from_args(args, TypingParams, "typing")
+
+
+def _add_typing_flags(parser: argparse.ArgumentParser) -> None:
+    from fiberlake.jobs.cli_params import add_parset_flags
+    from fiberlake.processors.params import TypingParams
+
+    add_parset_flags(parser, TypingParams, "typing", "frame typing (seed 001)")
 
 
 def _reduction_params(args: argparse.Namespace):
@@ -244,6 +260,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.export import export
+    from fiberlake.storage.layout import Lake
+
+    report = export(Lake.open(args.lake), args.where, args.out, kind=args.kind, formats=args.format,
+                    overwrite=args.overwrite, as_of=args.as_of)
+    print(report.summary())
+    return 0
+
+
+def _cmd_qa(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.qa import build_qa
+    from fiberlake.storage.layout import Lake
+
+    print(build_qa(Lake.open(args.lake), args.night, args.out, extraction=args.extraction).summary())
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.plot import plot_target
+    from fiberlake.storage.layout import Lake
+
+    path = plot_target(Lake.open(args.lake), args.targetid, args.out, night=args.night, expid=args.expid,
+                       extraction=args.extraction)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fiberlake.jobs.demo import run_demo
 
@@ -275,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instrument of a new lake (required to create one unless FIBERLAKE_INSTRUMENT is set); "
                         "an existing lake keeps the instrument in its lake.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_typing_flags(p)
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("watch", help="ingest frames as they land in a night directory and reduce science at once")
@@ -290,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instrument of a new lake (required to create one unless FIBERLAKE_INSTRUMENT is set); "
                         "an existing lake keeps the instrument in its lake.json")
     _add_reduction_flags(p)
+    _add_typing_flags(p)
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("process", help="reduce a night's science frames to calibrated spectra")
@@ -391,6 +437,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_flags(t)
     t.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="write selected spectra as files the field's tools open (DESI layout, tabular FITS)",
+                       description="Write the flux-calibrated exposures (table joined) and coadds that a SQL condition "
+                       "selects, in DESI's spectra/coadd layout (desispec.io.read_spectra, specutils "
+                       "SpectrumList.read) and as one tabular FITS file per spectrum (specutils Spectrum.read), "
+                       "with the fiber map and the runs' parameters.")
+    _add_lake(p)
+    p.add_argument("--where", required=True, metavar="SQL",
+                   help="SQL condition over joined_full (exposures: joined spectra with ra, dec, mag) and coadds, "
+                   "e.g. \"night = '2026-11-21' AND objtype = 'TGT' AND mag < 17\"")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--kind", choices=["exposures", "coadds", "both"], default="both",
+                   help="per-exposure spectra, coadds or both (default both)")
+    p.add_argument("--format", choices=["desi", "tabular", "both"], default="both",
+                   help="DESI spectra/coadd files, one tabular file per spectrum, or both (default both)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--as-of", default=None, metavar="WHEN", help="time travel, as for fiberlake query")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("qa", help="write a night's QA page: HTML with PNG figures per camera")
+    p.add_argument("--night", required=True, type=_night, help="night, YYYY-MM-DD")
+    _add_lake(p)
+    p.add_argument("--out", required=True, help="folder of index.html and figures/")
+    p.add_argument("--extraction", default=None, choices=["box", "optimal", "deconv"],
+                   help="extraction shown (default: the first reduced of optimal, deconv, box)")
+    p.set_defaults(func=_cmd_qa)
+
+    p = sub.add_parser("plot", help="plot a target's coadded (or one exposure's) flux-calibrated spectrum to a PNG")
+    p.add_argument("--targetid", required=True, type=int, help="target id")
+    p.add_argument("--night", default=None, type=_night, help="that night's coadd (default: over every night)")
+    p.add_argument("--expid", default=None, type=int, help="plot this exposure's joined spectrum instead of a coadd")
+    p.add_argument("--extraction", default=None, choices=["box", "optimal", "deconv"],
+                   help="default: the first present of optimal, deconv, box")
+    p.add_argument("--out", required=True, help="PNG file")
+    _add_lake(p)
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("demo", help="simulate a mini night, ingest, process and report")
     p.add_argument("--workdir", default="./fiberlake-demo", help="directory for the night and the lake")

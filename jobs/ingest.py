@@ -58,6 +58,8 @@ from fiberlake.ingest.fitsreader import FrameRejected, RawFrame, image_hdu, fram
 from fiberlake.schemas.header import check_night
 from fiberlake.schemas.instrument import INSTRUMENTS, Instrument, get_instrument
 from fiberlake.storage.layout import Lake, LakeError
+from fiberlake.jobs.typing_stage import IngestTyper
+from fiberlake.processors.params import TypingParams
 from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.quarantine import copy_mode, keep_copy
 from fiberlake.storage.rawstore import pixel_sha256, remove_stale_temporaries, write_raw_frame
@@ -360,6 +362,7 @@ class _Batch:
     """Rows of one batch, committed together at its end."""
 
     exposures: list[dict] = field(default_factory=list)
+    typing: IngestTyper | None = None
     quarantine: list[dict] = field(default_factory=list)
     deliveries: list[dict] = field(default_factory=list)
     fibermaps: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
@@ -439,6 +442,11 @@ def _take(lake: Lake, night: str, entry: Entry, seen: _Inspected, instrument: In
         return
     attrs = {"header": cards, "filename": name, "file_sha256": sha, "file_version": version}
     write_raw_frame(lake.root, relpath, frame.pixels, attrs, digest=seen.pixel_sha)
+    if batch.typing is not None:
+        batch.typing.add(frame.pixels, None if frame.obstype == "UNKNOWN" else frame.obstype,
+                         {"night": frame.night, "expid": frame.expid, "camera": frame.camera, "file_version": version,
+                          "pixel_sha256": seen.pixel_sha},
+                         saturation=float(frame.header.get("SATURATE", 65535)))
     state.versions[key] = version
     state.filenames[key] = name
     state.exposures[sha] = row
@@ -460,7 +468,7 @@ def _entries(files: list[Path]) -> list[Entry]:
 
 
 def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = False,
-                 instrument: str | None = None) -> IngestReport:
+                 instrument: str | None = None, typing: TypingParams | None = None) -> IngestReport:
     """Ingest the given delivered files of one night directory in one batch.
 
     The batch reads what the lake holds once, publishes pixel arrays one by one, then commits
@@ -483,6 +491,9 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
         Instrument of a new lake (see :func:`declare_instrument`); an existing lake keeps its own.
         A library call on a new lake without one takes the instrument every frame of the batch
         names, and refuses a batch whose frames name several.
+    typing : TypingParams, optional
+        Frame typing from the pixels (seed 001): every ingested frame gets a ``frames`` row whose
+        ``type_used`` the calibration sets and reductions act on. Default: the shipped model.
 
     Returns
     -------
@@ -498,7 +509,7 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
     tables = TableStore(lake.root / "tables")
     state = LakeState.read(tables)
     report = IngestReport()
-    batch = _Batch()
+    batch = _Batch(typing=IngestTyper.load(lake, typing) if inst is not None else None)
     pending: list[Entry] = []
     for entry in entries:
         if not entry.candidate:
@@ -530,6 +541,10 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
     def txn(name: str) -> Txn:
         return Txn(APP_ID, (tables.committed_version(name, APP_ID) or 0) + 1)
 
+    frames = batch.typing.rows() if batch.typing is not None else []
+    if frames:  # before exposures: a crash between the two re-ingests (and re-types) the frames
+        tables.replace_keys("frames", frames, [{k: row[k] for k in ("night", "expid", "camera", "file_version")}
+                                               for row in frames])
     if batch.exposures:
         tables.append("exposures", batch.exposures, txn=txn("exposures"))
     if batch.quarantine:
@@ -576,6 +591,7 @@ def ingest_night(
     settle: float = 0.0,
     lock: bool = True,
     instrument: str | None = None,
+    typing: TypingParams | None = None,
 ) -> IngestReport:
     """Ingest every raw frame and fiber map in ``night_dir`` that the lake does not hold yet.
 
@@ -596,6 +612,8 @@ def ingest_night(
         Take the lake's writer lock (callers that already hold it pass False).
     instrument : str, optional
         Instrument of a new lake (see :func:`declare_instrument`); an existing lake keeps its own.
+    typing : TypingParams, optional
+        Frame typing from the pixels (see :func:`ingest_files`).
 
     Returns
     -------
@@ -608,6 +626,7 @@ def ingest_night(
     ready, waiting = split_ready(tracker, scan_night(night_dir))
     with LakeLock(lake.root, "ingest") if lock else nullcontext():
         remove_stale_temporaries(lake.root)
-        report = ingest_files(lake, ready, night_of_dir(night_dir), progress=progress, instrument=instrument)
+        report = ingest_files(lake, ready, night_of_dir(night_dir), progress=progress, instrument=instrument,
+                              typing=typing)
     report.waiting = [(p.name, why) for p, why in waiting.items()]
     return report

@@ -118,14 +118,34 @@ class ProcessReport:
         return text
 
 
+FRAME_KEY = ["night", "expid", "camera", "file_version"]
+
+
 def latest_exposures(tables: TableStore, night: str) -> pl.DataFrame:
-    """The newest file version of every (expid, camera) of ``night``."""
+    """The newest file version of every (expid, camera) of ``night``, typed as the pipeline acts on it.
+
+    ``obstype`` is the frame's ``type_used`` from the ``frames`` table (header type, or the pixel
+    type where the routing rule chose it; seed 001), so a bias labelled ARC never enters a master
+    arc; the header's type stays in ``obstype_header``. Frames of type ``UNKNOWN`` (no header type
+    and no pixel type) are left out. Columns ``typing_model_id`` and ``type_flag`` say how each
+    frame was typed.
+    """
     if not tables.exists("exposures"):
         return pl.DataFrame()
     frame = tables.scan("exposures").filter(pl.col("night") == night).collect()
     if frame.is_empty():
         return frame
-    return frame.sort("file_version").group_by(["expid", "camera"]).last().sort(["expid", "camera"])
+    frame = frame.sort("file_version").group_by(["expid", "camera"]).last().sort(["expid", "camera"])
+    typed = (tables.scan("frames").filter(pl.col("night") == night)
+             .select(*FRAME_KEY, "type_used", pl.col("model_id").alias("typing_model_id"), "type_flag").collect()
+             if tables.exists("frames") else pl.DataFrame())
+    if typed.is_empty():
+        return frame.with_columns(pl.col("obstype").alias("obstype_header"),
+                                  pl.lit(None, pl.String).alias("typing_model_id"), pl.lit(None, pl.String).alias("type_flag"))
+    frame = frame.join(typed, on=FRAME_KEY, how="left")
+    return (frame.with_columns(pl.col("obstype").alias("obstype_header"),
+                               pl.coalesce("type_used", "obstype").alias("obstype"))
+            .drop("type_used").filter(pl.col("obstype") != "UNKNOWN"))
 
 
 def config_hash(config: ReductionParams) -> str:

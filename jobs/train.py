@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fiberlake.jobs.cli_params import _converter, _dest, _help, _metavar
+from fiberlake.jobs.cli_params import add_parset_flags, parset_from_args
 from fiberlake.processors.params import TypingParams, TypingTrainParams
 from fiberlake.schemas.header import OBSTYPES as CLASSES
 from fiberlake.schemas.parset import flag_name
@@ -466,34 +466,6 @@ def register_model(lake, directory: str | Path, source: str = "trained") -> dict
 # --------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------
-def add_parset_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str | None = None) -> None:
-    """One flag per field of a top-level parameter set ``cls`` whose paths start with ``prefix``.
-
-    The same machinery as :func:`fiberlake.jobs.cli_params.add_parameter_flags` (flag names from
-    :func:`~fiberlake.schemas.parset.flag_name`, help with default, range and unit), for a set
-    that is not part of the reduction: ``add_parset_flags(p, TypingParams, "typing")`` gives
-    ``--typing``/``--no-typing``, ``--typing-model``, ``--typing-routing``, ...
-    """
-    group = parser.add_argument_group(title or f"{prefix} parameters", (cls.__doc__ or "").splitlines()[0])
-    for row in cls.describe(prefix=f"{prefix}."):
-        optional = row["allowed"].endswith("(derived from the data)")
-        if row["type"] == "bool":
-            group.add_argument(flag_name(row["path"]), dest=_dest(row["path"]), action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=_help(row))
-        else:
-            group.add_argument(flag_name(row["path"]), dest=_dest(row["path"]), default=argparse.SUPPRESS,
-                               metavar=_metavar(row), type=_converter(row["type"], optional), help=_help(row))
-
-
-def parset_from_args(args: argparse.Namespace, cls: type, prefix: str):
-    """The set ``cls`` with the flags of :func:`add_parset_flags` that were given (declared defaults otherwise)."""
-    head = _dest(f"{prefix}.")
-    names = {f.name for f in fields(cls)}
-    changes = {key[len(head):]: value for key, value in vars(args).items()
-               if key.startswith(head) and key[len(head):] in names}
-    return cls().updated(changes)
-
-
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`TypingTrainParams` field (``--train-epochs``, ...), from the declarations."""
     add_parset_flags(parser, TypingTrainParams, TRAIN_PREFIX, "training parameters")

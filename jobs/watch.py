@@ -35,7 +35,7 @@ from fiberlake.ingest.arrival import ArrivalTracker
 from fiberlake.ingest.delivery import scan_night
 from fiberlake.jobs.ingest import IngestReport, night_of_dir, declare_instrument, ingest_files, split_ready
 from fiberlake.jobs.process import ProcessReport, process_night
-from fiberlake.processors.params import ReductionParams
+from fiberlake.processors.params import ReductionParams, TypingParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.lock import LakeLock
 from fiberlake.storage.rawstore import remove_stale_temporaries
@@ -85,6 +85,7 @@ def watch_night(
     log: Callable[[str], None] | None = None,
     max_cycles: int | None = None,
     instrument: str | None = None,
+    typing: TypingParams | None = None,
 ) -> WatchReport:
     """Watch ``night_dir`` and bring every frame that lands into the lake (see the module docstring).
 
@@ -116,6 +117,8 @@ def watch_night(
     instrument : str, optional
         Instrument of a new lake (see :func:`~fiberlake.jobs.ingest.declare_instrument`); an
         existing lake keeps its own.
+    typing : TypingParams, optional
+        Frame typing from the pixels at ingest (default: the shipped model).
 
     Returns
     -------
@@ -145,7 +148,8 @@ def watch_night(
             try:
                 while not stop.is_set():
                     report.cycles += 1
-                    nights = _ingest_cycle(lake, night_dir, night, tracker, handled, report, log, instrument)
+                    nights = _ingest_cycle(lake, night_dir, night, tracker, handled, report, log, instrument,
+                                           typing)
                     if reducer:
                         reducer.wake(nights)
                         if once:
@@ -163,7 +167,8 @@ def watch_night(
 
 
 def _ingest_cycle(lake: Lake, night_dir: Path, night: str, tracker: ArrivalTracker, handled: dict,
-                  report: WatchReport, log: Callable[[str], None], instrument: str | None = None) -> set[str]:
+                  report: WatchReport, log: Callable[[str], None], instrument: str | None = None,
+                  typing: TypingParams | None = None) -> set[str]:
     """Ingest the files that became complete; return the nights of the frames ingested.
 
     Every entry of the directory is looked at (frames, fiber maps, and what is only logged:
@@ -178,7 +183,7 @@ def _ingest_cycle(lake: Lake, night_dir: Path, night: str, tracker: ArrivalTrack
     report.waiting = [(p.name, why) for p, why in waiting.items()]
     if not ready:
         return set()
-    batch = ingest_files(lake, ready, night, instrument=instrument)
+    batch = ingest_files(lake, ready, night, instrument=instrument, typing=typing)
     report.ingest.merge(batch)
     for entry in fresh:
         if entry.path in waiting:

@@ -1,0 +1,94 @@
+"""Frame typing inside ingest: one model per process, pixels typed while they are in memory, one
+``frames`` row per ingested frame (seed 001, :mod:`fiberlake.processors.typing_route`).
+
+:class:`IngestTyper` loads the typing model once (the shipped default, a lake model id or a
+folder; CUDA when present) and registers it in the lake's ``models`` table. Without torch, or
+with ``typing.enabled`` off, frames are still recorded, typed by their headers alone
+(``model_id`` null), so ``frames.type_used`` always exists for the calibration sets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fiberlake.processors.params import TypingParams
+from fiberlake.processors.typing_route import Prepared, prepare_for_typing, type_prepared
+from fiberlake.storage.layout import Lake
+
+_LOADED: dict[tuple, object] = {}
+"""Typing models already loaded in this process, by (source, device, lake)."""
+
+
+@dataclass
+class IngestTyper:
+    """The typing stage of one ingest batch.
+
+    Attributes
+    ----------
+    params : TypingParams
+    typer : FrameTyper or None
+        None when typing is off or torch is missing (headers alone).
+    note : str
+        Why the pixels are not typed, when they are not.
+    pending : list
+        ``(Prepared, header type, key)`` of the batch's frames.
+    """
+
+    params: TypingParams
+    typer: object | None = None
+    note: str = ""
+    pending: list[tuple[Prepared, str | None, dict]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, lake: Lake, params: TypingParams | None = None) -> IngestTyper:
+        """The stage for ``lake`` (model loaded once per process and registered in the lake).
+
+        Raises
+        ------
+        fiberlake.storage.models.ArtifactError, fiberlake.processors.spit.ModelError
+            A model file that is missing, truncated or of the wrong shape: a clear error at start.
+        """
+        params = params or TypingParams()
+        if not params.enabled:
+            return cls(params, None, "typing is off (--no-typing): frames are typed by their headers")
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            note = "torch is not installed (pip install 'fiberlake[neural]'): frames are typed by their headers"
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+            return cls(params, None, note)
+        from fiberlake.jobs.train import load_typing_model, register_model
+        from fiberlake.storage.models import locate
+
+        key = (params.model, params.device, str(lake.root))
+        if key not in _LOADED:
+            _LOADED[key] = load_typing_model(params.model, lake.root, device=params.device, batch=params.batch,
+                                             cpu_threads=params.cpu_threads)
+            source = "shipped" if params.model == "default" else "given"
+            register_model(lake, locate(params.model, "typing", lake.root), source=source)
+        return cls(params, _LOADED[key])
+
+    @property
+    def model_id(self) -> str | None:
+        """Id of the typing model (None when frames are typed by their headers)."""
+        return getattr(self.typer, "model_id", None)
+
+    def add(self, raw: np.ndarray, header_type: str | None, key: dict, saturation: float = 65535.0) -> None:
+        """Pre-process one frame while its pixels are in memory (keeps a 136 kB image)."""
+        prepared = prepare_for_typing(raw, saturation=saturation) if self.typer is not None else Prepared(None, None)
+        self.pending.append((prepared, header_type, key))
+
+    def rows(self) -> list[dict]:
+        """``frames`` rows of the frames added so far (one forward pass per ``typing.batch``)."""
+        if not self.pending:
+            return []
+        p = self.params
+        prepared, headers, keys = zip(*self.pending)
+        rows = type_prepared(self.typer, list(prepared), list(headers), list(keys), routing=p.routing,
+                             min_flips=p.min_flips, min_confidence=p.min_confidence, super_majority=p.super_majority)
+        now = dt.datetime.now(dt.timezone.utc)
+        return [row | {"typed_at": now} for row in rows]
