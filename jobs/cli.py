@@ -220,6 +220,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retype(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.typing_stage import retype_night
+    from fiberlake.storage.layout import Lake
+
+    outcome = retype_night(Lake.open(args.lake), args.night, _typing_params(args))
+    print(f"{args.night}: {outcome['frames']} frames typed again, {outcome['changed']} changed type "
+          f"(the next 'fiberlake process' rebuilds the calibration sets they enter and reduces their frames)")
+    return 0
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from fiberlake.jobs.runs import format_parameter_markdown, format_parameter_table
 
@@ -408,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, help="the simulated night directory (with truth/)")
     _add_lake(p)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("retype", help="type a night's frames again from their pixels (e.g. with a new model)")
+    p.add_argument("--night", required=True, type=_night, help="night, YYYY-MM-DD")
+    _add_lake(p)
+    _add_typing_flags(p)
+    p.set_defaults(func=_cmd_retype)
 
     p = sub.add_parser("params", help="list every reduction parameter: default, allowed values, unit, flag, meaning")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's parameter section)")

@@ -10,6 +10,7 @@ with ``typing.enabled`` off, frames are still recorded, typed by their headers a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -92,3 +93,43 @@ class IngestTyper:
                              min_flips=p.min_flips, min_confidence=p.min_confidence, super_majority=p.super_majority)
         now = dt.datetime.now(dt.timezone.utc)
         return [row | {"typed_at": now} for row in rows]
+
+
+def retype_night(lake: Lake, night: str, params: TypingParams | None = None, *, lock: bool = True) -> dict[str, int]:
+    """Type every frame of ``night`` again (e.g. with a new model) and replace its ``frames`` rows.
+
+    A frame whose ``type_used`` changes changes the inputs, and so the ``calib_id``, of its
+    camera's calibration set: the next ``process`` rebuilds that set and reduces its frames
+    again, and nothing else.
+
+    Returns
+    -------
+    dict
+        ``frames`` typed and ``changed`` (type_used differs from before).
+    """
+    from contextlib import nullcontext
+
+    import polars as pl
+
+    from fiberlake.storage.lock import LakeLock
+    from fiberlake.storage.rawstore import read_raw_frame
+    from fiberlake.storage.tables import TableStore
+
+    tables = TableStore(lake.root / "tables")
+    with LakeLock(lake.root, f"retype {night}") if lock else nullcontext():
+        exposures = tables.scan("exposures").filter(pl.col("night") == night).collect()
+        if exposures.is_empty():
+            raise LookupError(f"the lake has no frames for night {night}")
+        before = {(r["expid"], r["camera"], r["file_version"]): r["type_used"]
+                  for r in tables.scan("frames").filter(pl.col("night") == night).collect().iter_rows(named=True)}
+        stage = IngestTyper.load(lake, params)
+        for exp in exposures.sort(["expid", "camera", "file_version"]).iter_rows(named=True):
+            header = {card[0]: card[1] for card in json.loads(exp["header_json"])}
+            stage.add(read_raw_frame(lake.root, exp["raw_path"]), None if exp["obstype"] == "UNKNOWN" else exp["obstype"],
+                      {k: exp[k] for k in ("night", "expid", "camera", "file_version", "pixel_sha256")},
+                      saturation=float(header.get("SATURATE", 65535)))
+        rows = stage.rows()
+        tables.replace_keys("frames", rows, [{k: row[k] for k in ("night", "expid", "camera", "file_version")}
+                                             for row in rows])
+    changed = sum(before.get((r["expid"], r["camera"], r["file_version"])) != r["type_used"] for r in rows)
+    return {"frames": len(rows), "changed": int(changed)}

@@ -13,6 +13,7 @@ from fiberlake.jobs.calibrations import calibration_sources
 from fiberlake.jobs.ingest import ingest_night
 from fiberlake.jobs.process import latest_exposures
 from fiberlake.jobs.query import scan_tables
+from fiberlake.jobs.typing_stage import retype_night
 from fiberlake.processors.params import TypingParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
@@ -61,6 +62,10 @@ def test_wrong_and_missing_header_types_are_routed_by_the_pixels(nights, tmp_pat
     sources_header = calibration_sources(latest_exposures(TableStore(header_only.root / "tables"), NIGHT))
     assert len(sources_header["ARC"]) == 1 and sources_header["ARC"] != sources_good["ARC"]
     assert len(sources_header["BIAS"]) == 1
+    # typed again with the routing rule: the two frames change type and the inputs become the good night's
+    assert retype_night(header_only, NIGHT, TypingParams()) == {"frames": 5, "changed": 2}
+    sources_retyped = calibration_sources(latest_exposures(TableStore(header_only.root / "tables"), NIGHT))
+    assert sources_retyped == sources_bad
 
 
 def test_typing_off_records_header_types(nights, tmp_path):
