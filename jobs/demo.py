@@ -26,6 +26,13 @@ ORDER BY m.extraction, f.objtype
 """
 
 
+TYPING_QUERY = """
+SELECT type_header, type_pixels, count(*) AS frames, min(confidence) AS min_confidence,
+       sum(CASE WHEN type_agree THEN 1 ELSE 0 END) AS agree, first(model_id) AS model_id
+FROM frames GROUP BY type_header, type_pixels ORDER BY type_header
+"""
+
+
 def run_demo(workdir: Path, *, seed: int = 0, progress: bool = True) -> pl.DataFrame:
     """Run the whole chain on a simulated ``mini`` night and print a short report.
 
@@ -58,6 +65,10 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: bool = True) -> pl.DataF
     print(f"ingest:  {ingest.summary()} in {t2 - t1:.1f} s")
     print(f"process: {processed.summary()} in {t3 - t2:.1f} s")
     print(f"lake:    {lake.root}")
+    typed = sql(lake, TYPING_QUERY)
+    with pl.Config(tbl_rows=20, tbl_cols=-1):
+        print("frame typing (seed 001): header type against the type from the pixels")
+        print(typed)
     result = sql(lake, REPORT_QUERY)
     with pl.Config(tbl_rows=50, tbl_cols=-1):
         print(result)
