@@ -265,6 +265,65 @@ def scan_tables(lake: Lake, *, as_of: AsOf | When | str | None = None, arrays: b
     return frames
 
 
+# --- views -----------------------------------------------------------------------------------------------
+_SPECTRUM_KEY = ("night", "expid", "camera", "fiber", "extraction")
+
+
+def _on(left: str, right: str, columns: Iterable[str]) -> str:
+    return " AND ".join(f"{right}.{c} = {left}.{c}" for c in columns)
+
+
+VIEWS: dict[str, tuple[str, str]] = {
+    "spectra_full": (
+        "spectra with their fiber map (ra, dec, mag), metrics, reduction marker and raw frame (exposures), "
+        "joined on the full key",
+        "SELECT s.*, f.ra, f.dec, f.mag, m.snr_eq15, m.der_snr, m.median_snr, m.median_flux, m.frac_masked, "
+        "m.wave_rms, m.wave_nlines, m.trace_rms, m.trace_offset, m.sky_chi2, r.file_version, r.calib_night, "
+        "r.calib_id, r.config_hash, r.seconds, e.exptime, e.mjd_obs, e.date_obs, e.file_sha256, e.raw_path "
+        "FROM spectra s "
+        f"LEFT JOIN fibermap f ON {_on('s', 'f', ('night', 'expid', 'spectrograph', 'fiber', 'targetid'))} "
+        f"LEFT JOIN metrics m ON {_on('s', 'm', _SPECTRUM_KEY + ('spectrograph', 'targetid'))} "
+        f"LEFT JOIN reductions r ON {_on('s', 'r', ('night', 'expid', 'camera', 'extraction'))} "
+        f"LEFT JOIN exposures e ON {_on('s', 'e', ('night', 'expid', 'camera'))} AND e.file_version = r.file_version",
+    ),
+    "metrics_full": (
+        "metrics with their fiber map (ra, dec, mag) and raw frame (exptime, mjd_obs): S/N against magnitude "
+        "without reading a pixel",
+        "SELECT m.*, f.ra, f.dec, f.mag, r.file_version, r.calib_night, r.seconds, e.exptime, e.mjd_obs, e.obstype "
+        "FROM metrics m "
+        f"LEFT JOIN fibermap f ON {_on('m', 'f', ('night', 'expid', 'spectrograph', 'fiber', 'targetid'))} "
+        f"LEFT JOIN reductions r ON {_on('m', 'r', ('night', 'expid', 'camera', 'extraction'))} "
+        f"LEFT JOIN exposures e ON {_on('m', 'e', ('night', 'expid', 'camera'))} AND e.file_version = r.file_version",
+    ),
+    "joined_full": (
+        "flux-calibrated spectra (arms joined) with their fiber map (ra, dec, mag)",
+        "SELECT j.*, f.ra, f.dec, f.mag FROM joined j "
+        f"LEFT JOIN fibermap f ON {_on('j', 'f', ('night', 'expid', 'spectrograph', 'fiber', 'targetid'))}",
+    ),
+    "frames_full": (
+        "raw frames (exposures) with their typing (frames: header type, pixel type, confidence, type used)",
+        "SELECT e.*, t.type_pixels, t.confidence, t.flips_agreeing, t.type_agree, t.type_used, t.routed_by, "
+        "t.type_flag, t.untypable, t.model_id FROM exposures e "
+        f"LEFT JOIN frames t ON {_on('e', 't', ('night', 'expid', 'camera', 'file_version'))}",
+    ),
+}
+"""Named SQL views users would otherwise write every time: name to (what it holds, its SELECT).
+
+They are registered beside the tables in every query (``SELECT * FROM spectra_full WHERE ...``),
+read the tables as of the same ``--as-of``, and cost nothing until used; Polars pushes a query's
+column choice and filters into them, so ``SELECT targetid, snr_eq15 FROM spectra_full`` reads no
+flux."""
+
+
+def register_views(ctx: pl.SQLContext) -> dict[str, pl.LazyFrame]:
+    """Register :data:`VIEWS` in ``ctx`` (which holds the tables) and return them as LazyFrames."""
+    views = {}
+    for name, (_, text) in VIEWS.items():
+        views[name] = ctx.execute(text, eager=False)
+        ctx.register(name, views[name])
+    return views
+
+
 def user_tables(specs: Iterable[str]) -> dict[str, pl.LazyFrame]:
     """Files a user names for one query: ``NAME=PATH`` with a ``.parquet``, ``.csv`` or ``.arrow``/``.ipc`` file.
 
@@ -280,7 +339,7 @@ def user_tables(specs: Iterable[str]) -> dict[str, pl.LazyFrame]:
         name = name.strip()
         if not eq or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name) or not path:
             raise QueryRefused(f"--table {spec!r} is not NAME=PATH (NAME: letters, digits, _)")
-        if name.lower() in SCHEMAS or name.lower() in {n.lower() for n in out}:
+        if name.lower() in SCHEMAS or name.lower() in VIEWS or name.lower() in {n.lower() for n in out}:
             raise QueryRefused(f"--table {spec!r}: {name} is already a table; choose another name")
         reader = readers.get(Path(path).suffix.lower())
         if reader is None:
@@ -293,7 +352,7 @@ def user_tables(specs: Iterable[str]) -> dict[str, pl.LazyFrame]:
 
 def sql(lake: Lake, query: str, *, as_of: AsOf | When | str | None = None,
         extra: Mapping[str, pl.LazyFrame] | None = None) -> pl.DataFrame:
-    """Run one SQL ``SELECT`` over every table of ``lake`` (Polars SQL), and nothing outside it.
+    """Run one SQL ``SELECT`` over every table and view (:data:`VIEWS`) of ``lake`` (Polars SQL), and nothing outside it.
 
     Parameters
     ----------
@@ -318,8 +377,9 @@ def sql(lake: Lake, query: str, *, as_of: AsOf | When | str | None = None,
     >>> sql(Lake.open("lake"), "SELECT objtype, median(snr_eq15) FROM metrics GROUP BY objtype")  # doctest: +SKIP
     """
     frames = {**scan_tables(lake, as_of=as_of, arrays=False), **(extra or {})}
-    check_query(query, frames)
     ctx = pl.SQLContext(frames=frames, eager=False)
+    views = register_views(ctx)
+    check_query(query, [*frames, *views])
     try:
         return ctx.execute(query).collect()
     except FileNotFoundError as err:
@@ -327,6 +387,73 @@ def sql(lake: Lake, query: str, *, as_of: AsOf | When | str | None = None,
     except DeltaError:
         raise LookupError(f"a table's log no longer holds the state asked for (--as-of {as_of}); 'fiberlake tables' "
                           f"lists the versions each table can read") from None
+
+
+_PREDICATE_STOP = ("SELECT", "FROM", "WHERE", "GROUP", "HAVING", "ORDER", "LIMIT", "OFFSET", "UNION", "EXCEPT",
+                   "INTERSECT", "WINDOW", "QUALIFY", "FETCH", "JOIN", "WITH", "INTO")
+
+
+def check_predicate(predicate: str) -> None:
+    """Refuse a ``WHERE`` predicate that is more than one boolean expression.
+
+    Subqueries in parentheses are allowed (``targetid IN (SELECT targetid FROM coadds WHERE mag < 16)``);
+    outside parentheses the predicate may not close a parenthesis it did not open, end the statement
+    or start another clause (``1=1 UNION SELECT ...``, ``true ORDER BY 1``). The whole query it becomes
+    is then checked by :func:`check_query` as any other.
+
+    Raises
+    ------
+    QueryRefused
+        With one sentence saying why.
+    """
+    tokens = _tokens(predicate)
+    if not tokens:
+        raise QueryRefused("the --where predicate is empty; give a condition such as \"night = '2026-11-21'\"")
+    depth = 0
+    for tok in tokens:
+        depth += {"(": 1, ")": -1}.get(tok.text, 0)
+        if depth < 0:
+            raise QueryRefused(f"the --where predicate closes a parenthesis it did not open: {predicate!r}")
+        if tok.text == ";":
+            raise QueryRefused("the --where predicate is one condition, without ';'")
+        if depth == 0 and tok.is_word(*_PREDICATE_STOP):
+            raise QueryRefused(f"the --where predicate is one condition (a WHERE clause), not {tok.text.upper()} ...; "
+                               f"put subqueries in parentheses")
+    if depth:
+        raise QueryRefused(f"the --where predicate has a parenthesis that is never closed: {predicate!r}")
+
+
+def select_where(lake: Lake, source: str, predicate: str, columns: Iterable[str], *,
+                 as_of: AsOf | When | str | None = None) -> pl.DataFrame:
+    """``SELECT columns FROM source WHERE (predicate)`` through the checked path of :func:`sql`.
+
+    Parameters
+    ----------
+    lake : Lake
+    source : str
+        A table or view (:data:`VIEWS`).
+    predicate : str
+        The user's condition, SQL; see :func:`check_predicate`.
+    columns : iterable of str
+        Columns to return (names of ``source``).
+    as_of : optional
+        Time travel (:func:`parse_as_of`).
+
+    Raises
+    ------
+    QueryRefused
+        For a predicate that is not one condition, reads outside the lake, or is not valid SQL
+        over ``source`` (one sentence, with Polars' reason).
+    """
+    if source not in SCHEMAS and source not in VIEWS:
+        raise LookupError(f"there is no table or view {source!r}")
+    check_predicate(predicate)
+    query = f"SELECT {', '.join(columns)} FROM {source} WHERE ({predicate})"
+    try:
+        return sql(lake, query, as_of=as_of)
+    except pl.exceptions.PolarsError as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise QueryRefused(f"--where {predicate!r} is not a valid condition on {source}: {reason}") from None
 
 
 def _missing_file(lake: Lake, err: FileNotFoundError, as_of: AsOf | When | str | None) -> str:
@@ -611,12 +738,14 @@ def table_columns(name: str) -> list[tuple[str, str, str]]:
 
 
 def format_summaries(summaries: list[TableSummary]) -> str:
-    """``fiberlake tables``: one line per table."""
+    """``fiberlake tables``: one line per table, then the views every query can name."""
     width = max(len(s.name) for s in summaries)
     lines = [f"{'table':{width}s} {'rows':>9s}  versions / what it holds"]
     for s in summaries:
         lines.append(f"{s.name:{width}s} {s.rows:9d}  {s.versions}")
         lines.append(f"{'':{width}s} {'':9s}  {s.description}")
+    lines += ["", "views (SELECT ... FROM NAME; the README shows their SQL):"]
+    lines += [f"  {name}: {doc}" for name, (doc, _) in VIEWS.items()]
     return "\n".join(lines)
 
 
