@@ -156,7 +156,9 @@ def _own_hashes(ctx: _Context, method: str, markers: pl.DataFrame) -> dict[tuple
         groups.setdefault((int(row["expid"]), parse_camera(row["camera"])[1]), []).append(row)
     out = {}
     for key, rows in groups.items():
-        frames = sorted((r["camera"], r["run_id"], r["config_hash"], r["calib_id"], r["pixel_sha256"]) for r in rows)
+        # what the frames' spectra are made of, not which run made them: a re-run after a crash, or a
+        # forced re-reduction of the same inputs, gives the same spectra and so the same products
+        frames = sorted((r["camera"], r["config_hash"], r["calib_id"], r["pixel_sha256"]) for r in rows)
         out[key] = (digest_of({"params": ctx.config.products_digest(method), "frames": frames}), rows)
     return out
 
