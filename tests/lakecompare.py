@@ -27,7 +27,8 @@ def table_rows(lake: Lake, name: str) -> list[tuple]:
 
 def _hashable(value):
     if isinstance(value, list):
-        return tuple(_hashable(float(v)) for v in value)
+        return tuple(_hashable(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                     for v in value)
     if isinstance(value, float):
         return "nan" if value != value else round(value, 6)
     return value
