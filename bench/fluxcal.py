@@ -6,10 +6,14 @@ Simulates a mini night (3 science exposures of one plate with ``--std`` standard
 spectrograph, one standard-star exposure), ingests and processes it (products included), then
 prints per camera the median ratio of calibrated to true flux and its scatter over the fibers
 (raw, and with each fiber's own aperture loss divided out, which no calibration can know), the
-blue/red colour error, the response's residual shape, the telluric residuals (O2 B and gamma
-bands), the coadds' S/N against the quadrature sum of their exposures' (sqrt(N) for equal
-exposures), and the inverse-variance ripple of the frame spectra and of the joined spectra.
-Seeds 1401-1499 are held out from everything the flux calibration was developed on (11).
+blue/red colour error (over every star, which the faint ones' own noise widens; per exposure; over
+the stars brighter than r = 17), the standards' fitted Teff, log g and [Fe/H] against their true
+ones, the response's residual shape, the telluric residuals (O2 B and gamma bands), the coadds'
+S/N against the quadrature sum of their exposures' (sqrt(N) for equal exposures), and the
+inverse-variance ripple of the frame spectra and of the joined spectra. ``--evaluate DIR`` prints
+the figures of a night this script processed before (its ``--out``), without redoing it.
+Seeds 1401-1499 are held out from everything the flux calibration was developed on (issues 11,
+14: the colour fit was tuned on seeds 1301-1303).
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# run as ``python bench/fluxcal.py``, this folder comes first on the path, and a bench script named like a
-# standard module (bench/typing.py) would shadow it for numpy: take the folder off the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# run as ``python bench/fluxcal.py`` (or from bench/), this folder comes first on the path, and a bench script
+# named like a standard module (bench/typing.py) would shadow it for numpy: take the folder off the path, and
+# forget any module already imported from it under a standard name
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+for _name, _module in list(sys.modules.items()):
+    if _name in sys.stdlib_module_names and Path(getattr(_module, "__file__", None) or "/").resolve().parent == _HERE:
+        del sys.modules[_name]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -56,7 +65,8 @@ def _truth_joined(truth_dir: Path, expid: int, cameras: list[str], inst, grid: c
             wave_rows = h["WAVE"].data.astype(float)
         with fits.open(truth_dir / spectra_truth_name(expid, camera)) as h:
             flam = h["FLAM_ROWS"].data.astype(np.float32)
-            targets = {k: np.asarray(h["TARGETS"].data[k]) for k in ("FIBER", "OBJTYPE", "MAG", "FLUXFRAC", "TARGETID")}
+            targets = {k: np.asarray(h["TARGETS"].data[k])
+                       for k in ("FIBER", "OBJTYPE", "MAG", "FLUXFRAC", "TARGETID", "TEFF", "LOGG", "FEH")}
         wave = inst.wavelengths(camera[0])
         on_cam = truth_on_grid(flam, wave_rows, wave)
         parts.append((wave, Spectra1D(on_cam, np.ones_like(on_cam), np.zeros(on_cam.shape, np.uint32))))
@@ -72,7 +82,7 @@ def evaluate(lake: Lake, night: str, truth_dir: Path, extraction: str) -> dict:
     exposures = latest_exposures(tables, night).filter(pl.col("obstype").is_in(["SCIENCE", "STANDARD"]))
     joined = tables.scan("joined").filter((pl.col("night") == night) & (pl.col("extraction") == extraction)).collect()
     cal = tables.scan("fluxcal").filter((pl.col("night") == night) & (pl.col("extraction") == extraction)).collect()
-    raw, corrected, shapes, tell_in = {}, {}, {}, []
+    raw, corrected, shapes, tell_in, labels, colours = {}, {}, {}, [], [], []
     truth_of: dict[int, np.ndarray] = {}
     for expid in sorted(exposures["expid"].unique().to_list()):
         cameras = sorted(exposures.filter(pl.col("expid") == expid)["camera"].to_list())
@@ -95,6 +105,9 @@ def evaluate(lake: Lake, night: str, truth_dir: Path, extraction: str) -> dict:
                 t = h["TARGETS"].data
                 fluxfrac_std.extend(np.asarray(t["FLUXFRAC"])[np.char.strip(np.asarray(t["OBJTYPE"]).astype(str)) == "STD"])
         aperture = targets["FLUXFRAC"][fibers][stars] / np.mean(fluxfrac_std)
+        labels.extend(_standard_labels(cal.filter(pl.col("expid") == expid), targets))
+        first, second = list(ratios)[:2]
+        colours.append((expid, ratios[first] / ratios[second] - 1.0, targets["MAG"][fibers][stars]))
         for camera, vals in ratios.items():
             raw.setdefault(camera, []).append(vals)
             corrected.setdefault(camera, []).append(vals / aperture)
@@ -115,11 +128,55 @@ def evaluate(lake: Lake, night: str, truth_dir: Path, extraction: str) -> dict:
                "aperture_corrected": fa.summary({k: np.concatenate(v) for k, v in corrected.items()}),
                "shape_rms": {k: float(np.nanmedian(v)) for k, v in shapes.items()},
                "telluric_band_residual_median": float(np.median(tell_in)) if tell_in else float("nan"),
-               "telluric_band_residual_rms": float(np.sqrt(np.mean(np.square(tell_in)))) if tell_in else float("nan")}
+               "telluric_band_residual_rms": float(np.sqrt(np.mean(np.square(tell_in)))) if tell_in else float("nan"),
+               "colour": _colour_figures(colours),
+               "standards": _label_summary(labels)}
     figures["coadd"] = _coadd_figures(tables, night, extraction, joined, truth_of)
     figures["ripple"] = _ripple(lake, tables, night, extraction, joined)
     figures["status"] = cal.group_by("status").len().sort("status").to_dicts()
     return figures
+
+
+BRIGHT = 17.0
+"""Stars brighter than this (r) have a blue/red ratio free of their own noise (fainter ones scatter by ~8 %)."""
+
+
+def _colour_figures(colours: list[tuple[int, np.ndarray, np.ndarray]]) -> dict:
+    """The blue/red colour error of the calibration itself: per exposure (the median over its stars, one
+    response per exposure) and over the stars brighter than :data:`BRIGHT` (each its own ratio)."""
+    per_exposure = {int(e): float(np.nanmedian(c)) for e, c, _ in colours if np.isfinite(c).any()}
+    bright = np.concatenate([c[(m < BRIGHT) & np.isfinite(c)] for _, c, m in colours]) if colours else np.array([])
+    values = np.array(list(per_exposure.values()))
+    return {"per_exposure": per_exposure,
+            "exposure_rms": float(np.sqrt(np.mean(values**2))) if values.size else float("nan"),
+            "bright_median": float(np.median(bright)) if bright.size else float("nan"),
+            "bright_rms": float(np.sqrt(np.mean(bright**2))) if bright.size else float("nan"),
+            "n_bright": int(bright.size)}
+
+
+def _standard_labels(cal: pl.DataFrame, targets: dict) -> list[tuple[float, ...]]:
+    """(fitted - true) Teff, log g, [Fe/H] of the standards an exposure's calibration fitted and used."""
+    if cal.is_empty():
+        return []
+    row = cal.sort("camera").row(0, named=True)
+    if row["status"] != "ok" or not row["std_fiber"]:
+        return []
+    where = {int(f): i for i, f in enumerate(targets["FIBER"])}
+    out = []
+    for k, fiber in enumerate(row["std_fiber"]):
+        i = where.get(int(fiber))
+        if i is not None and row["std_ok"][k]:
+            out.append((row["std_teff"][k] - float(targets["TEFF"][i]), row["std_logg"][k] - float(targets["LOGG"][i]),
+                        row["std_feh"][k] - float(targets["FEH"][i])))
+    return out
+
+
+def _label_summary(labels: list[tuple[float, ...]]) -> dict:
+    if not labels:
+        return {"n": 0}
+    d = np.array(labels)
+    return {"n": len(d), "teff_median": float(np.median(d[:, 0])), "teff_rms": float(np.sqrt(np.mean(d[:, 0] ** 2))),
+            "logg_median": float(np.median(d[:, 1])), "feh_median": float(np.median(d[:, 2]))}
 
 
 def _coadd_figures(tables: TableStore, night: str, extraction: str, joined: pl.DataFrame,
@@ -178,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extraction", default="box", choices=("box", "optimal", "deconv"))
     parser.add_argument("--std", type=int, default=4, help="standards per spectrograph on the science plate")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="DIR",
+                        help="only the figures of a night processed before into DIR (an earlier --out)")
     args = parser.parse_args(argv)
+    if args.evaluate is not None:
+        figures = evaluate(Lake.at(args.evaluate / "lake"), NIGHT, args.evaluate / NIGHT, args.extraction)
+        print(json.dumps(figures, indent=2, default=float))
+        return 0
     out = args.out or Path(tempfile.mkdtemp(prefix="fluxcal-bench-"))
     t0 = time.perf_counter()
     simulate_night("mini", NIGHT, out, seed=args.seed, n_bias=1, n_flat=1, n_arc=1, n_science=3, n_standard=1,

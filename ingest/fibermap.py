@@ -8,6 +8,9 @@ held to a contract as strict as a frame's header:
 * ``NIGHT`` (the card, else the delivery directory's name) is a real date ``YYYY-MM-DD``;
 * the ``FIBERMAP`` table has every column, with integer ``SPECID``, ``FIBER`` and ``TARGETID``,
   finite ``RA`` in [0, 360] and ``DEC`` in [-90, 90], and known ``OBJTYPE`` values;
+* the optional ``MAG_G`` and ``MAG_I`` columns (a blue and a red catalogue magnitude, which the
+  flux calibration uses as the standards' colours), when present, hold numbers in [-100, 100] or
+  NaN (no photometry: null in the table); a fiber map without them (of before) gives nulls;
 * each (``SPECID``, ``FIBER``) appears once, and names a fiber the instrument has.
 """
 
@@ -26,6 +29,8 @@ from fiberlake.schemas.header import INT64_MAX, check_expid, check_night
 from fiberlake.schemas.instrument import Instrument
 
 FIBERMAP_COLUMNS = ("SPECID", "FIBER", "TARGETID", "RA", "DEC", "MAG", "OBJTYPE")
+OPTIONAL_COLUMNS = ("MAG_G", "MAG_I")
+"""Columns a fiber map may have: a blue and a red catalogue magnitude (null in the table when absent)."""
 OBJTYPES = {"TGT", "SKY", "STD"}
 INT16_MAX = 2**15 - 1
 
@@ -107,6 +112,9 @@ def read_fibermap(source: Path | bytes, night: str, instrument: Instrument | Non
                 if table is None:
                     raise FrameRejected("bad_fibermap", "the FIBERMAP table has no rows")
                 columns = {column: np.array(table[column]) for column in FIBERMAP_COLUMNS}
+                names = {name.upper(): name for name in table.columns.names}
+                columns |= {column: np.array(table[names[column]]) for column in OPTIONAL_COLUMNS
+                            if column in names}
     except FrameRejected:
         raise
     except KeyError as err:
@@ -148,6 +156,7 @@ def read_fibermap(source: Path | bytes, night: str, instrument: Instrument | Non
     ra = _floats(columns, "RA", 0.0, 360.0, allow_nan=False)
     dec = _floats(columns, "DEC", -90.0, 90.0, allow_nan=False)
     mag = _floats(columns, "MAG", -100.0, 100.0, allow_nan=True)
+    extra = {column.lower(): _optional_floats(columns, column, n) for column in OPTIONAL_COLUMNS}
     raw_types = columns["OBJTYPE"]
     if raw_types.dtype.kind not in "US":
         raise FrameRejected("bad_fibermap", f"column OBJTYPE holds {raw_types.dtype} values, not text")
@@ -168,5 +177,16 @@ def read_fibermap(source: Path | bytes, night: str, instrument: Instrument | Non
             "mag": float(mag[i]),
             "objtype": objtypes[i],
         }
+        | {column: values[i] for column, values in extra.items()}
         for i in range(n)
     ]
+
+
+def _optional_floats(columns: dict[str, np.ndarray], name: str, n: int) -> list[float | None]:
+    """An optional magnitude column: its values, None where NaN or where the fiber map lacks it."""
+    if name not in columns:
+        return [None] * n
+    if columns[name].ndim != 1:
+        raise FrameRejected("bad_fibermap", f"column {name} holds arrays, not one number per fiber")
+    values = _floats(columns, name, -100.0, 100.0, allow_nan=True)
+    return [None if np.isnan(v) else float(v) for v in values]

@@ -26,6 +26,10 @@ HC_K = 1.438777e8
 C_KMS = 299792.458
 R_BAND = (5600.0, 6900.0)
 """Wavelength window (A) whose mean photon rate defines the r-band-like magnitude."""
+G_BAND = (4000.0, 5500.0)
+"""Top hat (A) of the fiber map's blue catalogue magnitude ``MAG_G`` (photon-counting AB, like ``MAG``)."""
+I_BAND = (7000.0, 8500.0)
+"""Top hat (A) of the fiber map's red catalogue magnitude ``MAG_I``."""
 
 
 @dataclass(frozen=True)
@@ -486,6 +490,48 @@ def effective_area_cm2(rate_mag16: float) -> float:
     """
     grid = _r_band_grid()
     return float(rate_mag16 / ab_photon_flux(grid.wave, 16.0).mean())
+
+
+def band_magnitudes(mag_r: np.ndarray, teff, logg, feh, rv, bands: tuple[tuple[float, float], ...],
+                    model: str = "analytic", dw: float = 0.5, chunk: int = 256) -> np.ndarray:
+    """True photon-counting AB magnitudes of stars through top-hat ``bands``, above the atmosphere.
+
+    A star's ``MAG`` (``mag_r``) is its photon-counting AB magnitude over :data:`R_BAND`; through
+    another top hat ``B`` it is ``mag_r - 2.5 log10((<n>_B / <n_AB>_B) / (<n>_R / <n_AB>_R))``, with
+    ``<n>`` the star's mean photon flux density over the band (its :func:`stellar_spectra`, radial
+    velocity included) and ``n_AB`` that of a flat-``f_nu`` source. Every band's mean is taken on
+    one grid of step ``dw`` covering them all and the r band, so the colours are exact ratios.
+
+    Parameters
+    ----------
+    mag_r : ndarray, shape (n_stars,)
+        The stars' ``MAG``.
+    teff, logg, feh, rv : array_like, shape (n_stars,)
+    bands : tuple of (lo, hi)
+        Top hats (A).
+    model : str
+        The simulator's stellar model (:func:`resolve_stellar_model`).
+
+    Returns
+    -------
+    ndarray, shape (n_stars, len(bands))
+    """
+    mag_r = np.atleast_1d(np.asarray(mag_r, dtype=float))
+    labels = [np.broadcast_to(np.asarray(a, dtype=float), mag_r.shape) for a in (teff, logg, feh, rv)]
+    lo = min([R_BAND[0]] + [b[0] for b in bands])
+    hi = max([R_BAND[1]] + [b[1] for b in bands])
+    grid = FineGrid.covering(lo, hi, dw)
+    wave = grid.wave
+    windows = [(wave >= b[0]) & (wave <= b[1]) for b in (R_BAND,) + tuple(bands)]
+    ab = ab_photon_flux(wave, 0.0)
+    ab_mean = np.array([ab[w].mean() for w in windows])
+    out = np.empty((mag_r.size, len(bands)))
+    for start in range(0, mag_r.size, chunk):
+        sl = slice(start, start + chunk)
+        shape = stellar_spectra(grid, *(a[sl] for a in labels), model=model)
+        means = np.stack([shape[:, w].mean(axis=1) for w in windows], axis=1) / ab_mean[None, :]
+        out[sl] = mag_r[sl, None] - 2.5 * np.log10(means[:, 1:] / means[:, :1])
+    return out
 
 
 def absolute_flux(wave: np.ndarray, photon_shape: np.ndarray, mag: np.ndarray, rate_mag16: float) -> np.ndarray:

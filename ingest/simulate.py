@@ -42,7 +42,7 @@ from fiberlake.ingest.sim_spectra import (
     sky_line_list,
     stellar_spectra,
 )
-from fiberlake.ingest.sim_spectra import absolute_flux, effective_area_cm2
+from fiberlake.ingest.sim_spectra import G_BAND, I_BAND, absolute_flux, band_magnitudes, effective_area_cm2
 from fiberlake.schemas.header import OBSTYPES, SKY_OBSTYPES, format_section
 from fiberlake.schemas.instrument import Instrument, get_instrument, parse_camera
 from fiberlake.schemas.truth import camera_truth_name, fibermap_name, raw_frame_name, spectra_truth_name
@@ -151,8 +151,13 @@ def plan_night(instrument: Instrument | str, night: str, seed: int = 0, *, n_bia
     return plan
 
 
+PHOT_ERROR = 0.02
+"""Catalogue error (mag, Gaussian) of the fiber map's ``MAG_G`` and ``MAG_I`` (``MAG`` is exact: it sets the flux)."""
+
+
 def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obstype: str = "SCIENCE",
-                  plate: int = 0, expid: int | None = None, n_std: int = 0) -> Table:
+                  plate: int = 0, expid: int | None = None, n_std: int = 0, *, photometry: bool = False,
+                  stellar_model: str = "analytic") -> Table:
     """Fiber assignment of a plate: one row per fiber of every spectrograph.
 
     About ``sky_fiber_fraction`` of each spectrograph's fibers are ``SKY``, spread evenly along
@@ -163,11 +168,21 @@ def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obsty
     surveys place standards on every plate, for the flux calibration of each exposure); they are
     drawn from their own stream, so ``n_std = 0`` (the default) gives the plates of before.
 
+    With ``photometry`` (as :func:`simulate_night` writes them) every star also gets a blue and a
+    red catalogue magnitude, ``MAG_G`` and ``MAG_I``: photon-counting AB through the top hats
+    :data:`~fiberlake.ingest.sim_spectra.G_BAND` and :data:`~fiberlake.ingest.sim_spectra.I_BAND`,
+    from its true spectrum above the atmosphere (``stellar_model``, radial velocity included), plus
+    a Gaussian catalogue error of :data:`PHOT_ERROR` mag drawn from a stream of their own (every
+    other column, and so every raw frame, is the same with or without them); NaN (no photometry)
+    for sky fibers. Rendering frames does not need them, and on a large instrument they cost
+    seconds per plate, hence off by default.
+
     Returns
     -------
     astropy.table.Table
-        Columns ``SPECID FIBER TARGETID RA DEC MAG OBJTYPE``; ``meta`` holds ``PLATEID``, ``RA``,
-        ``DEC`` (field centre), ``NIGHT``, ``OBSTYPE`` and ``EXPID`` when given.
+        Columns ``SPECID FIBER TARGETID RA DEC MAG OBJTYPE`` (then ``MAG_G MAG_I`` with
+        ``photometry``); ``meta`` holds ``PLATEID``, ``RA``, ``DEC`` (field centre), ``NIGHT``,
+        ``OBSTYPE`` and ``EXPID`` when given.
     """
     inst = _instrument(instrument)
     kind = "STANDARD" if obstype == "STANDARD" else "SCIENCE"
@@ -211,11 +226,30 @@ def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obsty
         cols["MAG"].append(mag.astype(np.float32))
         cols["OBJTYPE"].append(objtype)
     table = Table({k: np.concatenate(v) for k, v in cols.items()})
+    if photometry:
+        _add_photometry(table, seed, night, kind, plate, stellar_model)
     table.meta.update({"PLATEID": f"{night}-{kind[:3]}{plate}", "RA": round(ra0, 6), "DEC": round(float(dec0), 6),
                        "NIGHT": night, "OBSTYPE": obstype})
     if expid is not None:
         table.meta["EXPID"] = int(expid)
     return table
+
+
+def _add_photometry(table: Table, seed: int, night: str, kind: str, plate: int, stellar_model: str) -> None:
+    """``MAG_G`` and ``MAG_I`` columns of a plate's fiber map (see :func:`make_fibermap`)."""
+    n = len(table)
+    out = np.full((n, 2), np.nan)
+    objtype = np.asarray(table["OBJTYPE"]).astype(str)
+    star = np.flatnonzero(objtype != "SKY")
+    if star.size:
+        params = [target_params(seed, int(table["TARGETID"][i]), objtype[i]) for i in star]
+        true = band_magnitudes(np.asarray(table["MAG"], dtype=float)[star],
+                               *(np.array([p[k] for p in params]) for k in ("teff", "logg", "feh", "rv")),
+                               bands=(G_BAND, I_BAND), model=stellar_model)
+        noise = rng_for(seed, TAG.PLATE, night, kind, plate, "photometry").normal(0.0, PHOT_ERROR, size=(n, 2))
+        out[star] = true + noise[star]
+    table["MAG_G"] = out[:, 0].astype(np.float32)
+    table["MAG_I"] = out[:, 1].astype(np.float32)
 
 
 def _fibermap_columns(fibermap) -> dict[str, np.ndarray]:
@@ -620,7 +654,8 @@ def write_fibermap(path: str | os.PathLike, fibermap: Table, night: str, expid: 
         fits.Column("DEC", "D", array=cols["DEC"].astype(np.float64)),
         fits.Column("MAG", "E", array=cols["MAG"].astype(np.float32)),
         fits.Column("OBJTYPE", "3A", array=np.asarray(cols["OBJTYPE"]).astype("U3")),
-    ], name="FIBERMAP")
+    ] + [fits.Column(name, "E", array=cols[name].astype(np.float32)) for name in ("MAG_G", "MAG_I") if name in cols],
+        name="FIBERMAP")
     hdu.header["NIGHT"] = night
     hdu.header["EXPID"] = int(expid)
     hdu.header["OBSTYPE"] = obstype
@@ -726,11 +761,16 @@ def simulate_night(instrument: Instrument | str, night: str, out_dir: str | Path
                       n_science=n_science, n_standard=n_standard)
     night_dir = Path(out_dir) / night
     (night_dir / "truth").mkdir(parents=True, exist_ok=True)
-    fibermaps = {}
+    fibermaps, plates = {}, {}
     for exp in plan:
         if exp.obstype in SKY_OBSTYPES:
-            fm = make_fibermap(inst, night, seed, exp.obstype, exp.plate, exp.expid,
-                               n_std=std_per_spectrograph if exp.obstype == "SCIENCE" else 0)
+            key = (exp.obstype, exp.plate)
+            if key not in plates:     # the exposures of a plate share its fiber map (and its photometry)
+                plates[key] = make_fibermap(inst, night, seed, exp.obstype, exp.plate, None,
+                                            n_std=std_per_spectrograph if exp.obstype == "SCIENCE" else 0,
+                                            photometry=True, stellar_model=params.stellar_model)
+            fm = plates[key].copy()
+            fm.meta["EXPID"] = int(exp.expid)
             write_fibermap(night_dir / fibermap_name(exp.expid), fm, night, exp.expid, exp.obstype)
             fibermaps[exp.expid] = fm
 

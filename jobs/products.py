@@ -272,7 +272,9 @@ def _exposure_products(ctx: _Context, method: str, markers: pl.DataFrame, stop: 
             fm = _fibers(ctx, expid, spec)
             std = fm.filter(pl.col("objtype") == "STD")
             exptime = _exptime(ctx, expid, cameras[0]["camera"])
-            cal = fc.calibrate_exposure(arms, std["fiber"].to_numpy(), std["mag"].to_numpy(), exptime, settings)
+            colours = {f"mags_{b}": std[f"mag_{b}"].to_numpy() for b in ("g", "i") if f"mag_{b}" in std.columns}
+            cal = fc.calibrate_exposure(arms, std["fiber"].to_numpy(), std["mag"].to_numpy(), exptime, settings,
+                                        **colours)
             cals[key] = (own_hash, cal)
             arms_of[key] = arms
         except Exception as err:  # recorded, the night goes on

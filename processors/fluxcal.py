@@ -6,9 +6,14 @@ the anchors):
 1. :func:`fit_standard` fits every standard star with the model spectra of
    :mod:`fiberlake.processors.stellar_models` (Teff, log g, [Fe/H], radial velocity), each
    camera's continuum left free as a Legendre multiplier (it holds the unknown response), the
-   telluric bands masked; the best model is scaled to the star's catalogue magnitude (a
-   photon-counting AB magnitude through a top-hat band, :class:`FluxCalParams`'s ``band_*``), so
-   it is an absolute flux in erg s^-1 cm^-2 A^-1.
+   telluric bands masked. The spectrum's free continuum leaves the temperature to the lines, which
+   independent models do not reproduce exactly, so the fiber map's blue and red catalogue
+   magnitudes add a photometric chi^2 on the model's synthetic colours (g - r, r - i, each with
+   ``colour_error``), as DESI fits its standards with their g, r, z photometry, and a weak prior
+   holds log g and [Fe/H] (which the spectrum then barely constrains) near an F dwarf's. The
+   best model is scaled to the star's catalogue magnitude (a photon-counting AB magnitude through
+   a top-hat band, :class:`FluxCalParams`'s ``band_*``), so it is an absolute flux in
+   erg s^-1 cm^-2 A^-1.
 2. :func:`fit_response` divides each standard's counts per second by its model (at the
    instrument's resolution) and fits one cubic B-spline to all standards of a camera together
    (telluric bands and the cores of strong stellar lines masked, standards whose grey offset
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.polynomial import legendre
 from scipy.interpolate import BSpline
-from scipy.optimize import minimize
+from scipy.optimize import minimize, minimize_scalar
 
 from fiberlake.processors import stellar_models as sm
 from fiberlake.processors.telluric import band_mask, telluric_from_ratios
@@ -65,6 +70,22 @@ class FluxCalSettings:
     band_max: float = 6900.0
     telluric_flag: float = 0.95
     max_chi2: float = 50.0
+    g_band_min: float = 4000.0
+    g_band_max: float = 5500.0
+    i_band_min: float = 7000.0
+    i_band_max: float = 8500.0
+    colour_error: float = 0.02
+    spectrum_weight: float = 0.33
+    logg_prior: float = 4.2
+    logg_prior_sigma: float = 0.5
+    feh_prior: float = -0.5
+    feh_prior_sigma: float = 1.0
+
+    @property
+    def bands(self) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        """The blue, catalogue (r) and red top hats (A)."""
+        return ((self.g_band_min, self.g_band_max), (self.band_min, self.band_max),
+                (self.i_band_min, self.i_band_max))
 
 
 @dataclass
@@ -99,6 +120,10 @@ class StandardFit:
     models: dict[str, np.ndarray] = field(default_factory=dict)
     """Per camera: the absolute model flux on the camera's grid at its resolution."""
     ok: bool = True
+    colours: np.ndarray | None = None
+    """Catalogue colours ``(g - r, r - i)`` (NaN where a magnitude is missing); None without photometry."""
+    model_colours: np.ndarray | None = None
+    """The best model's synthetic colours ``(g - r, r - i)``."""
 
 
 @dataclass
@@ -159,8 +184,52 @@ def _chi2(labels: sm.StarLabels, arms: dict[str, Arm], fiber: int, settings: Flu
     return total, n
 
 
-def fit_standard(arms: dict[str, Arm], fiber: int, mag: float, settings: FluxCalSettings) -> StandardFit:
+def catalogue_colours(mag: float, mag_g: float | None, mag_i: float | None) -> np.ndarray:
+    """``(g - r, r - i)`` from the fiber map's magnitudes; NaN where one is missing or not finite."""
+    def ok(m: float | None) -> bool:
+        return m is not None and bool(np.isfinite(m)) and abs(float(m)) < 90.0
+
+    return np.array([float(mag_g) - mag if ok(mag_g) and ok(mag) else np.nan,
+                     mag - float(mag_i) if ok(mag_i) and ok(mag) else np.nan])
+
+
+def model_colours(labels: sm.StarLabels, settings: FluxCalSettings) -> np.ndarray:
+    """The model's synthetic ``(g - r, r - i)`` through the settings' top hats (photon-counting AB)."""
+    g, r, i = sm.band_magnitudes(labels, settings.bands)
+    return np.array([g - r, r - i])
+
+
+def _colour_chi2(labels: sm.StarLabels, colours: np.ndarray | None, settings: FluxCalSettings) -> float:
+    if colours is None or not np.any(np.isfinite(colours)):
+        return 0.0
+    have = np.isfinite(colours)
+    diff = (model_colours(labels, settings) - colours)[have]
+    return float(np.sum((diff / settings.colour_error) ** 2))
+
+
+def _prior_chi2(labels: sm.StarLabels, settings: FluxCalSettings) -> float:
+    return float(((labels.logg - settings.logg_prior) / settings.logg_prior_sigma) ** 2
+                 + ((labels.feh - settings.feh_prior) / settings.feh_prior_sigma) ** 2)
+
+
+LABEL_BOUNDS = ((4500.0, 8500.0), (2.5, 5.5), (-2.5, 0.6))
+"""Teff, log g and [Fe/H] ranges of the stellar fit."""
+
+
+def fit_standard(arms: dict[str, Arm], fiber: int, mag: float, settings: FluxCalSettings,
+                 colours: np.ndarray | None = None) -> StandardFit:
     """Fit one standard star: radial velocity, then Teff and [Fe/H] on a grid, then all labels.
+
+    The cost is ``spectrum_weight`` times the spectrum's reduced chi^2 (each camera's continuum
+    free), plus the chi^2 of the model's synthetic colours against the catalogue's
+    (``colour_error`` each, when the star has them), plus a weak Gaussian prior on log g and [Fe/H]
+    (``logg_prior``, ``feh_prior`` and their sigmas: an F dwarf). The spectrum's residuals against
+    independent models are their line mismatch, correlated over the whole spectrum rather than
+    independent per pixel, so its reduced chi^2 counts as a fraction of one measurement; alone it
+    puts F stars ~1000 K too cool (the models' Balmer lines grow faster with Teff than the stars'),
+    with log g at a bound. The colours hold the continuum's slope, which is what the response
+    needs; the prior keeps log g and [Fe/H], which the spectrum then barely constrains, off the
+    bounds.
 
     Parameters
     ----------
@@ -171,6 +240,8 @@ def fit_standard(arms: dict[str, Arm], fiber: int, mag: float, settings: FluxCal
     mag : float
         Its catalogue magnitude.
     settings : FluxCalSettings
+    colours : ndarray, shape (2,), optional
+        Its catalogue colours ``(g - r, r - i)`` (:func:`catalogue_colours`; NaN: not used).
 
     Returns
     -------
@@ -178,21 +249,29 @@ def fit_standard(arms: dict[str, Arm], fiber: int, mag: float, settings: FluxCal
         ``ok`` False when no camera had enough good pixels or the fit's chi^2 exceeds
         ``max_chi2``.
     """
-    def cost(labels: sm.StarLabels) -> float:
+    use_colours = colours is not None and bool(np.any(np.isfinite(colours)))
+
+    def spectral(labels: sm.StarLabels) -> float:
         c, n = _chi2(labels, arms, fiber, settings)
         return c / max(n, 1) if n > 0 else np.inf
 
+    def cost(labels: sm.StarLabels) -> float:
+        value = settings.spectrum_weight * spectral(labels)
+        if not np.isfinite(value):
+            return value
+        return value + _prior_chi2(labels, settings) + (_colour_chi2(labels, colours, settings) if use_colours else 0.0)
+
     start = sm.StarLabels(6500.0, 4.2, -0.5, 0.0)
-    if not np.isfinite(cost(start)):
-        return StandardFit(fiber, start, np.inf, 0.0, ok=False)
+    if not np.isfinite(spectral(start)):
+        return StandardFit(fiber, start, np.inf, 0.0, ok=False, colours=colours)
     rvs = np.arange(-300.0, 301.0, 15.0)
-    rv = float(rvs[int(np.argmin([cost(sm.StarLabels(6500.0, 4.2, -0.5, v)) for v in rvs]))])
+    rv = float(rvs[int(np.argmin([spectral(sm.StarLabels(6500.0, 4.2, -0.5, v)) for v in rvs]))])
     grid = [(t, z) for t in np.arange(5400.0, 7801.0, 300.0) for z in (-1.5, -0.75, 0.0)]
     best = min(grid, key=lambda tz: cost(sm.StarLabels(tz[0], 4.2, tz[1], rv)))
 
     def f(p: np.ndarray) -> float:
         teff, logg, feh, v = p
-        if not (4500.0 <= teff <= 8500.0 and 3.0 <= logg <= 5.0 and -2.5 <= feh <= 0.6):
+        if not all(lo <= x <= hi for x, (lo, hi) in zip((teff, logg, feh), LABEL_BOUNDS)):
             return 1e30
         return cost(sm.StarLabels(float(teff), float(logg), float(feh), float(v)))
 
@@ -201,13 +280,20 @@ def fit_standard(arms: dict[str, Arm], fiber: int, mag: float, settings: FluxCal
                        [best[0], 4.2, best[1], rv], [best[0] + 250.0, 4.2, best[1], rv],
                        [best[0], 4.6, best[1], rv], [best[0], 4.2, best[1] + 0.4, rv],
                        [best[0], 4.2, best[1], rv + 10.0]]), "xatol": 5.0, "fatol": 1e-3})
-    labels = sm.StarLabels(*(float(v) for v in res.x))
-    chi2 = float(res.fun)
+    teff, logg, feh, v = (float(x) for x in res.x)
+    # the radial velocity enters the spectrum only, whose small weight stops the simplex early in it: polished alone
+    polish = minimize_scalar(lambda x: spectral(sm.StarLabels(teff, logg, feh, float(x))), bounds=(v - 15.0, v + 15.0),
+                             method="bounded", options={"xatol": 0.5})
+    labels = sm.StarLabels(teff, logg, feh, v)
+    chi2 = spectral(labels)
+    if polish.fun < chi2:
+        labels, chi2 = sm.StarLabels(teff, logg, feh, float(polish.x)), float(polish.fun)
     band = np.arange(settings.band_min, settings.band_max + 0.5, 1.0)
     scale = band_scale(band, sm.model_spectrum(band, labels, 1.0), mag)
     models = {cam: scale * sm.model_spectrum(arm.wave, labels, arm.sigma_lsf) for cam, arm in arms.items()}
     ok = bool(np.isfinite(chi2) and chi2 < settings.max_chi2 and scale > 0)
-    return StandardFit(fiber, labels, chi2, scale, models, ok)
+    return StandardFit(fiber, labels, chi2, scale, models, ok, colours=colours,
+                       model_colours=model_colours(labels, settings) if use_colours else None)
 
 
 # --------------------------------------------------------------------------- response
@@ -285,7 +371,8 @@ def fit_response(wave: np.ndarray, ratio: np.ndarray, ratio_ivar: np.ndarray,
 
 
 def calibrate_exposure(arms: dict[str, Arm], std_fibers: np.ndarray, mags: np.ndarray, exptime: float,
-                       settings: FluxCalSettings) -> ExposureCalibration:
+                       settings: FluxCalSettings, *, mags_g: np.ndarray | None = None,
+                       mags_i: np.ndarray | None = None) -> ExposureCalibration:
     """Response and telluric transmission of every camera of an exposure from its standards.
 
     Parameters
@@ -299,6 +386,9 @@ def calibrate_exposure(arms: dict[str, Arm], std_fibers: np.ndarray, mags: np.nd
     exptime : float
         Exposure time (s).
     settings : FluxCalSettings
+    mags_g, mags_i : ndarray of float, optional
+        Their blue and red catalogue magnitudes (NaN where a star has none): the colours of the
+        stellar fit (:func:`fit_standard`).
 
     Returns
     -------
@@ -309,8 +399,16 @@ def calibrate_exposure(arms: dict[str, Arm], std_fibers: np.ndarray, mags: np.nd
     """
     std_fibers = np.asarray(std_fibers, dtype=int)
     mags = np.asarray(mags, dtype=float)
+    mags_g, mags_i = (None if m is None else np.asarray(m, dtype=float) for m in (mags_g, mags_i))
     order = np.argsort(mags)[: settings.max_standards]
-    fits = [fit_standard(arms, int(std_fibers[i]), float(mags[i]), settings) for i in order
+
+    def colours(i: int) -> np.ndarray | None:
+        if mags_g is None and mags_i is None:
+            return None
+        pick = [None if m is None else m[i] for m in (mags_g, mags_i)]
+        return catalogue_colours(float(mags[i]), *pick)
+
+    fits = [fit_standard(arms, int(std_fibers[i]), float(mags[i]), settings, colours(i)) for i in order
             if np.isfinite(mags[i]) and mags[i] < 90.0]
     good = [f for f in fits if f.ok]
     cameras: dict[str, CameraCalibration] = {}

@@ -256,6 +256,23 @@ class FluxCalParams(ParSet):
                                bounds=(0.0, 1.0))
     max_chi2: float = par(50.0, "a standard whose reduced chi^2 against its best model exceeds this is not used",
                           bounds=(1.0, 1e6))
+    g_band_min: float = par(4000.0, "blue edge of the fiber map's blue magnitude mag_g (photon-counting AB, top hat)",
+                            unit="A", bounds=(1000.0, 20000.0))
+    g_band_max: float = par(5500.0, "red edge of mag_g's band", unit="A", bounds=(1000.0, 20000.0))
+    i_band_min: float = par(7000.0, "blue edge of the fiber map's red magnitude mag_i (photon-counting AB, top hat)",
+                            unit="A", bounds=(1000.0, 20000.0))
+    i_band_max: float = par(8500.0, "red edge of mag_i's band", unit="A", bounds=(1000.0, 20000.0))
+    colour_error: float = par(0.02, "error of a standard's catalogue colours g - r and r - i (from mag_g, mag, "
+                              "mag_i) in the stellar fit's photometric chi^2", unit="mag", bounds=(0.001, 1.0))
+    spectrum_weight: float = par(0.33, "weight of the spectrum's reduced chi^2 in the stellar fit, against the "
+                                 "chi^2 of the colours and of the label prior (the models' line mismatch is "
+                                 "correlated over the spectrum: it counts as a fraction of one measurement)",
+                                 bounds=(0.001, 1e6))
+    logg_prior: float = par(4.2, "centre of the Gaussian prior on the standards' log g (F dwarfs)", bounds=(2.5, 5.5))
+    logg_prior_sigma: float = par(0.5, "its width", bounds=(0.01, 100.0))
+    feh_prior: float = par(-0.5, "centre of the Gaussian prior on the standards' [Fe/H]", unit="dex",
+                           bounds=(-2.5, 0.6))
+    feh_prior_sigma: float = par(1.0, "its width", unit="dex", bounds=(0.01, 100.0))
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,13 @@ FIBERMAP = _schema([
     ("targetid", pa.int64(), "target id"),
     ("ra", pa.float64(), "right ascension (deg)"),
     ("dec", pa.float64(), "declination (deg)"),
-    ("mag", pa.float32(), "catalogue magnitude"),
+    ("mag", pa.float32(), "catalogue magnitude (r-like; the simulator's: photon-counting AB through a 5600-6900 A "
+                          "top hat, 99 for sky fibers)"),
     ("objtype", pa.string(), "TGT, SKY or STD"),
+    ("mag_g", pa.float32(), "blue catalogue magnitude (photon-counting AB, top hat 4000-5500 A in the simulator; "
+                            "null when the fiber map has none or NaN)"),
+    ("mag_i", pa.float32(), "red catalogue magnitude (photon-counting AB, top hat 7000-8500 A in the simulator; "
+                            "null when the fiber map has none or NaN)"),
 ])
 
 SPECTRA_META = [

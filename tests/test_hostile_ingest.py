@@ -124,7 +124,7 @@ def test_key_predicates_are_built_from_validated_values_only():
 def test_replace_keys_refuses_unknown_columns_and_replaces_only_its_keys(tmp_path):
     store = TableStore(tmp_path / "tables")
     row = {"night": NIGHT, "expid": 1, "spectrograph": 1, "fiber": 0, "targetid": 5, "ra": 1.0, "dec": 2.0,
-           "mag": 3.0, "objtype": "TGT"}
+           "mag": 3.0, "objtype": "TGT", "mag_g": None, "mag_i": None}
     store.append("fibermap", [row, row | {"night": OTHER}])
     with pytest.raises(ValueError, match="no column"):
         store.replace_keys("fibermap", [row], {"camera": "b1"})

@@ -326,6 +326,39 @@ def test_fibermap_contract_and_magnitude_range():
     assert (std["OBJTYPE"] == "STD").mean() > 0.6
 
 
+def test_fibermap_photometry_is_the_true_spectrum_through_its_bands():
+    """MAG_G and MAG_I: photon-counting AB of the flux above the atmosphere (integrated here independently,
+    from absolute_flux), plus a catalogue error of PHOT_ERROR; NaN for sky; the other columns unchanged."""
+    from fiberlake.ingest.sim_spectra import G_BAND, I_BAND, ab_photon_flux, absolute_flux
+    from fiberlake.ingest.sim_spectra import HC_ERG_ANGSTROM as HC
+
+    fm = sim.make_fibermap(MINI, NIGHT, SEED, "STANDARD", 1, photometry=True)
+    bare = sim.make_fibermap(MINI, NIGHT, SEED, "STANDARD", 1)
+    assert fm.colnames == bare.colnames + ["MAG_G", "MAG_I"]
+    for name in bare.colnames:
+        assert np.array_equal(np.asarray(bare[name]), np.asarray(fm[name])), name
+    sky = np.asarray(fm["OBJTYPE"]) == "SKY"
+    assert np.all(np.isnan(fm["MAG_G"][sky])) and np.all(np.isnan(fm["MAG_I"][sky]))
+    star = np.flatnonzero(~sky)
+    grid = FineGrid.covering(G_BAND[0], I_BAND[1], 0.1)
+    wave = grid.wave
+    params = [sim.target_params(SEED, int(fm["TARGETID"][i]), str(fm["OBJTYPE"][i])) for i in star]
+    shape = stellar_spectra(grid, *(np.array([p[k] for p in params]) for k in ("teff", "logg", "feh", "rv")))
+    flam = absolute_flux(wave, shape, np.asarray(fm["MAG"], float)[star], 2000.0)
+    residual = {}
+    for name, (lo, hi) in (("MAG_G", G_BAND), ("MAG_I", I_BAND)):
+        band = (wave >= lo) & (wave <= hi)
+        photons = (flam[:, band] * wave[band] / HC).mean(axis=1)
+        true = -2.5 * np.log10(photons / ab_photon_flux(wave[band], 0.0).mean())
+        residual[name] = np.asarray(fm[name], float)[star] - true
+        assert np.all(np.abs(residual[name]) < 5 * sim.PHOT_ERROR), name
+    both = np.concatenate(list(residual.values()))
+    assert abs(np.mean(both)) < 0.01 and 0.6 * sim.PHOT_ERROR < np.std(both) < 1.5 * sim.PHOT_ERROR
+    std = np.asarray(fm["OBJTYPE"]) == "STD"        # F stars: g - r 0.2-0.6, r - i 0-0.2
+    g_r = np.asarray(fm["MAG_G"] - fm["MAG"])[std]
+    assert 0.15 < np.median(g_r) < 0.6 and 0.0 < np.median(np.asarray(fm["MAG"] - fm["MAG_I"])[std]) < 0.25
+
+
 def test_snr_spans_faint_to_bright_and_mag16_calibration():
     f = frame("r1", "SCIENCE", 7)
     t = f.truth["TARGETS"]
@@ -382,6 +415,8 @@ def test_simulate_night_writes_the_contract(tmp_path):
                 table = hdul["FIBERMAP"].data
                 assert set(np.char.strip(table["OBJTYPE"])) <= {"TGT", "SKY", "STD"}
                 assert len(table) == MINI.n_fibers * MINI.n_spectrographs
+                star = np.char.strip(table["OBJTYPE"]) != "SKY"
+                assert np.all(np.isfinite(table["MAG_G"][star])) and np.all(np.isfinite(table["MAG_I"][star]))
     assert dates == sorted(dates)
     assert len(set(expids)) == len(expids)
     assert expids[0] == (np.datetime64(NIGHT) - np.datetime64("2020-01-01")).astype(int) * 1000 + 1
@@ -391,7 +426,8 @@ def test_simulate_night_writes_the_contract(tmp_path):
         assert hdul["THROUGHPUT"].data.shape == (MINI.n_fibers,)
         for key in ("DISTK", "DISTCX", "DISTCY", "DISTR", "GAIN", "RDNOISE"):
             assert key in hdul[0].header
-    # frames on disk equal the in-memory frames with the same arguments (same bytes)
+    # frames on disk equal the in-memory frames with the same arguments (same bytes), the catalogue
+    # photometry of the night's fiber maps (MAG_G, MAG_I) left out: it changes no frame
     exp = plan[3]
     again = sim.simulate_frame(MINI, "b1", exp.obstype, night=NIGHT, expid=exp.expid, seed=SEED,
                                exptime=exp.exptime, date_obs=exp.date_obs,
