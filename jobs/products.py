@@ -435,17 +435,16 @@ def _coadds(ctx: _Context, method: str, touched: bool) -> None:
               .select("targetid", "input_hash", "run_id").iter_rows(named=True)}
     todo = {t: digest_of({"params": params, "inputs": sorted(v)}) for t, v in seen.items()}
     todo = {t: h for t, h in todo.items() if ctx.stale(stored.get(t), h)}
-    if not todo:
-        return
-    joined = read_rows_in(ctx.tables, "joined", "targetid", sorted(todo), night=ctx.night, extraction=method)
-    rows = _coadd_rows(ctx, method, joined, todo, SCOPE_NIGHT)
-    if rows:
-        ctx.tables.replace_keys("coadds", products_table(rows, "coadds"),
-                                [{"night": ctx.night, "targetid": r["targetid"], "extraction": method,
-                                  "scope": SCOPE_NIGHT} for r in rows])
-        ctx.report.coadds += len(rows)
-    if ctx.config.coadd.across_nights:
-        _coadds_all(ctx, method, sorted(todo))
+    if todo:
+        joined = read_rows_in(ctx.tables, "joined", "targetid", sorted(todo), night=ctx.night, extraction=method)
+        rows = _coadd_rows(ctx, method, joined, todo, SCOPE_NIGHT)
+        if rows:
+            ctx.tables.replace_keys("coadds", products_table(rows, "coadds"),
+                                    [{"night": ctx.night, "targetid": r["targetid"], "extraction": method,
+                                      "scope": SCOPE_NIGHT} for r in rows])
+            ctx.report.coadds += len(rows)
+    if ctx.config.coadd.across_nights:  # every target of the night: a crash between the two commits left some
+        _coadds_all(ctx, method, sorted(seen))
 
 
 def _coadds_all(ctx: _Context, method: str, targets: list[int]) -> None:
