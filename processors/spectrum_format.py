@@ -110,19 +110,11 @@ def resolution_to_desi(band: np.ndarray) -> np.ndarray:
 
 
 def resolution_from_desi(band: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`resolution_to_desi` (DESI's order back to the lake's)."""
-    band = np.asarray(band)
-    ndiag, nwave = band.shape[-2:]
-    h = (ndiag - 1) // 2
-    out = np.zeros_like(band)
-    for k in range(ndiag):
-        shift = k - h                      # O[k, i] = D[2h - k, i + shift]
-        src = band[..., 2 * h - k, :]
-        if shift >= 0:
-            out[..., k, : nwave - shift] = src[..., shift:]
-        else:
-            out[..., k, -shift:] = src[..., : nwave + shift]
-    return out
+    """Inverse of :func:`resolution_to_desi` (DESI's order back to the lake's).
+
+    The reordering is its own inverse: ``O[k, i] = D[2h - k, i + k - h]`` has the same form.
+    """
+    return resolution_to_desi(band)
 
 
 def resolution_cut(band: np.ndarray, cut: BandCut) -> np.ndarray:
