@@ -142,10 +142,10 @@ def build_products(lake: Lake, night: str, config: ReductionParams, *, run_id: s
         mine = markers.filter(pl.col("extraction") == method)
         if mine.is_empty():
             continue
-        touched = _exposure_products(ctx, method, mine, stop)
+        _exposure_products(ctx, method, mine, stop)
         if stop():
             break
-        _coadds(ctx, method, touched)
+        _coadds(ctx, method)
     return report
 
 
@@ -416,7 +416,7 @@ def _write_means(ctx: _Context, method: str, means: dict, stored: pl.DataFrame) 
 
 
 # --------------------------------------------------------------------------- coadds
-def _coadds(ctx: _Context, method: str, touched: bool) -> None:
+def _coadds(ctx: _Context, method: str) -> None:
     cal = read_rows(ctx.tables, "fluxcal", night=ctx.night, extraction=method).filter(pl.col("expid") > 0)
     if cal.is_empty():
         return
