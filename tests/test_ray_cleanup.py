@@ -28,7 +28,11 @@ NIGHT = "2026-11-29"
 
 
 def _ray_processes(ray_tmp: str) -> dict[int, str]:
-    """Live processes that name ``ray_tmp`` on their command line or hold a file under it: pid -> name."""
+    """Live processes that name ``ray_tmp`` on their command line or hold a file under it: pid -> command line.
+
+    The whole command line is kept: a checkout deep in the file system puts the program's name
+    (``.../ray/core/src/ray/raylet/raylet``) well past any fixed prefix.
+    """
     found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
@@ -50,7 +54,7 @@ def _ray_processes(ray_tmp: str) -> dict[int, str]:
         except (OSError, IndexError):
             continue
         if uses:
-            found[int(name)] = cmdline[:80]
+            found[int(name)] = cmdline
     return found
 
 
@@ -84,7 +88,9 @@ def test_a_killed_driver_leaves_no_ray_process(ingested, tmp_path, sig):
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before its actors were seen"
-        assert any("gcs_server" in c for c in seen.values()) and any("raylet" in c for c in seen.values()), seen
+        programs = [c.split(" ", 1)[0] for c in seen.values()]
+        assert any(p.endswith("gcs_server") for p in programs) and any(p.endswith("raylet") for p in programs), \
+            {pid: c[:200] for pid, c in seen.items()}
         driver.send_signal(sig)
         driver.wait(30)
         deadline = time.monotonic() + 30
