@@ -270,6 +270,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_deconvolve(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.train_cae import train_deconvolve, train_params_from_args
+    from fiberlake.storage.models import ship
+
+    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train deconvolve"
+    card, path = train_deconvolve(train_params_from_args(args), out=Path(args.out), command=command)
+    print(f"model {card['model_id']}: {path}")
+    if args.ship:
+        print(f"shipped as the default deconvolve model: {ship(path, 'deconvolve')}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from fiberlake.jobs.export import export
     from fiberlake.storage.layout import Lake
@@ -453,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_flags(t)
     t.set_defaults(func=_cmd_train)
+    from fiberlake.jobs.train_cae import add_train_flags as add_deconvolve_flags
+
+    c = train_sub.add_parser("deconvolve", help="the PSF-conditioned CAE (seed 002): simulated chunks, BCE, "
+                             "afterburner calibration, held-out figures; writes OUT/<model_id>/")
+    c.add_argument("--out", default="./models", help="folder of the artifact (default ./models)")
+    c.add_argument("--ship", action="store_true", help="make it the package's default deconvolve model (maintainers)")
+    add_deconvolve_flags(c)
+    c.set_defaults(func=_cmd_train_deconvolve)
 
     p = sub.add_parser("export", help="write selected spectra as files the field's tools open (DESI layout, tabular FITS)",
                        description="Write the flux-calibrated exposures (table joined) and coadds that a SQL condition "

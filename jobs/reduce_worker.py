@@ -109,6 +109,11 @@ class FrameReducer:
         self.config = ReductionParams.from_dict(config)
         self.instrument = get_instrument(self.lake.instrument)
         self._calibs: OrderedDict[str, Calibration] = OrderedDict()
+        if "cae" in self.config.extractions:  # loaded once per reducer (Ray actor), CUDA when present
+            from fiberlake.jobs.train_cae import ensure_model
+
+            run = self.config.execution
+            ensure_model(self.config.cae.model, self.lake.root, run.cae_device, run.cae_batch)
 
     def ping(self) -> str:
         """Liveness check (Ray waits on it when starting actors)."""

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from fiberlake.schemas.parset import ParSet, digest_of, nested, par
 
-EXTRACTIONS = ("box", "optimal", "deconv")
+EXTRACTIONS = ("box", "optimal", "deconv", "cae")
 DEFAULT_EXTRACTIONS = ("box", "optimal")
 PROFILE_SHAPES = ("gauss", "hermite", "halo")
 DEVICES = ("auto", "cpu", "cuda")
@@ -199,6 +199,17 @@ class DeconvStageParams(ParSet):
 
 
 @dataclass(frozen=True)
+class CAEStageParams(ParSet):
+    """Extraction through the PSF-conditioned autoencoder, seed 002 (:mod:`fiberlake.processors.cae_extract`)."""
+
+    stage: ClassVar[str] = "cae"
+    model: str = par("default", "deconvolve model: default (shipped), a model id of the lake's models table, or a "
+                     "directory with weights.safetensors and card.json")
+    aperture: int = par(0, "half width (columns) of the sum on the deconvolved image (0: ceil(3 target sigma))",
+                        unit="px", bounds=(0, 50))
+
+
+@dataclass(frozen=True)
 class FiberFlatParams(ParSet):
     """Fiber flat from the master flat (:func:`fiberlake.processors.fiberflat.compute_fiberflat`)."""
 
@@ -230,6 +241,9 @@ class ExecutionParams(ParSet):
     deconv_cpu_threads: int = par(1, "torch CPU threads of the deconvolution", bounds=(1, 1024), science=False)
     rectify_device: str = par("auto", "torch device of the MLP aberration map (auto: CUDA when available)",
                               choices=DEVICES, science=False)
+    cae_device: str = par("auto", "torch device of the CAE deconvolution (auto: CUDA when available)",
+                          choices=DEVICES, science=False)
+    cae_batch: int = par(32, "CAE tiles per forward pass", bounds=(1, 100000), science=False)
 
 
 @dataclass(frozen=True)
@@ -300,7 +314,7 @@ FRAME_STAGES = ("cosmics", "sky")
 """Stages applied to science frames only."""
 
 METHOD_STAGES = {"box": ("box", "fiberflat"), "optimal": ("optimal", "fiberflat"),
-                 "deconv": ("deconv", "psf", "fiberflat")}
+                 "deconv": ("deconv", "psf", "fiberflat"), "cae": ("cae", "psf", "fiberflat")}
 """Stages behind each extraction's spectra (beyond the calibration and frame stages)."""
 
 
@@ -328,6 +342,7 @@ class ReductionParams(ParSet):
     box: BoxParams = nested(BoxParams, "box extraction")
     optimal: OptimalParams = nested(OptimalParams, "optimal extraction")
     deconv: DeconvStageParams = nested(DeconvStageParams, "deconvolution extraction")
+    cae: CAEStageParams = nested(CAEStageParams, "extraction through the PSF-conditioned CAE (seed 002)")
     fiberflat: FiberFlatParams = nested(FiberFlatParams, "fiber flat")
     sky: SkyParams = nested(SkyParams, "sky subtraction")
     fluxcal: FluxCalParams = nested(FluxCalParams, "flux calibration from the standard stars")
@@ -433,6 +448,55 @@ class TypingTrainParams(ParSet):
     seed: int = par(0, "seed of the initialisation, oversampling, flips and batch order", bounds=(0, 2**31 - 1))
     max_minutes: float = par(15.0, "stop training after this many minutes (the data simulation not counted)",
                              unit="min", bounds=(0.1, 10000.0))
+    cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
+    device: str = par("auto", "torch device of the training (auto: CUDA when available)", choices=DEVICES,
+                      science=False)
+
+
+# --------------------------------------------------------------------------------------
+# PSF-conditioned CAE deconvolution (seed 002): training
+# --------------------------------------------------------------------------------------
+CAE_COMBINATIONS = ("PSF-iPSF-iPSF1", "PSF-iPSF1", "PSF-iPSF", "iPSF-iPSF1", "PSF", "iPSF", "iPSF1")
+
+
+@dataclass(frozen=True)
+class CAETrainParams(ParSet):
+    """Training of a deconvolve model (``fiberlake train deconvolve``): chunks, network, optimiser.
+
+    Chunks come from :func:`fiberlake.ingest.sim_chunks.simulate_chunks`; training, afterburner
+    calibration and held-out chunks use disjoint seeds (``seed``, ``seed + 1``, ``heldout_seed``).
+    """
+
+    stage: ClassVar[str] = "train_cae"
+    combination: str = par("PSF-iPSF-iPSF1", "input combination of the paper (Table 1)", choices=CAE_COMBINATIONS)
+    chunks: int = par(3000, "training chunks (each one 64 x 64 tile with its margins)", bounds=(16, 10_000_000))
+    calib_chunks: int = par(400, "chunks fitting the afterburner's flux-bias quadratic and the error scale",
+                            bounds=(16, 1_000_000))
+    heldout_chunks: int = par(300, "held-out chunks of the card's figures", bounds=(16, 1_000_000))
+    tile: int = par(64, "tile side (px) the network sees", unit="px", choices=(32, 64, 96, 128))
+    margin: int = par(16, "context (px) around each training tile for its PSF/iPSF filtering", unit="px",
+                      bounds=(0, 64))
+    stride: int = par(48, "tile step at inference (tiles overlap by tile - stride, blended)", unit="px",
+                      bounds=(8, 128))
+    target_sigma: float = par(0.8, "sigma (px) of the truth's invariant Gaussian PSF", unit="px", bounds=(0.3, 3.0))
+    reg: float = par(1e-3, "Tikhonov regularisation of the inverse PSF, relative to max |K|^2", bounds=(1e-8, 1.0))
+    sigma1: float = par(1.0, "sigma (px) of the Gaussian that regularises iPSF into iPSF1", unit="px",
+                        bounds=(0.2, 5.0))
+    pitch: float = par(16.0, "fiber spacing (px) of the simulated chunks (the instrument's fiber_pitch)", unit="px",
+                       bounds=(4.0, 64.0))
+    filters: int = par(16, "filters of the first convolution, then x2, x4 (the paper: 64, i.e. 64/128/256; 16 keeps "
+                       "the shipped model small and trainable on 2 CPU cores)", bounds=(4, 256))
+    epochs: int = par(6, "passes over the training chunks", bounds=(1, 10000))
+    batch: int = par(32, "tiles per Adam update", bounds=(1, 4096))
+    lr: float = par(1e-3, "initial Adam learning rate (the paper: 1e-4 over 100 GPU epochs)", bounds=(1e-7, 1.0))
+    lr_decay: float = par(0.6, "exponential decay of the learning rate per decay_steps updates (the paper: 0.6)",
+                          bounds=(0.01, 1.0))
+    decay_steps: int = par(300, "updates per lr_decay factor (the paper: 100,000)", bounds=(1, 10_000_000))
+    seed: int = par(1700, "seed of the training chunks (calibration chunks: seed + 1) and of the initialisation",
+                    bounds=(0, 2**31 - 1))
+    heldout_seed: int = par(91700, "seed of the held-out chunks of the card", bounds=(0, 2**31 - 1))
+    max_minutes: float = par(15.0, "stop training after this many minutes (simulation not counted)", unit="min",
+                             bounds=(0.1, 10000.0))
     cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
     device: str = par("auto", "torch device of the training (auto: CUDA when available)", choices=DEVICES,
                       science=False)

@@ -163,6 +163,15 @@ def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: Reducti
                              "(build it with 'deconv' among the extractions)")
         return deconv.deconv_extract(image.image, image.ivar, image.mask, traces, psf, deconv_params(params),
                                      read_noise=read_noise)
+    if method == "cae":
+        if psf is None:
+            raise ValueError("cae extraction needs a PSF model in the calibration set "
+                             "(build it with 'cae' among the extractions)")
+        from fiberlake.processors import cae_extract
+
+        return cae_extract.cae_extract(image.image, image.ivar, image.mask, traces, psf,
+                                       cae_extract.installed(params.cae.model),
+                                       aperture=params.cae.aperture or None, read_noise=read_noise)
     if method == "box":
         return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box.halfwidth,
                                    profile=profile)
@@ -253,7 +262,7 @@ def build_calibration(
                                       rows_per_band=prof.rows_per_band, max_sweeps=prof.max_sweeps,
                                       deg=(prof.deg, prof.deg)) if prof.measure else None
     psf = None
-    if "deconv" in params.extractions:
+    if "deconv" in params.extractions or "cae" in params.extractions:
         p = params.psf
         psf = fit_psf(flat.image, flat.ivar, flat.mask, arc.image, arc.ivar, arc.mask, traces,
                       order=p.order, deg=(p.deg, p.deg), invariant=p.invariant, lsf_halfwidth=p.lsf_halfwidth,
