@@ -65,12 +65,16 @@ def compact(lake: Lake, night: str | None = None, *, lock: bool = True) -> dict[
             before = _files(store, name, night)
             failpoint(f"compact.{name}")
             if before > 1:
-                table = store.delta(name)
-                table.optimize.compact(
-                    partition_filters=[("night", "=", night)] if night else None,
-                    writer_properties=writer_properties_for(SCHEMAS[name]),
-                    min_commit_interval=timedelta(0),
-                )
+                if store.reclusters(name):  # sorted per night: the target index skips row groups
+                    for each in [night] if night else store.nights(name):
+                        if _files(store, name, each) > 1:
+                            store.recluster(name, each)
+                else:
+                    store.delta(name).optimize.compact(
+                        partition_filters=[("night", "=", night)] if night else None,
+                        writer_properties=writer_properties_for(SCHEMAS[name]),
+                        min_commit_interval=timedelta(0),
+                    )
             failpoint(f"compacted.{name}")
             table = store.delta(name)
             table.create_checkpoint()

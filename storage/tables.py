@@ -15,8 +15,16 @@ On an object store (``s3://``) the tables are written and read through deltalake
 store with the ``storage_options`` of :func:`fiberlake.storage.objectstore.storage_options`;
 deltalake commits there with a conditional PUT, so a commit never overwrites another.
 
-Files are ZSTD-compressed Parquet with row groups of 512 rows and BYTE_STREAM_SPLIT encoding
-for float columns (the layout measured best here for per-fiber spectra, ``anchors/lake.md``).
+Files are ZSTD-compressed Parquet with BYTE_STREAM_SPLIT encoding for float columns. Row groups
+hold 512 rows in tables with per-wavelength list columns (about 20 MB of LAMOST spectra, the
+layout measured best here, ``anchors/lake.md``) and 65536 rows in tables of scalars only (a few
+MB: small groups there make footers and statistics outweigh the data). Rows of a commit are
+sorted by the table's :data:`CLUSTER_COLUMNS` (spectra by their key, the scalar per-fiber tables
+by ``targetid``, coadds by ``healpix``), so the min/max statistics of each row group are narrow
+and a filter on those columns skips the groups it does not need; compaction (``jobs/upkeep.py``)
+re-sorts each night of the scalar tables whole (:meth:`TableStore.recluster`). Delta-rs's
+Z-order was measured and left out: on random 40-bit targetids its files' ranges stayed wide
+(``bench/query.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,30 @@ from fiberlake.storage.objectstore import LakeRoot, ObjectPath, as_root, storage
 from fiberlake.storage.predicates import KeyValue, keys_predicate
 
 ROW_GROUP_ROWS = 512
+"""Rows per Parquet row group in tables with list (per-wavelength) columns."""
+SCALAR_ROW_GROUP_ROWS = 65536
+"""Rows per Parquet row group in tables of scalar columns only."""
+
+CLUSTER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "spectra": ("expid", "camera", "fiber", "extraction"),
+    "joined": ("expid", "spectrograph", "fiber", "extraction"),
+    "metrics": ("targetid", "spectrograph"),
+    "fibermap": ("targetid", "spectrograph"),
+    "coadds": ("healpix", "targetid"),
+}
+"""Per table, the columns its rows are sorted by in every commit. Tables of spectra keep their key
+order (a one-spectrum lookup by key reads one row group); the scalar tables ``metrics`` and
+``fibermap`` are sorted by target, and re-sorted over each night's partition at compaction
+(:meth:`TableStore.recluster`), so they are the lake's target index (target -> keys of its
+spectra); ``coadds`` is sorted by its HEALPix index (a cone reads the row groups of its pixels)."""
+
+
+def clustered(name: str, table: pa.Table) -> pa.Table:
+    """``table`` with its rows sorted by the :data:`CLUSTER_COLUMNS` of table ``name`` (unchanged if none)."""
+    columns = CLUSTER_COLUMNS.get(name)
+    if not columns or table.num_rows < 2:
+        return table
+    return table.sort_by([(column, "ascending") for column in columns])
 
 
 @dataclass(frozen=True)
@@ -68,7 +100,7 @@ def writer_properties_for(schema: pa.Schema) -> WriterProperties:
     return WriterProperties(
         compression="ZSTD",
         compression_level=3,
-        max_row_group_size=ROW_GROUP_ROWS,
+        max_row_group_size=ROW_GROUP_ROWS if has_lists else SCALAR_ROW_GROUP_ROWS,
         default_column_properties=ColumnProperties(dictionary_enabled=False) if has_lists else None,
         column_properties=float_cols,
     )
@@ -160,7 +192,7 @@ class TableStore:
         failpoint(f"commit.{name}")
         write_deltalake(
             str(self.path(name)),
-            table,
+            clustered(name, table),
             partition_by=[PARTITION_COLUMN],
             mode=mode,
             predicate=predicate,
@@ -234,6 +266,24 @@ class TableStore:
         if not self.exists(name):
             return pl.LazyFrame(schema=pl.from_arrow(SCHEMAS[name].empty_table()).schema)
         return pl.scan_delta(str(self.path(name)), version=version, storage_options=self.storage_options)
+
+    def reclusters(self, name: str) -> bool:
+        """Whether compaction rewrites table ``name`` sorted per night (:meth:`recluster`): the
+        tables with :data:`CLUSTER_COLUMNS` and no list column (a night of them fits in memory)."""
+        schema = SCHEMAS[name]
+        return name in CLUSTER_COLUMNS and not any(pa.types.is_list(field.type) for field in schema)
+
+    def recluster(self, name: str, night: str) -> None:
+        """Rewrite one night's partition of table ``name`` sorted by its :data:`CLUSTER_COLUMNS`
+        (one commit; the same rows, in as few files as the writer makes)."""
+        rows = self.delta(name).to_pyarrow_table(filters=[(PARTITION_COLUMN, "=", night)])
+        self.replace_keys(name, rows, {PARTITION_COLUMN: night})
+
+    def nights(self, name: str) -> list[str]:
+        """The night partitions of table ``name`` (sorted; empty when absent)."""
+        if not self.exists(name):
+            return []
+        return sorted({part[PARTITION_COLUMN] for part in self.delta(name).partitions()})
 
     def version(self, name: str) -> int:
         """Current table version (-1 if the table does not exist)."""
