@@ -11,6 +11,11 @@ Only the pickles are read (no import of the package, whose dependencies are heav
 found in ``$FIBERLAKE_CANNON_DIR`` or in the data folder of an installed ``doppler`` package.
 Broad molecular bands are absent from normalised spectra and from the smooth continuum model,
 so the analytic TiO bands are applied on top for cool stars.
+
+Neither model holds white dwarfs or carbon stars. A DA white dwarf is the hot model's
+continuum (its log-continuum Cannon model at the star's Teff, log g clipped to the grid) times
+the analytic pressure-broadened Balmer lines; a carbon star is the cool model's spectrum (its own
+atomic lines and continuum) with the analytic C2 and CN bands instead of TiO.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fiberlake.ingest.sim_spectra import GROUPS, FineGrid, group_strengths, line_matrix, stellar_line_table
+from fiberlake.ingest.sim_spectra import (
+    GROUPS,
+    FineGrid,
+    carbon_band_depth,
+    da_balmer_depth,
+    group_strengths,
+    line_matrix,
+    stellar_line_table,
+)
 
 MODEL_FILES = {
     "cool": "cannongrid_3000_18000_coolstars_norm_cubic_model.pkl",
@@ -82,8 +95,10 @@ def _label_vectors(m: dict, labels: np.ndarray) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def cannon_rest_spectra(grid: FineGrid, teff, logg, feh, folder: str | Path) -> np.ndarray:
+def cannon_rest_spectra(grid: FineGrid, teff, logg, feh, folder: str | Path, spectype=None) -> np.ndarray:
     """Rest-frame photon spectra from the Cannon models on ``grid`` (arbitrary normalisation).
+
+    ``spectype`` (optional, per star): ``"DA"`` and ``"C"`` stars as the module says.
 
     Returns
     -------
@@ -92,9 +107,19 @@ def cannon_rest_spectra(grid: FineGrid, teff, logg, feh, folder: str | Path) -> 
     models = load_cannon_models(str(folder))
     teff = np.atleast_1d(np.asarray(teff, dtype=float))
     labels = np.stack([teff, np.broadcast_to(logg, teff.shape), np.broadcast_to(feh, teff.shape)], axis=1)
+    kinds = np.full(teff.shape, "", dtype="<U3") if spectype is None \
+        else np.broadcast_to(np.asarray(spectype, dtype="<U3"), teff.shape)
+    da, carbon = kinds == "DA", kinds == "C"
     wave = grid.wave
     out = np.empty((teff.size, grid.n))
-    for key, sel in (("cool", teff < 8000.0), ("hot", teff >= 8000.0)):
+    if np.any(da):
+        idx = np.flatnonzero(da)
+        cont = models["hot"]["cont"]
+        logc = _label_vectors(cont, labels[idx]) @ cont["theta"].T
+        for j, star in enumerate(idx):
+            out[star] = 10.0 ** np.interp(wave, cont["wave"], logc[j]) * wave
+        out[idx] *= np.exp(-da_balmer_depth(grid, teff[idx], labels[idx, 1]))
+    for key, sel in (("cool", (teff < 8000.0) & ~da), ("hot", (teff >= 8000.0) & ~da)):
         idx = np.flatnonzero(sel)
         if not idx.size:
             continue
@@ -112,6 +137,10 @@ def cannon_rest_spectra(grid: FineGrid, teff, logg, feh, folder: str | Path) -> 
     # molecular bands (absent from the normalised models) from the analytic model
     tio = GROUPS.index("tio")
     strength = group_strengths(teff, labels[:, 1], labels[:, 2])[:, tio]
+    strength[da | carbon] = 0.0
+    if np.any(carbon):
+        idx = np.flatnonzero(carbon)
+        out[idx] *= np.exp(-carbon_band_depth(grid, teff[idx]))
     if np.any(strength > 0):
         table = stellar_line_table()
         amp = np.where(table["group"][None, :] == tio, strength[:, None] * table["weight"][None, :], 0.0)

@@ -47,6 +47,14 @@ class SimParams:
         "analytic",
         "stellar spectra: 'analytic' (blackbody + class-dependent lines; always available), "
         "'cannon' (thedoppler's Cannon models when their pickles are found, else analytic) or 'auto'")
+    target_class_probs: tuple = _p(
+        (("A", 0.05), ("F", 0.25), ("G", 0.35), ("K", 0.25), ("M", 0.10)),
+        "class mix (class, probability) of ordinary science targets; normalised to sum 1")
+    exotic_class_probs: tuple = _p(
+        (("DA", 0.04), ("C", 0.04)),
+        "fraction of science targets that are DA white dwarfs and carbon stars (C), decided from a "
+        "stream of their own, so the other targets are the same stars with or without them; "
+        "flux standards are never drawn from these classes")
 
     # --- optics ---------------------------------------------------------------------------
     distortion_scatter: float = _p(0.05, "relative per-camera scatter of the pincushion coefficient k")

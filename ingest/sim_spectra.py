@@ -201,12 +201,22 @@ SPECTRAL_CLASSES = {
     "G": ((5200.0, 6000.0), (4.2, 4.6), (2.3, 3.5), 0.3),
     "K": ((3900.0, 5200.0), (4.4, 4.8), (1.5, 3.0), 0.4),
     "M": ((3100.0, 3900.0), (4.6, 5.1), (0.8, 1.5), 0.05),
+    # DA white dwarfs: degenerate, hydrogen atmospheres (pressure-broadened Balmer lines only)
+    "DA": ((7000.0, 30000.0), (7.6, 8.4), (7.6, 8.4), 0.0),
+    # carbon stars (C/O > 1): cool giants whose molecules are C2 and CN, not TiO
+    "C": ((3200.0, 4500.0), (3.5, 4.5), (0.5, 2.0), 0.85),
 }
+STAR_CLASSES: tuple[str, ...] = ("A", "F", "G", "K", "M", "DA", "C")
+"""Every spectral class the simulator draws (the ``SPECTYPE`` of the truth files)."""
 TARGET_CLASS_PROBS = {"A": 0.05, "F": 0.25, "G": 0.35, "K": 0.25, "M": 0.10}
-"""Class mix of science targets."""
+"""Class mix of ordinary (A-M) science targets."""
+EXOTIC_CLASS_PROBS = {"DA": 0.04, "C": 0.04}
+"""Fraction of science targets that are DA white dwarfs and carbon stars (drawn from a stream of
+their own, so every other target is the star it was before these classes existed)."""
 
 
-def draw_stellar_params(rng: np.random.Generator, objtype: str) -> dict:
+def draw_stellar_params(rng: np.random.Generator, objtype: str, class_rng: np.random.Generator | None = None,
+                        class_probs: dict | None = None, exotic_probs: dict | None = None) -> dict:
     """Draw a star of known class for a fiber.
 
     Parameters
@@ -214,27 +224,52 @@ def draw_stellar_params(rng: np.random.Generator, objtype: str) -> dict:
     rng : Generator
         Seeded from the target id, so a target is the same star in every exposure and camera.
     objtype : str
-        ``"STD"`` draws an F star (flux standard); ``"TGT"`` draws from
-        :data:`TARGET_CLASS_PROBS`.
+        ``"STD"`` draws an F star (flux standard: never a white dwarf or a carbon star);
+        ``"TGT"`` draws from ``class_probs`` (default :data:`TARGET_CLASS_PROBS`), or, with
+        probabilities ``exotic_probs`` (default :data:`EXOTIC_CLASS_PROBS`) decided by
+        ``class_rng``, a DA white dwarf or a carbon star (``"C"``).
+    class_rng : Generator, optional
+        The target's stream for the exotic classes; ``None``: only the ordinary classes.
 
     Returns
     -------
     dict
-        ``spectype`` (``"A"``...``"M"``), ``teff`` (K), ``logg``, ``feh``, ``rv`` (km/s).
+        ``spectype`` (one of :data:`STAR_CLASSES`), ``teff`` (K), ``logg``, ``feh``, ``rv`` (km/s).
     """
     if objtype == "STD":
         spectype = "F"
         teff = rng.uniform(6000.0, 7000.0)
         logg = rng.uniform(3.9, 4.5)
         feh = float(np.clip(rng.normal(-0.5, 0.3), -1.5, 0.2))
-    else:
-        names = list(TARGET_CLASS_PROBS)
-        spectype = names[int(rng.choice(len(names), p=list(TARGET_CLASS_PROBS.values())))]
-        (t_lo, t_hi), dwarf, giant, f_giant = SPECTRAL_CLASSES[spectype]
-        teff = rng.uniform(t_lo, t_hi)
-        lo, hi = giant if rng.uniform() < f_giant else dwarf
-        logg = rng.uniform(lo, hi)
-        feh = float(np.clip(rng.normal(-0.3, 0.35), -2.0, 0.5))
+        return {"spectype": spectype, "teff": float(teff), "logg": float(logg), "feh": feh,
+                "rv": float(rng.normal(0.0, 40.0))}
+    if class_rng is not None:
+        exotic = EXOTIC_CLASS_PROBS if exotic_probs is None else dict(exotic_probs)
+        u = class_rng.uniform()
+        edge = 0.0
+        for name, prob in exotic.items():
+            edge += float(prob)
+            if u < edge:
+                (t_lo, t_hi), dwarf, giant, f_giant = SPECTRAL_CLASSES[name]
+                if name == "DA":   # a white dwarf's number density falls steeply with Teff
+                    teff = float(np.exp(class_rng.uniform(np.log(t_lo), np.log(t_hi))))
+                else:
+                    teff = float(class_rng.uniform(t_lo, t_hi))
+                lo, hi = giant if class_rng.uniform() < f_giant else dwarf
+                feh = 0.0 if name == "DA" else float(np.clip(class_rng.normal(-0.3, 0.3), -1.5, 0.3))
+                return {"spectype": name, "teff": teff, "logg": float(class_rng.uniform(lo, hi)), "feh": feh,
+                        "rv": float(class_rng.normal(0.0, 40.0))}
+    probs = TARGET_CLASS_PROBS if class_probs is None else dict(class_probs)
+    names = list(probs)
+    p = list(probs.values())
+    if class_probs is not None:
+        p = list(np.asarray(p, dtype=float) / np.sum(p))
+    spectype = names[int(rng.choice(len(names), p=p))]
+    (t_lo, t_hi), dwarf, giant, f_giant = SPECTRAL_CLASSES[spectype]
+    teff = rng.uniform(t_lo, t_hi)
+    lo, hi = giant if rng.uniform() < f_giant else dwarf
+    logg = rng.uniform(lo, hi)
+    feh = float(np.clip(rng.normal(-0.3, 0.35), -2.0, 0.5))
     rv = rng.normal(0.0, 40.0)
     return {"spectype": spectype, "teff": float(teff), "logg": float(logg), "feh": feh, "rv": float(rv)}
 
@@ -367,8 +402,10 @@ def line_matrix(grid: FineGrid) -> sparse.csr_matrix:
                              shape=(n_lines, grid.n))
 
 
-def stellar_rest_spectra(grid: FineGrid, teff, logg, feh) -> np.ndarray:
+def stellar_rest_spectra(grid: FineGrid, teff, logg, feh, tio: bool = True) -> np.ndarray:
     """Rest-frame photon spectra of stars on ``grid``, arbitrary normalisation.
+
+    ``tio=False`` leaves the TiO bands out (carbon stars: their oxygen is locked in CO).
 
     Returns
     -------
@@ -376,6 +413,8 @@ def stellar_rest_spectra(grid: FineGrid, teff, logg, feh) -> np.ndarray:
     """
     teff = np.atleast_1d(np.asarray(teff, dtype=float))
     strengths = group_strengths(teff, logg, feh)
+    if not tio:
+        strengths[:, GROUPS.index("tio")] = 0.0
     table = stellar_line_table()
     amp = strengths[:, table["group"]] * table["weight"][None, :]  # (n_stars, n_lines)
     tau = np.asarray((line_matrix(grid).T @ amp.T).T)  # (n_stars, n_pix)
@@ -383,6 +422,69 @@ def stellar_rest_spectra(grid: FineGrid, teff, logg, feh) -> np.ndarray:
     blanket = 0.35 * np.clip((6500.0 - teff) / 2000.0 + 0.15, 0.0, 1.5) * 10.0 ** (0.5 * np.atleast_1d(feh))
     tau += blanket[:, None] * (4000.0 / wave[None, :]) ** 6
     return planck_photons(wave, teff) * np.exp(-tau)
+
+
+DA_BALMER = ((6562.80, 1.0, 28.0), (4861.33, 1.1, 34.0), (4340.47, 1.0, 30.0), (4101.74, 0.9, 26.0),
+             (3970.07, 0.8, 22.0), (3889.05, 0.7, 18.0), (3835.38, 0.6, 15.0), (3797.90, 0.5, 12.0))
+"""DA white-dwarf Balmer lines: air wavelength (A), relative depth, Lorentzian half width (A) at
+log g = 8 (pressure broadening by the dense atmosphere; ~100 A full widths, no metal lines)."""
+
+C2_SWAN_HEADS = ((4737.0, 90.0, 0.9), (5165.0, 110.0, 1.2), (5636.0, 110.0, 1.0), (6191.0, 100.0, 0.5),
+                 (4382.0, 60.0, 0.4))
+"""C2 Swan band heads (A), decay length (A), relative depth; degraded to the violet (absorb blueward)."""
+CN_RED_HEADS = ((6926.0, 90.0, 0.5), (7088.0, 120.0, 0.5), (7874.0, 130.0, 0.8), (8125.0, 140.0, 0.8),
+                (8320.0, 120.0, 0.5), (3883.0, 60.0, 0.9))
+"""CN band heads (A): the red system (degraded to the red) and the violet 3883 head (treated alike)."""
+
+
+def da_balmer_depth(grid: FineGrid, teff, logg) -> np.ndarray:
+    """Optical depth of a DA white dwarf's Balmer lines on ``grid``, shape ``(n_stars, grid.n)``.
+
+    The strength peaks near 12,500 K (hydrogen lines are strongest where n = 2 is most populated
+    and the continuum opacity does not yet dominate) and the widths grow with log g.
+    """
+    teff = np.atleast_1d(np.asarray(teff, dtype=float))
+    logg = np.broadcast_to(np.asarray(logg, dtype=float), teff.shape)
+    strength = 0.25 + 1.0 * np.exp(-(((np.log10(teff) - np.log10(12500.0)) / 0.2) ** 2))
+    width_scale = 10.0 ** (0.3 * (logg - 8.0))
+    wave = grid.wave
+    tau = np.zeros((teff.size, grid.n))
+    for w, depth, gamma in DA_BALMER:
+        g = gamma * width_scale[:, None]
+        x = (wave[None, :] - w) / g
+        core = np.exp(-0.5 * ((wave[None, :] - w) / 3.0) ** 2)
+        tau += (strength * depth)[:, None] * (1.0 / (1.0 + x ** 2) + 0.5 * core)
+    return tau
+
+
+def carbon_band_depth(grid: FineGrid, teff) -> np.ndarray:
+    """Optical depth of a carbon star's C2 Swan and CN bands on ``grid``, ``(n_stars, grid.n)``.
+
+    Bands deepen toward cool temperatures (molecules survive); C2 bands absorb blueward of their
+    heads, CN red bands redward.
+    """
+    teff = np.atleast_1d(np.asarray(teff, dtype=float))
+    strength = np.clip((5000.0 - teff) / 1200.0, 0.3, 1.6)
+    wave = grid.wave
+    prof = np.zeros(grid.n)
+    for head, decay, depth in C2_SWAN_HEADS:
+        dx = head - wave
+        prof += depth * _logistic(dx / 1.0) * np.exp(-np.clip(dx, 0.0, None) / decay)
+    for head, decay, depth in CN_RED_HEADS:
+        dx = wave - head
+        prof += depth * _logistic(dx / 1.0) * np.exp(-np.clip(dx, 0.0, None) / decay)
+    return strength[:, None] * prof[None, :]
+
+
+def da_rest_spectra(grid: FineGrid, teff, logg) -> np.ndarray:
+    """Rest-frame photon spectra of DA white dwarfs (analytic): blackbody times broad Balmer lines."""
+    teff = np.atleast_1d(np.asarray(teff, dtype=float))
+    return planck_photons(grid.wave, teff).reshape(teff.size, -1) * np.exp(-da_balmer_depth(grid, teff, logg))
+
+
+def carbon_rest_spectra(grid: FineGrid, teff, logg, feh) -> np.ndarray:
+    """Rest-frame photon spectra of carbon stars (analytic): the cool-star model without TiO, with C2 and CN."""
+    return stellar_rest_spectra(grid, teff, logg, feh, tio=False) * np.exp(-carbon_band_depth(grid, teff))
 
 
 def _shift(spectra: np.ndarray, grid: FineGrid, rv_kms: np.ndarray) -> np.ndarray:
@@ -418,7 +520,7 @@ def resolve_stellar_model(name: str) -> tuple[str, str | None]:
     return ("cannon", str(folder)) if folder is not None else ("analytic", None)
 
 
-def stellar_spectra(grid: FineGrid, teff, logg, feh, rv, model: str = "analytic") -> np.ndarray:
+def stellar_spectra(grid: FineGrid, teff, logg, feh, rv, model: str = "analytic", spectype=None) -> np.ndarray:
     """Observed-frame photon spectra, normalised to a mean of 1 over the r band.
 
     A star of magnitude ``m`` then has photon rate ``rate_mag16 * 10**(-0.4 (m - 16))`` times
@@ -432,6 +534,12 @@ def stellar_spectra(grid: FineGrid, teff, logg, feh, rv, model: str = "analytic"
         Effective temperature (K), surface gravity, metallicity, radial velocity (km/s).
     model : str, optional
         ``"analytic"`` (default), ``"cannon"`` or ``"auto"`` (see :func:`resolve_stellar_model`).
+    spectype : array_like of str, optional
+        Class of each star; ``"DA"`` (white dwarf) and ``"C"`` (carbon star) get their own
+        spectra (:func:`da_rest_spectra`, :func:`carbon_rest_spectra`; with the Cannon model the
+        Cannon continuum / cool-star spectrum carries the same features, see
+        :func:`~fiberlake.ingest.sim_cannon.cannon_rest_spectra`); ``None`` or any other class:
+        the ordinary model.
 
     Returns
     -------
@@ -441,15 +549,26 @@ def stellar_spectra(grid: FineGrid, teff, logg, feh, rv, model: str = "analytic"
     logg = np.broadcast_to(np.asarray(logg, dtype=float), teff.shape)
     feh = np.broadcast_to(np.asarray(feh, dtype=float), teff.shape)
     rv = np.broadcast_to(np.asarray(rv, dtype=float), teff.shape)
+    kinds = np.full(teff.shape, "", dtype="<U3") if spectype is None \
+        else np.broadcast_to(np.asarray(spectype, dtype="<U3"), teff.shape)
     kind, folder = resolve_stellar_model(model)
     if kind == "cannon":
         from fiberlake.ingest.sim_cannon import cannon_rest_spectra
 
         def rest_spectra(g: FineGrid) -> np.ndarray:
-            return cannon_rest_spectra(g, teff, logg, feh, folder)
+            return cannon_rest_spectra(g, teff, logg, feh, folder, spectype=kinds)
     else:
         def rest_spectra(g: FineGrid) -> np.ndarray:
-            return stellar_rest_spectra(g, teff, logg, feh)
+            out = np.empty((teff.size, g.n))
+            da, carbon = kinds == "DA", kinds == "C"
+            normal = ~(da | carbon)
+            for sel, fn in ((normal, lambda i: stellar_rest_spectra(g, teff[i], logg[i], feh[i])),
+                            (da, lambda i: da_rest_spectra(g, teff[i], logg[i])),
+                            (carbon, lambda i: carbon_rest_spectra(g, teff[i], logg[i], feh[i]))):
+                idx = np.flatnonzero(sel)
+                if idx.size:
+                    out[idx] = fn(idx)
+            return out
     norm = rest_spectra(_r_band_grid()).mean(axis=1)
     # Compute on a slightly wider rest grid so the shift never reads beyond its ends.
     pad = int(np.ceil(0.004 * (grid.w0 + grid.dw * grid.n) / grid.dw))
@@ -493,7 +612,7 @@ def effective_area_cm2(rate_mag16: float) -> float:
 
 
 def band_magnitudes(mag_r: np.ndarray, teff, logg, feh, rv, bands: tuple[tuple[float, float], ...],
-                    model: str = "analytic", dw: float = 0.5, chunk: int = 256) -> np.ndarray:
+                    model: str = "analytic", dw: float = 0.5, chunk: int = 256, spectype=None) -> np.ndarray:
     """True photon-counting AB magnitudes of stars through top-hat ``bands``, above the atmosphere.
 
     A star's ``MAG`` (``mag_r``) is its photon-counting AB magnitude over :data:`R_BAND`; through
@@ -511,6 +630,8 @@ def band_magnitudes(mag_r: np.ndarray, teff, logg, feh, rv, bands: tuple[tuple[f
         Top hats (A).
     model : str
         The simulator's stellar model (:func:`resolve_stellar_model`).
+    spectype : array_like of str, optional
+        The stars' classes (:func:`stellar_spectra`).
 
     Returns
     -------
@@ -528,7 +649,8 @@ def band_magnitudes(mag_r: np.ndarray, teff, logg, feh, rv, bands: tuple[tuple[f
     out = np.empty((mag_r.size, len(bands)))
     for start in range(0, mag_r.size, chunk):
         sl = slice(start, start + chunk)
-        shape = stellar_spectra(grid, *(a[sl] for a in labels), model=model)
+        kinds = None if spectype is None else np.asarray(spectype)[sl]
+        shape = stellar_spectra(grid, *(a[sl] for a in labels), model=model, spectype=kinds)
         means = np.stack([shape[:, w].mean(axis=1) for w in windows], axis=1) / ab_mean[None, :]
         out[sl] = mag_r[sl, None] - 2.5 * np.log10(means[:, 1:] / means[:, :1])
     return out

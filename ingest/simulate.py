@@ -35,6 +35,7 @@ from fiberlake.ingest.sim_variety import FrameVariant, arc_line_factor, solar_ro
 from fiberlake.ingest.sim_spectra import (
     arc_line_list,
     atmosphere_transmission,
+    TARGET_CLASS_PROBS,
     draw_stellar_params,
     flat_lamp,
     sky_continuum,
@@ -157,7 +158,7 @@ PHOT_ERROR = 0.02
 
 def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obstype: str = "SCIENCE",
                   plate: int = 0, expid: int | None = None, n_std: int = 0, *, photometry: bool = False,
-                  stellar_model: str = "analytic") -> Table:
+                  stellar_model: str = "analytic", sim_params: SimParams | None = None) -> Table:
     """Fiber assignment of a plate: one row per fiber of every spectrograph.
 
     About ``sky_fiber_fraction`` of each spectrograph's fibers are ``SKY``, spread evenly along
@@ -227,7 +228,7 @@ def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obsty
         cols["OBJTYPE"].append(objtype)
     table = Table({k: np.concatenate(v) for k, v in cols.items()})
     if photometry:
-        _add_photometry(table, seed, night, kind, plate, stellar_model)
+        _add_photometry(table, seed, night, kind, plate, stellar_model, sim_params)
     table.meta.update({"PLATEID": f"{night}-{kind[:3]}{plate}", "RA": round(ra0, 6), "DEC": round(float(dec0), 6),
                        "NIGHT": night, "OBSTYPE": obstype})
     if expid is not None:
@@ -235,17 +236,19 @@ def make_fibermap(instrument: Instrument | str, night: str, seed: int = 0, obsty
     return table
 
 
-def _add_photometry(table: Table, seed: int, night: str, kind: str, plate: int, stellar_model: str) -> None:
+def _add_photometry(table: Table, seed: int, night: str, kind: str, plate: int, stellar_model: str,
+                    sim_params: SimParams | None = None) -> None:
     """``MAG_G`` and ``MAG_I`` columns of a plate's fiber map (see :func:`make_fibermap`)."""
     n = len(table)
     out = np.full((n, 2), np.nan)
     objtype = np.asarray(table["OBJTYPE"]).astype(str)
     star = np.flatnonzero(objtype != "SKY")
     if star.size:
-        params = [target_params(seed, int(table["TARGETID"][i]), objtype[i]) for i in star]
+        params = [target_params(seed, int(table["TARGETID"][i]), objtype[i], sim_params) for i in star]
         true = band_magnitudes(np.asarray(table["MAG"], dtype=float)[star],
                                *(np.array([p[k] for p in params]) for k in ("teff", "logg", "feh", "rv")),
-                               bands=(G_BAND, I_BAND), model=stellar_model)
+                               bands=(G_BAND, I_BAND), model=stellar_model,
+                               spectype=np.array([p["spectype"] for p in params]))
         noise = rng_for(seed, TAG.PLATE, night, kind, plate, "photometry").normal(0.0, PHOT_ERROR, size=(n, 2))
         out[star] = true + noise[star]
     table["MAG_G"] = out[:, 0].astype(np.float32)
@@ -295,9 +298,18 @@ def exposure_conditions(instrument: Instrument | str, night: str, expid: int, se
     return Conditions(float(airmass), float(transparency), float(sky_scale), aperture, float(lamp_scale))
 
 
-def target_params(seed: int, targetid: int, objtype: str) -> dict:
-    """Stellar parameters of a target, reproducible from ``(seed, targetid)``."""
-    return draw_stellar_params(rng_for(seed, TAG.TARGET, int(targetid)), objtype)
+def target_params(seed: int, targetid: int, objtype: str, params: SimParams | None = None) -> dict:
+    """Stellar parameters of a target, reproducible from ``(seed, targetid)`` (and the class mix of ``params``).
+
+    Whether a science target is a DA white dwarf or a carbon star is decided from its own stream
+    (``params.exotic_class_probs``), so every other target is the star it was without them.
+    """
+    params = params or DEFAULT_PARAMS
+    probs = dict(params.target_class_probs)
+    class_probs = None if probs == TARGET_CLASS_PROBS else probs
+    return draw_stellar_params(rng_for(seed, TAG.TARGET, int(targetid)), objtype,
+                               class_rng=rng_for(seed, TAG.TARGET, int(targetid), "class"),
+                               class_probs=class_probs, exotic_probs=dict(params.exotic_class_probs))
 
 
 # --------------------------------------------------------------------------------------
@@ -333,7 +345,7 @@ def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, 
         if ot == "SKY":
             vals = {"spectype": "SKY", "teff": 0.0, "logg": 0.0, "feh": 0.0, "rv": 0.0}
         else:
-            vals = target_params(seed, int(tid), str(ot))
+            vals = target_params(seed, int(tid), str(ot), cam.params)
         for k in info:
             info[k].append(vals[k.lower()])
     fluxfrac = np.where(has_star, cond.transparency * cond.aperture[cam.specid - 1], 0.0)
@@ -343,7 +355,8 @@ def _object_rows(cam: CameraModel, cond: Conditions, exptime: float, fib: dict, 
         wave = grid.wave
         idx = np.flatnonzero(has_star)
         shape = stellar_spectra(grid, np.array(info["TEFF"])[idx], np.array(info["LOGG"])[idx],
-                                np.array(info["FEH"])[idx], np.array(info["RV"])[idx], cam.params.stellar_model)
+                                np.array(info["FEH"])[idx], np.array(info["RV"])[idx], cam.params.stellar_model,
+                                spectype=np.array(info["SPECTYPE"])[idx])
         mag = fib["MAG"][idx].astype(float)
         scale = cam.params.rate_mag16 * 10.0 ** (-0.4 * (mag - 16.0)) * fluxfrac[idx] * exptime
         common = atmosphere_transmission(wave, cond.airmass) * cam.efficiency(wave)
@@ -768,7 +781,7 @@ def simulate_night(instrument: Instrument | str, night: str, out_dir: str | Path
             if key not in plates:     # the exposures of a plate share its fiber map (and its photometry)
                 plates[key] = make_fibermap(inst, night, seed, exp.obstype, exp.plate, None,
                                             n_std=std_per_spectrograph if exp.obstype == "SCIENCE" else 0,
-                                            photometry=True, stellar_model=params.stellar_model)
+                                            photometry=True, stellar_model=params.stellar_model, sim_params=params)
             fm = plates[key].copy()
             fm.meta["EXPID"] = int(exp.expid)
             write_fibermap(night_dir / fibermap_name(exp.expid), fm, night, exp.expid, exp.obstype)

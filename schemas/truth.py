@@ -62,7 +62,7 @@ Spectra truth (``truth/spectra-<expid:08d>-<camera>.fits``)
         Cosmic-ray charge per pixel: bit 0 set where it is >= 1 e-, bit 1 where it is >= 3 times
         the read noise.
     ``TARGETS`` table (SCIENCE, STANDARD)
-        ``FIBER``, ``TARGETID``, ``OBJTYPE``, ``SPECTYPE`` (``A F G K M`` or ``SKY``), ``TEFF`` (K),
+        ``FIBER``, ``TARGETID``, ``OBJTYPE``, ``SPECTYPE`` (``A F G K M``, ``DA`` white dwarf, ``C`` carbon star, or ``SKY``), ``TEFF`` (K),
         ``LOGG``, ``FEH``, ``RV`` (km/s), ``MAG``, ``FLUXFRAC`` (fraction of the star's light that
         entered the fiber in this exposure: transparency times aperture loss).
     ``ARCLINES`` table and ``LINE_ROW`` float64 [n_fibers, n_lines] (ARC)

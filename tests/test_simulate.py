@@ -343,7 +343,8 @@ def test_fibermap_photometry_is_the_true_spectrum_through_its_bands():
     grid = FineGrid.covering(G_BAND[0], I_BAND[1], 0.1)
     wave = grid.wave
     params = [sim.target_params(SEED, int(fm["TARGETID"][i]), str(fm["OBJTYPE"][i])) for i in star]
-    shape = stellar_spectra(grid, *(np.array([p[k] for p in params]) for k in ("teff", "logg", "feh", "rv")))
+    shape = stellar_spectra(grid, *(np.array([p[k] for p in params]) for k in ("teff", "logg", "feh", "rv")),
+                            spectype=np.array([p["spectype"] for p in params]))
     flam = absolute_flux(wave, shape, np.asarray(fm["MAG"], float)[star], 2000.0)
     residual = {}
     for name, (lo, hi) in (("MAG_G", G_BAND), ("MAG_I", I_BAND)):
