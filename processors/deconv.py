@@ -78,7 +78,9 @@ left out of the model (``DEADFIBER``, flux 0, ivar 0). ``BAD2DFIT`` where ``chi2
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -279,11 +281,47 @@ class FrameTables:
     good: np.ndarray
 
 
-def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet, psf: PSFModel,
-            pad: int, row_block: int = 256) -> FrameTables:
-    """PSF samples and per-row reductions of a frame (shared by every backend)."""
-    img, w, good, msk = prepare_pixels(image, ivar, mask)
-    ny, nx = img.shape
+@dataclass(frozen=True)
+class PSFSamples:
+    """The PSF projected on the CCD: what :func:`prepare` needs of the traces and the PSF model.
+
+    It depends on the calibration set (traces, PSF, CCD shape, padding) and on no frame, so it
+    is sampled once per set (:func:`psf_samples` keeps the last few) and reused for every frame
+    of that night and camera.
+
+    Attributes
+    ----------
+    order, live : int and bool arrays (nf,)
+        As in :class:`FrameTables`.
+    pad : int
+        Padding rows of the extended grid.
+    lsf : float array (nf, n_ext, 2 Wy + 1)
+        As in :class:`FrameTables`.
+    first : int array (nf, ny)
+        First column of each fiber's profile window per CCD row.
+    xsf : float array (nf, ny, 2 Wx + 1)
+        Cross-dispersion profile of every fiber (dead ones included).
+    ny, nx : int
+        CCD shape.
+    """
+
+    order: np.ndarray
+    live: np.ndarray
+    pad: int
+    lsf: np.ndarray
+    first: np.ndarray
+    xsf: np.ndarray
+    ny: int
+    nx: int
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the samples."""
+        return int(self.lsf.nbytes + self.first.nbytes + self.xsf.nbytes)
+
+
+def sample_psf(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_block: int = 256) -> PSFSamples:
+    """Sample the LSF and cross-dispersion profile of every fiber on the CCD rows (no pixels)."""
     if traces.ny != ny:
         raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")
     nf = traces.n_fibers
@@ -316,28 +354,88 @@ def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces
     t = ((np.arange(n_ext) - knots[seg]) / (knots[seg + 1] - knots[seg]))[None, :, None]
     lsf = (1.0 - t) * lk[:, seg] + t * lk[:, seg + 1]
     first = np.empty((nf, ny), np.int64)
-    prof = np.empty((nf, ny, nw))
-    gx = np.zeros((nf, ny))
-    ox = np.zeros((nf, ny))
-    bits = np.zeros((nf, ny), MASK_DTYPE)
-    ngood = np.zeros((nf, ny))
+    xsf = np.empty((nf, ny, nw))
     rows_all = np.arange(ny)
     for r0 in range(0, ny, row_block):
         r1 = min(ny, r0 + row_block)
         rows = rows_all[r0:r1]
         xc = x_ext[:, pad + r0:pad + r1]
-        fc, Pfull = psf.xsf_weights(np.broadcast_to(fib, xc.shape), xc, np.broadcast_to(rows, xc.shape))
+        first[:, r0:r1], xsf[:, r0:r1] = psf.xsf_weights(np.broadcast_to(fib, xc.shape), xc,
+                                                         np.broadcast_to(rows, xc.shape))
+    return PSFSamples(order=order, live=live, pad=pad, lsf=lsf, first=first, xsf=xsf, ny=ny, nx=nx)
+
+
+PSF_SAMPLE_CACHE = 2
+"""Calibration sets whose :class:`PSFSamples` :func:`psf_samples` keeps (about 0.2 GB each for a
+LAMOST camera): a worker reducing the frames of one camera samples its PSF once."""
+_samples_cache: OrderedDict[str, PSFSamples] = OrderedDict()
+
+
+def _samples_key(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_block: int) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for prefix, container in (("traces", traces), ("psf", psf)):
+        for name, value in sorted(container.to_arrays().items()):
+            value = np.ascontiguousarray(value)
+            digest.update(f"{prefix}/{name}:{value.dtype.str}:{value.shape}".encode())
+            digest.update(value.tobytes())
+    digest.update(repr((float(psf.x_offset), ny, nx, pad, row_block)).encode())
+    return digest.hexdigest()
+
+
+def psf_samples(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_block: int = 256) -> PSFSamples:
+    """:func:`sample_psf`, kept for the last :data:`PSF_SAMPLE_CACHE` calibration sets (keyed by
+    the content of the traces and PSF, so equal calibrations loaded twice share their samples)."""
+    key = _samples_key(traces, psf, ny, nx, pad, row_block)
+    hit = _samples_cache.get(key)
+    if hit is not None:
+        _samples_cache.move_to_end(key)
+        return hit
+    samples = sample_psf(traces, psf, ny, nx, pad, row_block)
+    for array in (samples.order, samples.live, samples.lsf, samples.first, samples.xsf):
+        array.setflags(write=False)                     # shared between frames: never changed in place
+    _samples_cache[key] = samples
+    while len(_samples_cache) > max(0, PSF_SAMPLE_CACHE):
+        _samples_cache.popitem(last=False)
+    return samples
+
+
+def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet, psf: PSFModel,
+            pad: int, row_block: int = 256, samples: PSFSamples | None = None) -> FrameTables:
+    """PSF samples and per-row reductions of a frame (shared by every backend).
+
+    ``samples`` (:func:`psf_samples` of the same traces, PSF and padding) skips the sampling.
+    """
+    img, w, good, msk = prepare_pixels(image, ivar, mask)
+    ny, nx = img.shape
+    if samples is None:
+        samples = sample_psf(traces, psf, ny, nx, pad, row_block)
+    elif (samples.ny, samples.nx, samples.pad) != (ny, nx, pad) or samples.order.size != traces.n_fibers:
+        raise ValueError(f"PSF samples of a {samples.ny}x{samples.nx} CCD with pad {samples.pad} and "
+                         f"{samples.order.size} fibers given for a {ny}x{nx} frame with pad {pad} and "
+                         f"{traces.n_fibers} fibers")
+    order, live, lsf, first = samples.order, samples.live, samples.lsf, samples.first
+    nf, _, nw = samples.xsf.shape
+    prof = np.where(live[:, None, None], samples.xsf, 0.0)
+    gx = np.zeros((nf, ny))
+    ox = np.zeros((nf, ny))
+    bits = np.zeros((nf, ny), MASK_DTYPE)
+    ngood = np.zeros((nf, ny))
+    rows_all = np.arange(ny)
+    goodflat, mskflat = good.ravel(), msk.ravel()
+    for r0 in range(0, ny, row_block):
+        r1 = min(ny, r0 + row_block)
+        rows = rows_all[r0:r1]
+        fc, Pfull = first[:, r0:r1], samples.xsf[:, r0:r1]
         cols = fc[..., None] + np.arange(nw)
         on = (cols >= 0) & (cols < nx)
         idx = rows[None, :, None] * nx + np.clip(cols, 0, nx - 1)
-        Gp = on & good.ravel()[idx]
-        first[:, r0:r1] = fc
-        prof[:, r0:r1] = np.where(live[:, None, None], Pfull, 0.0)
+        Gp = on & goodflat[idx]
         gx[:, r0:r1] = np.sum(np.where(Gp, Pfull, 0.0), axis=-1)
         ox[:, r0:r1] = np.sum(np.where(on, 0.0, Pfull), axis=-1)
         sig = on & (Pfull > SIGNIFICANT_WEIGHT)
         ngood[:, r0:r1] = np.sum(sig & Gp, axis=-1)
-        bits[:, r0:r1] = np.bitwise_or.reduce(np.where(sig, msk.ravel()[idx], MASK_DTYPE(0)), axis=-1)
+        bits[:, r0:r1] = np.bitwise_or.reduce(np.where(sig, mskflat[idx], MASK_DTYPE(0)), axis=-1)
+    n_ext = ny + 2 * pad
     tab = FrameTables(order=order, live=live, pad=pad, lsf=lsf, first=first, prof=prof,
                       K0=np.zeros((nf, n_ext)), K1=np.zeros((nf, n_ext)), b=np.zeros((nf, n_ext)),
                       gx=gx, ox=ox, bits=bits, ngood=ngood, img=img, w=w, good=good)
@@ -819,7 +917,9 @@ def deconv_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None,
     params = params or DeconvParams()
     t0 = time.perf_counter()
     ny = np.shape(image)[0]
-    tab = prepare(image, ivar, mask, traces, psf, params.pad_rows)
+    samples = psf_samples(traces, psf, ny, np.shape(image)[1], params.pad_rows)
+    t_sample = time.perf_counter() - t0
+    tab = prepare(image, ivar, mask, traces, psf, params.pad_rows, samples=samples)
     plan = plan_patches(traces.n_fibers, ny, params)
     t1 = time.perf_counter()
     if backend == "torch":
@@ -853,6 +953,6 @@ def deconv_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None,
     out = _finish(tab, flux, iv, g, res, retried, ny,
                   {"backend": backend, "device": device_name, "n_patches": plan.n_patches,
                    "n_retried_patches": int(sol["retried"].sum()),
-                   "t_prepare": t1 - t0, "t_weights": t2 - t1, "t_solve": t3 - t2})
+                   "t_psf_samples": t_sample, "t_prepare": t1 - t0, "t_weights": t2 - t1, "t_solve": t3 - t2})
     out.info["t_finish"] = time.perf_counter() - t3
     return out
