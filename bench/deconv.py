@@ -261,7 +261,7 @@ def speed(args) -> None:
               f"{250 * ny / r['seconds']:>13.0f}")
     t = runs[0]["info"]
     print(f"torch CPU split, first frame of a calibration set: prepare {t['t_prepare']:.1f} s "
-          f"(of which PSF sampling {t['t_psf_samples']:.1f} s), model variance {t['t_weights']:.1f} s, "
+          f"(of which PSF sampling {t.get('t_psf_samples', float('nan')):.1f} s), model variance {t['t_weights']:.1f} s, "
           f"patch solves {t['t_solve']:.1f} s, flags/chi2 {t['t_finish']:.1f} s")
     tn = runs[0]["info_next"]
     print(f"torch CPU, next frame of the set (PSF samples reused): {runs[0]['seconds_next']:.1f} s "

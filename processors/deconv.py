@@ -844,19 +844,28 @@ def _finish(tab: FrameTables, flux, ivar, g, res, retried, ny: int, info: dict) 
     chi_num = np.zeros((nf, ny))
     chi_den = np.zeros((nf, ny))
     npix = np.zeros((nf, ny))
+    # per-row tables padded by wy rows beyond the CCD with what an off-CCD row contributes (no
+    # good or significant pixels, all of the spot off the CCD), so bin s reaches row s + k - wy
+    # at column k of the padded arrays: shifted views, no gathers
+    def padded(a: np.ndarray, fill) -> np.ndarray:
+        out = np.full((nf, ny + 2 * wy), fill, a.dtype)
+        out[:, wy:wy + ny] = a
+        return out
+
+    gxp, oxp = padded(tab.gx, 0.0), padded(tab.ox, 1.0)
+    bitsp, ngoodp = padded(tab.bits, MASK_DTYPE(0)), padded(tab.ngood, 0.0)
+    posd = den_rows > 0
+    chip, posp = padded(chi_rows * posd, 0.0), padded(posd.astype(float), 0.0)
+    tmp = np.empty((nf, ny))
     for k in range(nd):
-        d = k - wy
-        r = np.arange(ny) + d                              # row reached by bin s
-        on = (r >= 0) & (r < ny)
-        rc = np.clip(r, 0, ny - 1)
-        L = tab.lsf[:, pad:pad + ny, k]
-        G += np.where(on, L * tab.gx[:, rc], 0.0)
-        O += np.where(on, L * tab.ox[:, rc], L)
-        sig = on & (L > SIGNIFICANT_WEIGHT)
-        bits |= np.where(sig, tab.bits[:, rc], MASK_DTYPE(0))
-        chi_num += np.where(on, L * chi_rows[:, rc] * (den_rows[:, rc] > 0), 0.0)
-        chi_den += np.where(on, L * (den_rows[:, rc] > 0), 0.0)
-        npix += np.where(sig, tab.ngood[:, rc], 0.0)
+        L = np.ascontiguousarray(tab.lsf[:, pad:pad + ny, k])
+        G += np.multiply(L, gxp[:, k:k + ny], out=tmp)
+        O += np.multiply(L, oxp[:, k:k + ny], out=tmp)
+        sig = L > SIGNIFICANT_WEIGHT
+        bits |= np.where(sig, bitsp[:, k:k + ny], MASK_DTYPE(0))
+        chi_num += np.multiply(L, chip[:, k:k + ny], out=tmp)
+        chi_den += np.multiply(L, posp[:, k:k + ny], out=tmp)
+        npix += np.where(sig, ngoodp[:, k:k + ny], 0.0)
     chi2 = np.where(chi_den > 0, chi_num / np.where(chi_den > 0, chi_den, 1.0), 0.0)
     masked = np.clip(1.0 - G - O, 0.0, 1.0)
     dead = ~tab.live
