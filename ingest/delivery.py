@@ -225,8 +225,11 @@ def _open_regular(path: Path) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def read_delivery(entry: Entry, limit: int = MAX_DELIVERY_BYTES) -> tuple[bytes, os.stat_result]:
+def read_delivery(entry: Entry, limit: int = MAX_DELIVERY_BYTES, digest=None) -> tuple[bytes, os.stat_result]:
     """The delivered bytes of a frame or fiber map, read whole and once.
+
+    ``digest`` (a :mod:`hashlib` object), when given, is updated with each block as it is read:
+    the file's hash in the same pass over its bytes.
 
     Returns
     -------
@@ -254,6 +257,8 @@ def read_delivery(entry: Entry, limit: int = MAX_DELIVERY_BYTES) -> tuple[bytes,
                 total += len(chunk)
                 if total > limit:
                     raise DeliveryRefused("too_large", f"the file grew past {limit} bytes while being read")
+                if digest is not None:
+                    digest.update(chunk)
                 chunks.append(chunk)
     except OSError as err:
         raise DeliveryRefused("unreadable", f"reading the file failed ({os.strerror(err.errno or 0)}); it is tried "

@@ -333,11 +333,12 @@ class _Inspected:
 
 def _inspect(entry: Entry, instrument: Instrument | None, state: LakeState, night: str) -> _Inspected:
     """Read a file once, hash it and, unless its bytes are known, validate it as a frame or fiber map."""
+    digest = hashlib.sha256()
     try:
-        data, st = read_delivery(entry)
+        data, st = read_delivery(entry, digest=digest)          # hashed while read: one pass
     except DeliveryRefused as refused:
         return _Inspected(st=entry.st, refused=refused)
-    seen = _Inspected(st=st, sha=hashlib.sha256(data).hexdigest(), data=data)
+    seen = _Inspected(st=st, sha=digest.hexdigest(), data=data)
     if _known_outcome(state, entry.name, seen.sha) is not None:
         seen.data = None
         return seen

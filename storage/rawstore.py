@@ -43,7 +43,7 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     arr = np.ascontiguousarray(pixels)
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return hashlib.sha256(arr.tobytes()).hexdigest()
+    return hashlib.sha256(arr.reshape(-1).view(np.uint8)).hexdigest()  # the array's buffer, not a copy
 
 
 def _shard_shape(shape: tuple[int, ...], chunk: tuple[int, ...]) -> tuple[int, ...]:

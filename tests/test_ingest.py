@@ -222,7 +222,7 @@ def test_second_ingest_reads_no_known_file(tmp_path, monkeypatch):
 
     calls = []
     real = ingest_module.read_delivery
-    monkeypatch.setattr(ingest_module, "read_delivery", lambda entry: calls.append(entry.path) or real(entry))
+    monkeypatch.setattr(ingest_module, "read_delivery", lambda entry, **k: calls.append(entry.path) or real(entry, **k))
     tables = TableStore(lake.root / "tables")
     versions = {n: tables.version(n) for n in ("exposures", "quarantine", "deliveries")}
     report = ingest_night(lake, night)
