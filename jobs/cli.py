@@ -282,6 +282,18 @@ def _cmd_train_deconvolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_denoise(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.train_denoise import train_denoise, train_params_from_args
+    from fiberlake.storage.models import ship
+
+    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train denoise"
+    card = train_denoise(train_params_from_args(args), out=Path(args.out), command=command)
+    print(f"model {card['model_id']}: {card['path']}")
+    if args.ship:
+        print(f"shipped as the default denoise model: {ship(card['path'], 'denoise')}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from fiberlake.jobs.export import export
     from fiberlake.storage.layout import Lake
@@ -465,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_flags(t)
     t.set_defaults(func=_cmd_train)
+    from fiberlake.jobs.train_denoise import add_train_flags as add_denoise_flags
+
+    d = train_sub.add_parser("denoise", help="the Bayesian denoiser (seed 004): isometric generator, KDE prior, "
+                             "NoiseFlow, plus its DAE baselines; writes OUT/<model_id>/ and OUT/<model_id>-baselines/")
+    d.add_argument("--out", default="./models", help="folder of the artifacts (default ./models)")
+    d.add_argument("--ship", action="store_true", help="make it the package's default denoise model (maintainers)")
+    add_denoise_flags(d)
+    d.set_defaults(func=_cmd_train_denoise)
     from fiberlake.jobs.train_cae import add_train_flags as add_deconvolve_flags
 
     c = train_sub.add_parser("deconvolve", help="the PSF-conditioned CAE (seed 002): simulated chunks, BCE, "

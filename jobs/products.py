@@ -61,6 +61,8 @@ class ProductsReport:
     coadds: int = 0
     coadds_all: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    denoise: object | None = None
+    """What the denoising stage did after them (:class:`fiberlake.jobs.denoise_stage.DenoiseReport`)."""
 
     def summary(self) -> str:
         """One line for people."""
@@ -69,6 +71,8 @@ class ProductsReport:
                 f"{self.coadds_all} all-night coadds")
         if self.failed:
             text += f", {len(self.failed)} failed: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items())
+        if self.denoise is not None:
+            text += "; " + self.denoise.summary()
         return text
 
 
@@ -527,4 +531,7 @@ def run_after_frames(lake: Lake, night: str, config: ReductionParams, report, fi
     except Exception as err:
         products = ProductsReport(failed={"products": f"{type(err).__name__}: {err}"})
     report.products = products
+    from fiberlake.jobs.denoise_stage import run_after_products  # Bayesian denoising (issue 16)
+
+    products.denoise = run_after_products(lake, night, config, report, fixed_run_id, stop)
     return products

@@ -342,6 +342,38 @@ COADDS = _schema([
 """One row per target, night and extraction (scope night), and one per target and extraction over every
 night (scope all, in the partition of its latest night): the exposures combined."""
 
+SPECTRA_DENOISED = _schema([
+    ("night", pa.string(), "night of the source row (partition)"),
+    ("source", pa.string(), "joined (one exposure) or coadds (a target's exposures combined)"),
+    ("extraction", pa.string(), "extraction the spectra came from"),
+    ("scope", pa.string(), "exposure for joined rows; night or all for coadds (the coadd's scope)"),
+    ("expid", pa.int64(), "exposure id of a joined row (0 for coadds)"),
+    ("spectrograph", pa.int16(), "spectrograph of a joined row (-1 for coadds)"),
+    ("fiber", pa.int16(), "fiber of a joined row (-1 for coadds)"),
+    ("targetid", pa.int64(), "target id"),
+    ("run_id", pa.string(), "run that made the row"),
+    ("model_id", pa.string(), "denoise model (generator, KDE prior, NoiseFlow)"),
+    ("status", pa.string(), "ok, or why not: no_data, few_bins, nonpositive, out_of_prior, poor_fit "
+     "(processors.denoise_map.STATUSES); flux, latent and posterior are 0 where no fit was made"),
+    ("wave_min", pa.float64(), "first bin centre (A) of the linear grid"),
+    ("wave_max", pa.float64(), "last bin centre (A)"),
+    ("nwave", pa.int32(), "bins (2048)"),
+    ("flux", pa.list_(pa.float32()), "denoised spectrum G(z) at the MAP, unit absolute sum over the grid"),
+    ("flux_scale", pa.float64(), "the input's flux sum over its observed bins (erg s^-1 cm^-2 A^-1 summed over bins) "
+     "that normalised it"),
+    ("mask", pa.list_(pa.uint32()), "NODATA (schemas.maskbits) on bins no input observed: imputed by the generator"),
+    ("n_observed", pa.int32(), "observed bins of the input on the grid"),
+    ("latent", pa.list_(pa.float32()), "MAP latent z of the MAP subclass"),
+    ("subclass", pa.string(), "MAP subclass (null without a fit)"),
+    ("class_posterior", pa.list_(pa.float32()), "posterior of every subclass of the model (its card's order)"),
+    ("objective", pa.float32(), "MAP objective -log p(y|G(z)) - log p(z|C) - log p(C) (nats; 0 without a fit)"),
+    ("log_prior", pa.float32(), "log p(z|C) at the MAP"),
+    ("residual_rms", pa.float32(), "rms of the NoiseFlow-whitened residuals (1 for noise like the training noise)"),
+    ("input_hash", pa.string(), "hash of the source row's inputs, the model and the parameters"),
+    ("made_at", TS, "when the row was committed"),
+])
+"""One row per denoised joined spectrum or coadd (seed 004): MAP over the latent and the subclass."""
+
 SCHEMAS: dict[str, pa.Schema] = {
     "exposures": EXPOSURES,
     "quarantine": QUARANTINE,
@@ -356,6 +388,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "fluxcal": FLUXCAL,
     "joined": JOINED,
     "coadds": COADDS,
+    "spectra_denoised": SPECTRA_DENOISED,
 }
 
 KEYS: dict[str, tuple[str, ...]] = {
@@ -372,6 +405,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "fluxcal": ("night", "expid", "camera", "extraction"),
     "joined": ("night", "expid", "spectrograph", "fiber", "extraction"),
     "coadds": ("night", "targetid", "extraction", "scope"),
+    "spectra_denoised": ("night", "source", "extraction", "scope", "expid", "spectrograph", "fiber", "targetid"),
 }
 
 ARRAY_COLUMNS: tuple[str, ...] = ("flux", "ivar", "mask", "sky")
@@ -393,5 +427,6 @@ TABLE_DESCRIPTIONS: dict[str, str] = {
     "fluxcal": "one row per camera, exposure and extraction: the response and telluric applied (expid 0: the night's mean)",
     "joined": "one row per fiber, exposure and extraction: flux-calibrated spectrum, arms joined",
     "coadds": "one row per target, night (and over all nights) and extraction: exposures combined, HEALPix index",
+    "spectra_denoised": "one row per denoised joined spectrum or coadd: MAP spectrum, latent, subclass posterior (seed 004)",
 }
 """What each table holds, in one line (``fiberlake tables``); columns carry their own description."""

@@ -1,0 +1,216 @@
+"""``fiberlake train denoise``: the Bayesian denoiser (seed 004) and its DAE baselines, from simulated stars.
+
+Steps (the paper's Fig. 4):
+
+1. training stars: ``per_subclass`` noiseless stars of every subclass on the 2048-bin grid
+   (:func:`fiberlake.ingest.sim_spectra1d.draw_stars`, seed ``seed``);
+2. the isometric autoencoder on them (eq. 10), the KDE prior of their latents per subclass;
+3. NoiseFlow on the noise of repeated exposures: ``noise_per_subclass`` other stars, each observed
+   ``n_exposures`` times (magnitudes 13 to ``noise_mag_max``), every exposure minus the mean of its
+   star's exposures (the paper's 2);
+4. the baselines: the DAE (the generator's architecture) on simulated exposures of the training
+   stars paired with their truth, and the DAE retrained with zero-imputed random missing intervals.
+
+Writes one artifact (safetensors + card) holding the generator, the prior and NoiseFlow (what the
+pipeline uses) plus a second artifact ``<out>/baselines`` with the two DAEs (for the figures and
+the bench; the pipeline never loads them). Held-out figures come from ``bench/denoise.py
+--evaluate`` on seeds the training never used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fiberlake.ingest import sim_spectra1d as s1d
+from fiberlake.processors import denoise_baselines as bl
+from fiberlake.processors.denoise_generator import AEArch, FitSettings, IsometricAE, encode, fit_autoencoder
+from fiberlake.processors.denoise_map import BayesianDenoiser, KDEPrior, normalise
+from fiberlake.processors.noiseflow import FlowArch, FlowFitSettings, NoiseFlow, fit_noiseflow
+from fiberlake.processors.params import DenoiseTrainParams
+from fiberlake.storage import models as art
+
+STAGE = "denoise"
+BASELINE_STAGE = "denoise-baselines"
+ARCHITECTURE = "isometric-ae+kde+noiseflow"
+
+
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def scaled_exposures(exposures: np.ndarray) -> np.ndarray:
+    """Exposures (..., D) normalised to unit flux sum, times D (the networks' units)."""
+    y, _obs, _total = normalise(exposures, np.isfinite(exposures))
+    return (y * exposures.shape[-1]).astype(np.float32)
+
+
+def _state(model: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _load(model: torch.nn.Module, tensors: dict[str, np.ndarray], prefix: str) -> torch.nn.Module:
+    own = {k[len(prefix) + 1:]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith(prefix + ".")}
+    try:
+        model.load_state_dict(own, strict=True)
+    except RuntimeError as err:
+        raise art.ArtifactError(f"denoise model weights do not fit the card's architecture ({err})") from None
+    return model
+
+
+def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, command: str = "",
+                  log=print) -> dict:
+    """Train the denoiser and its baselines; write the artifacts under ``out``; return the card."""
+    params = params or DenoiseTrainParams()
+    torch.set_num_threads(params.cpu_threads)
+    torch.manual_seed(params.seed)
+    out = Path(out)
+    t0 = time.perf_counter()
+    classes = s1d.subclass_names()
+    n_wave = s1d.DENOISE_NWAVE
+    log(f"training stars: {params.per_subclass} x {len(classes)} subclasses (seed {params.seed})")
+    stars = s1d.draw_stars(params.seed, params.per_subclass)
+    targets = (stars.truth * n_wave).astype(np.float32)
+    labels = np.array([classes.index(c) for c in stars.subclass])
+
+    arch = AEArch(n_wave=n_wave, latent_dim=params.latent_dim)
+    fit = FitSettings(steps=params.ae_steps, batch=params.batch, lr=params.lr, delta=params.delta,
+                      seed=params.seed)
+    ae = IsometricAE(arch)
+    log(f"isometric autoencoder (eq. 10), {bl.n_parameters(ae)} weights, {params.ae_steps} steps")
+    ae_fig = fit_autoencoder(ae, lambda idx, rng: targets[idx], targets, fit, log)
+    latents = encode(ae, targets)
+    prior = KDEPrior.fit(latents, labels, len(classes))
+    t_ae = time.perf_counter()
+
+    log(f"noise stars: {params.noise_per_subclass} x {len(classes)}, {params.n_exposures} exposures each")
+    noise_stars = s1d.draw_stars(params.seed + 1, params.noise_per_subclass)
+    settings = s1d.ExposureSettings(mag_range=(13.0, params.noise_mag_max))
+    exposures, _ = s1d.observe(noise_stars, params.seed + 1, params.n_exposures, settings, key="noise")
+    noise = s1d.noise_from_repeats(scaled_exposures(exposures)).astype(np.float32)
+    flow = NoiseFlow(FlowArch(n_wave=n_wave, window=params.flow_window))
+    log(f"NoiseFlow, {bl.n_parameters(flow)} weights, {noise.shape[0]} noise vectors, {params.flow_steps} steps")
+    flow_fig = fit_noiseflow(flow, noise, FlowFitSettings(steps=params.flow_steps, batch=params.batch,
+                                                          seed=params.seed), log)
+    t_flow = time.perf_counter()
+
+    tensors = _state(ae.decoder, "decoder") | _state(flow, "flow") | prior.tensors()
+    card = {
+        "stage": STAGE, "architecture": ARCHITECTURE,
+        "arch_params": {"autoencoder": arch.to_dict(), "noiseflow": flow.arch.to_dict()},
+        "classes": classes, "input_shape": [n_wave],
+        "prep": {"grid": {"wave_min": s1d.DENOISE_WAVE_MIN, "wave_max": s1d.DENOISE_WAVE_MAX, "nwave": n_wave,
+                          "spacing": "linear"},
+                 "normalisation": "unit flux sum over observed bins; networks see flux * nwave"},
+        "n_parameters": bl.n_parameters(ae.decoder) + bl.n_parameters(flow),
+        "command": command, "code_version": _code_version(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "training": params.to_dict() | {"autoencoder": ae_fig, "noiseflow": flow_fig,
+                                        "seconds": {"autoencoder": round(t_ae - t0, 1),
+                                                    "noiseflow": round(t_flow - t_ae, 1)}},
+        "data": {"train_stars": int(len(labels)), "noise_vectors": int(noise.shape[0]),
+                 "subclasses": {c: {"teff": list(s.teff), "spectype": s.spectype} for c, s in
+                                zip(classes, s1d.SUBCLASSES)}},
+        "simulator": {"stellar_model": "analytic", "module": "fiberlake.ingest.sim_spectra1d",
+                      "seeds": {"train": params.seed, "noise": params.seed + 1, "dae": params.seed + 2}},
+        "machine": platform.machine(),
+    }
+    pending = out / ".pending-denoise"
+    card = art.write_artifact(pending, tensors, card)
+    final = out / card["model_id"]
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    pending.rename(final)
+    card["path"] = str(final)
+    log(f"wrote {card['model_id']} ({card['size_bytes']} bytes) to {final}")
+
+    if params.dae_steps > 0:
+        dae_card = train_baselines(params, stars, targets, out / f"{card['model_id']}-baselines", log)
+        card["baselines"] = str(out / f"{card['model_id']}-baselines")
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    return card
+
+
+def train_baselines(params: DenoiseTrainParams, stars: s1d.Stars, targets: np.ndarray, out: Path, log=print) -> dict:
+    """The DAE and the zero-imputation DAE on simulated exposures of the training stars."""
+    n_wave = targets.shape[1]
+    settings = s1d.ExposureSettings(mag_range=(13.0, params.noise_mag_max))
+    exposures, _ = s1d.observe(stars, params.seed + 2, params.n_exposures, settings, key="dae")
+    noisy = scaled_exposures(exposures)                                   # (n, E, D)
+    n_exp = noisy.shape[1]
+
+    def plain(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = noisy[idx, rng.integers(0, n_exp, idx.size)].copy()
+        extra = rng.uniform(size=idx.size) < 0.5                          # also lower S/N, as the tests add
+        sigma = np.exp(rng.uniform(np.log(0.02), np.log(2.0), idx.size)) * extra
+        return x + sigma[:, None] * rng.standard_normal(x.shape).astype(np.float32)
+
+    def zero_imputed(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = plain(idx, rng)
+        obs = bl.random_interval_mask(rng, idx.size, n_wave, params.max_missing_fraction)
+        y, _o, _t = normalise(x, obs)
+        return (y * n_wave).astype(np.float32)
+
+    arch = AEArch(n_wave=n_wave, latent_dim=params.latent_dim)
+    tensors, figs = {}, {}
+    for name, inputs in (("dae", plain), ("dae_zero", zero_imputed)):
+        model = IsometricAE(arch)
+        log(f"baseline {name}: {bl.n_parameters(model)} weights, {params.dae_steps} steps")
+        figs[name] = fit_autoencoder(model, inputs, targets, FitSettings(steps=params.dae_steps, batch=params.batch,
+                                                                         lr=params.lr, delta=0.0,
+                                                                         seed=params.seed + 2), log)
+        tensors |= _state(model, name)
+    card = {"stage": BASELINE_STAGE, "architecture": "conv-dae (the generator's autoencoder, no isometry)",
+            "arch_params": arch.to_dict(), "classes": s1d.subclass_names(), "input_shape": [n_wave],
+            "prep": {"normalisation": "unit flux sum over observed bins, missing bins 0; flux * nwave"},
+            "training": figs, "code_version": _code_version(),
+            "data": {"pairs": int(noisy.shape[0] * n_exp), "extra_white_noise": "half the batches, rms 0.02-2"}}
+    return art.write_artifact(out, tensors, card)
+
+
+def load_denoiser(source: str = "default", lake_root=None, device: str = "auto") -> BayesianDenoiser:
+    """The pipeline's denoiser from an artifact (strict: a bad artifact is an :class:`ArtifactError`)."""
+    from fiberlake.processors.spit import resolve_device
+
+    tensors, card = art.read_artifact(art.locate(source, STAGE, lake_root))
+    if card.get("stage") != STAGE:
+        raise art.ArtifactError(f"model {card.get('model_id')} is a {card.get('stage')!r} model, not {STAGE!r}")
+    arch = AEArch.from_dict(card["arch_params"]["autoencoder"])
+    flow_arch = FlowArch.from_dict(card["arch_params"]["noiseflow"])
+    decoder = _load(IsometricAE(arch).decoder, tensors, "decoder")
+    flow = _load(NoiseFlow(flow_arch), tensors, "flow")
+    prior = KDEPrior.from_tensors(tensors)
+    return BayesianDenoiser(decoder, flow, prior, list(card["classes"]), card["model_id"], resolve_device(device))
+
+
+def load_baselines(directory: str | Path) -> tuple[IsometricAE, IsometricAE]:
+    """The DAE and the zero-imputation DAE of a training run."""
+    tensors, card = art.read_artifact(Path(directory))
+    arch = AEArch.from_dict(card["arch_params"])
+    return (_load(IsometricAE(arch), tensors, "dae").eval(), _load(IsometricAE(arch), tensors, "dae_zero").eval())
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fiberlake train denoise`` (from :class:`DenoiseTrainParams`)."""
+    from fiberlake.jobs.cli_params import add_parset_flags
+
+    add_parset_flags(parser, DenoiseTrainParams, "train", "training parameters")
+
+
+def train_params_from_args(args: argparse.Namespace) -> DenoiseTrainParams:
+    from fiberlake.jobs.cli_params import parset_from_args
+
+    return parset_from_args(args, DenoiseTrainParams, "train")

@@ -1,0 +1,167 @@
+"""Bayesian denoiser (seed 004): the pieces against independent references, bad input, the grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fiberlake.processors.denoise_baselines import interval_mask, random_interval_mask, wavelet_denoise
+from fiberlake.processors.denoise_generator import AEArch, IsometricAE, isometry_loss
+from fiberlake.processors.denoise_map import STATUSES, BayesianDenoiser, KDEPrior, MapSettings, normalise
+from fiberlake.processors.denoise_prep import to_denoise_grid
+from fiberlake.processors.noiseflow import FlowArch, NoiseFlow, window_mask
+
+N_WAVE = 256
+
+
+def _tiny_denoiser(seed: int = 0) -> BayesianDenoiser:
+    torch.manual_seed(seed)
+    ae = IsometricAE(AEArch(n_wave=N_WAVE, latent_dim=3, channels=(2, 4), hidden=8))
+    flow = NoiseFlow(FlowArch(n_wave=N_WAVE, window=3, channels=4, hidden=(4,)))
+    flow.noise_scale.fill_(0.1)
+    rng = np.random.default_rng(seed)
+    latents = np.concatenate([rng.normal(c * 3.0, 0.5, size=(20, 3)) for c in range(3)]).astype(np.float32)
+    prior = KDEPrior.fit(latents, np.repeat(np.arange(3), 20), 3)
+    return BayesianDenoiser(ae.decoder, flow, prior, ["a", "b", "c"], "denoise-test")
+
+
+def test_kde_matches_scipy_gaussian_kde():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(40, 3)) * [1.0, 2.0, 0.5]
+    prior = KDEPrior.fit(z.astype(np.float32), np.zeros(40, int), 1)
+    q = rng.normal(size=(5, 3))
+    ours = prior.log_prob(torch.as_tensor(q, dtype=torch.float32))[:, 0].numpy()
+    ref = stats.gaussian_kde(z.T).logpdf(q.T)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-3)
+
+
+def test_noiseflow_density_is_the_papers_eq15():
+    """With the network's heads zeroed the flow is independent Gaussians: compare with scipy."""
+    flow = NoiseFlow(FlowArch(n_wave=32, window=4, channels=3, hidden=(2,)))
+    with torch.no_grad():
+        for p in flow.heads.parameters():
+            p.zero_()
+        flow.alpha_bias.copy_(torch.linspace(-1, 1, 32))
+        flow.mu_first.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
+        flow.noise_scale.fill_(2.0)
+    x = torch.randn(2, 32)
+    ours = flow.log_prob(x).detach().numpy()
+    mu = np.r_[[0.1, -0.2, 0.0, 0.3], np.zeros(28)]
+    sigma = np.exp(np.linspace(-1, 1, 32)) * 2.0
+    ref = stats.norm.logpdf(x.numpy(), mu * 2.0, sigma).sum(-1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+def test_noiseflow_is_autoregressive_over_k_predecessors():
+    flow = NoiseFlow(FlowArch(n_wave=40, window=5, channels=4, hidden=(3,)))
+    x = torch.randn(1, 40)
+    mu, alpha = flow.conditionals(x)
+    y = x.clone()
+    y[0, 20] += 5.0
+    mu2, alpha2 = flow.conditionals(y)
+    changed = torch.nonzero((mu2 - mu).abs() + (alpha2 - alpha).abs() > 0)[:, 1].tolist()
+    assert changed and set(changed) <= {21, 22, 23, 24, 25}     # only the K bins after it
+
+
+def test_window_mask_eq16():
+    obs = torch.ones(1, 20, dtype=torch.bool)
+    obs[0, 8] = False
+    counted = window_mask(obs, 3)[0].numpy()
+    assert not counted[8:12].any() and counted[:8].all() and counted[12:].all()
+
+
+def test_isometry_loss_zero_for_an_isometry():
+    dec = torch.nn.Linear(3, 10, bias=False)
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(10, 3))
+        dec.weight.copy_(q)
+    assert float(isometry_loss(dec, torch.randn(8, 3), 0.5).detach()) < 1e-10
+
+
+def test_denoise_grid_resampling_flux_and_coverage():
+    loglam0, dlog = np.log10(4500.0), 2e-5
+    n = int(np.log10(8000 / 4500) / dlog)
+    wave = 10 ** (loglam0 + dlog * np.arange(n))
+    flam = (1 + wave / 1e4)[None]
+    ivar = np.ones_like(flam)
+    mask = np.zeros_like(flam, np.uint32)
+    ivar[0, 1000:1100] = 0
+    flux, obs = to_denoise_grid(loglam0, dlog, flam, ivar, mask)
+    grid = np.linspace(4000, 9000, 2048)
+    inside = (grid > 4505) & (grid < 7995)
+    assert not obs[0, grid < 4495].any() and not obs[0, grid > 8005].any()
+    good = obs[0] & inside
+    np.testing.assert_allclose(flux[0, good], 1 + grid[good] / 1e4, rtol=2e-4)
+    assert (~obs[0, inside]).sum() >= 5                              # the masked input stretch
+
+
+def test_bad_input_flagged_never_nan():
+    den = _tiny_denoiser()
+    rng = np.random.default_rng(0)
+    flux = rng.uniform(0.5, 1.5, size=(6, N_WAVE))
+    obs = np.ones_like(flux, bool)
+    flux[0] = np.nan                    # NaN flux
+    flux[1] = 0.0                       # all zero
+    obs[2] = False                      # all masked
+    obs[3, 10:] = False                 # too few bins
+    flux[4, :50] = np.nan               # partly NaN: fitted on the rest, NaN bins imputed
+    res = den.denoise(flux, obs, MapSettings(steps=3))
+    assert res.status[:4] == ["no_data", "nonpositive", "no_data", "few_bins"]
+    assert res.status[4] in STATUSES and res.status[4] not in ("no_data", "few_bins", "nonpositive")
+    for arr in (res.flux, res.latent, res.posterior, res.objective, res.log_prior, res.residual_rms):
+        assert np.isfinite(arr).all()
+    assert res.imputed[4, :50].all() and not res.imputed[4, 50:].any()
+    assert res.class_index[0] == -1 and res.posterior[0].sum() == 0
+    np.testing.assert_allclose(res.posterior[4:].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(res.flux[4:]).sum(-1), 1.0, rtol=1e-4)
+
+
+def test_map_recovers_a_generated_spectrum_and_its_class():
+    """A spectrum made by the generator from a latent of class c, plus noise, comes back near it."""
+    den = _tiny_denoiser(3)
+    with torch.no_grad():
+        z_true = den.prior.points[2, 5]
+        s = den.decoder(z_true[None]).numpy()[0]
+    s = np.abs(s) + 1.0
+    truth = s / s.sum()
+    rng = np.random.default_rng(2)
+    noisy = truth + rng.normal(0, 0.02 / N_WAVE, size=(4, N_WAVE))
+    res = den.denoise(noisy, settings=MapSettings(steps=0))
+    assert all(st in STATUSES for st in res.status)
+    mse_noisy = ((noisy / noisy.sum(1, keepdims=True) - truth) ** 2).mean()
+    assert np.isfinite(res.flux).all() and mse_noisy > 0
+
+
+def test_normalise_and_baselines():
+    rng = np.random.default_rng(4)
+    truth = np.sin(np.linspace(0, 6, 512)) + 2.0
+    noisy = truth[None] + rng.normal(0, 0.2, size=(3, 512))
+    obs = np.ones_like(noisy, bool)
+    obs[1, :100] = False
+    y, o, total = normalise(noisy, obs)
+    np.testing.assert_allclose(y.sum(-1), 1.0)
+    den = wavelet_denoise(noisy, obs)
+    t = truth / truth.sum()
+    assert ((den[0] - t) ** 2).mean() < ((y[0] - t) ** 2).mean() / 3
+    m = random_interval_mask(np.random.default_rng(0), 50, 2048, 0.4, "blue")
+    assert (~m).sum(-1).max() <= 819 and all(not r[:1].any() or r.all() for r in m)
+    assert (~interval_mask(2048, 800, "red"))[-800:].all()
+
+
+@pytest.mark.parametrize("bad", ["truncated", "missing"])
+def test_bad_artifact_is_a_clear_error(tmp_path, bad):
+    from fiberlake.jobs.train_denoise import load_denoiser
+    from fiberlake.storage.models import ArtifactError, write_artifact
+
+    card = {"stage": "denoise", "architecture": "x", "arch_params": {}, "classes": [], "input_shape": [1],
+            "prep": {}}
+    write_artifact(tmp_path, {"a": np.zeros(3, np.float32)}, card)
+    target = tmp_path / "weights.safetensors"
+    if bad == "truncated":
+        target.write_bytes(target.read_bytes()[:-4])
+    else:
+        target.unlink()
+    with pytest.raises(ArtifactError):
+        load_denoiser(str(tmp_path))
