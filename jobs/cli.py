@@ -270,6 +270,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_classify(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.train_classify import train_classify, train_params_from_args
+    from fiberlake.storage.models import ship
+
+    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train classify"
+    card, path = train_classify(train_params_from_args(args), out=Path(args.out), command=command, cache=args.cache,
+                                progress=not args.quiet)
+    print(f"model {card['model_id']}: {path}")
+    if args.ship:
+        print(f"shipped as the default classify model: {ship(path, 'classify')}")
+    return 0
+
+
+
 def _cmd_train_deconvolve(args: argparse.Namespace) -> int:
     from fiberlake.jobs.train_cae import train_deconvolve, train_params_from_args
     from fiberlake.storage.models import ship
@@ -493,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ship", action="store_true", help="make it the package's default deconvolve model (maintainers)")
     add_deconvolve_flags(c)
     c.set_defaults(func=_cmd_train_deconvolve)
+
+    from fiberlake.jobs.train_classify import add_train_flags as add_classify_flags
+
+    k = train_sub.add_parser("classify", help="DRC-Net and RC-Net stellar classifiers (seed 003): simulated stripes, "
+                             "AdaGrad with early stopping, held-out S/N tables beside the template fit; writes "
+                             "OUT/<model_id>/")
+    k.add_argument("--out", default="./models", help="folder of the artifact (default ./models)")
+    k.add_argument("--cache", default=None, help="folder caching the simulated data sets")
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
+    k.add_argument("--ship", action="store_true", help="make it the package's default classify model (maintainers)")
+    add_classify_flags(k)
+    k.set_defaults(func=_cmd_train_classify)
 
     p = sub.add_parser("export", help="write selected spectra as files the field's tools open (DESI layout, tabular FITS)",
                        description="Write the flux-calibrated exposures (table joined) and coadds that a SQL condition "

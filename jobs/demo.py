@@ -39,6 +39,14 @@ SELECT extraction, subclass, status, count(*) AS n, round(median(residual_rms), 
 FROM spectra_denoised GROUP BY extraction, subclass, status ORDER BY extraction, subclass, status
 """
 
+LABELS_QUERY = """
+SELECT l.method, f.objtype, l.class, l.flag, count(*) AS n_fibers, round(median(l.snr_r), 1) AS median_snr_r,
+       first(l.model_id) AS model_id
+FROM labels l JOIN fibermap f
+  ON l.night = f.night AND l.expid = f.expid AND l.spectrograph = f.spectrograph AND l.fiber = f.fiber
+GROUP BY l.method, f.objtype, l.class, l.flag ORDER BY l.method, f.objtype, l.class, l.flag
+"""
+
 DEMO_DENOISE = {"denoise.sources": ("coadds",)}
 """The demo denoises the night's coadds (a few dozen spectra; every joined exposure would add a minute)."""
 
@@ -86,5 +94,7 @@ def run_demo(workdir: Path, *, seed: int = 0, progress: bool = True) -> pl.DataF
         print(result)
         print("denoised coadds (seed 004, shipped model): MAP subclass, status, fit quality")
         print(sql(lake, DENOISE_QUERY))
+        print("stellar classes (seed 003, shipped DRC-Net beside RC-Net and the template fit), per method")
+        print(sql(lake, LABELS_QUERY))
     print(f'try: fiberlake query --lake {lake.root} "SELECT camera, count(*) FROM spectra GROUP BY camera"')
     return result

@@ -63,6 +63,8 @@ class ProductsReport:
     failed: dict[str, str] = field(default_factory=dict)
     denoise: object | None = None
     """What the denoising stage did after them (:class:`fiberlake.jobs.denoise_stage.DenoiseReport`)."""
+    classify: object | None = None
+    """What the classification stage did (:class:`fiberlake.jobs.classify_stage.ClassifyReport`)."""
 
     def summary(self) -> str:
         """One line for people."""
@@ -73,6 +75,8 @@ class ProductsReport:
             text += f", {len(self.failed)} failed: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items())
         if self.denoise is not None:
             text += "; " + self.denoise.summary()
+        if self.classify is not None:
+            text += "; " + self.classify.summary()
         return text
 
 
@@ -534,4 +538,7 @@ def run_after_frames(lake: Lake, night: str, config: ReductionParams, report, fi
     from fiberlake.jobs.denoise_stage import run_after_products  # Bayesian denoising (issue 16)
 
     products.denoise = run_after_products(lake, night, config, report, fixed_run_id, stop)
+    from fiberlake.jobs.classify_stage import run_after_products as classify_after_products  # labels (issue 15)
+
+    products.classify = classify_after_products(lake, night, config, report, fixed_run_id, stop)
     return products

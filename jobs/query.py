@@ -273,6 +273,19 @@ def _on(left: str, right: str, columns: Iterable[str]) -> str:
     return " AND ".join(f"{right}.{c} = {left}.{c}" for c in columns)
 
 
+def _labels_target_sql() -> str:
+    """``labels_target``: the exposures of a night combined per target and method (mean probabilities)."""
+    from fiberlake.schemas.tables import LABEL_CLASSES
+
+    cols = [f"p_{c.lower()}" for c in LABEL_CLASSES]
+    greatest = "GREATEST(" + ", ".join(cols) + ")"
+    case = "CASE " + " ".join(f"WHEN {p} >= {greatest} THEN '{c}'" for p, c in zip(cols, LABEL_CLASSES)) + " END"
+    means = ", ".join(f"AVG({p}) AS {p}" for p in cols)
+    inner = (f"SELECT night, targetid, method, model_id, COUNT(*) AS n_exp, MAX(snr_r) AS max_snr_r, {means} "
+             "FROM labels WHERE class IS NOT NULL GROUP BY night, targetid, method, model_id")
+    return f"SELECT t.*, {case} AS class FROM ({inner}) AS t"
+
+
 VIEWS: dict[str, tuple[str, str]] = {
     "spectra_full": (
         "spectra with their fiber map (ra, dec, mag), metrics, reduction marker and raw frame (exposures), "
@@ -305,6 +318,11 @@ VIEWS: dict[str, tuple[str, str]] = {
         "SELECT e.*, t.type_pixels, t.confidence, t.flips_agreeing, t.type_agree, t.type_used, t.routed_by, "
         "t.type_flag, t.untypable, t.model_id FROM exposures e "
         f"LEFT JOIN frames t ON {_on('e', 't', ('night', 'expid', 'camera', 'file_version'))}",
+    ),
+    "labels_target": (
+        "stellar class per target, night and method: the class probabilities of its labelled exposures "
+        "averaged (n_exp of them), the class their largest",
+        _labels_target_sql(),
     ),
 }
 """Named SQL views users would otherwise write every time: name to (what it holds, its SELECT).

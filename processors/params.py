@@ -372,6 +372,30 @@ class ClassifyParams(ParSet):
     device: str = par("auto", "torch device (auto: CUDA when available)", choices=DEVICES, science=False)
 
 
+# --------------------------------------------------------------------------------------
+# stellar classification from 2D stripes (seed 003): a product above the frame
+# --------------------------------------------------------------------------------------
+CLASSIFY_METHODS = ("drcnet", "rcnet", "template")
+
+
+@dataclass(frozen=True)
+class ClassifyParams(ParSet):
+    """Stellar classes per fiber and exposure from both arms (:mod:`fiberlake.jobs.classify_stage`)."""
+
+    stage: ClassVar[str] = "classify"
+    enabled: bool = par(True, "label the night's stars after the products (needs torch)")
+    model: str = par("default", "classify model (DRC-Net and RC-Net): default (shipped), a model id of the lake's "
+                     "models table, or a directory with weights.safetensors and card.json")
+    methods: tuple[str, ...] = par(CLASSIFY_METHODS, "which classifiers write labels", choices=CLASSIFY_METHODS)
+    template_model: str = par("cannon", "star model of the template fit's grid (the other one than the data's; "
+                              "analytic when the Cannon pickles are missing)", choices=("cannon", "analytic"))
+    template_sigma: float = par(2.5, "Gaussian line-spread sigma of the templates", unit="A", bounds=(0.1, 50.0))
+    min_snr: float = par(0.0, "fibers whose red (else blue) aperture S/N is below this are flagged low_snr",
+                         bounds=(0.0, 1e6))
+    batch: int = par(256, "fibers per inference batch", bounds=(1, 100000), science=False)
+    device: str = par("auto", "torch device (auto: CUDA when available)", choices=DEVICES, science=False)
+
+
 @dataclass(frozen=True)
 class ReductionParams(ParSet):
     """Parameters of the classical reduction: the extractions to run and one set per stage.
@@ -402,6 +426,7 @@ class ReductionParams(ParSet):
     fluxcal: FluxCalParams = nested(FluxCalParams, "flux calibration from the standard stars")
     coadd: CoaddParams = nested(CoaddParams, "arms joined, exposures combined per target")
     denoise: DenoiseParams = nested(DenoiseParams, "Bayesian denoising of joined spectra and coadds (seed 004)")
+    classify: ClassifyParams = nested(ClassifyParams, "stellar classes from 2D stripes (seed 003) and baselines")
     execution: ExecutionParams = nested(ExecutionParams, "chunking and devices (not hashed)", science=False)
 
     def _stages(self, names: tuple[str, ...]) -> dict:
@@ -506,6 +531,34 @@ class TypingTrainParams(ParSet):
     cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
     device: str = par("auto", "torch device of the training (auto: CUDA when available)", choices=DEVICES,
                       science=False)
+
+
+@dataclass(frozen=True)
+class ClassifyTrainParams(ParSet):
+    """Training of the stellar classifier (``fiberlake train classify``): DRC-Net and RC-Net.
+
+    Data: simulated ``mini`` science exposures (:mod:`fiberlake.jobs.classify_data`), every class
+    equally likely; training on stars of S/N_r > ``snr_min`` as the paper, 10 % of them for
+    validation (early stopping); held-out exposures from other seeds for the figures.
+    """
+
+    stage: ClassVar[str] = "train_classify"
+    seed: int = par(1501, "simulation seed of the training exposures (held-out: seed + 50)", bounds=(0, 2**31 - 1))
+    stellar_model: str = par("analytic", "star model of the training exposures", choices=("analytic", "cannon"))
+    exposures: int = par(120, "training exposures (both arms, ~28 stars each)", bounds=(1, 100000))
+    heldout_exposures: int = par(60, "held-out exposures per star model", bounds=(1, 100000))
+    snr_min: float = par(30.0, "train on stars above this S/N_r (the paper: 30)", bounds=(0.0, 1e6))
+    epochs: int = par(60, "most passes over the training stars", bounds=(1, 100000))
+    patience: int = par(8, "stop when the validation loss has not improved for this many epochs (the paper: "
+                        "50 of 300)", bounds=(1, 100000))
+    batch: int = par(32, "stars per AdaGrad update (the paper: 4)", bounds=(1, 4096))
+    lr: float = par(1e-2, "AdaGrad learning rate (the paper: 1e-3 at batch 4)", bounds=(1e-7, 10.0))
+    arm_dropout: float = par(0.1, "probability that a training star loses one arm (zeroed), so a missing camera "
+                             "still gets a label", bounds=(0.0, 0.5))
+    max_minutes: float = par(7.0, "stop each network's training after this many minutes", unit="min",
+                             bounds=(0.1, 10000.0))
+    workers: int = par(2, "processes simulating the data", bounds=(1, 64), science=False)
+    cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
 
 
 # --------------------------------------------------------------------------------------

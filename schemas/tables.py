@@ -374,6 +374,32 @@ SPECTRA_DENOISED = _schema([
 ])
 """One row per denoised joined spectrum or coadd (seed 004): MAP over the latent and the subclass."""
 
+LABEL_CLASSES: tuple[str, ...] = ("A", "F", "G", "K", "M", "DA", "C")
+"""Stellar classes of the ``labels`` table (DA: hydrogen white dwarf; C: carbon star), one ``p_*`` column each."""
+
+LABELS = _schema([
+    ("night", pa.string(), "night (partition)"),
+    ("expid", pa.int64(), "exposure id"),
+    ("spectrograph", pa.int16(), "spectrograph number"),
+    ("fiber", pa.int16(), "fiber index within the spectrograph, 0-based"),
+    ("targetid", pa.int64(), "target id (fibermap; -1 when unknown)"),
+    ("method", pa.string(), "drcnet (2D stripes of both arms, seed 003), rcnet (1D aperture spectra) or template "
+     "(chi2 template fit, radial velocity free)"),
+    ("model_id", pa.string(), "classify model (drcnet, rcnet) or template grid id (template)"),
+    ("class", pa.string(), "most probable class (A F G K M DA C); null when the fiber could not be labelled"),
+] + [(f"p_{c.lower()}", pa.float32(), f"probability of class {c} (null without a label)")
+     for c in LABEL_CLASSES] + [
+    ("snr_r", pa.float32(), "median S/N per row of the red arm's sky-subtracted aperture spectrum (0 without a red arm)"),
+    ("snr_b", pa.float32(), "the same for the blue arm"),
+    ("arms", pa.string(), "arms the label used: br, b or r (a missing or unusable arm's input is zero)"),
+    ("flag", pa.string(), "ok, one_arm (labelled from one arm), no_stripe (dead or masked in both arms: no label), "
+     "low_snr (below classify.min_snr), no_fit (template fit failed: no label)"),
+    ("run_id", pa.string(), "run that made the row"),
+    ("input_hash", pa.string(), "hash of the exposure's frames, the model and the parameters"),
+    ("made_at", TS, "when the row was committed"),
+])
+"""One row per star fiber, exposure, spectrograph and method: its stellar class and class probabilities."""
+
 SCHEMAS: dict[str, pa.Schema] = {
     "exposures": EXPOSURES,
     "quarantine": QUARANTINE,
@@ -389,6 +415,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "joined": JOINED,
     "coadds": COADDS,
     "spectra_denoised": SPECTRA_DENOISED,
+    "labels": LABELS,
 }
 
 KEYS: dict[str, tuple[str, ...]] = {
@@ -406,6 +433,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "joined": ("night", "expid", "spectrograph", "fiber", "extraction"),
     "coadds": ("night", "targetid", "extraction", "scope"),
     "spectra_denoised": ("night", "source", "extraction", "scope", "expid", "spectrograph", "fiber", "targetid"),
+    "labels": ("night", "expid", "spectrograph", "fiber", "method"),
 }
 
 ARRAY_COLUMNS: tuple[str, ...] = ("flux", "ivar", "mask", "sky")
@@ -428,5 +456,6 @@ TABLE_DESCRIPTIONS: dict[str, str] = {
     "joined": "one row per fiber, exposure and extraction: flux-calibrated spectrum, arms joined",
     "coadds": "one row per target, night (and over all nights) and extraction: exposures combined, HEALPix index",
     "spectra_denoised": "one row per denoised joined spectrum or coadd: MAP spectrum, latent, subclass posterior (seed 004)",
+    "labels": "one row per star fiber, exposure and method: stellar class and probabilities (DRC-Net, RC-Net, template)",
 }
 """What each table holds, in one line (``fiberlake tables``); columns carry their own description."""
