@@ -121,10 +121,13 @@ def table(args) -> None:
     held_scene = simulate_chunks(args.chunks, args.seed, (base.tile + 2 * base.margin,) * 2, pitch=base.pitch,
                                  target_sigma=base.target_sigma)
     print(f"held-out chunks: seed {args.seed}, {args.chunks} chunks ({int(held_scene.blank.sum())} blank)")
+    cache: dict = {}
     for combo in combos:
-        p = base.updated({"combination": combo, "max_minutes": args.minutes, "chunks": args.train_chunks})
+        p = base.updated({"combination": combo, "max_minutes": args.minutes, "chunks": args.train_chunks,
+                          "heldout_chunks": 64})
         t0 = time.perf_counter()
-        card, path = train_deconvolve(p, out=args.out, command=f"bench/cae.py table ({combo})", log=lambda s: None)
+        card, path = train_deconvolve(p, out=args.out, command=f"bench/cae.py table ({combo})", log=lambda s: None,
+                                      scene_cache=cache)
         model = load_deconvolve_model(str(path), device="cpu")
         data = chunk_tiles(held_scene, combo, p.tile, reg=p.reg, sigma1=p.sigma1)
         out = predict(model.network, data.inputs)

@@ -61,10 +61,19 @@ def chunk_tiles(scene: ChunkScene, combination: str, tile: int, *, reg: float, s
                    ivar=scene.ivar[sl], kernel=scene.kernel, scene=scene, crop=m)
 
 
-def simulate_tiles(n: int, seed: int, params: CAETrainParams, combination: str | None = None) -> TileSet:
-    """Chunks of ``tile + 2 margin`` px simulated with ``seed`` and cut to their central tile."""
+def simulate_tiles(n: int, seed: int, params: CAETrainParams, combination: str | None = None,
+                   scene_cache: dict | None = None) -> TileSet:
+    """Chunks of ``tile + 2 margin`` px simulated with ``seed`` and cut to their central tile
+    (``scene_cache``: reuse scenes already simulated with the same settings, e.g. across input
+    combinations)."""
     side = params.tile + 2 * params.margin
-    scene = simulate_chunks(n, seed, (side, side), pitch=params.pitch, target_sigma=params.target_sigma)
+    key = (n, seed, side, params.pitch, params.target_sigma)
+    if scene_cache is not None and key in scene_cache:
+        scene = scene_cache[key]
+    else:
+        scene = simulate_chunks(n, seed, (side, side), pitch=params.pitch, target_sigma=params.target_sigma)
+        if scene_cache is not None:
+            scene_cache[key] = scene
     return chunk_tiles(scene, combination or params.combination, params.tile, reg=params.reg, sigma1=params.sigma1)
 
 
@@ -178,7 +187,7 @@ def image_scores(out: np.ndarray, data: TileSet) -> dict:
 
 
 def train_deconvolve(params: CAETrainParams | None = None, *, out: str | Path | None = None, command: str = "",
-                     log: Callable[[str], None] = print) -> tuple[dict, Path]:
+                     log: Callable[[str], None] = print, scene_cache: dict | None = None) -> tuple[dict, Path]:
     """Simulate, train, calibrate the afterburner, evaluate, write the artifact.
 
     Returns
@@ -197,9 +206,9 @@ def train_deconvolve(params: CAETrainParams | None = None, *, out: str | Path | 
     device = "cuda" if params.device == "auto" and torch.cuda.is_available() else (
         "cpu" if params.device == "auto" else params.device)
     t0 = time.perf_counter()
-    train = simulate_tiles(params.chunks, params.seed, params)
-    calib = simulate_tiles(params.calib_chunks, params.seed + 1, params)
-    held = simulate_tiles(params.heldout_chunks, params.heldout_seed, params)
+    train = simulate_tiles(params.chunks, params.seed, params, scene_cache=scene_cache)
+    calib = simulate_tiles(params.calib_chunks, params.seed + 1, params, scene_cache=scene_cache)
+    held = simulate_tiles(params.heldout_chunks, params.heldout_seed, params, scene_cache=scene_cache)
     log(f"simulated {params.chunks}+{params.calib_chunks}+{params.heldout_chunks} chunks in "
         f"{time.perf_counter() - t0:.0f} s")
     f = params.filters

@@ -594,20 +594,22 @@ class CAETrainParams(ParSet):
                        bounds=(4.0, 64.0))
     filters: int = par(16, "filters of the first convolution, then x2, x4 (the paper: 64, i.e. 64/128/256; 16 keeps "
                        "the shipped model small and trainable on 2 CPU cores)", bounds=(4, 256))
-    epochs: int = par(6, "passes over the training chunks", bounds=(1, 10000))
-    batch: int = par(32, "tiles per Adam update", bounds=(1, 4096))
-    lr: float = par(1e-3, "initial Adam learning rate (the paper: 1e-4 over 100 GPU epochs)", bounds=(1e-7, 1.0))
+    epochs: int = par(20, "passes over the training chunks (max_minutes usually stops first)", bounds=(1, 10000))
+    batch: int = par(8, "tiles per Adam update (the paper: 32 on a GPU; 8 gives 4x more updates per CPU-minute)",
+                     bounds=(1, 4096))
+    lr: float = par(2e-3, "initial Adam learning rate (the paper: 1e-4 over 100 GPU epochs)", bounds=(1e-7, 1.0))
     lr_decay: float = par(0.6, "exponential decay of the learning rate per decay_steps updates (the paper: 0.6)",
                           bounds=(0.01, 1.0))
-    decay_steps: int = par(300, "updates per lr_decay factor (the paper: 100,000)", bounds=(1, 10_000_000))
+    decay_steps: int = par(2000, "updates per lr_decay factor (the paper: 100,000)", bounds=(1, 10_000_000))
     seed: int = par(1700, "seed of the training chunks (calibration chunks: seed + 1) and of the initialisation",
                     bounds=(0, 2**31 - 1))
     heldout_seed: int = par(91700, "seed of the held-out chunks of the card", bounds=(0, 2**31 - 1))
-    max_minutes: float = par(15.0, "stop training after this many minutes (simulation not counted)", unit="min",
+    max_minutes: float = par(9.0, "stop training after this many minutes (simulation, ~3 min, not counted)", unit="min",
                              bounds=(0.1, 10000.0))
     cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
     device: str = par("auto", "torch device of the training (auto: CUDA when available)", choices=DEVICES,
                       science=False)
+
 
 
 @dataclass(frozen=True)
