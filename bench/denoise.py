@@ -116,10 +116,8 @@ def evaluate(den, dae, dae_zero, per_subclass: int, sweep_per: int, log=print) -
     spectype = np.array([s.spectype for s in s1d.SUBCLASSES])
     out["class_posterior"] = {
         "exact": float(np.mean(pred == truth_idx)),
-        "within_one_neighbour": float(np.mean((np.abs(pred - truth_idx) <= 1) & (spectype[np.clip(pred, 0, None)]
-                                                                                 == spectype[truth_idx]))
-                                      + np.mean((np.abs(pred - truth_idx) == 1)
-                                                & (spectype[np.clip(pred, 0, None)] != spectype[truth_idx]))),
+        "within_one_neighbour_subclass": float(np.mean((np.abs(pred - truth_idx) <= 1)
+                                                        & (spectype[np.clip(pred, 0, None)] == spectype[truth_idx]))),
         "class_letter": float(np.mean(spectype[np.clip(pred, 0, None)] == spectype[truth_idx])),
         "mean_posterior_of_truth": float(np.mean(ours.posterior[np.arange(len(pred)), truth_idx])),
     }
@@ -168,6 +166,28 @@ def evaluate(den, dae, dae_zero, per_subclass: int, sweep_per: int, log=print) -
                                                                   / (t ** 2).mean(-1)))})
     out["missing"] = missing
     log("missing-flux sweep done")
+
+    # bad input: the statuses, and finiteness of everything returned
+    n = 20
+    rng = np.random.default_rng(HELDOUT_SEED + 3)
+    unseen = s1d.make_stars({"subclass": np.array(["OB"] * n), "spectype": np.array(["B"] * n),
+                             "teff": rng.uniform(15000.0, 35000.0, n), "logg": rng.uniform(3.5, 4.5, n),
+                             "feh": np.zeros(n), "rv": rng.normal(0, 40, n)})
+    y_unseen = s1d.observe(unseen, HELDOUT_SEED + 4, 1, key="unseen")[0][:, 0]
+    cases = {"all_masked": (y[:n], np.zeros_like(y[:n], bool)), "all_zero": (np.zeros_like(y[:n]), None),
+             "nan_flux": (np.full_like(y[:n], np.nan), None),
+             "half_nan": (np.where(np.arange(y.shape[1]) < 1024, np.nan, y[:n]), None),
+             "unseen_class_hot_OB_star": (y_unseen, None), "seen_classes_reference": (y[:n * 10:10], None)}
+    bad = {}
+    for name, (flux, obs) in cases.items():
+        r = den.denoise(flux, obs)
+        finite = all(np.isfinite(a).all() for a in (r.flux, r.latent, r.posterior, r.objective, r.log_prior,
+                                                     r.residual_rms))
+        bad[name] = {"statuses": {s: int(sum(1 for x in r.status if x == s)) for s in set(r.status)},
+                     "all_finite": bool(finite), "median_residual_rms": float(np.median(r.residual_rms)),
+                     "median_log_prior": float(np.median(r.log_prior))}
+    out["bad_input"] = bad
+    log("bad input done")
     return out
 
 

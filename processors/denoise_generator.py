@@ -178,8 +178,8 @@ def fit_autoencoder(model: IsometricAE, inputs: Callable[[np.ndarray, np.random.
         loss.backward()
         opt.step()
         sched.step()
-        rec_hist.append(float(rec) / targets.shape[1])
-        iso_hist.append(float(iso))
+        rec_hist.append(float(rec.detach()) / targets.shape[1])
+        iso_hist.append(float(iso.detach()))
         if (step + 1) % max(1, settings.steps // 10) == 0:
             log(f"  step {step + 1}/{settings.steps}: reconstruction {np.mean(rec_hist[-100:]):.4g} per bin, "
                 f"isometry {np.mean(iso_hist[-100:]):.4g}")

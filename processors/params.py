@@ -634,7 +634,7 @@ class DenoiseTrainParams(ParSet):
     delta: float = par(1.0, "radius of the isometry perturbation (scaled flux units)", bounds=(0.0, 1e3))
     flow_steps: int = par(1500, "Adam steps of NoiseFlow", bounds=(1, 10**7))
     flow_window: int = par(5, "K: predecessors of each bin in NoiseFlow", bounds=(1, 256))
-    dae_steps: int = par(3000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
+    dae_steps: int = par(2000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
     max_missing_fraction: float = par(0.4, "longest random missing interval of the zero-imputation DAE's training",
                                       bounds=(0.0, 0.95))
     batch: int = par(64, "spectra per Adam update", bounds=(1, 100000))
