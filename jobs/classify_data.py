@@ -159,7 +159,10 @@ def build_dataset(specs: list[ExposureSpec], workers: int = 1, progress: bool = 
         parts = list(_progress(it, len(specs), progress))
     else:
         # Exposures of one night go to one worker in a row (its camera models are cached).
-        with ProcessPoolExecutor(workers) as pool:
+        import multiprocessing
+
+        # spawn, not fork: the caller may hold torch's thread pools, which a forked child must not inherit
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(_progress(pool.map(simulate_exposure, specs, chunksize=4), len(specs), progress))
     return _concat(parts)
 
