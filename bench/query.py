@@ -386,7 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/fiberlake-query"))
     ap.add_argument("--seed", type=int, default=19)
     ap.add_argument("--keep", action="store_true", help="keep the lakes")
+    ap.add_argument("--real-only", action="store_true", help="only the real-pixel lake")
     args = ap.parse_args(argv)
+    if args.real_only:
+        print(f"load at start: {os.getloadavg()}")
+        real(args)
+        return
     pl.Config.set_tbl_rows(-1)
     rows_per_night = PLATES_PER_NIGHT * ROWS_PER_PLATE
     nights = max(1, round(args.rows / rows_per_night))

@@ -72,7 +72,7 @@ def compact(lake: Lake, night: str | None = None, *, lock: bool = True) -> dict[
                 else:
                     store.delta(name).optimize.compact(
                         partition_filters=[("night", "=", night)] if night else None,
-                        writer_properties=writer_properties_for(SCHEMAS[name]),
+                        writer_properties=writer_properties_for(SCHEMAS[name], store.row_bytes(name)),
                         min_commit_interval=timedelta(0),
                     )
             failpoint(f"compacted.{name}")

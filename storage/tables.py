@@ -52,7 +52,12 @@ from fiberlake.storage.objectstore import LakeRoot, ObjectPath, as_root, storage
 from fiberlake.storage.predicates import KeyValue, keys_predicate
 
 ROW_GROUP_ROWS = 512
-"""Rows per Parquet row group in tables with list (per-wavelength) columns."""
+"""Most rows per Parquet row group in tables with list (per-wavelength) columns."""
+MIN_ROW_GROUP_ROWS = 64
+"""Fewest rows per row group in tables with list columns."""
+ROW_GROUP_BYTES = 4 << 20
+"""Target bytes of a row group in tables with list columns: a one-spectrum read decodes one row
+group, so on LAMOST spectra (64 KB a row) a group holds 64 rows, not 512 (``bench/query.py``)."""
 SCALAR_ROW_GROUP_ROWS = 65536
 """Rows per Parquet row group in tables of scalar columns only."""
 
@@ -86,8 +91,23 @@ class Txn:
     version: int
 
 
-def writer_properties_for(schema: pa.Schema) -> WriterProperties:
-    """Parquet writer properties of a table with ``schema`` (every write and compaction uses them)."""
+def row_group_rows(schema: pa.Schema, row_bytes: float | None = None) -> int:
+    """Rows per Parquet row group of a table with ``schema`` whose rows hold ``row_bytes`` bytes.
+
+    Tables of scalars: :data:`SCALAR_ROW_GROUP_ROWS`. Tables with list columns:
+    :data:`ROW_GROUP_BYTES` worth of rows, between :data:`MIN_ROW_GROUP_ROWS` and
+    :data:`ROW_GROUP_ROWS` (the latter when the row size is unknown).
+    """
+    if not any(pa.types.is_list(field.type) for field in schema):
+        return SCALAR_ROW_GROUP_ROWS
+    if not row_bytes or row_bytes <= 0:
+        return ROW_GROUP_ROWS
+    return int(min(ROW_GROUP_ROWS, max(MIN_ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes)))
+
+
+def writer_properties_for(schema: pa.Schema, row_bytes: float | None = None) -> WriterProperties:
+    """Parquet writer properties of a table with ``schema`` (every write and compaction uses them);
+    ``row_bytes``, the bytes of a row, sizes the row groups (:func:`row_group_rows`)."""
     # Scalar float columns: BYTE_STREAM_SPLIT, no dictionary. delta-rs applies per-column
     # properties only to top-level leaves, so list columns (spectra) get the table default,
     # which turns dictionaries off (float spectra do not repeat; zstd does the work).
@@ -100,7 +120,7 @@ def writer_properties_for(schema: pa.Schema) -> WriterProperties:
     return WriterProperties(
         compression="ZSTD",
         compression_level=3,
-        max_row_group_size=ROW_GROUP_ROWS if has_lists else SCALAR_ROW_GROUP_ROWS,
+        max_row_group_size=row_group_rows(schema, row_bytes),
         default_column_properties=ColumnProperties(dictionary_enabled=False) if has_lists else None,
         column_properties=float_cols,
     )
@@ -196,7 +216,7 @@ class TableStore:
             partition_by=[PARTITION_COLUMN],
             mode=mode,
             predicate=predicate,
-            writer_properties=writer_properties_for(table.schema),
+            writer_properties=writer_properties_for(table.schema, table.nbytes / max(1, table.num_rows)),
             commit_properties=commit,
             storage_options=self.storage_options,
         )
@@ -278,6 +298,18 @@ class TableStore:
         (one commit; the same rows, in as few files as the writer makes)."""
         rows = self.delta(name).to_pyarrow_table(filters=[(PARTITION_COLUMN, "=", night)])
         self.replace_keys(name, rows, {PARTITION_COLUMN: night})
+
+    def row_bytes(self, name: str) -> float | None:
+        """Bytes on disk per row of table ``name`` (from the Delta log; None when it holds no rows)."""
+        if not self.exists(name):
+            return None
+        actions = self.delta(name).get_add_actions(flatten=True)
+        columns = actions.column_names
+        if "size_bytes" not in columns or "num_records" not in columns:
+            return None
+        size = sum(v for v in actions.column("size_bytes").to_pylist() if v)
+        rows = sum(v for v in actions.column("num_records").to_pylist() if v)
+        return size / rows if rows else None
 
     def nights(self, name: str) -> list[str]:
         """The night partitions of table ``name`` (sorted; empty when absent)."""
