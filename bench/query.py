@@ -10,9 +10,10 @@ per exposure as the streaming writer does, then ``jobs.upkeep.compact`` per lake
 
 * ``before``: the layout of main before issue 19 (512-row groups in every table, rows in arrival
   order, compaction by bin-packing);
-* ``after``: the current layout (:data:`fiberlake.storage.tables.CLUSTER_COLUMNS`: rows sorted
-  by targetid and spectrograph in every commit, 65536-row groups in scalar-only tables, nights
-  Z-ordered at compaction).
+* ``after``: the current layout (:data:`fiberlake.storage.tables.CLUSTER_COLUMNS`: rows of each
+  commit sorted (spectra by key, metrics by targetid, coadds by HEALPix), 65536-row groups in
+  scalar-only tables and 4 MB groups in list tables, each night of metrics re-sorted at
+  compaction).
 
 Metadata is realistic (LAMOST-like: plates of 16 spectrographs x 250 fibers, 3 exposures, 2 arms,
 box + optimal extraction, about 240 000 spectra rows a night; random 40-bit targetids; plates
@@ -72,14 +73,15 @@ FIELD_RADIUS_DEG = 2.5
 @contextlib.contextmanager
 def legacy_layout():
     """The layout of main before issue 19: no clustering, 512-row groups everywhere."""
-    saved = dict(tables_mod.CLUSTER_COLUMNS), tables_mod.SCALAR_ROW_GROUP_ROWS
+    saved = dict(tables_mod.CLUSTER_COLUMNS), tables_mod.SCALAR_ROW_GROUP_ROWS, tables_mod.MIN_ROW_GROUP_ROWS
     tables_mod.CLUSTER_COLUMNS.clear()
     tables_mod.SCALAR_ROW_GROUP_ROWS = tables_mod.ROW_GROUP_ROWS
+    tables_mod.MIN_ROW_GROUP_ROWS = tables_mod.ROW_GROUP_ROWS
     try:
         yield
     finally:
         tables_mod.CLUSTER_COLUMNS.update(saved[0])
-        tables_mod.SCALAR_ROW_GROUP_ROWS = saved[1]
+        tables_mod.SCALAR_ROW_GROUP_ROWS, tables_mod.MIN_ROW_GROUP_ROWS = saved[1], saved[2]
 
 
 # ----------------------------------------------------------------------------- synthetic survey
