@@ -221,7 +221,7 @@ def spectra(args) -> None:
           f"sigma {sx} (cols) x {sy} (rows), model {model.model_id}")
     psf = PSFModel.gaussian(sy, sx, H, W)
     acc = {m: {"pull": [], "ratio": [], "fwhm": [], "xtalk": [], "snr_claim": [], "snr_true": [], "t": 0.0}
-           for m in ("optimal", "deconv", "cae")}
+           for m in ("optimal", "deconv", "cae", "cae_fibers")}
     for i in range(len(scene)):
         if scene.blank[i]:
             continue
@@ -237,13 +237,15 @@ def spectra(args) -> None:
         t2 = time.perf_counter()
         cae = cae_extract(img, iv, mask, tr, psf, model)
         t3 = time.perf_counter()
+        cae_f = cae_extract(img, iv, mask, tr, psf, model, amplitude="fibers")
+        acc["cae_fibers"]["t"] += time.perf_counter() - t3
         acc["optimal"]["t"] += t1 - t0
         acc["deconv"]["t"] += t2 - t1
         acc["cae"]["t"] += t3 - t2
         F = scene.rows_flux[i][keep]
         truths = {"optimal": scene.rows_inst[i][keep],
                   "deconv": deconv.apply_resolution(dec.resolution, F.astype(float)),
-                  "cae": scene.rows_target[i][keep]}
+                  "cae": scene.rows_target[i][keep], "cae_fibers": scene.rows_target[i][keep]}
         lines = [(f, r) for f, r, _ in scene.line_rows[i]]
         fib_index = np.cumsum(keep) - 1
         near_line = np.zeros(F.shape, bool)
@@ -252,7 +254,7 @@ def spectra(args) -> None:
                 near_line[fib_index[f], max(0, int(r) - 8):int(r) + 9] = True
         inner = np.zeros(F.shape, bool)
         inner[:, 16:-16] = True
-        for name, s in (("optimal", opt), ("deconv", dec), ("cae", cae)):
+        for name, s in (("optimal", opt), ("deconv", dec), ("cae", cae), ("cae_fibers", cae_f)):
             a = acc[name]
             good = (s.ivar > 0) & inner
             cont = good & ~near_line

@@ -164,6 +164,19 @@ def fiber_pulls(decon: np.ndarray, data: TileSet, target_sigma: float) -> np.nda
     return np.concatenate(pulls) if pulls else np.zeros(0)
 
 
+def fiber_mode(out: np.ndarray, data: TileSet) -> np.ndarray:
+    """Outputs rescaled with one amplitude per fiber and tile (:func:`~fiberlake.processors.cae_extract.fiber_amplitudes`)."""
+    from fiberlake.processors.cae_extract import fiber_amplitudes
+
+    res = []
+    for i in range(len(out)):
+        fx = data.scene.fiber_x[i]
+        fx = fx[np.isfinite(fx)]
+        res.append(fiber_amplitudes(out[i].astype(float), data.noisy[i].astype(float), data.ivar[i].astype(float),
+                                    data.kernel[i], -data.crop, fx))
+    return np.stack(res)
+
+
 def robust_std(x: np.ndarray) -> float:
     x = np.asarray(x)
     x = x[np.isfinite(x)]
@@ -225,6 +238,7 @@ def train_deconvolve(params: CAETrainParams | None = None, *, out: str | Path | 
     u_range = (float(np.log10(rec_c[ok]).min()), float(np.log10(rec_c[ok]).max())) if ok.any() else (0.0, 9.0)
     dec_c = out_c * (amp_c * flux_bias_factor(rec_c, coeffs, u_range))[:, None, None]
     pull_scale = robust_std(fiber_pulls(dec_c, calib, params.target_sigma))
+    pull_scale_fibers = robust_std(fiber_pulls(fiber_mode(out_c, calib), calib, params.target_sigma))
     # held-out figures
     out_h = predict(network, held.inputs)
     figures = heldout_figures(out_h, held, coeffs, u_range, pull_scale, params.target_sigma)
@@ -236,7 +250,7 @@ def train_deconvolve(params: CAETrainParams | None = None, *, out: str | Path | 
         "prep": {"combination": params.combination, "tile": params.tile, "stride": params.stride,
                  "reg": params.reg, "sigma1": params.sigma1, "target_sigma": params.target_sigma,
                  "bias_coeffs": [float(c) for c in coeffs], "bias_range": list(u_range),
-                 "pull_scale": float(pull_scale), "scaling": "inputs min-max per tile and channel; truth / max"},
+                 "pull_scale": float(pull_scale), "pull_scale_fibers": float(pull_scale_fibers), "scaling": "inputs min-max per tile and channel; truth / max"},
         "n_parameters": int(sum(p.numel() for p in network.parameters())),
         "train_params": params.to_dict(), "command": command,
         "seeds": {"train": params.seed, "calibration": params.seed + 1, "heldout": params.heldout_seed},

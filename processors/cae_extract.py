@@ -82,6 +82,7 @@ class Deconvolver:
     bias_coeffs: np.ndarray = field(default_factory=lambda: np.zeros(3))
     bias_range: tuple[float, float] = (0.0, 9.0)
     pull_scale: float = 1.0
+    pull_scale_fibers: float = 1.0
     model_id: str = ""
     device: str = "cpu"
     batch: int = 32
@@ -132,6 +133,7 @@ def deconvolver_from_artifact(tensors: dict[str, np.ndarray], card: dict, device
                        stride=int(prep["stride"]), reg=float(prep["reg"]), sigma1=float(prep["sigma1"]),
                        target_sigma=float(prep["target_sigma"]), bias_coeffs=np.asarray(prep["bias_coeffs"], float),
                        bias_range=tuple(prep["bias_range"]), pull_scale=float(prep["pull_scale"]),
+                       pull_scale_fibers=float(prep.get("pull_scale_fibers", prep["pull_scale"])),
                        model_id=card.get("model_id", ""), device=dev)
 
 
@@ -161,8 +163,37 @@ def _tent(n: int) -> np.ndarray:
     return t / t.max()
 
 
+def fiber_amplitudes(out: np.ndarray, data: np.ndarray, weight: np.ndarray, kernel: np.ndarray, col0: int,
+                     fiber_x: np.ndarray) -> np.ndarray:
+    """Per-fiber amplitudes of one output tile: eq. 2 with one component per fiber.
+
+    The paper notes that its amplitude fit extends to several components (deblending). Here each
+    column of the output tile belongs to the nearest fiber; each fiber's part is re-convolved with
+    the PSF and all amplitudes are fitted at once to the noisy tile (weighted least squares,
+    negative amplitudes set to 0). Returns the tile rescaled, in electrons.
+    """
+    from fiberlake.processors.cae_afterburner import reconvolve
+
+    T = out.shape[-1]
+    xs = np.sort(np.asarray(fiber_x, float))
+    owner = np.searchsorted((xs[1:] + xs[:-1]) / 2, col0 + np.arange(T)) if xs.size > 1 else np.zeros(T, int)
+    ids = np.unique(owner)
+    comps = np.stack([out * (owner == k)[None, :] for k in ids])
+    model = reconvolve(comps, kernel)
+    M = model.reshape(len(ids), -1)
+    w = weight.ravel()
+    A = (M * w) @ M.T
+    b = (M * w) @ data.ravel()
+    keep = np.diag(A) > 0
+    amp = np.zeros(len(ids))
+    if keep.any():
+        amp[keep] = np.linalg.lstsq(A[np.ix_(keep, keep)], b[keep], rcond=None)[0]
+    amp = np.clip(amp, 0.0, None)
+    return np.tensordot(amp, comps, axes=1)
+
+
 def deconvolve_chunk(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, kernel: np.ndarray,
-                     model: Deconvolver, *, with_raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     model: Deconvolver, *, fiber_x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deconvolve a chunk with the CAE and its afterburner.
 
     Parameters
@@ -173,6 +204,10 @@ def deconvolve_chunk(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | Non
     kernel : ndarray
         The chunk's PSF (unit sum, centred).
     model : Deconvolver
+    fiber_x : ndarray, optional
+        Trace columns of the chunk's fibers: amplitudes per fiber and tile
+        (:func:`fiber_amplitudes`, no quadratic correction) instead of the paper's one amplitude
+        per tile with its quadratic flux-bias correction.
 
     Returns
     -------
@@ -207,6 +242,9 @@ def deconvolve_chunk(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | Non
     flux = amp * out.sum(axis=(1, 2))
     factor = flux_bias_factor(flux, model.bias_coeffs, model.bias_range)
     tiles_e = out * (amp * factor)[:, None, None]
+    if fiber_x is not None and len(fiber_x):
+        tiles_e = np.stack([fiber_amplitudes(o, d, ww, kernel, c, fiber_x)
+                            for o, d, ww, (_, c) in zip(out, data, wt, starts)])
     tent = np.outer(_tent(T), _tent(T))
     acc = np.zeros((Hp, Wp))
     norm = np.zeros((Hp, Wp))
@@ -220,7 +258,8 @@ def deconvolve_chunk(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | Non
 
 
 def cae_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet, psf: PSFModel,
-                model: Deconvolver, *, aperture: int | None = None, read_noise: float | None = None) -> Spectra1D:
+                model: Deconvolver, *, aperture: int | None = None, read_noise: float | None = None,
+                amplitude: str = "tile") -> Spectra1D:
     """Extract every fiber of a rectified chunk through the CAE (see the module notes).
 
     Parameters
@@ -237,6 +276,9 @@ def cae_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
         Half width (columns) of the sum on the deconvolved image; default ``ceil(3 target_sigma)``.
     read_noise : float, optional
         Unused (the variance comes from ``ivar``); accepted for the pipeline's common call.
+    amplitude : str
+        ``tile``: the paper's afterburner (one eq. 2 amplitude per tile, then the quadratic);
+        ``fibers``: one amplitude per fiber and tile (:func:`fiber_amplitudes`).
 
     Returns
     -------
@@ -251,7 +293,10 @@ def cae_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     live = ~np.asarray(traces.dead, bool)
     centre = int(np.flatnonzero(live)[len(np.flatnonzero(live)) // 2]) if live.any() else nf // 2
     kernel = psf_kernel(psf, float(np.clip(np.median(x[centre]), 0, nx - 1)), ny / 2.0, fiber=centre)
-    decon, bad = deconvolve_chunk(image, ivar, mask, kernel, model)
+    if amplitude not in ("tile", "fibers"):
+        raise ValueError(f"amplitude must be 'tile' or 'fibers', not {amplitude!r}")
+    fx = np.median(x[live], axis=1) if amplitude == "fibers" and live.any() else None
+    decon, bad = deconvolve_chunk(image, ivar, mask, kernel, model, fiber_x=fx)
     flux = np.zeros((nf, ny), np.float32)
     fl_ivar = np.zeros((nf, ny), np.float32)
     fl_mask = np.zeros((nf, ny), np.uint32)
@@ -267,6 +312,7 @@ def cae_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     pix_mask = pix_mask | np.where(bad & (pix_mask == 0), np.uint32(Mask.SOMEBADPIX), np.uint32(0))
     pix_mask = pix_mask | np.where(~np.isfinite(image), np.uint32(Mask.NONFINITE), np.uint32(0))
     lsf_h = kernel.shape[0] // 2
+    scale = model.pull_scale_fibers if fx is not None else model.pull_scale
     from scipy.ndimage import maximum_filter1d
     for f in range(nf):
         xc = np.rint(x[f]).astype(int)
@@ -287,7 +333,7 @@ def cae_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
         bits = bits | np.where(off, np.uint32(Mask.OFFCCD), np.uint32(0))
         ok = (bits & np.uint32(FATAL | Mask.SOMEBADPIX)) == 0
         ok &= var > 0
-        fl_ivar[f] = np.where(ok, 1.0 / (model.pull_scale**2 * np.where(var > 0, var, 1.0)), 0.0)
+        fl_ivar[f] = np.where(ok, 1.0 / (scale**2 * np.where(var > 0, var, 1.0)), 0.0)
         fl_mask[f] = bits
         if not live[f]:
             fl_mask[f] |= np.uint32(Mask.DEADFIBER)

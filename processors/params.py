@@ -207,6 +207,8 @@ class CAEStageParams(ParSet):
                      "directory with weights.safetensors and card.json")
     aperture: int = par(0, "half width (columns) of the sum on the deconvolved image (0: ceil(3 target sigma))",
                         unit="px", bounds=(0, 50))
+    amplitude: str = par("fibers", "afterburner: fibers (one eq. 2 amplitude per fiber and tile) or tile (the paper's "
+                         "one amplitude per tile, then its quadratic flux-bias correction)", choices=("fibers", "tile"))
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: Reducti
 
         return cae_extract.cae_extract(image.image, image.ivar, image.mask, traces, psf,
                                        cae_extract.installed(params.cae.model),
-                                       aperture=params.cae.aperture or None, read_noise=read_noise)
+                                       aperture=params.cae.aperture or None, read_noise=read_noise,
+                                       amplitude=params.cae.amplitude)
     if method == "box":
         return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box.halfwidth,
                                    profile=profile)
