@@ -119,7 +119,8 @@ def _plate_targets(rng, pool: list) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return plate
 
 
-def night_tables(rng, night_index: int, plates: int, nwave: int, pool: list, extractions=EXTRACTIONS) -> dict[str, pa.Table]:
+def night_tables(rng, night_index: int, plates: int, nwave: int, pool: list, extractions=EXTRACTIONS,
+                 n_exp: int = N_EXP) -> dict[str, pa.Table]:
     """The spectra, metrics and coadds rows of one synthetic night, one pyarrow table per exposure
     (spectra, metrics) and one for the night's coadds."""
     night = f"2026-{1 + night_index // 28:02d}-{1 + night_index % 28:02d}"
@@ -128,7 +129,7 @@ def night_tables(rng, night_index: int, plates: int, nwave: int, pool: list, ext
     exposures, coadds = [], []
     for p in range(plates):
         targetid, ra, dec, kind = _plate_targets(rng, pool)
-        for e in range(N_EXP):
+        for e in range(n_exp):
             expid = night_index * 1000 + p * N_EXP + e + 1
             # row order: camera (arm, spectrograph), fiber, extraction: the order frames arrive in
             n = PLATE_TARGETS * len(ARMS) * len(extractions)
@@ -177,8 +178,8 @@ def night_tables(rng, night_index: int, plates: int, nwave: int, pool: list, ext
             "objtype": pa.array(objtypes[kind[idx]]), "ra": pa.array(ra[idx]), "dec": pa.array(dec[idx]),
             "mag": pa.array(rng.uniform(12, 19, m).astype(np.float32)),
             "healpix": pa.array(healpix_nested(ra[idx], dec[idx], NSIDE)), "nside": pa.array(np.full(m, NSIDE, np.int32)),
-            "n_exp": pa.array(np.full(m, N_EXP, np.int32)),
-            "expids": pa.array([[night_index * 1000 + p * N_EXP + e + 1 for e in range(N_EXP)]] * m, pa.list_(pa.int64())),
+            "n_exp": pa.array(np.full(m, n_exp, np.int32)),
+            "expids": pa.array([[night_index * 1000 + p * N_EXP + e + 1 for e in range(n_exp)]] * m, pa.list_(pa.int64())),
             "nights": pa.array([[night]] * m, pa.list_(pa.string())),
             "n_rejected": pa.array(np.zeros(m, np.int32)), "fluxcal_status": pa.array(["ok"] * m),
             "loglam_min": pa.array(np.full(m, 3.5682)), "dloglam": pa.array(np.full(m, 1e-4)),
@@ -193,7 +194,7 @@ def night_tables(rng, night_index: int, plates: int, nwave: int, pool: list, ext
 
 
 def build_lake(root: Path, nights: int, plates: int, nwave: int, seed: int, tables=("spectra", "metrics", "coadds"),
-               extractions=EXTRACTIONS) -> dict:
+               extractions=EXTRACTIONS, n_exp: int = N_EXP) -> dict:
     """Write the synthetic survey into the lake at ``root`` (one commit per exposure, then compact)."""
     if root.exists():
         shutil.rmtree(root)
@@ -201,7 +202,7 @@ def build_lake(root: Path, nights: int, plates: int, nwave: int, seed: int, tabl
     rng, pool, facts = np.random.default_rng(seed), [], {"targets": [], "keys": [], "cones": []}
     t0 = time.perf_counter()
     for i in range(nights):
-        night = night_tables(rng, i, plates, nwave, pool, extractions)
+        night = night_tables(rng, i, plates, nwave, pool, extractions, n_exp)
         for spectra, metrics in night["exposures"]:
             if "spectra" in tables:
                 store.append("spectra", spectra)
@@ -445,13 +446,16 @@ def real(args) -> None:
     plates = 1
     extractions = ("optimal",)
     per_exposure = PLATE_TARGETS * len(ARMS)
-    print(f"\nreal pixels: {REAL_NWAVE} bins, {per_exposure * N_EXP:,} spectra rows (one plate, 3 exposures, one extraction)")
+    n_exp = max(2, min(N_EXP, -(-args.real_rows // per_exposure)))
+    print(f"\nreal pixels: {REAL_NWAVE} bins, {per_exposure * n_exp:,} spectra rows (one plate, {n_exp} exposures, "
+          "one extraction)")
     out = {}
     for name in ("before", "after"):
         root = args.dir / f"real-{name}"
         ctx = legacy_layout() if name == "before" else contextlib.nullcontext()
         with ctx:
-            f = build_lake(root, 1, plates, REAL_NWAVE, args.seed + 1, tables=("spectra", "metrics"), extractions=extractions)
+            f = build_lake(root, 1, plates, REAL_NWAVE, args.seed + 1, tables=("spectra", "metrics"), extractions=extractions,
+                           n_exp=n_exp)
         q = queries(root, f)
         out[name] = {label: measure(root, "spectra", q[label][1]) for label in
                      ("one spectrum by key (spectra, every column)", "one target via the metrics index (metrics + spectra)")}
