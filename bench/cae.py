@@ -123,8 +123,8 @@ def table(args) -> None:
     print(f"held-out chunks: seed {args.seed}, {args.chunks} chunks ({int(held_scene.blank.sum())} blank)")
     cache: dict = {}
     for combo in combos:
-        p = base.updated({"combination": combo, "max_minutes": args.minutes, "chunks": args.train_chunks,
-                          "heldout_chunks": 64})
+        budget = {"max_minutes": args.minutes} if not args.epochs else {"max_minutes": 1000.0, "epochs": args.epochs}
+        p = base.updated({"combination": combo, "chunks": args.train_chunks, "heldout_chunks": 64} | budget)
         t0 = time.perf_counter()
         card, path = train_deconvolve(p, out=args.out, command=f"bench/cae.py table ({combo})", log=lambda s: None,
                                       scene_cache=cache)
@@ -352,6 +352,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     t = sub.add_parser("table")
     t.add_argument("--minutes", type=float, default=2.5)
+    t.add_argument("--epochs", type=int, default=0, help="same number of updates for every combination (overrides "
+                   "--minutes, which a shared machine makes unequal)")
     t.add_argument("--combos", default="PSF-iPSF-iPSF1,PSF-iPSF1,iPSF1,PSF")
     t.add_argument("--seed", type=int, default=92017)
     t.add_argument("--chunks", type=int, default=300)
