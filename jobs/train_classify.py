@@ -31,7 +31,7 @@ STAGE = "classify"
 TRAIN_PREFIX = "train"
 HELDOUT_SEEDS = {"analytic": 1551, "cannon": 1552}
 """Simulation seeds of the held-out exposures of each star model (no training run uses them)."""
-TEMPLATE_STARS = 700
+TEMPLATE_STARS = 250
 """Held-out stars (a fixed random subset) scored with the template fit (it costs ~0.2 s a star)."""
 
 
