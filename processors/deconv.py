@@ -79,6 +79,7 @@ left out of the model (``DEADFIBER``, flux 0, ivar 0). ``BAD2DFIT`` where ``chi2
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -369,6 +370,7 @@ PSF_SAMPLE_CACHE = 2
 """Calibration sets whose :class:`PSFSamples` :func:`psf_samples` keeps (about 0.2 GB each for a
 LAMOST camera): a worker reducing the frames of one camera samples its PSF once."""
 _samples_cache: OrderedDict[str, PSFSamples] = OrderedDict()
+_samples_lock = threading.Lock()
 
 
 def _samples_key(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_block: int) -> str:
@@ -386,16 +388,18 @@ def psf_samples(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row
     """:func:`sample_psf`, kept for the last :data:`PSF_SAMPLE_CACHE` calibration sets (keyed by
     the content of the traces and PSF, so equal calibrations loaded twice share their samples)."""
     key = _samples_key(traces, psf, ny, nx, pad, row_block)
-    hit = _samples_cache.get(key)
-    if hit is not None:
-        _samples_cache.move_to_end(key)
-        return hit
+    with _samples_lock:
+        hit = _samples_cache.get(key)
+        if hit is not None:
+            _samples_cache.move_to_end(key)
+            return hit
     samples = sample_psf(traces, psf, ny, nx, pad, row_block)
     for array in (samples.order, samples.live, samples.lsf, samples.first, samples.xsf):
         array.setflags(write=False)                     # shared between frames: never changed in place
-    _samples_cache[key] = samples
-    while len(_samples_cache) > max(0, PSF_SAMPLE_CACHE):
-        _samples_cache.popitem(last=False)
+    with _samples_lock:
+        _samples_cache[key] = samples
+        while len(_samples_cache) > max(0, PSF_SAMPLE_CACHE):
+            _samples_cache.popitem(last=False)
     return samples
 
 
