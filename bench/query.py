@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.real_only:
         print(f"load at start: {os.getloadavg()}")
         real(args)
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
         return
     pl.Config.set_tbl_rows(-1)
     rows_per_night = PLATES_PER_NIGHT * ROWS_PER_PLATE
