@@ -325,6 +325,9 @@ def process_night(
     """
     config = config or ReductionParams()
     with LakeLock(lake.root, "process") if lock else nullcontext():
+        from fiberlake.jobs.model_pins import pin_models  # model settings -> the ids of the exact weights
+
+        config = pin_models(lake, config)
         report = _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
                                 executor or Executor(), batch_frames, run_id)
         from fiberlake.jobs.products import run_after_frames  # products above the frame (issue 14)

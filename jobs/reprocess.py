@@ -98,11 +98,13 @@ def reprocess(
     stop : callable, optional
         Checked between frames; the run can be resumed later.
     """
-    config = config or ReductionParams()
-    run_id = reprocess_run_id(release, config)
-    report = ReprocessReport(run_id=run_id)
+    from fiberlake.jobs.model_pins import pin_models
+
     t0 = time.perf_counter()
     with LakeLock(lake.root, f"reprocess {release}"):
+        config = pin_models(lake, config or ReductionParams())  # the run id names the exact weights
+        run_id = reprocess_run_id(release, config)
+        report = ReprocessReport(run_id=run_id)
         selected = select_nights(lake, nights)
         for night in tqdm(selected, desc=f"reprocess {release}", unit="night", disable=not progress):
             result = process_night(lake, night, config=config, progress=progress, lock=False, stop=stop,

@@ -223,21 +223,29 @@ def locate(source: str, stage: str, lake_root: LakeRoot | None = None) -> LakeRo
                         + ("" if lake_root is None else f", not in {lake_root}/models/{stage}/"))
 
 
+def _number(value) -> float | None:
+    """A card's figure as a float column value (None when absent or not a number)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def models_row(card: dict, path: str, source: str, registered_at) -> dict:
     """The ``models`` table row of an artifact (see :data:`fiberlake.schemas.tables.MODELS`)."""
     figures = card.get("heldout", {}) or {}
+    n_parameters = card.get("n_parameters", 0)
+    if isinstance(n_parameters, dict):  # an artifact of several networks (DRC-Net and RC-Net): their sum
+        n_parameters = sum(int(n) for n in n_parameters.values())
     return {
         "night": registered_at.strftime("%Y-%m-%d"),
         "stage": card["stage"],
         "model_id": card["model_id"],
         "architecture": card["architecture"],
-        "n_parameters": int(card.get("n_parameters", 0)),
+        "n_parameters": int(n_parameters),
         "size_bytes": int(card.get("size_bytes", 0)),
         "path": path,
         "source": source,
         "code_version": card.get("code_version", ""),
-        "heldout_accuracy": figures.get("final_accuracy"),
-        "heldout_unknown": figures.get("unknown_rate"),
+        "heldout_accuracy": _number(figures.get("final_accuracy")),
+        "heldout_unknown": _number(figures.get("unknown_rate")),
         "card_json": json.dumps(card, sort_keys=True),
         "registered_at": registered_at,
     }

@@ -11,6 +11,19 @@ from astropy.io import fits
 
 from fiberlake.schemas.instrument import MINI
 
+# Test files that start a local Ray: under pytest-xdist (.ci/run: -n 2 --dist loadgroup) they share
+# one worker, so two Ray clusters never start on the same two cores at once.
+RAY_TEST_FILES = {"test_ray.py", "test_ray_cleanup.py", "test_object_store.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, keep each test file on one worker (its module fixtures are built once)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "ray" if item.path.name in RAY_TEST_FILES else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 def make_raw_header(**overrides) -> fits.Header:
     """A header that satisfies the contract for a MINI b1 frame."""

@@ -12,6 +12,7 @@ from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs import reduce_worker
 from fiberlake.jobs.cli import main
 from fiberlake.jobs.ingest import ingest_night
+from fiberlake.jobs.model_pins import pin_models
 from fiberlake.jobs.process import process_night
 from fiberlake.jobs.query import scan_tables
 from fiberlake.jobs.runs import read_run
@@ -94,6 +95,7 @@ def test_runs_row_round_trips_and_prints(lake, capsys):
     config = BASE.updated({"optimal.reject_sigma": 4.5, "execution.chunk_fibers": 8})
     report = process_night(lake, NIGHT, config=config)
     record = read_run(lake, report.run_id)
+    config = pin_models(lake, config)  # the run records the model ids its settings resolved to
     assert record.params == config
     row = record.rows[0]
     assert row["config_hash"] == config.digest() and json.loads(row["config_json"]) == config.to_dict()
