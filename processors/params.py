@@ -624,19 +624,19 @@ class DenoiseTrainParams(ParSet):
 
     stage: ClassVar[str] = "train_denoise"
     seed: int = par(1600, "seed of the training stars and their exposures", bounds=(0, 2**31 - 1))
-    per_subclass: int = par(200, "high-S/N training stars per subclass (the paper's top 200)", bounds=(8, 100000))
-    noise_per_subclass: int = par(120, "stars per subclass observed several times for the NoiseFlow training noise",
+    per_subclass: int = par(150, "high-S/N training stars per subclass (the paper: its top 200)", bounds=(8, 100000))
+    noise_per_subclass: int = par(80, "stars per subclass observed several times for the NoiseFlow training noise",
                                   bounds=(1, 100000))
     n_exposures: int = par(3, "exposures of each noise star (the simulator's plates hold up to three)",
                            bounds=(2, 100))
     noise_mag_max: float = par(18.5, "faintest magnitude of the noise and DAE stars (13 the brightest)", unit="mag",
                                bounds=(13.5, 25.0))
     latent_dim: int = par(3, "latent dimension L (the paper: 3)", bounds=(1, 64))
-    ae_steps: int = par(3000, "Adam steps of the isometric autoencoder (eq. 10)", bounds=(1, 10**7))
+    ae_steps: int = par(2000, "Adam steps of the isometric autoencoder (eq. 10)", bounds=(1, 10**7))
     delta: float = par(1.0, "radius of the isometry perturbation (scaled flux units)", bounds=(0.0, 1e3))
-    flow_steps: int = par(1500, "Adam steps of NoiseFlow", bounds=(1, 10**7))
+    flow_steps: int = par(1000, "Adam steps of NoiseFlow", bounds=(1, 10**7))
     flow_window: int = par(5, "K: predecessors of each bin in NoiseFlow", bounds=(1, 256))
-    dae_steps: int = par(2000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
+    dae_steps: int = par(1000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
     max_missing_fraction: float = par(0.4, "longest random missing interval of the zero-imputation DAE's training",
                                       bounds=(0.0, 0.95))
     batch: int = par(64, "spectra per Adam update", bounds=(1, 100000))
