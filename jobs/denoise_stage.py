@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import polars as pl
@@ -57,11 +56,17 @@ class DenoiseReport:
         return text
 
 
-@lru_cache(maxsize=4)
-def _denoiser(model: str, lake_root: str, device: str) -> BayesianDenoiser:
+_LOADED: dict[tuple[str, str, str], BayesianDenoiser] = {}
+
+
+def _denoiser(model: str, lake_root, device: str) -> BayesianDenoiser:
+    """The model, loaded once per process (a model id is looked up in the lake's models/)."""
     from fiberlake.jobs.train_denoise import load_denoiser
 
-    return load_denoiser(model, lake_root, device)
+    key = (model, str(lake_root), device)
+    if key not in _LOADED:
+        _LOADED[key] = load_denoiser(model, lake_root, device)
+    return _LOADED[key]
 
 
 def map_settings(params: DenoiseParams) -> MapSettings:
@@ -130,7 +135,7 @@ def denoise_night(lake: Lake, night: str, config: ReductionParams, params: Denoi
     if not params.enabled:
         return report
     torch.set_num_threads(params.cpu_threads)
-    denoiser = _denoiser(params.model, str(lake.root), params.device)
+    denoiser = _denoiser(params.model, lake.root, params.device)
     report.model_id = denoiser.model_id
     tables = TableStore(lake.root / "tables")
     science = params.science_dict()
