@@ -270,6 +270,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_denoise(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.train_denoise import train_denoise, train_params_from_args
+    from fiberlake.storage.models import ship
+
+    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train denoise"
+    card = train_denoise(train_params_from_args(args), out=Path(args.out), command=command)
+    print(f"model {card['model_id']}: {card['path']}")
+    if args.ship:
+        print(f"shipped as the default denoise model: {ship(card['path'], 'denoise')}")
+    return 0
+
+
 def _cmd_train_classify(args: argparse.Namespace) -> int:
     from fiberlake.jobs.train_classify import train_classify, train_params_from_args
     from fiberlake.storage.models import ship
@@ -283,7 +295,6 @@ def _cmd_train_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _cmd_train_deconvolve(args: argparse.Namespace) -> int:
     from fiberlake.jobs.train_cae import train_deconvolve, train_params_from_args
     from fiberlake.storage.models import ship
@@ -293,18 +304,6 @@ def _cmd_train_deconvolve(args: argparse.Namespace) -> int:
     print(f"model {card['model_id']}: {path}")
     if args.ship:
         print(f"shipped as the default deconvolve model: {ship(path, 'deconvolve')}")
-    return 0
-
-
-def _cmd_train_denoise(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.train_denoise import train_denoise, train_params_from_args
-    from fiberlake.storage.models import ship
-
-    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train denoise"
-    card = train_denoise(train_params_from_args(args), out=Path(args.out), command=command)
-    print(f"model {card['model_id']}: {card['path']}")
-    if args.ship:
-        print(f"shipped as the default denoise model: {ship(card['path'], 'denoise')}")
     return 0
 
 

@@ -374,30 +374,6 @@ class ClassifyParams(ParSet):
     device: str = par("auto", "torch device (auto: CUDA when available)", choices=DEVICES, science=False)
 
 
-# --------------------------------------------------------------------------------------
-# stellar classification from 2D stripes (seed 003): a product above the frame
-# --------------------------------------------------------------------------------------
-CLASSIFY_METHODS = ("drcnet", "rcnet", "template")
-
-
-@dataclass(frozen=True)
-class ClassifyParams(ParSet):
-    """Stellar classes per fiber and exposure from both arms (:mod:`fiberlake.jobs.classify_stage`)."""
-
-    stage: ClassVar[str] = "classify"
-    enabled: bool = par(True, "label the night's stars after the products (needs torch)")
-    model: str = par("default", "classify model (DRC-Net and RC-Net): default (shipped), a model id of the lake's "
-                     "models table, or a directory with weights.safetensors and card.json")
-    methods: tuple[str, ...] = par(CLASSIFY_METHODS, "which classifiers write labels", choices=CLASSIFY_METHODS)
-    template_model: str = par("cannon", "star model of the template fit's grid (the other one than the data's; "
-                              "analytic when the Cannon pickles are missing)", choices=("cannon", "analytic"))
-    template_sigma: float = par(2.5, "Gaussian line-spread sigma of the templates", unit="A", bounds=(0.1, 50.0))
-    min_snr: float = par(0.0, "fibers whose red (else blue) aperture S/N is below this are flagged low_snr",
-                         bounds=(0.0, 1e6))
-    batch: int = par(256, "fibers per inference batch", bounds=(1, 100000), science=False)
-    device: str = par("auto", "torch device (auto: CUDA when available)", choices=DEVICES, science=False)
-
-
 @dataclass(frozen=True)
 class ReductionParams(ParSet):
     """Parameters of the classical reduction: the extractions to run and one set per stage.
@@ -536,6 +512,36 @@ class TypingTrainParams(ParSet):
 
 
 @dataclass(frozen=True)
+class DenoiseTrainParams(ParSet):
+    """Training of the denoiser (``fiberlake train denoise``): generator, KDE prior, NoiseFlow, DAE baselines.
+
+    Stars and noise are simulated on the 2048-bin grid from the simulator's spectral and noise models
+    (:mod:`fiberlake.ingest.sim_spectra1d`); the defaults train within ~15 CPU-minutes on 2 cores.
+    """
+
+    stage: ClassVar[str] = "train_denoise"
+    seed: int = par(1600, "seed of the training stars and their exposures", bounds=(0, 2**31 - 1))
+    per_subclass: int = par(150, "high-S/N training stars per subclass (the paper: its top 200)", bounds=(8, 100000))
+    noise_per_subclass: int = par(80, "stars per subclass observed several times for the NoiseFlow training noise",
+                                  bounds=(1, 100000))
+    n_exposures: int = par(3, "exposures of each noise star (the simulator's plates hold up to three)",
+                           bounds=(2, 100))
+    noise_mag_max: float = par(18.5, "faintest magnitude of the noise and DAE stars (13 the brightest)", unit="mag",
+                               bounds=(13.5, 25.0))
+    latent_dim: int = par(3, "latent dimension L (the paper: 3)", bounds=(1, 64))
+    ae_steps: int = par(2000, "Adam steps of the isometric autoencoder (eq. 10)", bounds=(1, 10**7))
+    delta: float = par(1.0, "radius of the isometry perturbation (scaled flux units)", bounds=(0.0, 1e3))
+    flow_steps: int = par(1000, "Adam steps of NoiseFlow", bounds=(1, 10**7))
+    flow_window: int = par(5, "K: predecessors of each bin in NoiseFlow", bounds=(1, 256))
+    dae_steps: int = par(1000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
+    max_missing_fraction: float = par(0.4, "longest random missing interval of the zero-imputation DAE's training",
+                                      bounds=(0.0, 0.95))
+    batch: int = par(64, "spectra per Adam update", bounds=(1, 100000))
+    lr: float = par(2e-3, "peak Adam learning rate (one-cycle schedule)", bounds=(1e-7, 1.0))
+    cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
+
+
+@dataclass(frozen=True)
 class ClassifyTrainParams(ParSet):
     """Training of the stellar classifier (``fiberlake train classify``): DRC-Net and RC-Net.
 
@@ -611,34 +617,3 @@ class CAETrainParams(ParSet):
     cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
     device: str = par("auto", "torch device of the training (auto: CUDA when available)", choices=DEVICES,
                       science=False)
-
-
-
-@dataclass(frozen=True)
-class DenoiseTrainParams(ParSet):
-    """Training of the denoiser (``fiberlake train denoise``): generator, KDE prior, NoiseFlow, DAE baselines.
-
-    Stars and noise are simulated on the 2048-bin grid from the simulator's spectral and noise models
-    (:mod:`fiberlake.ingest.sim_spectra1d`); the defaults train within ~15 CPU-minutes on 2 cores.
-    """
-
-    stage: ClassVar[str] = "train_denoise"
-    seed: int = par(1600, "seed of the training stars and their exposures", bounds=(0, 2**31 - 1))
-    per_subclass: int = par(150, "high-S/N training stars per subclass (the paper: its top 200)", bounds=(8, 100000))
-    noise_per_subclass: int = par(80, "stars per subclass observed several times for the NoiseFlow training noise",
-                                  bounds=(1, 100000))
-    n_exposures: int = par(3, "exposures of each noise star (the simulator's plates hold up to three)",
-                           bounds=(2, 100))
-    noise_mag_max: float = par(18.5, "faintest magnitude of the noise and DAE stars (13 the brightest)", unit="mag",
-                               bounds=(13.5, 25.0))
-    latent_dim: int = par(3, "latent dimension L (the paper: 3)", bounds=(1, 64))
-    ae_steps: int = par(2000, "Adam steps of the isometric autoencoder (eq. 10)", bounds=(1, 10**7))
-    delta: float = par(1.0, "radius of the isometry perturbation (scaled flux units)", bounds=(0.0, 1e3))
-    flow_steps: int = par(1000, "Adam steps of NoiseFlow", bounds=(1, 10**7))
-    flow_window: int = par(5, "K: predecessors of each bin in NoiseFlow", bounds=(1, 256))
-    dae_steps: int = par(1000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
-    max_missing_fraction: float = par(0.4, "longest random missing interval of the zero-imputation DAE's training",
-                                      bounds=(0.0, 0.95))
-    batch: int = par(64, "spectra per Adam update", bounds=(1, 100000))
-    lr: float = par(2e-3, "peak Adam learning rate (one-cycle schedule)", bounds=(1e-7, 1.0))
-    cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
