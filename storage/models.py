@@ -196,7 +196,7 @@ def ship(directory: str | Path, stage: str) -> Path:
     return target
 
 
-def locate(source: str, stage: str, lake_root: LakeRoot | None = None) -> LakeRoot:
+def locate(source: str, stage: str, lake_root: LakeRoot | str | None = None) -> LakeRoot:
     """The artifact folder a model setting names: ``default``, a folder path, or a model id in the lake.
 
     Raises
@@ -206,6 +206,10 @@ def locate(source: str, stage: str, lake_root: LakeRoot | None = None) -> LakeRo
     """
     if source == "default":
         return shipped_dir(stage)
+    if isinstance(lake_root, str):  # a lake root given as text (a path or an s3:// URL)
+        from fiberlake.storage.objectstore import as_root
+
+        lake_root = as_root(lake_root)
     path = Path(source).expanduser()
     if path.is_dir():
         return path

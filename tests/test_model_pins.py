@@ -22,6 +22,7 @@ def test_defaults_become_the_shipped_ids_and_land_in_the_lake(tmp_path):
         model_id = getattr(getattr(pinned, section), field)
         assert model_id == store.shipped_dir(stage).name  # the folder of a shipped artifact is its id
         assert (store.artifact_dir(lake.root, stage, model_id) / store.CARD).exists()
+        assert store.locate(model_id, stage, str(lake.root)) == store.artifact_dir(lake.root, stage, model_id)
     assert pinned.extraction_digest("cae") != config.extraction_digest("cae")
     assert pinned.extraction_digest("box") == config.extraction_digest("box")  # box uses no model
     rows = TableStore(lake.root / "tables").read("models")
