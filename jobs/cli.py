@@ -490,24 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_flags(t)
     t.set_defaults(func=_cmd_train)
-    from fiberlake.jobs.train_denoise import add_train_flags as add_denoise_flags
-
+    # the other stages' flags come from their parameter sets (no torch imported to build the parser)
+    from fiberlake.jobs.cli_params import add_parset_flags
+    from fiberlake.processors.params import CAETrainParams, ClassifyTrainParams, DenoiseTrainParams
     d = train_sub.add_parser("denoise", help="the Bayesian denoiser (seed 004): isometric generator, KDE prior, "
                              "NoiseFlow, plus its DAE baselines; writes OUT/<model_id>/ and OUT/<model_id>-baselines/")
     d.add_argument("--out", default="./models", help="folder of the artifacts (default ./models)")
     d.add_argument("--ship", action="store_true", help="make it the package's default denoise model (maintainers)")
-    add_denoise_flags(d)
+    add_parset_flags(d, DenoiseTrainParams, "train", "training parameters")
     d.set_defaults(func=_cmd_train_denoise)
-    from fiberlake.jobs.train_cae import add_train_flags as add_deconvolve_flags
-
     c = train_sub.add_parser("deconvolve", help="the PSF-conditioned CAE (seed 002): simulated chunks, BCE, "
                              "afterburner calibration, held-out figures; writes OUT/<model_id>/")
     c.add_argument("--out", default="./models", help="folder of the artifact (default ./models)")
     c.add_argument("--ship", action="store_true", help="make it the package's default deconvolve model (maintainers)")
-    add_deconvolve_flags(c)
+    add_parset_flags(c, CAETrainParams, "train", "training parameters")
     c.set_defaults(func=_cmd_train_deconvolve)
-
-    from fiberlake.jobs.train_classify import add_train_flags as add_classify_flags
 
     k = train_sub.add_parser("classify", help="DRC-Net and RC-Net stellar classifiers (seed 003): simulated stripes, "
                              "AdaGrad with early stopping, held-out S/N tables beside the template fit; writes "
@@ -516,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--cache", default=None, help="folder caching the simulated data sets")
     k.add_argument("--quiet", action="store_true", help="no progress bars")
     k.add_argument("--ship", action="store_true", help="make it the package's default classify model (maintainers)")
-    add_classify_flags(k)
+    add_parset_flags(k, ClassifyTrainParams, "train", "training parameters")
     k.set_defaults(func=_cmd_train_classify)
 
     p = sub.add_parser("export", help="write selected spectra as files the field's tools open (DESI layout, tabular FITS)",
