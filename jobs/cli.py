@@ -257,7 +257,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fiberlake.storage.models import ship
 
     params = train_params_from_args(args)
-    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else f"fiberlake train {args.stage}"
+    command = _train_command_line(args.stage)
     out = Path(args.out)
     card, path = train_typing(params, out=out, command=command, cache=args.cache, progress=not args.quiet)
     print(f"model {card['model_id']}: {path} (held-out final accuracy {card['heldout']['final_accuracy']:.4f}, "
@@ -270,41 +270,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_denoise(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.train_denoise import train_denoise, train_params_from_args
+def _train_command_line(stage: str) -> str:
+    """The command a model card records (what was typed, when run as ``fiberlake train ...``)."""
+    return "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else f"fiberlake train {stage}"
+
+
+def _report_trained(card: dict, path, stage: str, ship_it: bool) -> int:
+    """Print where a trained artifact is, and make it the package's default when asked (``--ship``)."""
     from fiberlake.storage.models import ship
 
-    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train denoise"
-    card = train_denoise(train_params_from_args(args), out=Path(args.out), command=command)
-    print(f"model {card['model_id']}: {card['path']}")
-    if args.ship:
-        print(f"shipped as the default denoise model: {ship(card['path'], 'denoise')}")
+    print(f"model {card['model_id']}: {path}")
+    if ship_it:
+        print(f"shipped as the default {stage} model: {ship(path, stage)}")
     return 0
+
+
+def _cmd_train_denoise(args: argparse.Namespace) -> int:
+    from fiberlake.jobs.train_denoise import train_denoise, train_params_from_args
+
+    card = train_denoise(train_params_from_args(args), out=Path(args.out), command=_train_command_line("denoise"))
+    return _report_trained(card, card["path"], "denoise", args.ship)
 
 
 def _cmd_train_classify(args: argparse.Namespace) -> int:
     from fiberlake.jobs.train_classify import train_classify, train_params_from_args
-    from fiberlake.storage.models import ship
 
-    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train classify"
-    card, path = train_classify(train_params_from_args(args), out=Path(args.out), command=command, cache=args.cache,
-                                progress=not args.quiet)
-    print(f"model {card['model_id']}: {path}")
-    if args.ship:
-        print(f"shipped as the default classify model: {ship(path, 'classify')}")
-    return 0
+    card, path = train_classify(train_params_from_args(args), out=Path(args.out),
+                                command=_train_command_line("classify"), cache=args.cache, progress=not args.quiet)
+    return _report_trained(card, path, "classify", args.ship)
 
 
 def _cmd_train_deconvolve(args: argparse.Namespace) -> int:
     from fiberlake.jobs.train_cae import train_deconvolve, train_params_from_args
-    from fiberlake.storage.models import ship
 
-    command = "fiberlake " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "fiberlake train deconvolve"
-    card, path = train_deconvolve(train_params_from_args(args), out=Path(args.out), command=command)
-    print(f"model {card['model_id']}: {path}")
-    if args.ship:
-        print(f"shipped as the default deconvolve model: {ship(path, 'deconvolve')}")
-    return 0
+    card, path = train_deconvolve(train_params_from_args(args), out=Path(args.out),
+                                  command=_train_command_line("deconvolve"))
+    return _report_trained(card, path, "deconvolve", args.ship)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
