@@ -26,6 +26,17 @@ def settings_in_use(config: ReductionParams) -> list[str]:
     return [name for name in MODEL_SETTINGS if used[name]]
 
 
+def _registered(lake: Lake, stage: str, model_id: str) -> bool:
+    """Whether the lake holds the artifact and its ``models`` row (both are written by ``register_model``)."""
+    from fiberlake.storage.tables import TableStore
+
+    if not (store.artifact_dir(lake.root, stage, model_id) / store.CARD).exists():
+        return False
+    rows = TableStore(lake.root / "tables").read("models", filters=[("stage", "=", stage), ("model_id", "=", model_id)],
+                                                 columns=["model_id"])
+    return rows.num_rows > 0
+
+
 def pin_models(lake: Lake, config: ReductionParams) -> ReductionParams:
     """``config`` with every model setting of the stages it runs replaced by a model id in the lake.
 
@@ -57,7 +68,7 @@ def pin_models(lake: Lake, config: ReductionParams) -> ReductionParams:
         _, card = store.read_artifact(directory)  # checks the weights' hash against the card
         if card.get("stage") != stage:
             raise store.ArtifactError(f"{name} = {source!r} is a {card.get('stage')!r} model, not a {stage!r} model")
-        if not (store.artifact_dir(lake.root, stage, card["model_id"]) / store.CARD).exists():
+        if not _registered(lake, stage, card["model_id"]):  # its folder may exist without its row (a kill between)
             register_model(lake, directory, source="pinned by a run" if source != "default" else "shipped default")
         pins[name] = card["model_id"]
     return config.updated(pins) if pins else config

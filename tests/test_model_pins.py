@@ -41,3 +41,14 @@ def test_unused_stages_are_not_pinned_and_a_bad_setting_fails_first(tmp_path):
     shutil.copytree(store.shipped_dir("typing"), wrong)
     with pytest.raises(store.ArtifactError, match="not a 'denoise' model"):
         pin_models(lake, config.updated({"denoise.enabled": True, "denoise.model": str(wrong)}))
+
+
+def test_a_folder_without_its_row_is_registered_again(tmp_path):
+    """A kill between the artifact's copy and its ``models`` commit: the next run adds the row."""
+    lake = Lake.at(tmp_path / "lake")
+    shipped = store.shipped_dir("denoise")
+    shutil.copytree(shipped, store.artifact_dir(lake.root, "denoise", shipped.name))
+    config = ReductionParams().updated({"extractions": ("box",), "classify.enabled": False})
+    assert pin_models(lake, config).denoise.model == shipped.name
+    rows = TableStore(lake.root / "tables").read("models")
+    assert rows["model_id"].to_pylist() == [shipped.name]
