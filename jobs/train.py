@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ import numpy as np
 from fiberlake.jobs.cli_params import add_parset_flags, parset_from_args
 from fiberlake.processors.params import TypingParams, TypingTrainParams
 from fiberlake.schemas.header import OBSTYPES as CLASSES
-from fiberlake.schemas.parset import flag_name
 from fiberlake.storage import models as store
 
 # The simulator, the pre-processing and torch are imported where they are used, so that building
@@ -394,13 +393,7 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     }
     path = None
     if out is not None:
-        tmp = Path(out) / ".incoming"
-        card = store.write_artifact(tmp, state_arrays(model), card)
-        path = Path(out) / card["model_id"]
-        if path.exists():
-            import shutil
-            shutil.rmtree(path)
-        tmp.rename(path)
+        card, path = store.write_artifact_named(out, state_arrays(model), card, STAGE)
     return card, path
 
 

@@ -282,14 +282,7 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
     }
     path = None
     if out is not None:
-        tmp = Path(out) / ".incoming-classify"
-        card = store.write_artifact(tmp, tensors, card)
-        path = Path(out) / card["model_id"]
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        tmp.rename(path)
+        card, path = store.write_artifact_named(out, tensors, card, STAGE)
     return card, path
 
 

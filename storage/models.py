@@ -114,6 +114,25 @@ def write_artifact(directory: LakeRoot | str, tensors: dict[str, np.ndarray], ca
     return card
 
 
+def write_artifact_named(out: str | Path, tensors: dict[str, np.ndarray], card: dict, stage: str) -> tuple[dict, Path]:
+    """Write an artifact into ``out/<model_id>/`` (through a temporary folder, then one rename).
+
+    Returns
+    -------
+    tuple of (dict, Path)
+        The card (with ``model_id``) and the artifact's folder.
+    """
+    import shutil
+
+    tmp = Path(out) / f".incoming-{stage}"
+    card = write_artifact(tmp, tensors, card)
+    path = Path(out) / card["model_id"]
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return card, path
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
