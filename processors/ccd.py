@@ -266,6 +266,23 @@ def preprocess(raw: np.ndarray, params: CCDParams, master_bias: np.ndarray | Non
         read-noise model, robust to negative noise), 0 where a fatal bit is set; ``mask`` with
         ``SATURATED`` (raw at or above ``params.saturation``), ``NONFINITE`` and ``COSMIC``.
     """
+    adu, mask = correct_counts(raw, params, master_bias)
+    if cosmics:
+        mask[cosmic_mask(adu, mask, params)] |= MASK_DTYPE(Mask.COSMIC)
+    return to_electrons(adu, mask, params)
+
+
+def correct_counts(raw: np.ndarray, params: CCDParams,
+                   master_bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first steps of :func:`preprocess`: overscan, master bias, saturated and non-finite flags.
+
+    Returns
+    -------
+    adu : ndarray of float32, shape of the data section
+        Bias-subtracted counts (ADU), 0 where not finite.
+    mask : ndarray of uint32
+        ``SATURATED`` and ``NONFINITE`` bits (the only bits set so far).
+    """
     raw_data = np.asarray(raw[params.datasec])
     finite_raw = np.isfinite(raw_data) if raw_data.dtype.kind == "f" else np.ones(raw_data.shape, bool)
     adu = overscan_subtract(raw, params.datasec, params.biassec,
@@ -282,15 +299,45 @@ def preprocess(raw: np.ndarray, params: CCDParams, master_bias: np.ndarray | Non
     mask[saturated] |= MASK_DTYPE(Mask.SATURATED)
     mask[nonfinite] |= MASK_DTYPE(Mask.NONFINITE)
     adu[nonfinite] = 0.0
+    return adu, mask
 
-    if cosmics:
-        crmask, _ = astroscrappy.detect_cosmics(
-            adu, inmask=(saturated | nonfinite), sigclip=params.cr_sigclip, sigfrac=params.cr_sigfrac,
-            objlim=params.cr_objlim, gain=params.gain, readnoise=params.read_noise,
-            satlevel=np.inf, niter=params.cr_niter, sepmed=True, cleantype="meanmask")
-        crmask = _grow(crmask, params.cr_grow) & ~nonfinite
-        mask[crmask] |= MASK_DTYPE(Mask.COSMIC)
 
+def cosmic_mask(adu: np.ndarray, mask: np.ndarray, params: CCDParams) -> np.ndarray:
+    """L.A.Cosmic (``astroscrappy.detect_cosmics``) on counts from :func:`correct_counts`.
+
+    Every step of the detection is local (the largest window is 7 x 7, a few times over
+    ``cr_niter`` iterations), so a column slab with a margin of
+    :data:`COSMIC_MARGIN` columns on each side flags its inner columns as the whole frame does.
+
+    Parameters
+    ----------
+    adu : ndarray of float32, shape (ny, nx)
+        Counts (ADU).
+    mask : ndarray of uint32
+        Bits from :func:`correct_counts` (flagged pixels are ignored by the detection).
+    params : CCDParams
+
+    Returns
+    -------
+    ndarray of bool
+        Cosmic-ray pixels (grown by ``cr_grow``), never a non-finite one.
+    """
+    nonfinite = (mask & MASK_DTYPE(Mask.NONFINITE)) != 0
+    crmask, _ = astroscrappy.detect_cosmics(
+        adu, inmask=(mask != 0), sigclip=params.cr_sigclip, sigfrac=params.cr_sigfrac,
+        objlim=params.cr_objlim, gain=params.gain, readnoise=params.read_noise,
+        satlevel=np.inf, niter=params.cr_niter, sepmed=True, cleantype="meanmask")
+    return _grow(crmask, params.cr_grow) & ~nonfinite
+
+
+COSMIC_MARGIN = 48
+"""Columns on each side of a slab whose cosmic-ray flags are discarded: beyond the reach of
+every L.A.Cosmic step over its iterations plus ``cr_grow`` (tests/test_chunks.py checks that
+slabs flag exactly as the whole frame)."""
+
+
+def to_electrons(adu: np.ndarray, mask: np.ndarray, params: CCDParams) -> CCDImage:
+    """The last step of :func:`preprocess`: electrons, inverse variance, fatal bits to ``ivar = 0``."""
     image = adu * np.float32(params.gain)
     variance = np.float32(params.read_noise) ** 2 + np.maximum(image, 0.0)
     ivar = (1.0 / np.maximum(variance, np.float32(1e-6))).astype(np.float32)

@@ -236,6 +236,10 @@ class ExecutionParams(ParSet):
                             unit="fibers", bounds=(0, 100000), science=False)
     chunk_margin: int = par(2, "neighbour fibers extracted with each bundle on either side, then dropped",
                             unit="fibers", bounds=(0, 100), science=False)
+    prepare_tiles: int = par(8, "column tiles a frame's cosmic rays and rectification are computed in (1: whole frame)",
+                             bounds=(1, 4096), science=False)
+    prepare_threads: int = par(0, "threads over the tiles (0: OMP_NUM_THREADS, which Ray sets to an actor's CPUs, "
+                               "else every CPU)", bounds=(0, 1024), science=False)
     deconv_device: str = par("auto", "torch device of the deconvolution (auto: CUDA when available)",
                              choices=DEVICES, science=False)
     deconv_batch: int = par(0, "deconvolution patches solved per batch (0: all of a bundle)", bounds=(0, 1_000_000),

@@ -26,7 +26,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from fiberlake.processors import ccd, deconv, extract, fiberflat, quality, rectify, resample, sky, tracing, wavecal
+from fiberlake.processors import (ccd, deconv, extract, fiberflat, frame_tiles, quality, rectify, resample, sky,
+                                   tracing, wavecal)
 from fiberlake.processors.chunks import Bundle, bundle_columns, plan_bundles, subset_profile, subset_psf, subset_traces
 from fiberlake.processors.rectify import Rectification, RectifyConfig
 from fiberlake.processors.params import DEFAULT_EXTRACTIONS, EXTRACTIONS, ReductionParams
@@ -403,11 +404,14 @@ def prepare_frame(raw: np.ndarray, ccd_params: ccd.CCDParams, calib: Calibration
     list of FrameSlab
         One per bundle of :func:`frame_bundles`, in order.
     """
-    image = ccd.preprocess(raw, camera_ccd_params(ccd_params, params), calib.master_bias,
-                           cosmics=params.cosmics.enabled)
-    if calib.rectification is not None:  # the calibration lives in the rectified frame
-        image = rectify.rectify_image(image.image, image.ivar, image.mask, calib.rectification.map,
-                                      order=calib.rectification.config.order)
+    camera = camera_ccd_params(ccd_params, params)
+    adu, mask = ccd.correct_counts(raw, camera, calib.master_bias)
+    rect = calib.rectification  # when set, the calibration lives in the rectified frame
+    run = params.execution
+    image = frame_tiles.correct_frame(adu, mask, camera, cosmics=params.cosmics.enabled,
+                                      rmap=None if rect is None else rect.map,
+                                      order=3 if rect is None else rect.config.order,
+                                      n_tiles=run.prepare_tiles, threads=frame_tiles.threads(run.prepare_threads))
     constants = FrameConstants(
         read_noise=extract.estimate_read_noise(image.image, image.ivar, image.mask),
         deblend_halfwidth=params.optimal.deblend_halfwidth or extract.default_deblend_halfwidth(

@@ -460,13 +460,46 @@ def rectify_image(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, 
     ValueError
         If the shapes disagree or the map folds (is not monotonic along a pass).
     """
+    ny, nx = np.shape(image)
+    if (rmap.frame.ny, rmap.frame.nx) != (ny, nx):
+        raise ValueError(f"map fitted on {rmap.frame.ny}x{rmap.frame.nx}, frame is {ny}x{nx}")
+    return rectify_columns(image, ivar, mask, rmap, col0=0, out=(0, nx), order=order,
+                           bad_tolerance=bad_tolerance, min_weight=min_weight)
+
+
+def source_columns(rmap: CoordinateMap, out: tuple[int, int], pad: int = 4) -> tuple[int, int]:
+    """CCD columns ``[a, b)`` that the rectified columns ``out = [c0, c1)`` are resampled from.
+
+    The inverse map of the two outer column edges over every row, widened by ``pad`` columns
+    (the cubic interpolation reaches one pixel beyond an output pixel's span) and clipped to the CCD.
+    """
+    ny, nx = rmap.frame.ny, rmap.frame.nx
+    rows = np.arange(ny + 1, dtype=float) - 0.5
+    src, _ = rmap.inverse_grid(np.array([out[0] - 0.5, out[1] - 0.5]), rows)
+    return max(0, int(np.floor(src[:, 0].min())) - pad), min(nx, int(np.ceil(src[:, 1].max())) + pad + 1)
+
+
+def rectify_columns(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, rmap: CoordinateMap, *,
+                    col0: int, out: tuple[int, int], order: int = 3, bad_tolerance: float = BAD_TOLERANCE,
+                    min_weight: float = MIN_WEIGHT) -> CCDImage:
+    """:func:`rectify_image` of a column slab: the rectified columns ``out = [c0, c1)`` from the CCD
+    columns ``[col0, col0 + width)`` held in ``image``, ``ivar`` and ``mask`` (every row).
+
+    The slab must hold every column the outputs are resampled from (:func:`source_columns`);
+    then the output equals those columns of :func:`rectify_image` of the whole frame, up to the
+    rounding of the cumulative sums (they start at the slab's first column). Raises ValueError
+    when an inner edge of the slab is too close to the columns it must deliver.
+    """
     img = np.asarray(image, np.float32)
     iv = np.asarray(ivar, np.float32)
     ny, nx = img.shape
+    o0, o1 = int(out[0]), int(out[1])
     if iv.shape != img.shape or (mask is not None and np.shape(mask) != img.shape):
         raise ValueError("image, ivar and mask must have one shape")
-    if (rmap.frame.ny, rmap.frame.nx) != (ny, nx):
-        raise ValueError(f"map fitted on {rmap.frame.ny}x{rmap.frame.nx}, frame is {ny}x{nx}")
+    if rmap.frame.ny != ny or col0 < 0 or col0 + nx > rmap.frame.nx or not 0 <= o0 < o1 <= rmap.frame.nx:
+        raise ValueError(f"map fitted on {rmap.frame.ny}x{rmap.frame.nx}: columns {col0}+{nx} x {ny} rows "
+                         f"to {o0}..{o1} do not fit")
+    n_out = o1 - o0
     msk = np.zeros((ny, nx), MASK_DTYPE) if mask is None else np.asarray(mask, MASK_DTYPE)
     finite = np.isfinite(img) & np.isfinite(iv)
     bad = ~finite | ~(iv > 0) | ((msk & _FATAL) != 0)
@@ -478,6 +511,8 @@ def rectify_image(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, 
 
     # map at every pixel corner, stored as displacements (float32: ~1e-6 px, half the memory)
     col_edges = np.arange(nx + 1, dtype=float) - 0.5
+    if col0:
+        col_edges += col0
     row_edges = np.arange(ny + 1, dtype=float) - 0.5
     dfx = np.empty((ny + 1, nx + 1), np.float32)
     dfy = np.empty((ny + 1, nx + 1), np.float32)
@@ -487,18 +522,22 @@ def rectify_image(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, 
         dfx[s:e] = fx - col_edges[None, :]
         dfy[s:e] = fy - row_edges[s:e, None]
 
+    inner = (col0 > 0, col0 + nx < rmap.frame.nx)  # slab edges that are not the CCD's
+
     def breaks1(s, e):  # rectified column of every column edge at the centres of rows s..e
         b = col_edges[None, :] + 0.5 * (dfx[s:e].astype(float) + dfx[s + 1:e + 1])
         _check_monotonic(b, "columns")
-        return b
+        if (inner[0] and float(b[:, 2].max()) > o0 - 0.5) or (inner[1] and float(b[:, -3].min()) < o1 - 0.5):
+            raise ValueError(f"columns {col0}..{col0 + nx} do not cover the rectified columns {o0}..{o1}")
+        return b - o0 if o0 else b
 
     p1 = _pass(lambda s, e: img[s:e], lambda s, e: var[s:e], lambda s, e: bad[s:e], lambda s, e: msk[s:e],
-               breaks1, ny, nx, order, bad_tolerance, min_weight)
+               breaks1, ny, n_out, order, bad_tolerance, min_weight)
     t_flux, t_var, t_bad, t_bits = p1
 
     # rectified row of every row edge along each output column (where F_x = column)
-    cols_out = np.arange(nx, dtype=float)
-    dyb = np.empty((nx, ny + 1), np.float32)
+    cols_out = np.arange(o0, o1, dtype=float)
+    dyb = np.empty((n_out, ny + 1), np.float32)
     for s in range(0, ny + 1, _BLOCK):
         e = min(ny + 1, s + _BLOCK)
         fx = col_edges[None, :] + dfx[s:e]
@@ -512,11 +551,11 @@ def rectify_image(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, 
         return b
 
     p2 = _pass(lambda s, e: t_flux[:, s:e].T, lambda s, e: t_var[:, s:e].T, lambda s, e: t_bad[:, s:e].T,
-               lambda s, e: t_bits[:, s:e].T, breaks2, nx, ny, order, bad_tolerance, min_weight, transpose=True)
+               lambda s, e: t_bits[:, s:e].T, breaks2, n_out, ny, order, bad_tolerance, min_weight, transpose=True)
     flux, v, obad, obits = p2
     fatal = obad | ((obits & _FATAL) != 0)
     good = ~fatal & (v > 0)
-    out_ivar = np.zeros((ny, nx), np.float32)
+    out_ivar = np.zeros((ny, n_out), np.float32)
     np.divide(1.0, v, out=out_ivar, where=good, casting="unsafe")
     flux[~np.isfinite(flux)] = 0.0
     return CCDImage(image=flux, ivar=out_ivar, mask=obits)
