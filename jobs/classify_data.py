@@ -99,8 +99,12 @@ def _camera_models(inst, night: str, seed: int, params: SimParams, cache: dict) 
 _CACHE: dict = {}
 
 
-def simulate_exposure(spec: ExposureSpec, instrument: str = "mini") -> dict[str, np.ndarray]:
+def simulate_exposure(spec: ExposureSpec, instrument: str = "mini", with_raw: bool = False) -> dict[str, np.ndarray]:
     """Samples (one per star with usable stripes in both arms) of one exposure.
+
+    ``with_raw``: also the sky-subtracted stripes in electrons with their variance (what the
+    noise augmentation of training needs): ``signal_*``, ``var_*``, ``bkg_*`` (float32),
+    ``good_*`` (bool), ``(n, 11, w)``.
 
     Returns
     -------
@@ -133,7 +137,12 @@ def simulate_exposure(spec: ExposureSpec, instrument: str = "mini") -> dict[str,
     (b, wave_b), (r, wave_r) = arms["b"], arms["r"]
     spectype = np.asarray(targets["SPECTYPE"]).astype(str)
     keep = np.flatnonzero(np.isin(spectype, CLASSES) & b.usable & r.usable)
-    return {
+    raw = {}
+    if with_raw:
+        for a, inp in (("b", b), ("r", r)):
+            raw |= {f"signal_{a}": inp.signal[keep], f"var_{a}": inp.var[keep],
+                    f"bkg_{a}": inp.background_var[keep], f"good_{a}": inp.good[keep]}
+    return raw | {
         "stripes_b": b.stripes[keep].astype(np.float16), "stripes_r": r.stripes[keep].astype(np.float16),
         "flux_b": b.flux[keep], "ivar_b": b.ivar[keep], "flux_r": r.flux[keep], "ivar_r": r.ivar[keep],
         "wave_b": wave_b[keep], "wave_r": wave_r[keep],
@@ -152,10 +161,14 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def build_dataset(specs: list[ExposureSpec], workers: int = 1, progress: bool = False) -> dict[str, np.ndarray]:
+def build_dataset(specs: list[ExposureSpec], workers: int = 1, progress: bool = False,
+                  with_raw: bool = False) -> dict[str, np.ndarray]:
     """Samples of every exposure of ``specs`` (in order), simulated by ``workers`` processes."""
+    from functools import partial
+
+    simulate = partial(simulate_exposure, with_raw=with_raw)
     if workers <= 1:
-        it = map(simulate_exposure, specs)
+        it = map(simulate, specs)
         parts = list(_progress(it, len(specs), progress))
     else:
         # Exposures of one night go to one worker in a row (its camera models are cached).
@@ -163,7 +176,7 @@ def build_dataset(specs: list[ExposureSpec], workers: int = 1, progress: bool = 
 
         # spawn, not fork: the caller may hold torch's thread pools, which a forked child must not inherit
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            parts = list(_progress(pool.map(simulate_exposure, specs, chunksize=4), len(specs), progress))
+            parts = list(_progress(pool.map(simulate, specs, chunksize=4), len(specs), progress))
     return _concat(parts)
 
 
@@ -175,11 +188,11 @@ def _progress(it, total: int, enabled: bool):
     return tqdm(it, total=total, desc="classify data", unit="exposure")
 
 
-DATA_VERSION = "1"
+DATA_VERSION = "2"
 """Version of the sample layout (part of the cache key)."""
 
 
-def dataset_key(specs: list[ExposureSpec], instrument: str = "mini") -> str:
+def dataset_key(specs: list[ExposureSpec], instrument: str = "mini", with_raw: bool = False) -> str:
     """Content key of a data set: its exposures, the simulator's version and the sample layout."""
     import hashlib
     import json
@@ -187,12 +200,12 @@ def dataset_key(specs: list[ExposureSpec], instrument: str = "mini") -> str:
     from fiberlake.ingest.sim_params import SIM_VERSION
 
     text = json.dumps({"specs": [s.to_dict() for s in specs], "instrument": instrument, "sim": SIM_VERSION,
-                       "layout": DATA_VERSION}, sort_keys=True)
+                       "layout": DATA_VERSION, "raw": with_raw}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_or_build(specs: list[ExposureSpec], cache=None, workers: int = 1, progress: bool = False,
-                  instrument: str = "mini") -> tuple[dict[str, np.ndarray], bool]:
+                  instrument: str = "mini", with_raw: bool = False) -> tuple[dict[str, np.ndarray], bool]:
     """A data set from ``cache/classify-<key>.npz`` when there, else simulated (and cached).
 
     Returns
@@ -202,11 +215,11 @@ def load_or_build(specs: list[ExposureSpec], cache=None, workers: int = 1, progr
     """
     from pathlib import Path
 
-    path = None if cache is None else Path(cache) / f"classify-{dataset_key(specs, instrument)}.npz"
+    path = None if cache is None else Path(cache) / f"classify-{dataset_key(specs, instrument, with_raw)}.npz"
     if path is not None and path.exists():
         with np.load(path) as npz:
             return {k: npz[k] for k in npz.files}, True
-    data = build_dataset(specs, workers=workers, progress=progress)
+    data = build_dataset(specs, workers=workers, progress=progress, with_raw=with_raw)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")

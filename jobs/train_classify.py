@@ -5,9 +5,15 @@ Steps (:func:`train_classify`):
 1. simulate the training exposures (:mod:`fiberlake.jobs.classify_data`, flat class mix, brighter
    plates) and the held-out exposures (other seeds, fainter plates so every S/N bin is filled),
    of the training's star model and, when the Cannon models are installed, of the other one;
-2. keep training stars above ``snr_min`` (the paper: S/N_r > 30), 10 % of them for validation;
-3. train each network with AdaGrad and cross-entropy, early stopping on the validation loss
-   (best weights kept), within ``max_minutes``;
+2. keep training stars above ``snr_min`` (the paper: S/N_r > 30); the stars of 10 % of the
+   exposures (whole exposures, so validation shares no sky, plate or night state with training)
+   for validation;
+3. train each network with AdaGrad (weight decay) and cross-entropy, early stopping on the
+   validation loss (best weights kept), within ``max_minutes``. Each batch makes a fraction of
+   its stars fainter (:func:`fiberlake.processors.stripes.degrade`: target S/N_r log-uniform from
+   ``augment_snr_min`` to the star's own, noise from the frame's variance model), the same draws
+   for both networks (same seed), so DRC-Net and RC-Net see the same stars, noise and budget.
+   The validation stars are degraded once the same way (fixed draws);
 4. score both on every held-out set in the paper's S/N bins, beside the template fit (templates
    from the other star model than the held-out set's, :mod:`fiberlake.jobs.classify_templates`);
 5. write one artifact (both networks' weights, safetensors; the card holds the figures).
@@ -43,7 +49,7 @@ def data_sets(params: ClassifyTrainParams, cache, progress: bool, log: Callable[
     out = {}
     specs = plan_exposures(params.seed, params.exposures, stellar_model=params.stellar_model, mag_offset=(-3.0, 0.0))
     t0 = time.time()
-    out["train"], cached = load_or_build(specs, cache, params.workers, progress)
+    out["train"], cached = load_or_build(specs, cache, params.workers, progress, with_raw=True)
     out["train_specs"] = specs
     log(f"training stars: {len(out['train']['label'])} ({'cache' if cached else f'{time.time() - t0:.0f} s'})")
     models = ["analytic"] + (["cannon"] if resolve_stellar_model("cannon")[0] == "cannon" else [])
@@ -76,44 +82,81 @@ def build_network(kind: str, shapes: dict, n_classes: int):
     return RCNet(shapes["width_b"] + shapes["width_r"], n_classes)
 
 
-def _drop_arm(inputs: list, kind: str, rng: np.random.Generator, p: float, width_b: int) -> None:
-    n = inputs[0].shape[0]
-    u = rng.uniform(size=n)
-    blue, red = u < p / 2, (u >= p / 2) & (u < p)
-    if kind == "drcnet":
-        inputs[0][blue] = 0.0
-        inputs[1][red] = 0.0
-    else:
-        inputs[0][blue, :width_b] = 0.0
-        inputs[0][red, width_b:] = 0.0
+class Augmenter:
+    """Training batches of both networks from the raw (sky-subtracted, electrons) stripes.
+
+    Each call draws, per star, whether it is made fainter (probability ``augment_fraction``), its
+    target S/N_r (log-uniform from ``augment_snr_min`` to its own) and which arm it loses (arm
+    dropout), always with the same calls on ``rng``, so two networks trained with generators of
+    one seed see the same stars, noise and dropped arms.
+    """
+
+    def __init__(self, data: dict[str, np.ndarray], params: ClassifyTrainParams) -> None:
+        self.data = data
+        self.params = params
+        good, sig, bkg = data["good_r"], data["signal_r"], data["bkg_r"]
+        n_good = np.maximum(good.sum(axis=1), 1)
+        width = good.shape[1]
+        # per star: median aperture signal and background variance of the red arm (S/N_r defines the bins)
+        self.star = np.median(sig.sum(axis=1) * width / n_good, axis=1)
+        self.background = np.median(np.where(good, bkg, 0.0).sum(axis=1) * width / n_good, axis=1)
+
+    def batch(self, idx: np.ndarray, rng: np.random.Generator) -> dict[str, tuple]:
+        """Inputs of both networks (``drcnet``, ``rcnet``) for the samples ``idx``."""
+        from fiberlake.processors.drcnet import spectrum_input
+        from fiberlake.processors.stripes import degrade, factor_for_snr, stripe_inputs
+
+        p, d = self.params, self.data
+        n = idx.size
+        own = np.maximum(d["snr_r"][idx].astype(np.float64), p.augment_snr_min)
+        target = np.exp(rng.uniform(np.log(p.augment_snr_min), np.log(own)))
+        fainter = rng.uniform(size=n) < p.augment_fraction
+        factor = np.where(fainter, factor_for_snr(self.star[idx], self.background[idx], target), 1.0)
+        drop = rng.uniform(size=n)
+        arms = {}
+        for a in ("b", "r"):
+            sig, var = degrade(d[f"signal_{a}"][idx], d[f"var_{a}"][idx], d[f"bkg_{a}"][idx], d[f"good_{a}"][idx],
+                               factor, rng)
+            arms[a] = stripe_inputs(sig, var, d[f"good_{a}"][idx])
+        lost = {"b": drop < p.arm_dropout / 2, "r": (drop >= p.arm_dropout / 2) & (drop < p.arm_dropout)}
+        for a in ("b", "r"):
+            z, flux, ivar = arms[a]
+            z[lost[a]] = 0.0
+            ivar[lost[a]] = 0.0
+        zb, fb, ib = arms["b"]
+        zr, fr, ir = arms["r"]
+        return {"drcnet": (zb, zr), "rcnet": (spectrum_input(fb, ib, fr, ir),)}
 
 
-def fit_network(kind: str, model, train: tuple, y_train: np.ndarray, val: tuple, y_val: np.ndarray,
-                params: ClassifyTrainParams, width_b: int, log: Callable[[str], None]) -> dict:
-    """AdaGrad + cross-entropy with early stopping on the validation loss; the best weights are kept."""
+def fit_network(kind: str, model, augmenter: Augmenter, tr_idx: np.ndarray, val: tuple, y_val: np.ndarray,
+                params: ClassifyTrainParams, log: Callable[[str], None]) -> dict:
+    """AdaGrad + cross-entropy with early stopping on the validation loss; the best weights are kept.
+
+    Training batches come from ``augmenter`` (fainter stars, dropped arms); ``val`` are fixed inputs.
+    """
     import torch
 
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
-    opt = torch.optim.Adagrad(model.parameters(), lr=params.lr)
+    opt = torch.optim.Adagrad(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     val_t = [torch.from_numpy(a) for a in val]
     yv = torch.from_numpy(y_val)
+    y_all = augmenter.data["label"]
     best, best_state, waited, history = np.inf, None, 0, []
     start = time.time()
-    n = y_train.size
+    n = tr_idx.size
     for epoch in range(params.epochs):
         model.train()
-        order = rng.permutation(n)
+        order = tr_idx[rng.permutation(n)]
         total = 0.0
         for s in range(0, n, params.batch):
             idx = order[s:s + params.batch]
+            inputs = augmenter.batch(idx, rng)[kind]
             if idx.size < 2:
                 continue
-            batch = [a[idx].copy() for a in train]
-            _drop_arm(batch, kind, rng, params.arm_dropout, width_b)
             opt.zero_grad()
-            loss = loss_fn(model(*[torch.from_numpy(b) for b in batch]), torch.from_numpy(y_train[idx]))
+            loss = loss_fn(model(*[torch.from_numpy(b) for b in inputs]), torch.from_numpy(y_all[idx]))
             loss.backward()
             opt.step()
             total += float(loss) * idx.size
@@ -123,7 +166,8 @@ def fit_network(kind: str, model, train: tuple, y_train: np.ndarray, val: tuple,
             vloss = float(loss_fn(logits, yv))
             vacc = float((logits.argmax(1) == yv).float().mean())
         history.append({"epoch": epoch + 1, "train_loss": total / n, "val_loss": vloss, "val_accuracy": vacc})
-        log(f"{kind} epoch {epoch + 1}: train loss {total / n:.4f}, validation loss {vloss:.4f}, accuracy {vacc:.3f}")
+        log(f"{kind} epoch {epoch + 1}: train loss {total / n:.4f}, validation loss {vloss:.4f}, accuracy {vacc:.3f}"
+            f" ({time.time() - start:.0f} s)")
         if vloss < best - 1e-4:
             best, waited = vloss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -234,22 +278,25 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
     torch.set_num_threads(params.cpu_threads)
     sets = data_sets(params, cache, progress, log)
     train = sets["train"]
-    keep = np.flatnonzero(train["snr_r"] > params.snr_min)
+    bright = train["snr_r"] > params.snr_min
+    expids = np.unique(train["expid"])
     rng = np.random.default_rng(params.seed)
-    keep = rng.permutation(keep)
-    n_val = max(1, keep.size // 10)
-    val_idx, tr_idx = keep[:n_val], keep[n_val:]
-    log(f"training on {tr_idx.size} stars of S/N_r > {params.snr_min:g}, validating on {val_idx.size}; "
-        f"classes in training: {np.bincount(train['label'][tr_idx], minlength=len(CLASSES)).tolist()}")
+    val_exp = rng.permutation(expids)[:max(1, expids.size // 10)]
+    in_val = np.isin(train["expid"], val_exp)
+    val_idx, tr_idx = np.flatnonzero(bright & in_val), np.flatnonzero(bright & ~in_val)
+    log(f"training on {tr_idx.size} stars of S/N_r > {params.snr_min:g}, validating on {val_idx.size} "
+        f"(stars of {val_exp.size} other exposures); classes in training: "
+        f"{np.bincount(train['label'][tr_idx], minlength=len(CLASSES)).tolist()}")
     shapes = {"rows": int(train["stripes_b"].shape[1]), "width_b": int(train["stripes_b"].shape[2]),
               "width_r": int(train["stripes_r"].shape[2])}
+    augmenter = Augmenter(train, params)
+    val_inputs = augmenter.batch(val_idx, np.random.default_rng(params.seed + 1))
     nets, training = {}, {}
     for kind in ("drcnet", "rcnet"):
         torch.manual_seed(params.seed)
         model = build_network(kind, shapes, len(CLASSES))
-        training[kind] = fit_network(kind, model, network_inputs(kind, train, tr_idx), train["label"][tr_idx],
-                                     network_inputs(kind, train, val_idx), train["label"][val_idx], params,
-                                     shapes["width_b"], log)
+        training[kind] = fit_network(kind, model, augmenter, tr_idx, val_inputs[kind], train["label"][val_idx],
+                                     params, log)
         nets[kind] = model
     heldout = {}
     for name in ("heldout_analytic", "heldout_cannon"):
@@ -265,13 +312,16 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
         "classes": list(CLASSES),
         "input_shape": [shapes["rows"], shapes["width_b"], shapes["width_r"]],
         "prep": {"stripe": "11 px around the trace, rows 500/4096-3500/4096 of the frame, z-scored per stripe, "
-                 "masked pixels 0", "spectrum": "aperture sum of the stripe minus the sky fibers' median, "
-                 "z-scored per arm, arms concatenated"},
+                 "sky-subtracted (SKY fibers' median aperture spectrum x the fiber's profile), masked pixels 0",
+                 "spectrum": "aperture sum of the sky-subtracted stripe, z-scored per arm, arms concatenated",
+                 "augmentation": "training stars made fainter (target S/N_r log-uniform from augment_snr_min to "
+                 "their own) with noise from the frame's variance model; arm dropout"},
         "n_parameters": {k: int(sum(p.numel() for p in m.parameters())) for k, m in nets.items()},
         "training": {**{k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in training.items()},
                      "history": {k: v["history"] for k, v in training.items()},
                      "params": params.to_dict(), "optimizer": "AdaGrad", "loss": "cross-entropy",
-                     "train_stars": int(tr_idx.size), "val_stars": int(val_idx.size)},
+                     "train_stars": int(tr_idx.size), "val_stars": int(val_idx.size),
+                     "val_expids": sorted(int(e) for e in val_exp)},
         "data": {"train_specs": [s.to_dict() for s in sets["train_specs"]][:3] + ["..."],
                  "train_exposures": len(sets["train_specs"]), "train_seed": params.seed,
                  "heldout_seeds": HELDOUT_SEEDS},

@@ -550,8 +550,9 @@ class ClassifyTrainParams(ParSet):
     """Training of the stellar classifier (``fiberlake train classify``): DRC-Net and RC-Net.
 
     Data: simulated ``mini`` science exposures (:mod:`fiberlake.jobs.classify_data`), every class
-    equally likely; training on stars of S/N_r > ``snr_min`` as the paper, 10 % of them for
-    validation (early stopping); held-out exposures from other seeds for the figures.
+    equally likely; training on stars of S/N_r > ``snr_min`` as the paper, made fainter at random
+    (``augment_*``), the stars of 10 % of the exposures for validation (early stopping); held-out
+    exposures from other seeds for the figures.
     """
 
     stage: ClassVar[str] = "train_classify"
@@ -567,6 +568,12 @@ class ClassifyTrainParams(ParSet):
     lr: float = par(1e-2, "AdaGrad learning rate (the paper: 1e-3 at batch 4)", bounds=(1e-7, 10.0))
     arm_dropout: float = par(0.1, "probability that a training star loses one arm (zeroed), so a missing camera "
                              "still gets a label", bounds=(0.0, 0.5))
+    augment_fraction: float = par(0.75, "fraction of training stars made fainter in each batch (noise from the frame's "
+                                  "variance model; a deviation from the paper's S/N > 30 training set that keeps its "
+                                  "stars)", bounds=(0.0, 1.0))
+    augment_snr_min: float = par(3.0, "faintest S/N_r of an augmented star (log-uniform up to its own)",
+                                 bounds=(0.5, 1e6))
+    weight_decay: float = par(1e-4, "L2 weight decay of AdaGrad", bounds=(0.0, 1.0))
     max_minutes: float = par(7.0, "stop each network's training after this many minutes", unit="min",
                              bounds=(0.1, 10000.0))
     workers: int = par(2, "processes simulating the data", bounds=(1, 64), science=False)

@@ -60,6 +60,64 @@ def test_dead_and_off_ccd_stripes_are_unusable():
     assert np.all(np.isfinite(inputs.stripes)) and np.all(np.isfinite(inputs.flux))
 
 
+def _sky_frame(seed=0, ny=96, nx=100, star=(0.0, 400.0, 0.0, 50.0, 0.0)):
+    """Five fibers (tilted traces, sub-pixel phases vary) on a sky with emission lines; fibers 0, 2, 4 are sky."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.arange(ny), np.arange(nx)
+    trace_x = 10.0 + 19.0 * np.arange(5)[:, None] + 0.023 * rows[None, :]
+    sky = 200.0 + 3000.0 * np.exp(-0.5 * ((rows - 40) / 1.2) ** 2) + 1500.0 * np.exp(-0.5 * ((rows - 70) / 1.2) ** 2)
+    stars = np.asarray(star)[:, None] * (1.0 + 0.5 * np.sin(rows / 7.0))[None, :]
+    truth = np.zeros((ny, nx))
+    for x, s in zip(trace_x, stars):
+        prof = np.exp(-0.5 * ((cols[None, :] - x[:, None]) / 1.4) ** 2)
+        truth += (sky + s)[:, None] * prof / prof.sum(axis=1, keepdims=True)
+    var = 9.0 + truth
+    image = truth + rng.normal(0.0, 1.0, truth.shape) * np.sqrt(var)
+    ivar = 1.0 / (9.0 + np.maximum(image, 0.0))
+    return image, ivar, trace_x, stars
+
+
+def test_stripes_are_sky_subtracted_with_the_fibers_profile():
+    image, ivar, trace_x, stars = _sky_frame()
+    sky = np.array([1, 0, 1, 0, 1], bool)
+    inputs = st.arm_inputs(image, ivar, np.zeros(image.shape, bool), trace_x, sky)
+    r0, r1 = st.stripe_window(image.shape[0])
+    # the sky lines (rows 40 and 70, 15x and 7.5x the star) are gone from the faint star's aperture spectrum
+    resid = inputs.flux[3] - stars[3, r0:r1]
+    noise = 1.0 / np.sqrt(inputs.ivar[3])
+    assert np.abs(resid / noise).max() < 5.0 and abs(np.mean(resid / noise)) < 0.5
+    # ... and from its stripe, pixel by pixel (the profile follows the trace's sub-pixel phase)
+    line = 40 - r0
+    pix_resid = inputs.signal[3][:, line - 1:line + 2] - inputs.signal[3][:, [line - 8, line + 8]].mean(axis=1,
+                                                                                                     keepdims=True)
+    assert np.abs(pix_resid / np.sqrt(inputs.var[3][:, line - 1:line + 2])).max() < 5.0
+    # the background variance is read noise (9) plus the sky model, whose aperture sum is the sky spectrum
+    sky_true = 200.0 + 3000.0 * np.exp(-0.5 * ((np.arange(r0, r1) - 40) / 1.2) ** 2) \
+        + 1500.0 * np.exp(-0.5 * ((np.arange(r0, r1) - 70) / 1.2) ** 2)
+    sky_model = inputs.background_var[3].sum(axis=0) - 11 * 9.0
+    assert np.median(np.abs(sky_model / sky_true - 1.0)) < 0.05
+
+
+def test_degraded_star_has_the_fainter_stars_noise():
+    rng = np.random.default_rng(3)
+    n, shape = 400, (11, 200)
+    star, bkg = 50.0, 30.0
+    signal = star + rng.normal(0.0, np.sqrt(star + bkg), (n, *shape))
+    var = np.full((n, *shape), star + bkg)
+    good = np.ones((n, *shape), bool)
+    good[:, 0, 0] = False
+    f = np.full(n, 0.2)
+    out, new_var = st.degrade(signal, var, np.full_like(var, bkg), good, f, rng)
+    g = good
+    assert abs(out[g].mean() - 0.2 * star) < 0.05
+    assert abs(out[g].std() / np.sqrt(0.2 * star + bkg) - 1.0) < 0.01          # f*star + B, not f^2 (star + B)
+    np.testing.assert_allclose(new_var[g], 0.2 * star + bkg, rtol=1e-5)
+    assert out[0, 0, 0] == 0 and new_var[0, 0, 0] == 0
+    # the factor that gives a target S/N inverts S/N = f S / sqrt(f S + B)
+    fs = st.factor_for_snr(np.array([1e4, 1e4]), np.array([100.0, 100.0]), np.array([5.0, 1e6]))
+    assert abs(fs[0] * 1e4 / np.sqrt(fs[0] * 1e4 + 100.0) - 5.0) < 1e-6 and fs[1] == 1.0
+
+
 @pytest.mark.parametrize("width", [64, 3000])
 def test_networks_take_sizes_from_the_input(width):
     torch.manual_seed(0)
