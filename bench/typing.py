@@ -50,15 +50,52 @@ def accuracy_rows(name: str, figures: dict, n_params: int, train: dict | None) -
             "epochs": None if train is None else train["epochs"], "updates": None if train is None else train["updates"]}
 
 
-def preprocessing_rate(instrument: str, n: int) -> float:
-    """Frames per second of :func:`prepare_frame` on simulated raw frames of ``instrument``."""
+def masked_row_max_profile(image: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    """The row-maximum profile's former path (masked array, float64 fill with -inf): the baseline."""
+    import warnings
+
+    from astropy.stats import sigma_clip
+
+    data = np.asarray(image, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clipped = sigma_clip(data, sigma=sigma, maxiters=1, axis=0, masked=True, copy=False)
+    prof = np.ma.filled(clipped.astype(np.float64), -np.inf).max(axis=1)
+    bad = ~np.isfinite(prof)
+    if bad.any():
+        prof[bad] = data[bad].max(axis=1)
+    return prof
+
+
+def preprocessing_rate(instrument: str, n: int, baseline: bool = False) -> dict:
+    """Frames per second of :func:`prepare_frame` on simulated raw frames of ``instrument``.
+
+    With ``baseline``, also with the former masked-array row-maximum profile
+    (:func:`masked_row_max_profile`) on the same frames, alternating, and checks both give the
+    same images: ``{"fps": ..., "fps_baseline": ..., "speedup": ..., "identical": ...}``.
+    """
     from fiberlake.ingest import typing_dataset as td
-    from fiberlake.processors.typing_prep import prepare_frame
+    from fiberlake.processors import typing_prep as tp
 
     spec = td.plan_nights(instrument, td.HELDOUT_SEEDS[:1], 1)[0]
     raws = [f.raw for f in td.simulate_night_frames(spec)][:n]
-    seconds, _ = best_of(lambda: [prepare_frame(r) for r in raws], 2)
-    return len(raws) / seconds
+    seconds, images = best_of(lambda: [tp.prepare_frame(r) for r in raws], 2)
+    out = {"fps": len(raws) / seconds}
+    if baseline:
+        current = tp.row_max_profile
+        tp.row_max_profile = masked_row_max_profile
+        try:
+            base_s, base_images = best_of(lambda: [tp.prepare_frame(r) for r in raws], 2)
+        finally:
+            tp.row_max_profile = current
+        profile_s, _ = best_of(lambda: [current(tp.orient(r).astype(np.float32)) for r in raws], 2)
+        base_profile_s, _ = best_of(lambda: [masked_row_max_profile(tp.orient(r).astype(np.float32)) for r in raws], 2)
+        out.update({"fps_baseline": len(raws) / base_s, "speedup": base_s / seconds,
+                    "profile_speedup": base_profile_s / profile_s,
+                    "profile_s_per_frame": profile_s / len(raws),
+                    "profile_s_per_frame_baseline": base_profile_s / len(raws),
+                    "identical": all(np.array_equal(a, b) for a, b in zip(images, base_images))})
+    return out
 
 
 def inference_rate(typer, n: int = 32) -> float:
@@ -104,7 +141,19 @@ def main() -> None:
     parser.add_argument("--cache", default="bench_out/typing_cache", help="simulated, pre-processed frames")
     parser.add_argument("--out", default="bench_out", help="where typing.json goes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--prep-only", action="store_true",
+                        help="pre-processing frames/s only, against the former masked-array profile, in one run")
     args = parser.parse_args()
+    if args.prep_only:
+        print("pre-processing (prepare_frame), CPU, against the former masked-array row-maximum profile:")
+        print("instrument | frames/s | frames/s before | speedup | profile s/frame | before | profile speedup "
+              "| identical")
+        for instrument, n in (("mini", 12), ("lamost", 4)):
+            r = preprocessing_rate(instrument, n, baseline=True)
+            print(f"{instrument} | {r['fps']:.2f} | {r['fps_baseline']:.2f} | {r['speedup']:.2f} | "
+                  f"{r['profile_s_per_frame']:.3f} | {r['profile_s_per_frame_baseline']:.3f} | "
+                  f"{r['profile_speedup']:.2f} | {r['identical']}")
+        return
 
     import torch
 
@@ -140,7 +189,8 @@ def main() -> None:
         print("paper, final scheme on held-out frames:\n" + format_confusion(fig, CLASSES))
         results["paper_inference_fps_cpu"] = inference_rate(FrameTyper(model, CLASSES, device="cpu", batch=8), 16)
     results["accuracy"] = rows
-    results["prep_fps"] = {"mini": preprocessing_rate("mini", 12), "lamost": preprocessing_rate("lamost", 4)}
+    results["prep_fps"] = {"mini": preprocessing_rate("mini", 12)["fps"],
+                           "lamost": preprocessing_rate("lamost", 4)["fps"]}
     results["compact_inference_fps_cpu"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cpu", batch=16))
     if torch.cuda.is_available():
         results["compact_inference_fps_cuda"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cuda",

@@ -360,10 +360,10 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     train_specs, held_specs = night_specs(params, heldout=False), night_specs(params, heldout=True)
     train = prepare_dataset(train_specs, cache, progress, "simulate training nights")
     log(f"training frames: {len(train)} ({train.seconds:.0f} s to simulate and pre-process)")
-    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights")
-    log(f"held-out frames: {len(held)} ({held.seconds:.0f} s)")
     model = build_model(params.arch, len(CLASSES), TARGET_SHAPE)
     training = fit(model, train, params, log)
+    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights")
+    log(f"held-out frames: {len(held)} ({held.seconds:.0f} s)")
     typer = FrameTyper(model, CLASSES, device=params.device, batch=16)
     figures = evaluate(typer, held)
     log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "

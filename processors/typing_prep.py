@@ -81,8 +81,14 @@ def orient(image: np.ndarray, dispersion_axis: int | None = 0) -> np.ndarray:
 def row_max_profile(image: np.ndarray, sigma: float = TRIM_SIGMA) -> np.ndarray:
     """Maximum of each row after sigma-clipping down each column (the paper's Fig. 2 profile).
 
-    Clipping down the columns (astropy's ``axis=0``) drops cosmic rays and other outliers
-    before the maxima are taken. A row whose pixels were all clipped gets its unclipped maximum.
+    Clipping down the columns (astropy's ``axis=0``, one iteration) drops cosmic rays and other
+    outliers before the maxima are taken. A row whose pixels were all clipped gets its unclipped
+    maximum.
+
+    The clipping runs without a masked array: ``sigma_clip(masked=False)`` writes NaN into a
+    float32 copy where it clips, and ``np.fmax.reduce`` takes each row's maximum ignoring them.
+    The result is the one of the masked-array path (clip, fill with -inf in float64, maximum),
+    which cost twice as much on a LAMOST frame (tests/test_typing.py checks they are equal).
 
     Parameters
     ----------
@@ -95,10 +101,9 @@ def row_max_profile(image: np.ndarray, sigma: float = TRIM_SIGMA) -> np.ndarray:
     """
     data = np.asarray(image, dtype=np.float32)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # all-equal or all-NaN columns
-        clipped = sigma_clip(data, sigma=sigma, maxiters=1, axis=0, masked=True, copy=False)
-    filled = np.ma.filled(clipped.astype(np.float64), -np.inf)
-    prof = filled.max(axis=1)
+        warnings.simplefilter("ignore")  # all-equal or all-NaN columns, non-finite pixels
+        clipped = sigma_clip(data.copy(order="K"), sigma=sigma, maxiters=1, axis=0, masked=False, copy=False)
+        prof = np.fmax.reduce(clipped, axis=1).astype(np.float64)
     bad = ~np.isfinite(prof)
     if bad.any():
         prof[bad] = data[bad].max(axis=1)
