@@ -169,10 +169,7 @@ def evaluate(den, dae, dae_zero, per_subclass: int, sweep_per: int, log=print) -
 
     # bad input: the statuses, and finiteness of everything returned
     n = 20
-    rng = np.random.default_rng(HELDOUT_SEED + 3)
-    unseen = s1d.make_stars({"subclass": np.array(["OB"] * n), "spectype": np.array(["B"] * n),
-                             "teff": rng.uniform(15000.0, 35000.0, n), "logg": rng.uniform(3.5, 4.5, n),
-                             "feh": np.zeros(n), "rv": rng.normal(0, 40, n)})
+    unseen = ob_stars(3 * n, HELDOUT_SEED + 3)
     y_unseen = s1d.observe(unseen, HELDOUT_SEED + 4, 1, key="unseen")[0][:, 0]
     cases = {"all_masked": (y[:n], np.zeros_like(y[:n], bool)), "all_zero": (np.zeros_like(y[:n]), None),
              "nan_flux": (np.full_like(y[:n], np.nan), None),
@@ -188,6 +185,99 @@ def evaluate(den, dae, dae_zero, per_subclass: int, sweep_per: int, log=print) -
                      "median_log_prior": float(np.median(r.log_prior))}
     out["bad_input"] = bad
     log("bad input done")
+    return out
+
+
+def ob_stars(n: int, seed: int):
+    """``n`` hot OB stars (15-35 kK): a class the prior has never seen."""
+    from fiberlake.ingest import sim_spectra1d as s1d
+
+    rng = np.random.default_rng(seed)
+    return s1d.make_stars({"subclass": np.array(["OB"] * n), "spectype": np.array(["B"] * n),
+                           "teff": rng.uniform(15000.0, 35000.0, n), "logg": rng.uniform(3.5, 4.5, n),
+                           "feh": np.zeros(n), "rv": rng.normal(0, 40, n)})
+
+
+def flag_scores(den, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per spectrum: ``log p(z|C)`` at the MAP minus the subclass's training floor, and the whitened rms."""
+    r = den.denoise(flux)
+    fitted = r.class_index >= 0
+    floor = den.prior.floor.cpu().numpy()[np.clip(r.class_index, 0, None)]
+    margin = np.where(fitted, r.log_prior - floor, np.nan)
+    return margin, np.where(fitted, r.residual_rms, np.nan)
+
+
+TUNE_SEEDS = {"seen": 1710, "seen_noise": 1711, "unseen": 1712, "unseen_noise": 1713}
+"""Seeds of the flag-threshold tuning set (disjoint from training 1600-1602 and the figures' 1700-1704)."""
+
+
+def tune_flags(den, per_subclass: int = 8, n_unseen: int = 60, max_seen_flagged: float = 0.05, log=print) -> dict:
+    """Thresholds of ``out_of_prior`` (prior margin) and ``poor_fit`` (whitened rms) from a tuning set.
+
+    Seen-class stars (``per_subclass`` per subclass) and unseen hot OB stars, one exposure each
+    (magnitudes 13-18); on a grid of the two thresholds, the pair flagging the most OB stars while
+    flagging at most ``max_seen_flagged`` of the seen stars (ties: the larger thresholds).
+    """
+    from fiberlake.ingest import sim_spectra1d as s1d
+
+    settings = s1d.ExposureSettings(mag_range=(13.0, 18.0))
+    seen = s1d.draw_stars(TUNE_SEEDS["seen"], per_subclass)
+    y_seen = s1d.observe(seen, TUNE_SEEDS["seen_noise"], 1, settings, key="tune")[0][:, 0]
+    unseen = ob_stars(n_unseen, TUNE_SEEDS["unseen"])
+    y_unseen = s1d.observe(unseen, TUNE_SEEDS["unseen_noise"], 1, settings, key="tune-unseen")[0][:, 0]
+    m_s, r_s = flag_scores(den, y_seen)
+    m_u, r_u = flag_scores(den, y_unseen)
+    best = None
+    for margin in np.arange(0.0, 12.01, 0.5):
+        for rms in np.arange(1.0, 6.01, 0.1):
+            fs = np.mean((m_s < -margin) | (r_s > rms))
+            fu = np.mean((m_u < -margin) | (r_u > rms))
+            key = (fs <= max_seen_flagged, fu, margin + rms)
+            if best is None or key > best[0]:
+                best = (key, float(margin), float(round(rms, 2)), float(fs), float(fu))
+    out = {"seeds": TUNE_SEEDS, "n_seen": int(len(m_s)), "n_unseen": int(len(m_u)),
+           "prior_margin": best[1], "max_residual_rms": best[2], "seen_flagged": best[3], "unseen_flagged": best[4],
+           "quantiles": {name: {q: float(np.nanquantile(v, q / 100)) for q in (5, 25, 50, 75, 95)}
+                         for name, v in (("margin_seen", m_s), ("margin_unseen", m_u), ("rms_seen", r_s),
+                                         ("rms_unseen", r_u))}}
+    log(f"flag tuning: {out}")
+    return out
+
+
+def beside_labels(tables, rows, truth_subclass: list, truth_labels: list[dict], ok: np.ndarray) -> dict:
+    """Our MAP class letter beside the classification stage's labels (``labels``: drcnet, rcnet,
+    template) on the same joined spectra (night, expid, spectrograph, fiber; the optimal extraction's
+    rows when there are two), against the truth."""
+    import polars as pl
+
+    from fiberlake.ingest import sim_spectra1d as s1d
+
+    letter = {s.name: s.spectype for s in s1d.SUBCLASSES}
+    lab = tables.scan("labels").collect().select("night", "expid", "spectrograph", "fiber", "method", "class", "flag")
+    keys = rows.select("night", "expid", "spectrograph", "fiber", "extraction").with_row_index("row")
+    if "optimal" in set(keys["extraction"].to_list()):   # one row per fiber and exposure (labels have no extraction)
+        keys = keys.filter(pl.col("extraction") == "optimal")
+    truth = np.array([x["spectype"] for x in truth_labels])
+    ours = np.array([letter.get(s, "?") if s is not None else "?" for s in rows["subclass"].to_list()])
+    out: dict = {"n_joined": int(rows.height), "truth_classes": dict(zip(*np.unique(truth, return_counts=True)))}
+    out["truth_classes"] = {str(k): int(v) for k, v in out["truth_classes"].items()}
+    methods = {}
+    for method in ("drcnet", "rcnet", "template"):
+        j = keys.join(lab.filter(pl.col("method") == method), on=["night", "expid", "spectrograph", "fiber"],
+                      how="inner")
+        if j.is_empty():
+            continue
+        idx = j["row"].to_numpy()
+        cls = np.array([c if c is not None else "?" for c in j["class"].to_list()])
+        both = ok[idx]
+        methods[method] = {"n": int(idx.size), "accuracy": float(np.mean(cls == truth[idx])),
+                           "accuracy_where_ours_ok": float(np.mean((cls == truth[idx])[both])) if both.any() else None,
+                           "ours_accuracy_same_rows": float(np.mean(ours[idx] == truth[idx])),
+                           "ours_accuracy_where_ok": float(np.mean((ours[idx] == truth[idx])[both])) if both.any()
+                           else None,
+                           "n_ours_ok": int(both.sum()),
+                           "agree_with_ours": float(np.mean(cls == ours[idx]))}
+    out["methods"] = methods
     return out
 
 
@@ -257,6 +347,8 @@ def pipeline_rows(den, dae, dae_zero, lake: str, truth_seed: int, log=print) -> 
             "relmse_raw_observed": float(np.median((obs_mse(raw_obs) / (t ** 2).mean(-1))[ok])),
             "class_exact": float(np.mean((pred == truth_idx)[ok])),
         })
+        if src_name == "joined" and tables.exists("labels"):
+            results[-1]["beside_labels"] = beside_labels(tables, m, subc, labels, ok)
         log(f"pipeline rows: {results[-1]}")
     out["by_source"] = results
     return out
@@ -273,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lake", default=None)
     ap.add_argument("--truth-seed", type=int, default=0)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--tune-flags", action="store_true",
+                    help="thresholds of out_of_prior / poor_fit from a tuning set (seeds 1710-1713)")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
 
@@ -304,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--evaluate needs --baselines (the DAEs of the same training run)")
         report["evaluate"] = evaluate(den, dae, dae_zero, args.per_subclass, args.sweep_per_subclass)
         print(json.dumps(report["evaluate"], indent=1))
+    if args.tune_flags:
+        report["tune_flags"] = tune_flags(den)
     if args.lake:
         report["pipeline"] = pipeline_rows(den, dae, dae_zero, args.lake, args.truth_seed)
         print(json.dumps(report["pipeline"], indent=1))

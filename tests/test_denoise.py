@@ -186,3 +186,18 @@ def test_several_exposures_of_one_star_in_one_map():
     assert res.flux.shape == (2, N_WAVE) and np.isfinite(res.flux).all()
     assert not res.imputed.any()                   # every bin observed by some exposure
     assert all(s not in ("no_data", "few_bins", "nonpositive") for s in res.status)
+
+
+def test_shipped_model_loads_and_recognises_its_own_generated_spectra():
+    """The shipped artifact (float16 decoder copied into float32 weights) loads strictly, and the MAP
+    puts a spectrum the generator makes from a training latent of a subclass back in that subclass."""
+    from fiberlake.jobs.train_denoise import load_denoiser
+
+    den = load_denoiser("default", device="cpu")
+    assert all(p.dtype == torch.float32 for p in den.decoder.parameters())
+    picks = [den.classes.index(c) for c in ("G0", "M1", "DA1")]
+    spectra = den.templates[picks, 0].numpy()
+    res = den.denoise(spectra, settings=MapSettings(steps=3))
+    assert res.class_index.tolist() == picks
+    truth = spectra / spectra.sum(-1, keepdims=True)
+    assert (((res.flux - truth) ** 2).mean(-1) / (truth ** 2).mean(-1)).max() < 1e-3
