@@ -158,7 +158,8 @@ def spectrum(lake: Lake, targetid: int, *, night: str | None = None, kind: str =
         raise ValueError(f"kind must be 'coadd' or 'exposures', not {kind!r}")
     tables = scan_tables(lake, arrays=False)
     name = "coadds" if kind == "coadd" else "joined"
-    rows = tables[name].filter(pl.col("targetid") == int(targetid)).collect()
+    rows = (_coadd_rows(tables, int(targetid)) if kind == "coadd"
+            else tables[name].filter(pl.col("targetid") == int(targetid)).collect())
     if kind == "coadd":
         rows = (rows.filter((pl.col("scope") == "night") & (pl.col("night") == night)) if night
                 else rows.filter(pl.col("scope") == "all") if (rows["scope"] == "all").any() else rows)
@@ -173,6 +174,30 @@ def spectrum(lake: Lake, targetid: int, *, night: str | None = None, kind: str =
     if as_specutils:
         out = [s.to_specutils() for s in out]
     return out if kind == "exposures" else out[-1]
+
+
+def _coadd_rows(tables: dict[str, pl.LazyFrame], targetid: int) -> pl.DataFrame:
+    """Every coadds row of a target, reading the row groups of its HEALPix pixel only.
+
+    ``coadds`` is sorted by ``(healpix, targetid)`` (``storage/tables.py``), so a filter on the
+    target's pixel skips, by the row groups' min/max statistics, nearly every row group, where a
+    filter on ``targetid`` alone reads them all. The pixel comes from the target's position in
+    ``fibermap`` (sorted by target: a few row groups), the one the coadd was indexed with. A
+    target without a fibermap position, or whose pixel holds no coadd of it, is looked up by
+    ``targetid`` alone (the whole table).
+    """
+    from fiberlake.processors.coadd import healpix_nested  # astropy_healpix on first use only
+
+    coadds = tables["coadds"]
+    where = (pl.col("targetid") == targetid) & pl.col("ra").is_not_null() & pl.col("dec").is_not_null()
+    position = tables["fibermap"].filter(where).select("ra", "dec").head(1).collect()
+    nside = coadds.select("nside").head(1).collect()
+    if position.height and nside.height:
+        pixel = int(healpix_nested(position["ra"].to_numpy(), position["dec"].to_numpy(), int(nside["nside"][0]))[0])
+        rows = coadds.filter((pl.col("healpix") == pixel) & (pl.col("targetid") == targetid)).collect()
+        if rows.height:
+            return rows
+    return coadds.filter(pl.col("targetid") == targetid).collect()
 
 
 # --- export --------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ outputs joined side by side are the corrected frame.
 
 Against the whole frame at once: the cosmic-ray mask is identical, the rectified flux and
 variance agree to float32 rounding (the cumulative sums of the resampling start at the tile's
-first column), the mask bits are identical except where a run of bad pixels along a row crosses
-a tile's outer source column (its fill then sees one neighbour fewer); ``tests/test_chunks.py``
-states the tolerances.
+first column) except next to a run of bad pixels along a row longer than :data:`FILL_MARGIN`
+that crosses a tile's outer source column (its fill then sees other neighbours); the mask bits are
+identical. ``tests/test_chunks.py`` states the tolerances; ``bench/prepare.py`` measures the
+spectra of a full-size LAMOST frame.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from fiberlake.processors import ccd, rectify
 from fiberlake.processors.rectify_map import CoordinateMap
 
 
+FILL_MARGIN = 16
+"""Extra CCD columns resampled on each side of a tile's sources: the rectification fills a bad
+pixel from the nearest good ones along its row, so a run of bad pixels (a cosmic ray, a saturated
+star) up to this long that crosses a tile's edge is filled as in the whole frame."""
+
+
 @dataclass(frozen=True)
 class Tile:
     """Columns of one tile of a frame.
@@ -39,7 +46,8 @@ class Tile:
     out : tuple of int
         Columns ``[c0, c1)`` of the corrected (rectified) frame the tile delivers.
     src : tuple of int
-        CCD columns ``[a, b)`` they are resampled from (``out`` itself without rectification).
+        CCD columns ``[a, b)`` they are resampled from, with :data:`FILL_MARGIN` on each side
+        (``out`` itself without rectification).
     read : tuple of int
         CCD columns ``[a', b')`` the tile needs: ``src`` and the cosmic-ray margin (clipped).
     """
@@ -70,7 +78,8 @@ def plan_tiles(nx: int, n_tiles: int, rmap: CoordinateMap | None = None, *,
     edges = np.linspace(0, nx, min(int(n_tiles), nx) + 1).round().astype(int)
     tiles = []
     for i, (c0, c1) in enumerate(zip(edges[:-1], edges[1:])):
-        src = rectify.source_columns(rmap, (int(c0), int(c1))) if rmap is not None else (int(c0), int(c1))
+        src = (rectify.source_columns(rmap, (int(c0), int(c1)), pad=4 + FILL_MARGIN) if rmap is not None
+               else (int(c0), int(c1)))
         read = (max(0, src[0] - cosmic_margin), min(nx, src[1] + cosmic_margin))
         tiles.append(Tile(index=i, out=(int(c0), int(c1)), src=src, read=read))
     return tiles

@@ -412,6 +412,14 @@ def prepare_frame(raw: np.ndarray, ccd_params: ccd.CCDParams, calib: Calibration
                                       rmap=None if rect is None else rect.map,
                                       order=3 if rect is None else rect.config.order,
                                       n_tiles=run.prepare_tiles, threads=frame_tiles.threads(run.prepare_threads))
+    return cut_frame(image, calib, params)
+
+
+def cut_frame(image: ccd.CCDImage, calib: Calibration,
+              params: ReductionParams) -> tuple[FrameConstants, list[FrameSlab]]:
+    """The last step of :func:`prepare_frame`: the frame's constants and its bundles' slabs, from
+    the corrected frame (whole, or joined from its tiles by
+    :func:`~fiberlake.processors.frame_tiles.join_tiles`)."""
     constants = FrameConstants(
         read_noise=extract.estimate_read_noise(image.image, image.ivar, image.mask),
         deblend_halfwidth=params.optimal.deblend_halfwidth or extract.default_deblend_halfwidth(
