@@ -29,6 +29,17 @@ from fiberlake.processors import ccd, rectify
 from fiberlake.processors.rectify_map import CoordinateMap
 
 
+MIN_TILE_COLUMNS = 512
+"""Narrowest tile: a narrower one would spend more on its margins (2 x ~70 columns) than the
+spread gains. A 4096-column LAMOST frame takes up to 8 tiles; a 608-column mini frame 1 (the
+whole frame, as before tiles)."""
+
+
+def tile_count(nx: int, setting: int) -> int:
+    """Tiles of a frame of ``nx`` columns: ``execution.prepare_tiles``, fewer on narrow frames."""
+    return max(1, min(int(setting), nx // MIN_TILE_COLUMNS))
+
+
 FILL_MARGIN = 16
 """Extra CCD columns resampled on each side of a tile's sources: the rectification fills a bad
 pixel from the nearest good ones along its row, so a run of bad pixels (a cosmic ray, a saturated
@@ -125,11 +136,12 @@ def correct_frame(adu: np.ndarray, mask: np.ndarray, ccd_params: ccd.CCDParams, 
                   threads: int = 1) -> ccd.CCDImage:
     """The corrected frame from :func:`~fiberlake.processors.ccd.correct_counts`'s output, in tiles.
 
-    ``n_tiles = 1`` is the whole frame at once (:func:`~fiberlake.processors.ccd.preprocess`'s
+    ``n_tiles`` is capped by :func:`tile_count`; 1 is the whole frame at once (:func:`~fiberlake.processors.ccd.preprocess`'s
     cosmic rays, then :func:`~fiberlake.processors.rectify.rectify_image`). Tiles run on
     ``threads`` threads (the cosmic-ray detection and the array arithmetic release the GIL).
     """
     nx = adu.shape[1]
+    n_tiles = tile_count(nx, n_tiles)
     if n_tiles <= 1:
         if cosmics:
             mask = np.array(mask, copy=True)

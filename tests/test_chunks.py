@@ -82,10 +82,13 @@ def test_bundles_reduce_like_the_whole_frame():
     np.testing.assert_allclose(out["box"].sky.flux, ref["box"].sky.flux)
 
 
-def test_tiles_correct_like_the_whole_frame():
+def test_tiles_correct_like_the_whole_frame(monkeypatch):
     """Cosmic rays and rectification per column tile (with margins) against the whole frame at once."""
     from fiberlake.processors import frame_tiles
     from fiberlake.processors.rectify_map import Frame, LegendreMap, MapConfig
+
+    assert frame_tiles.tile_count(4096, 8) == 8 and frame_tiles.tile_count(608, 8) == 1  # LAMOST, mini
+    monkeypatch.setattr(frame_tiles, "MIN_TILE_COLUMNS", 64)  # tiles of ~120 columns on this mini frame
 
     sci = simulate_frame(MINI, "b1", "SCIENCE", night=NIGHT, expid=make_expid(NIGHT, 4), seed=SEED)
     params = ccd.CCDParams.from_header(dict(sci.header), saturation=65535)
