@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-niter", action="store_true")
+    parser.add_argument("--modes", default=None, help="comma-separated indices of the modes to run (0 first; 0 is "
+                        "the baseline and always runs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fiberlake-prepbench-"))
     cache = args.cache or work / "lamost.npz"
@@ -139,7 +141,10 @@ def main() -> None:
         build(args.camera, cache, args.instrument)
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
+    chosen = {0} | ({int(m) for m in args.modes.split(",")} if args.modes else set(range(len(MODES))))
     for i, (name, (_, _, omp)) in enumerate(MODES.items()):
+        if i not in chosen:
+            continue
         out = work / f"mode{i}.npz"
         env = dict(os.environ, OMP_NUM_THREADS=str(omp), MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         subprocess.run([sys.executable, __file__, "--cache", str(cache), "--mode", name, "--out", str(out)],
