@@ -298,6 +298,7 @@ class RayPool:
         self.actors = [actor_class.remote(lake_root, config) for _ in range(n_actors)]
         ray.get([a.ping.remote() for a in self.actors])
         self.n_bundles = ray.get(self.actors[0].n_bundles.remote())
+        self.n_tiles = ray.get(self.actors[0].n_tiles.remote())
         self.max_in_flight = max_in_flight
         self.device = "gpu" if options["num_gpus"] else "cpu"
 
@@ -308,8 +309,9 @@ class RayPool:
     def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
         """Reduce frames, each as a small graph of actor calls, yielding ``(call, result)`` as frames finish.
 
-        A frame ``(exp, calib_night, calib_id, fibermap, methods)`` is prepared on the least loaded
-        actor, which returns one Ray object per fiber-bundle slab; its bundles are extracted on
+        A frame ``(exp, calib_night, calib_id, fibermap, methods)`` is read on the least loaded
+        actor, its column tiles are corrected (cosmic rays, rectification) on all the actors in
+        turn, and the first actor joins them into one Ray object per fiber-bundle slab; its bundles are extracted on
         all the actors in turn (each fetches only its slab); the actor that prepared it joins
         them. The calls carry object references, so the driver never holds pixels. Actors run
         their calls in submission order, and every call depends only on calls submitted before
@@ -320,8 +322,11 @@ class RayPool:
         def launch(call: Call, home: int):
             exp, calib_night, calib_id, fibermap, methods = call
             home_actor = self.actors[home]
-            prepared, *slabs = home_actor.prepare.options(num_returns=self.n_bundles + 1).remote(
+            # the frame's cosmic rays and rectification, tile by tile on all the actors in turn
+            head, *inputs = home_actor.read.options(num_returns=self.n_tiles + 1).remote(
                 exp, calib_night, calib_id, methods)
+            tiles = [self.actors[next(turn)].correct.remote(head, tile) for tile in inputs]
+            prepared, *slabs = home_actor.cut.options(num_returns=self.n_bundles + 1).remote(head, *tiles)
             parts = [self.actors[next(turn)].extract.remote(prepared, slab) for slab in slabs]
             return home_actor.finish.remote(exp, fibermap, prepared, *parts)
 

@@ -13,6 +13,7 @@ writes is a calibration set (a Zarr group published atomically, one writer per c
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,13 +24,17 @@ import pyarrow as pa
 
 from fiberlake.jobs.calibrations import CalibrationChoice, ccd_params_from_row, ensure_calibration, load_calibration
 from fiberlake.jobs.failures import error_kind
+from fiberlake.processors.ccd import CCDImage, CCDParams, correct_counts
 from fiberlake.processors.chunks import n_bundles
+from fiberlake.processors.frame_tiles import Tile, correct_tile, join_tiles, plan_tiles, tile_count
 from fiberlake.processors.params import ReductionParams
 from fiberlake.processors.pipeline import (
     BundleSpectra,
     Calibration,
     FrameConstants,
     FrameSlab,
+    camera_ccd_params,
+    cut_frame,
     extract_bundle,
     finish_frame,
     prepare_frame,
@@ -75,6 +80,16 @@ class PreparedFrame:
     error: str | None = None
     error_kind: str | None = None
     seconds: float = 0.0
+
+
+@dataclass
+class TileInput:
+    """One column tile of a frame's corrected counts, for :meth:`FrameReducer.correct` on any reducer."""
+
+    tile: Tile
+    adu: np.ndarray
+    mask: np.ndarray
+    camera: CCDParams
 
 
 @dataclass
@@ -194,6 +209,80 @@ class FrameReducer:
             prepared.error, prepared.error_kind = f"{type(err).__name__}: {err}", error_kind(err)
             slabs = [None] * self.n_bundles()
         prepared.seconds = time.perf_counter() - t0
+        return (prepared, *slabs)
+
+    def n_tiles(self) -> int:
+        """Column tiles :meth:`read` cuts a frame into (``execution.prepare_tiles``, fewer on narrow CCDs)."""
+        return tile_count(self.instrument.nx, self.config.execution.prepare_tiles)
+
+    def read(self, exp: dict, calib_night: str, calib_id: str, methods: tuple[str, ...]) -> tuple:
+        """The first step of :meth:`prepare` spread over actors: read the frame, correct its counts,
+        cut it into its column tiles (:mod:`~fiberlake.processors.frame_tiles`).
+
+        Returns
+        -------
+        tuple
+            ``(PreparedFrame, tile_0, ..., tile_{n-1})`` with ``n = n_tiles()``, each tile a
+            :class:`TileInput` for :meth:`correct` on any reducer (None after a failure).
+        """
+        t0 = time.perf_counter()
+        prepared = PreparedFrame(marker=self._marker(exp, calib_night, calib_id), methods=tuple(methods))
+        inputs: list = [None] * self.n_tiles()
+        try:
+            failpoint("reduce.frame")
+            calib = self._calibration(calib_night, exp["camera"], calib_id)
+            raw = read_raw_frame(self.lake.root, exp["raw_path"])
+            camera = camera_ccd_params(ccd_params_from_row(exp), self.config)
+            adu, mask = correct_counts(raw, camera, calib.master_bias)
+            rect = calib.rectification
+            tiles = plan_tiles(adu.shape[1], self.n_tiles(), None if rect is None else rect.map)
+            inputs = [TileInput(tile=t, adu=adu[:, t.read[0]:t.read[1]].copy(), mask=mask[:, t.read[0]:t.read[1]].copy(),
+                                camera=camera) for t in tiles]
+        except Exception as err:
+            prepared.error, prepared.error_kind = f"{type(err).__name__}: {err}", error_kind(err)
+        prepared.seconds = time.perf_counter() - t0
+        return (prepared, *inputs)
+
+    def correct(self, prepared: PreparedFrame, tile: TileInput | None) -> CCDImage | BundleError | None:
+        """Cosmic rays and rectification of one tile (:func:`~fiberlake.processors.frame_tiles.correct_tile`)."""
+        if prepared.error is not None or tile is None:
+            return None
+        try:
+            calib = self._calibration(prepared.marker["calib_night"], prepared.marker["camera"],
+                                      prepared.marker["calib_id"])
+            rect = calib.rectification
+            return correct_tile(tile.adu, tile.mask, tile.tile, tile.camera, cosmics=self.config.cosmics.enabled,
+                                rmap=None if rect is None else rect.map, order=3 if rect is None else rect.config.order)
+        except Exception as err:
+            return BundleError(f"tile {tile.tile.index} (columns {tile.tile.out[0]}-{tile.tile.out[1] - 1}): "
+                               f"{type(err).__name__}: {err}", error_kind(err))
+
+    def cut(self, prepared: PreparedFrame, *tiles: CCDImage | BundleError | None) -> tuple:
+        """The last step of :meth:`prepare` spread over actors: join the corrected tiles and cut the
+        frame into its bundles' slabs. Returns what :meth:`prepare` returns."""
+        t0 = time.perf_counter()
+        prepared = dataclasses.replace(prepared)
+        slabs: list = [None] * self.n_bundles()
+        try:
+            if prepared.error is not None:
+                raise FrameFailed(prepared.error, prepared.error_kind or "data")
+            errors = [t for t in tiles if isinstance(t, BundleError)]
+            if errors or any(t is None for t in tiles):
+                raise FrameFailed("; ".join(e.text for e in errors) or "a tile is missing",
+                                  "environment" if any(e.kind == "environment" for e in errors) else "data")
+            calib = self._calibration(prepared.marker["calib_night"], prepared.marker["camera"],
+                                      prepared.marker["calib_id"])
+            prepared.constants, slabs = cut_frame(join_tiles(list(tiles)), calib, self._params(prepared.methods))
+            if len(slabs) != self.n_bundles():
+                raise ValueError(f"calibration has {calib.traces.n_fibers} fibers, the instrument "
+                                 f"{self.instrument.n_fibers}")
+        except FrameFailed as err:
+            prepared.error, prepared.error_kind = str(err), err.kind
+            slabs = [None] * self.n_bundles()
+        except Exception as err:
+            prepared.error, prepared.error_kind = f"{type(err).__name__}: {err}", error_kind(err)
+            slabs = [None] * self.n_bundles()
+        prepared.seconds += time.perf_counter() - t0
         return (prepared, *slabs)
 
     def extract(self, prepared: PreparedFrame, slab: FrameSlab | None) -> BundleSpectra | BundleError | None:
