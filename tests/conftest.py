@@ -14,6 +14,8 @@ from fiberlake.schemas.instrument import MINI
 # Test files that start a local Ray: under pytest-xdist (.ci/run: -n 2 --dist loadgroup) they share
 # one worker, so two Ray clusters never start on the same two cores at once.
 RAY_TEST_FILES = {"test_ray.py", "test_ray_cleanup.py", "test_object_store.py"}
+# Test files that share one reduced night (tests/qa_night.py builds it once per worker process).
+QA_NIGHT_TEST_FILES = {"test_export.py", "test_qa.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -21,7 +23,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
-        group = "ray" if item.path.name in RAY_TEST_FILES else item.path.name
+        name = item.path.name
+        group = "ray" if name in RAY_TEST_FILES else "qa-night" if name in QA_NIGHT_TEST_FILES else name
         item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -35,6 +35,7 @@ def reduced_night(factory: pytest.TempPathFactory) -> ReducedNight:
         from fiberlake.jobs.process import process_night
         from fiberlake.processors.params import ReductionParams
         from fiberlake.storage.layout import Lake
+        from tests.stages import WITHOUT_LABELS_AND_DENOISING
 
         root = factory.mktemp("qa-night")
         simulate_night("mini", NIGHT, root / "sim", seed=SEED, n_bias=1, n_flat=1, n_arc=1, n_science=2, n_standard=1,
@@ -42,7 +43,8 @@ def reduced_night(factory: pytest.TempPathFactory) -> ReducedNight:
         lake = Lake.at(root / "lake")
         ingest_night(lake, root / "sim" / NIGHT, instrument="mini")
         report = process_night(lake, NIGHT, config=ReductionParams().updated({"extractions": ("box",),
-                                                                              "cosmics.enabled": False}))
+                                                                              "cosmics.enabled": False}
+                                                                             | WITHOUT_LABELS_AND_DENOISING))
         assert not report.failed and not report.products.failed, report.summary()
         _BUILT["night"] = ReducedNight(lake, NIGHT, root / "sim" / NIGHT)
     return _BUILT["night"]

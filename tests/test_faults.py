@@ -26,13 +26,14 @@ from fiberlake.storage import failpoints
 from fiberlake.storage.layout import Lake
 from tests.lakecompare import assert_lakes_equal
 from tests.nights import night_with_bad_deliveries
+from tests.stages import WITHOUT_LABELS_AND_DENOISING, WITHOUT_LABELS_AND_DENOISING_FLAGS
 
 pytestmark = pytest.mark.slow  # SIGKILLs ingest/process workers at seeded points over a whole night
 
 NIGHT = "2026-11-23"
-CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False})
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False} | WITHOUT_LABELS_AND_DENOISING)
 WORKER = [sys.executable, "-m", "fiberlake.jobs.cli", "watch", "--once", "--instrument", "mini", "--extract", "box",
-          "--no-cosmics"]
+          "--no-cosmics", *WITHOUT_LABELS_AND_DENOISING_FLAGS]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from fiberlake.processors import stellar_models as sm
 from fiberlake.processors.telluric import band_mask, telluric_from_ratios
 from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.maskbits import Mask
+from tests.stages import WITHOUT_LABELS_AND_DENOISING
 
 SETTINGS = fc.FluxCalSettings(max_standards=3)
 EXPTIME = 600.0
@@ -308,7 +309,7 @@ def test_mini_night_calibrated_joined_and_coadded_exactly_once(tmp_path):
         if p.is_file() and last_science not in p.name:
             shutil.copy(p, delivered / p.name)
     lake = Lake.at(tmp_path / "lake")
-    config = ReductionParams().updated({"extractions": ("box",)})
+    config = ReductionParams().updated({"extractions": ("box",)} | WITHOUT_LABELS_AND_DENOISING)
     ingest_night(lake, delivered)
     first = process_night(lake, night, config=config)
     assert not first.products.failed, first.products.failed

@@ -19,11 +19,12 @@ from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
 from tests.lakecompare import assert_lakes_equal
+from tests.stages import WITHOUT_LABELS_AND_DENOISING
 
 pytestmark = pytest.mark.slow  # runs Ray actors over a simulated night
 
 NIGHT = "2026-11-26"
-CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "execution.chunk_fibers": 8})  # 4 bundles a frame
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "execution.chunk_fibers": 8} | WITHOUT_LABELS_AND_DENOISING)  # 4 bundles a frame
 
 
 @pytest.fixture(scope="module")
