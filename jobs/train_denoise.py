@@ -71,6 +71,69 @@ def _load(model: torch.nn.Module, tensors: dict[str, np.ndarray], prefix: str) -
     return model
 
 
+EXTRA_NOISE_SIGMA = (0.02, 2.0)
+"""Range (log-uniform, scaled units: mean |flux| 1) of the white noise added to half of the DAE's
+training inputs and to a copy of NoiseFlow's training noise, so both see S/N below the simulated
+exposures' (down to DER_SNR ~0.5, the figures' sweep reaches 2)."""
+NOISE_AUGMENTATION = ("the repeats' noise vectors plus a copy of them with extra white noise of rms log-uniform in "
+                      f"{EXTRA_NOISE_SIGMA} (scaled units)")
+
+
+def with_extra_white_noise(x: np.ndarray, rng: np.random.Generator, fraction: float = 0.5) -> np.ndarray:
+    """``x`` (n, D) plus white noise of rms log-uniform in :data:`EXTRA_NOISE_SIGMA` on a random ``fraction``
+    of the rows."""
+    extra = rng.uniform(size=x.shape[0]) < fraction
+    sigma = np.exp(rng.uniform(np.log(EXTRA_NOISE_SIGMA[0]), np.log(EXTRA_NOISE_SIGMA[1]), x.shape[0])) * extra
+    return x + sigma[:, None] * rng.standard_normal(x.shape).astype(np.float32)
+
+
+def train_noiseflow(params: DenoiseTrainParams, n_wave: int, log=print) -> tuple[NoiseFlow, dict, int]:
+    """NoiseFlow on the noise of repeated exposures (each minus its star's mean), plus a copy of that
+    noise with extra white noise (:data:`EXTRA_NOISE_SIGMA`); returns the flow, its fit figures and the
+    number of noise vectors."""
+    log(f"noise stars: {params.noise_per_subclass} x {len(s1d.SUBCLASSES)}, {params.n_exposures} exposures each")
+    noise_stars = s1d.draw_stars(params.seed + 1, params.noise_per_subclass)
+    settings = s1d.ExposureSettings(mag_range=(13.0, params.noise_mag_max))
+    exposures, _ = s1d.observe(noise_stars, params.seed + 1, params.n_exposures, settings, key="noise")
+    noise = s1d.noise_from_repeats(scaled_exposures(exposures)).astype(np.float32)
+    rng = np.random.default_rng(params.seed + 3)
+    noise = np.concatenate([noise, with_extra_white_noise(noise, rng, fraction=1.0)]).astype(np.float32)
+    flow = NoiseFlow(FlowArch(n_wave=n_wave, window=params.flow_window))
+    log(f"NoiseFlow, {bl.n_parameters(flow)} weights, {noise.shape[0]} noise vectors, {params.flow_steps} steps")
+    fig = fit_noiseflow(flow, noise, FlowFitSettings(steps=params.flow_steps, batch=params.batch, seed=params.seed),
+                        log)
+    return flow, fig, int(noise.shape[0])
+
+
+def retrain_noiseflow(source: str | Path, params: DenoiseTrainParams, out: str | Path, command: str = "",
+                      log=print) -> dict:
+    """A new artifact: the generator and prior of ``source``, NoiseFlow trained again from ``params``.
+
+    The card keeps the source's training record and adds ``lineage`` (the source's model id, when and
+    how the flow was retrained)."""
+    torch.set_num_threads(params.cpu_threads)
+    torch.manual_seed(params.seed)
+    tensors, card = art.read_artifact(art.locate(str(source), STAGE))
+    source_id = card.get("lineage", {}).get("generator_and_prior_from", card["model_id"])
+    t0 = time.perf_counter()
+    flow, fig, n_noise = train_noiseflow(params, int(card["input_shape"][0]), log)
+    card = {k: v for k, v in card.items() if k not in ("model_id", "weights_sha256", "size_bytes", "path")}
+    card["training"] = dict(card["training"]) | {"noiseflow": fig, "flow_steps": params.flow_steps,
+                                                 "noise_per_subclass": params.noise_per_subclass,
+                                                 "noise_mag_max": params.noise_mag_max}
+    card["training"]["seconds"] = dict(card["training"].get("seconds", {})) | {
+        "noiseflow": round(time.perf_counter() - t0, 1)}
+    card["data"] = dict(card["data"]) | {"noise_vectors": n_noise, "noise_extra_white": NOISE_AUGMENTATION}
+    card["arch_params"] = dict(card["arch_params"]) | {"noiseflow": flow.arch.to_dict()}
+    card["lineage"] = {"generator_and_prior_from": source_id, "noiseflow_retrained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "code_version": _code_version()}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("flow.")} | _state(flow, "flow")
+    card, path = art.write_artifact_named(out, tensors, card, STAGE)
+    card["path"] = str(path)
+    log(f"wrote {card['model_id']} ({card['size_bytes']} bytes) to {path}")
+    return card
+
+
 def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, command: str = "",
                   log=print, baselines: bool = True) -> dict:
     """Train the denoiser and its baselines; write the artifacts under ``out``; return the card.
@@ -100,15 +163,7 @@ def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, 
     prior = KDEPrior.fit(latents, labels, len(classes))
     t_ae = time.perf_counter()
 
-    log(f"noise stars: {params.noise_per_subclass} x {len(classes)}, {params.n_exposures} exposures each")
-    noise_stars = s1d.draw_stars(params.seed + 1, params.noise_per_subclass)
-    settings = s1d.ExposureSettings(mag_range=(13.0, params.noise_mag_max))
-    exposures, _ = s1d.observe(noise_stars, params.seed + 1, params.n_exposures, settings, key="noise")
-    noise = s1d.noise_from_repeats(scaled_exposures(exposures)).astype(np.float32)
-    flow = NoiseFlow(FlowArch(n_wave=n_wave, window=params.flow_window))
-    log(f"NoiseFlow, {bl.n_parameters(flow)} weights, {noise.shape[0]} noise vectors, {params.flow_steps} steps")
-    flow_fig = fit_noiseflow(flow, noise, FlowFitSettings(steps=params.flow_steps, batch=params.batch,
-                                                          seed=params.seed), log)
+    flow, flow_fig, n_noise = train_noiseflow(params, n_wave, log)
     t_flow = time.perf_counter()
 
     # the decoder in float16 keeps the shipped artifact near 2 MB (rounding ~5e-4 relative per weight,
@@ -128,7 +183,8 @@ def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, 
         "training": params.to_dict() | {"autoencoder": ae_fig, "noiseflow": flow_fig,
                                         "seconds": {"autoencoder": round(t_ae - t0, 1),
                                                     "noiseflow": round(t_flow - t_ae, 1)}},
-        "data": {"train_stars": int(len(labels)), "noise_vectors": int(noise.shape[0]),
+        "data": {"train_stars": int(len(labels)), "noise_vectors": n_noise,
+                 "noise_extra_white": NOISE_AUGMENTATION,
                  "subclasses": {c: {"teff": list(s.teff), "spectype": s.spectype} for c, s in
                                 zip(classes, s1d.SUBCLASSES)}},
         "simulator": {"stellar_model": "analytic", "module": "fiberlake.ingest.sim_spectra1d",
@@ -147,7 +203,7 @@ def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, 
     log(f"wrote {card['model_id']} ({card['size_bytes']} bytes) to {final}")
 
     if params.dae_steps > 0 and baselines:
-        dae_card = train_baselines(params, stars, targets, out / f"{card['model_id']}-baselines", log)
+        train_baselines(params, stars, targets, out / f"{card['model_id']}-baselines", log)
         card["baselines"] = str(out / f"{card['model_id']}-baselines")
     log(f"done in {time.perf_counter() - t0:.0f} s")
     return card
@@ -172,9 +228,7 @@ def train_baselines(params: DenoiseTrainParams, stars: s1d.Stars, targets: np.nd
 
     def plain(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         x = noisy[idx, rng.integers(0, n_exp, idx.size)].copy()
-        extra = rng.uniform(size=idx.size) < 0.5                          # also lower S/N, as the tests add
-        sigma = np.exp(rng.uniform(np.log(0.02), np.log(2.0), idx.size)) * extra
-        return x + sigma[:, None] * rng.standard_normal(x.shape).astype(np.float32)
+        return with_extra_white_noise(x, rng, 0.5)                        # also lower S/N, as the figures add
 
     def zero_imputed(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         x = plain(idx, rng)
@@ -195,7 +249,8 @@ def train_baselines(params: DenoiseTrainParams, stars: s1d.Stars, targets: np.nd
             "arch_params": arch.to_dict(), "classes": s1d.subclass_names(), "input_shape": [n_wave],
             "prep": {"normalisation": "unit flux sum over observed bins, missing bins 0; flux * nwave"},
             "training": figs, "code_version": _code_version(),
-            "data": {"pairs": int(noisy.shape[0] * n_exp), "extra_white_noise": "half the batches, rms 0.02-2"}}
+            "data": {"pairs": int(noisy.shape[0] * n_exp),
+                     "extra_white_noise": f"half the inputs, rms log-uniform in {EXTRA_NOISE_SIGMA} (scaled units)"}}
     return art.write_artifact(out, tensors, card)
 
 

@@ -345,9 +345,9 @@ class DenoiseParams(ParSet):
                               "initial latent; the others keep that objective)", bounds=(1, 1000))
     min_observed_fraction: float = par(0.05, "spectra with fewer observed bins of the 2048 are flagged few_bins",
                                        bounds=(0.0, 1.0))
-    prior_margin: float = par(6.0, "flag out_of_prior when log p(z|C) at the MAP is this far below the subclass's "
+    prior_margin: float = par(14.5, "flag out_of_prior when log p(z|C) at the MAP is this far below the subclass's "
                               "lowest training latent", unit="nats", bounds=(0.0, 1e6))
-    max_residual_rms: float = par(2.0, "flag poor_fit when the NoiseFlow-whitened residuals have a larger rms",
+    max_residual_rms: float = par(2.84, "flag poor_fit when the NoiseFlow-whitened residuals have a larger rms",
                                   bounds=(0.0, 1e6))
     batch: int = par(64, "spectra per MAP batch", bounds=(1, 100000), science=False)
     device: str = par("auto", "torch device of the MAP (auto: CUDA when available)", choices=DEVICES, science=False)
@@ -533,11 +533,12 @@ class DenoiseTrainParams(ParSet):
     noise_mag_max: float = par(18.5, "faintest magnitude of the noise and DAE stars (13 the brightest)", unit="mag",
                                bounds=(13.5, 25.0))
     latent_dim: int = par(3, "latent dimension L (the paper: 3)", bounds=(1, 64))
-    ae_steps: int = par(2000, "Adam steps of the isometric autoencoder (eq. 10)", bounds=(1, 10**7))
+    ae_steps: int = par(2500, "Adam steps of the isometric autoencoder (eq. 10)", bounds=(1, 10**7))
     delta: float = par(1.0, "radius of the isometry perturbation (scaled flux units)", bounds=(0.0, 1e3))
     flow_steps: int = par(1000, "Adam steps of NoiseFlow", bounds=(1, 10**7))
     flow_window: int = par(5, "K: predecessors of each bin in NoiseFlow", bounds=(1, 256))
-    dae_steps: int = par(1000, "Adam steps of each DAE baseline (plain and zero-imputed)", bounds=(0, 10**7))
+    dae_steps: int = par(2500, "Adam steps of each DAE baseline (plain and zero-imputed; the generator's budget)",
+                         bounds=(0, 10**7))
     max_missing_fraction: float = par(0.4, "longest random missing interval of the zero-imputation DAE's training",
                                       bounds=(0.0, 0.95))
     batch: int = par(64, "spectra per Adam update", bounds=(1, 100000))
