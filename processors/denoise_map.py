@@ -49,11 +49,12 @@ class MapSettings:
     """Subclasses whose ``z`` is optimised per spectrum: those with the lowest objective at their
     initial latent (the others keep that objective, an upper bound of their MAP's)."""
     min_observed_fraction: float = 0.05
-    prior_margin: float = 14.5
+    prior_margin: float = 6.5
     """``out_of_prior`` when ``log p(z|C)`` of the MAP is this far (nats) below the lowest of the
-    subclass's own training latents (tuned on seeds 1710-1713, ``bench/denoise.py --tune-flags``:
-    the middle of the margins flagging every unseen hot OB star, 5-24 nats)."""
-    max_residual_rms: float = 2.84
+    subclass's own training latents (tuned for the shipped model on seeds 1710-1713,
+    ``bench/denoise.py --tune-flags``: the middle of the margins flagging every unseen hot OB star,
+    2-11 nats)."""
+    max_residual_rms: float = 2.13
     """``poor_fit`` when the rms of the flow's whitened residuals exceeds this (the 97.5 % quantile
     of seen-class stars' on the tuning set)."""
 

@@ -345,9 +345,9 @@ class DenoiseParams(ParSet):
                               "initial latent; the others keep that objective)", bounds=(1, 1000))
     min_observed_fraction: float = par(0.05, "spectra with fewer observed bins of the 2048 are flagged few_bins",
                                        bounds=(0.0, 1.0))
-    prior_margin: float = par(14.5, "flag out_of_prior when log p(z|C) at the MAP is this far below the subclass's "
+    prior_margin: float = par(6.5, "flag out_of_prior when log p(z|C) at the MAP is this far below the subclass's "
                               "lowest training latent", unit="nats", bounds=(0.0, 1e6))
-    max_residual_rms: float = par(2.84, "flag poor_fit when the NoiseFlow-whitened residuals have a larger rms",
+    max_residual_rms: float = par(2.13, "flag poor_fit when the NoiseFlow-whitened residuals have a larger rms",
                                   bounds=(0.0, 1e6))
     batch: int = par(64, "spectra per MAP batch", bounds=(1, 100000), science=False)
     device: str = par("auto", "torch device of the MAP (auto: CUDA when available)", choices=DEVICES, science=False)
