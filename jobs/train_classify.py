@@ -159,7 +159,7 @@ def fit_network(kind: str, model, augmenter: Augmenter, tr_idx: np.ndarray, val:
             loss = loss_fn(model(*[torch.from_numpy(b) for b in inputs]), torch.from_numpy(y_all[idx]))
             loss.backward()
             opt.step()
-            total += float(loss) * idx.size
+            total += float(loss.detach()) * idx.size
         model.eval()
         with torch.no_grad():
             logits = torch.cat([model(*[v[i:i + 256] for v in val_t]) for i in range(0, len(yv), 256)])
