@@ -24,7 +24,7 @@ import polars as pl
 
 from fiberlake.processors.denoise_map import BayesianDenoiser, MapSettings
 from fiberlake.processors.denoise_prep import NWAVE, WAVE_MAX, WAVE_MIN, to_denoise_grid
-from fiberlake.processors.params import DenoiseParams, ReductionParams
+from fiberlake.processors.params import DENOISE_PREFERENCE, DenoiseParams, ReductionParams
 from fiberlake.schemas.maskbits import MASK_DTYPE, Mask
 from fiberlake.schemas.parset import digest_of
 from fiberlake.storage.layout import Lake
@@ -67,6 +67,19 @@ def _denoiser(model: str, lake_root, device: str) -> BayesianDenoiser:
     if key not in _LOADED:
         _LOADED[key] = load_denoiser(model, lake_root, device)
     return _LOADED[key]
+
+
+def extractions_to_denoise(run_extractions: tuple[str, ...], choice: str) -> tuple[str, ...]:
+    """The run's extractions the stage denoises (``denoise.extraction``; see :data:`DENOISE_EXTRACTIONS`).
+
+    One extraction by default: the MAP is the night's most expensive stage on a CPU (about 1 s per
+    spectrum on one core), and box and optimal spectra of one star give the same denoised star.
+    """
+    if choice == "all":
+        return tuple(run_extractions)
+    if choice == "best":
+        return next(((m,) for m in DENOISE_PREFERENCE if m in run_extractions), ())
+    return (choice,) if choice in run_extractions else ()
 
 
 def map_settings(params: DenoiseParams) -> MapSettings:
@@ -140,7 +153,7 @@ def denoise_night(lake: Lake, night: str, config: ReductionParams, params: Denoi
     tables = TableStore(lake.root / "tables")
     science = params.science_dict()
     now = dt.datetime.now(dt.timezone.utc)
-    for method in config.extractions:
+    for method in extractions_to_denoise(config.extractions, params.extraction):
         if "joined" in params.sources:
             _joined(tables, night, method, denoiser, params, science, run_id, reprocess, now, report, stop)
         if "coadds" in params.sources and not stop():

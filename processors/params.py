@@ -328,6 +328,10 @@ METHOD_STAGES = {"box": ("box", "fiberflat"), "optimal": ("optimal", "fiberflat"
 # Bayesian denoising of 1D spectra (seed 004): a product above the frame
 # --------------------------------------------------------------------------------------
 DENOISE_SOURCES = ("joined", "coadds")
+DENOISE_EXTRACTIONS = ("best", "all", *EXTRACTIONS)
+"""``denoise.extraction``: ``best`` denoises one extraction of each spectrum (the first of
+:data:`DENOISE_PREFERENCE` the run extracts), ``all`` every extraction of the run, a method name that one."""
+DENOISE_PREFERENCE = ("optimal", "deconv", "box", "cae")
 
 
 @dataclass(frozen=True)
@@ -339,6 +343,9 @@ class DenoiseParams(ParSet):
     model: str = par("default", "denoise model: default (shipped with fiberlake), a model id of the lake's models "
                      "table, or a directory with weights.safetensors and card.json")
     sources: tuple[str, ...] = par(DENOISE_SOURCES, "which products to denoise", choices=DENOISE_SOURCES)
+    extraction: str = par("best", "which extraction of each spectrum to denoise: best (optimal when the run "
+                          "extracts it, else deconv, else box), all of the run's, or one method",
+                          choices=DENOISE_EXTRACTIONS)
     steps: int = par(60, "Adam steps of the MAP over z (the best subclasses in parallel)", bounds=(0, 100000))
     lr: float = par(0.1, "Adam learning rate of the MAP (latent units)", bounds=(1e-6, 100.0))
     refine_classes: int = par(3, "subclasses whose latent is optimised per spectrum (those fitting best at their "

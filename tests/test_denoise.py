@@ -201,3 +201,14 @@ def test_shipped_model_loads_and_recognises_its_own_generated_spectra():
     assert res.class_index.tolist() == picks
     truth = spectra / spectra.sum(-1, keepdims=True)
     assert (((res.flux - truth) ** 2).mean(-1) / (truth ** 2).mean(-1)).max() < 1e-3
+
+
+def test_one_extraction_is_denoised_by_default():
+    from fiberlake.jobs.denoise_stage import extractions_to_denoise
+
+    assert extractions_to_denoise(("box", "optimal"), "best") == ("optimal",)
+    assert extractions_to_denoise(("box", "deconv"), "best") == ("deconv",)
+    assert extractions_to_denoise(("box",), "best") == ("box",)
+    assert extractions_to_denoise(("box", "optimal"), "all") == ("box", "optimal")
+    assert extractions_to_denoise(("box", "optimal"), "box") == ("box",)
+    assert extractions_to_denoise(("box",), "deconv") == ()
