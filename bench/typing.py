@@ -50,28 +50,11 @@ def accuracy_rows(name: str, figures: dict, n_params: int, train: dict | None) -
             "epochs": None if train is None else train["epochs"], "updates": None if train is None else train["updates"]}
 
 
-def masked_row_max_profile(image: np.ndarray, sigma: float = 3.0) -> np.ndarray:
-    """The row-maximum profile's former path (masked array, float64 fill with -inf): the baseline."""
-    import warnings
-
-    from astropy.stats import sigma_clip
-
-    data = np.asarray(image, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clipped = sigma_clip(data, sigma=sigma, maxiters=1, axis=0, masked=True, copy=False)
-    prof = np.ma.filled(clipped.astype(np.float64), -np.inf).max(axis=1)
-    bad = ~np.isfinite(prof)
-    if bad.any():
-        prof[bad] = data[bad].max(axis=1)
-    return prof
-
-
 def preprocessing_rate(instrument: str, n: int, baseline: bool = False) -> dict:
     """Frames per second of :func:`prepare_frame` on simulated raw frames of ``instrument``.
 
     With ``baseline``, also with the former masked-array row-maximum profile
-    (:func:`masked_row_max_profile`) on the same frames, alternating, and checks both give the
+    (:func:`~fiberlake.processors.typing_prep.row_max_profile_masked`) on the same frames, alternating, and checks both give the
     same images: ``{"fps": ..., "fps_baseline": ..., "speedup": ..., "identical": ...}``.
     """
     from fiberlake.ingest import typing_dataset as td
@@ -83,13 +66,13 @@ def preprocessing_rate(instrument: str, n: int, baseline: bool = False) -> dict:
     out = {"fps": len(raws) / seconds}
     if baseline:
         current = tp.row_max_profile
-        tp.row_max_profile = masked_row_max_profile
+        tp.row_max_profile = tp.row_max_profile_masked
         try:
             base_s, base_images = best_of(lambda: [tp.prepare_frame(r) for r in raws], 2)
         finally:
             tp.row_max_profile = current
         profile_s, _ = best_of(lambda: [current(tp.orient(r).astype(np.float32)) for r in raws], 2)
-        base_profile_s, _ = best_of(lambda: [masked_row_max_profile(tp.orient(r).astype(np.float32)) for r in raws], 2)
+        base_profile_s, _ = best_of(lambda: [tp.row_max_profile_masked(tp.orient(r).astype(np.float32)) for r in raws], 2)
         out.update({"fps_baseline": len(raws) / base_s, "speedup": base_s / seconds,
                     "profile_speedup": base_profile_s / profile_s,
                     "profile_s_per_frame": profile_s / len(raws),

@@ -30,7 +30,7 @@ from fiberlake.processors import (ccd, deconv, extract, fiberflat, frame_tiles, 
                                    tracing, wavecal)
 from fiberlake.processors.chunks import Bundle, bundle_columns, plan_bundles, subset_profile, subset_psf, subset_traces
 from fiberlake.processors.rectify import Rectification, RectifyConfig
-from fiberlake.processors.params import DEFAULT_EXTRACTIONS, EXTRACTIONS, ReductionParams
+from fiberlake.processors.params import ReductionParams
 from fiberlake.processors.rectify_map import MapConfig
 from fiberlake.processors.psf import fit_psf
 from fiberlake.schemas.containers import (ArrayContainer, ProfileModel, PSFModel, Spectra1D, TraceSet, WaveSolution,
