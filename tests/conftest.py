@@ -18,9 +18,11 @@ RAY_TEST_FILES = {"test_ray.py", "test_ray_cleanup.py", "test_object_store.py"}
 QA_NIGHT_TEST_FILES = {"test_export.py", "test_qa.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the markers into the groups it schedules
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, keep each test file on one worker (its module fixtures are built once)."""
-    if not config.pluginmanager.hasplugin("xdist"):
+    """Under pytest-xdist's ``--dist loadgroup``, keep each test file on one worker (its module fixtures
+    are built once). The groups are made on the workers, where xdist sets ``option.loadgroup``."""
+    if not getattr(config.option, "loadgroup", False):
         return
     for item in items:
         name = item.path.name
