@@ -13,7 +13,7 @@ from fiberlake.schemas.instrument import MINI
 
 # Test files that start a local Ray: under pytest-xdist (.ci/run: -n 2 --dist loadgroup) they share
 # one worker, so two Ray clusters never start on the same two cores at once.
-RAY_TEST_FILES = {"test_ray.py", "test_ray_cleanup.py", "test_object_store.py"}
+RAY_TEST_FILES = {"test_ray.py", "test_ray_cleanup.py", "test_object_store.py", "test_ray_stages.py"}
 # Test files that share one reduced night (tests/qa_night.py builds it once per worker process).
 QA_NIGHT_TEST_FILES = {"test_export.py", "test_qa.py"}
 # The longest groups, longest first (seconds of a clean-clone CI run: 595, 351, 201, 106, 101): sent to
