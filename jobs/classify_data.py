@@ -58,15 +58,27 @@ class ExposureSpec:
         return SimParams(stellar_model=self.stellar_model, **mix)
 
 
+DESIGN_STRIDE = 10000
+"""Seed step between the instrument designs of one data set (design ``k`` uses ``seed + k * DESIGN_STRIDE``)."""
+
+
 def plan_exposures(seed: int, n_exposures: int, *, stellar_model: str = "analytic", flat_mix: bool = True,
                    mag_offset: tuple[float, float] = (0.0, 0.0), exptime: tuple[float, float] = (600.0, 2400.0),
-                   exposures_per_night: int = 8) -> list[ExposureSpec]:
-    """Exposures of a data set: ``exposures_per_night`` per night (nights named from the seed).
+                   exposures_per_night: int = 8, designs: int = 1) -> list[ExposureSpec]:
+    """Exposures of a data set: ``exposures_per_night`` per night, nights spread over ``designs`` instruments.
+
+    The simulator draws a camera's design (PSF and its focus per fiber, trace and line curvature,
+    dispersion shape, detector) from the simulation seed, and only small nightly terms (flexure,
+    throughput) from the night, so the nights of one seed share one 2D PSF. Night ``j`` uses the
+    seed ``seed + (j mod designs) * DESIGN_STRIDE``: with ``designs`` > 1 a data set sees that many
+    instruments (a network on 2D stripes otherwise learns one PSF).
 
     Parameters
     ----------
     seed : int
-        Simulation seed (a held-out set uses seeds the training never saw).
+        Simulation seed of the first design (a held-out set uses seeds the training never saw).
+    designs : int
+        Instrument designs (simulation seeds) the nights cycle through.
     mag_offset : (lo, hi)
         Range of the plate's magnitude offset (negative: brighter stars, higher S/N).
     exptime : (lo, hi)
@@ -77,7 +89,8 @@ def plan_exposures(seed: int, n_exposures: int, *, stellar_model: str = "analyti
     for i in range(n_exposures):
         night_no, k = divmod(i, exposures_per_night)
         night = f"2027-{1 + night_no // 28:02d}-{1 + night_no % 28:02d}"
-        out.append(ExposureSpec(night=night, seed=seed, expid=1000 + i, plate=k,
+        out.append(ExposureSpec(night=night, seed=seed + (night_no % max(designs, 1)) * DESIGN_STRIDE,
+                                expid=1000 + i, plate=k,
                                 exptime=float(np.exp(rng.uniform(np.log(exptime[0]), np.log(exptime[1])))),
                                 mag_offset=float(rng.uniform(*mag_offset)), stellar_model=stellar_model,
                                 flat_mix=flat_mix))

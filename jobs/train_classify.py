@@ -3,19 +3,26 @@
 Steps (:func:`train_classify`):
 
 1. simulate the training exposures (:mod:`fiberlake.jobs.classify_data`, flat class mix, brighter
-   plates) and the held-out exposures (other seeds, fainter plates so every S/N bin is filled),
-   of the training's star model and, when the Cannon models are installed, of the other one;
+   plates, a few exposures per night over ``designs`` instrument designs: the 2D PSF, traces and
+   wavelength solution are drawn per simulation seed, and a network on stripes of one design
+   learns that design) and the held-out exposures (other seeds and designs, fainter plates so
+   every S/N bin is filled), of the training's star model and, when the Cannon models are
+   installed, of the other one; and exposures of the demo's night (its seed and survey mix);
 2. keep training stars above ``snr_min`` (the paper: S/N_r > 30); the stars of 10 % of the
-   exposures (whole exposures, so validation shares no sky, plate or night state with training)
-   for validation;
+   designs (whole instruments, so validation measures what held-out nights ask: a PSF never
+   seen) for validation;
 3. train each network with AdaGrad (weight decay) and cross-entropy, early stopping on the
    validation loss (best weights kept), within ``max_minutes``. Each batch makes a fraction of
    its stars fainter (:func:`fiberlake.processors.stripes.degrade`: target S/N_r log-uniform from
    ``augment_snr_min`` to the star's own, noise from the frame's variance model), the same draws
    for both networks (same seed), so DRC-Net and RC-Net see the same stars, noise and budget.
+   Each arm's stripe is also mirrored across the trace for ``mirror_fraction`` of the stars (the
+   cross profile is the instrument's, not the star's), and ``arm_dropout`` of the stars lose one
+   arm (zeroed, as inference does for a missing camera).
    The validation stars are degraded once the same way (fixed draws);
-4. score both on every held-out set in the paper's S/N bins, beside the template fit (templates
-   from the other star model than the held-out set's, :mod:`fiberlake.jobs.classify_templates`);
+4. score both on every held-out set in the paper's S/N bins (and DRC-Net on one arm), beside the
+   template fit on every held-out star (templates from the other star model than the held-out
+   set's, :mod:`fiberlake.jobs.classify_templates`);
 5. write one artifact (both networks' weights, safetensors; the card holds the figures).
 """
 
@@ -36,9 +43,13 @@ from fiberlake.storage import models as store
 STAGE = "classify"
 TRAIN_PREFIX = "train"
 HELDOUT_SEEDS = {"analytic": 1551, "cannon": 1552}
-"""Simulation seeds of the held-out exposures of each star model (no training run uses them)."""
-TEMPLATE_STARS = 250
-"""Held-out stars (a fixed random subset) scored with the template fit (it costs ~0.2 s a star)."""
+"""First simulation seeds of the held-out exposures of each star model (designs: + 10000 k; no training run uses
+them: training seeds are 1501 / 1502 + 10000 k)."""
+TEMPLATE_STARS: int | None = None
+"""Held-out stars scored with the template fit (None: all; it costs ~0.2 s a star, cached)."""
+DEMO_SEED = 0
+"""Seed of ``fiberlake demo``'s night (:data:`fiberlake.jobs.demo.NIGHT`, analytic stars, survey mix)."""
+DEMO_EXPOSURES = 8
 
 
 def data_sets(params: ClassifyTrainParams, cache, progress: bool, log: Callable[[str], None]) -> dict:
@@ -47,19 +58,30 @@ def data_sets(params: ClassifyTrainParams, cache, progress: bool, log: Callable[
     from fiberlake.jobs.classify_data import load_or_build, plan_exposures
 
     out = {}
-    specs = plan_exposures(params.seed, params.exposures, stellar_model=params.stellar_model, mag_offset=(-3.0, 0.0))
+    import dataclasses
+
+    from fiberlake.jobs.demo import NIGHT as DEMO_NIGHT
+
+    specs = plan_exposures(params.seed, params.exposures, stellar_model=params.stellar_model, mag_offset=(-3.0, 0.0),
+                           exposures_per_night=params.exposures_per_night, designs=params.designs)
     t0 = time.time()
     out["train"], cached = load_or_build(specs, cache, params.workers, progress, with_raw=True)
     out["train_specs"] = specs
     log(f"training stars: {len(out['train']['label'])} ({'cache' if cached else f'{time.time() - t0:.0f} s'})")
     models = ["analytic"] + (["cannon"] if resolve_stellar_model("cannon")[0] == "cannon" else [])
     for model in models:
-        held = plan_exposures(HELDOUT_SEEDS[model], params.heldout_exposures, stellar_model=model, mag_offset=(-1.5, 1.0))
+        held = plan_exposures(HELDOUT_SEEDS[model], params.heldout_exposures, stellar_model=model, mag_offset=(-1.5, 1.0),
+                              exposures_per_night=params.exposures_per_night, designs=params.heldout_designs)
         t0 = time.time()
         out[f"heldout_{model}"], cached = load_or_build(held, cache, params.workers, progress)
         out[f"heldout_{model}_specs"] = held
         log(f"held-out stars ({model}): {len(out[f'heldout_{model}']['label'])} "
             f"({'cache' if cached else f'{time.time() - t0:.0f} s'})")
+    demo = [dataclasses.replace(s, night=DEMO_NIGHT)
+            for s in plan_exposures(DEMO_SEED, DEMO_EXPOSURES, flat_mix=False, exposures_per_night=DEMO_EXPOSURES)]
+    out["heldout_demo"], _ = load_or_build(demo, cache, params.workers, progress)
+    out["heldout_demo_specs"] = demo
+    log(f"demo night stars (seed {DEMO_SEED}, {DEMO_NIGHT}, survey mix): {len(out['heldout_demo']['label'])}")
     return out
 
 
@@ -86,9 +108,10 @@ class Augmenter:
     """Training batches of both networks from the raw (sky-subtracted, electrons) stripes.
 
     Each call draws, per star, whether it is made fainter (probability ``augment_fraction``), its
-    target S/N_r (log-uniform from ``augment_snr_min`` to its own) and which arm it loses (arm
-    dropout), always with the same calls on ``rng``, so two networks trained with generators of
-    one seed see the same stars, noise and dropped arms.
+    target S/N_r (log-uniform from ``augment_snr_min`` to its own), which arm it loses (arm
+    dropout) and which arm's stripe is mirrored across the trace (``mirror_fraction``; only
+    DRC-Net sees it: an aperture sum does not change), always with the same calls on ``rng``, so
+    two networks trained with generators of one seed see the same stars, noise and dropped arms.
     """
 
     def __init__(self, data: dict[str, np.ndarray], params: ClassifyTrainParams) -> None:
@@ -113,14 +136,16 @@ class Augmenter:
         fainter = rng.uniform(size=n) < p.augment_fraction
         factor = np.where(fainter, factor_for_snr(self.star[idx], self.background[idx], target), 1.0)
         drop = rng.uniform(size=n)
+        mirror = rng.uniform(size=(2, n)) < p.mirror_fraction
         arms = {}
         for a in ("b", "r"):
             sig, var = degrade(d[f"signal_{a}"][idx], d[f"var_{a}"][idx], d[f"bkg_{a}"][idx], d[f"good_{a}"][idx],
                                factor, rng)
             arms[a] = stripe_inputs(sig, var, d[f"good_{a}"][idx])
         lost = {"b": drop < p.arm_dropout / 2, "r": (drop >= p.arm_dropout / 2) & (drop < p.arm_dropout)}
-        for a in ("b", "r"):
+        for i, a in enumerate(("b", "r")):
             z, flux, ivar = arms[a]
+            z[mirror[i]] = z[mirror[i], ::-1, :]
             z[lost[a]] = 0.0
             ivar[lost[a]] = 0.0
         zb, fb, ib = arms["b"]
@@ -187,7 +212,7 @@ def fit_network(kind: str, model, augmenter: Augmenter, tr_idx: np.ndarray, val:
 
 
 def template_predictions(held: dict[str, np.ndarray], data_model: str, cache, key: str,
-                         n_stars: int = TEMPLATE_STARS) -> tuple[np.ndarray, np.ndarray, str]:
+                         n_stars: int | None = TEMPLATE_STARS) -> tuple[np.ndarray, np.ndarray, str]:
     """Template-fit predictions on a fixed subset of a held-out set (cached by the set's key).
 
     Returns
@@ -202,7 +227,7 @@ def template_predictions(held: dict[str, np.ndarray], data_model: str, cache, ke
     from fiberlake.processors.template_fit import fit_spectra
 
     n = held["label"].size
-    idx = np.sort(np.random.default_rng(0).permutation(n)[:min(n_stars, n)])
+    idx = np.arange(n) if n_stars is None else np.sort(np.random.default_rng(0).permutation(n)[:min(n_stars, n)])
     grid = template_grid(other_model(data_model))
     path = None if cache is None else Path(cache) / f"template-{key}-{grid.source.split()[0]}-{idx.size}.npy"
     if path is not None and path.exists():
@@ -228,6 +253,11 @@ def evaluate(nets: dict, held: dict[str, np.ndarray], data_model: str, cache, ke
         preds[kind] = probs.argmax(axis=1)
         out[kind] = scores(held["label"], preds[kind], held["snr_r"], CLASSES)
         out[f"{kind}_confusion"] = confusion(held["label"], preds[kind], len(CLASSES)).tolist()
+    if "drcnet" in nets:
+        zb, zr = network_inputs("drcnet", held)
+        for arm, inputs in (("red_only", (np.zeros_like(zb), zr)), ("blue_only", (zb, np.zeros_like(zr)))):
+            pred = predict(nets["drcnet"], inputs).argmax(axis=1)
+            out[f"drcnet_{arm}"] = scores(held["label"], pred, held["snr_r"], CLASSES)
     if with_template:
         idx, pred, source = template_predictions(held, data_model, cache, key)
         out["template_source"] = source
@@ -244,8 +274,15 @@ def report_text(figures: dict) -> str:
     """Markdown tables of an evaluation (:func:`evaluate`)."""
     parts = []
     methods = {k: figures[k] for k in ("drcnet", "rcnet") if k in figures}
-    parts.append(f"All {figures['n_stars']} held-out stars:\n\n" + format_table(methods, CLASSES))
-    if "template" in figures:
+    every = "template" in figures and figures["template_subset"] == figures["n_stars"]
+    if every:
+        methods["template"] = figures["template"]
+    methods |= {f"drcnet ({k.split('_')[1]} arm only)": figures[k] for k in ("drcnet_red_only", "drcnet_blue_only")
+                if k in figures}
+    title = f"All {figures['n_stars']} held-out stars"
+    title += f" (templates: {figures['template_source']})" if every else ""
+    parts.append(f"{title}:\n\n" + format_table(methods, CLASSES))
+    if "template" in figures and not every:
         sub = {f"{k} (subset)": figures[f"{k}_on_template_subset"] for k in ("drcnet", "rcnet")
                if f"{k}_on_template_subset" in figures}
         sub["template"] = figures["template"]
@@ -271,6 +308,7 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
     import torch
 
     from fiberlake.jobs.classify_data import dataset_key
+    from fiberlake.jobs.demo import NIGHT as DEMO_NIGHT
     from fiberlake.jobs.provenance import code_version
     from fiberlake.processors.drcnet import state_arrays
 
@@ -279,13 +317,19 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
     sets = data_sets(params, cache, progress, log)
     train = sets["train"]
     bright = train["snr_r"] > params.snr_min
-    expids = np.unique(train["expid"])
+    design_of = {s.expid: s.seed for s in sets["train_specs"]}
+    designs = np.unique(list(design_of.values()))
     rng = np.random.default_rng(params.seed)
-    val_exp = rng.permutation(expids)[:max(1, expids.size // 10)]
+    if designs.size > 1:      # validation: whole designs (PSFs the training never saw)
+        val_designs = rng.permutation(designs)[:max(1, designs.size // 10)]
+        val_exp = np.array([e for e, d in design_of.items() if d in set(val_designs.tolist())])
+    else:                     # one design: whole exposures
+        expids = np.unique(train["expid"])
+        val_exp = rng.permutation(expids)[:max(1, expids.size // 10)]
     in_val = np.isin(train["expid"], val_exp)
     val_idx, tr_idx = np.flatnonzero(bright & in_val), np.flatnonzero(bright & ~in_val)
-    log(f"training on {tr_idx.size} stars of S/N_r > {params.snr_min:g}, validating on {val_idx.size} "
-        f"(stars of {val_exp.size} other exposures); classes in training: "
+    log(f"training on {tr_idx.size} stars of S/N_r > {params.snr_min:g} ({designs.size} designs), validating on "
+        f"{val_idx.size} (stars of {val_exp.size} other exposures); classes in training: "
         f"{np.bincount(train['label'][tr_idx], minlength=len(CLASSES)).tolist()}")
     shapes = {"rows": int(train["stripes_b"].shape[1]), "width_b": int(train["stripes_b"].shape[2]),
               "width_r": int(train["stripes_r"].shape[2])}
@@ -299,11 +343,12 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
                                      params, log)
         nets[kind] = model
     heldout = {}
-    for name in ("heldout_analytic", "heldout_cannon"):
+    for name in ("heldout_analytic", "heldout_cannon", "heldout_demo"):
         if name in sets:
             model_name = name.split("_", 1)[1]
-            heldout[model_name] = evaluate(nets, sets[name], model_name, cache, dataset_key(sets[f"{name}_specs"]))
-            log(f"held-out ({model_name} star model):\n" + report_text(heldout[model_name]))
+            data_model = "analytic" if model_name == "demo" else model_name
+            heldout[model_name] = evaluate(nets, sets[name], data_model, cache, dataset_key(sets[f"{name}_specs"]))
+            log(f"held-out ({model_name}):\n" + report_text(heldout[model_name]))
     tensors = state_arrays(nets["drcnet"], "drcnet.") | state_arrays(nets["rcnet"], "rcnet.")
     card = {
         "stage": STAGE,
@@ -324,7 +369,9 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
                      "val_expids": sorted(int(e) for e in val_exp)},
         "data": {"train_specs": [s.to_dict() for s in sets["train_specs"]][:3] + ["..."],
                  "train_exposures": len(sets["train_specs"]), "train_seed": params.seed,
-                 "heldout_seeds": HELDOUT_SEEDS},
+                 "train_designs": int(designs.size), "heldout_seeds": HELDOUT_SEEDS,
+                 "heldout_designs": params.heldout_designs, "demo": {"seed": DEMO_SEED, "night": DEMO_NIGHT,
+                                                                     "exposures": DEMO_EXPOSURES}},
         "heldout": heldout,
         "command": command,
         "code_version": code_version(),

@@ -566,21 +566,28 @@ class ClassifyTrainParams(ParSet):
     stage: ClassVar[str] = "train_classify"
     seed: int = par(1501, "simulation seed of the training exposures (held-out: seed + 50)", bounds=(0, 2**31 - 1))
     stellar_model: str = par("analytic", "star model of the training exposures", choices=("analytic", "cannon"))
-    exposures: int = par(120, "training exposures (both arms, ~28 stars each)", bounds=(1, 100000))
-    heldout_exposures: int = par(60, "held-out exposures per star model", bounds=(1, 100000))
+    exposures: int = par(200, "training exposures (both arms, ~28 stars each)", bounds=(1, 100000))
+    designs: int = par(100, "instrument designs (simulation seeds seed + 10000 k: 2D PSF, traces, wavelength "
+                       "solution, detector) the training nights spread over", bounds=(1, 100000))
+    exposures_per_night: int = par(2, "exposures of each simulated night (training and held-out)", bounds=(1, 1000))
+    heldout_exposures: int = par(24, "held-out exposures per star model", bounds=(1, 100000))
+    heldout_designs: int = par(12, "instrument designs of the held-out exposures of each star model",
+                               bounds=(1, 100000))
     snr_min: float = par(30.0, "train on stars above this S/N_r (the paper: 30)", bounds=(0.0, 1e6))
     epochs: int = par(60, "most passes over the training stars", bounds=(1, 100000))
     patience: int = par(8, "stop when the validation loss has not improved for this many epochs (the paper: "
                         "50 of 300)", bounds=(1, 100000))
     batch: int = par(32, "stars per AdaGrad update (the paper: 4)", bounds=(1, 4096))
     lr: float = par(1e-2, "AdaGrad learning rate (the paper: 1e-3 at batch 4)", bounds=(1e-7, 10.0))
-    arm_dropout: float = par(0.1, "probability that a training star loses one arm (zeroed), so a missing camera "
+    arm_dropout: float = par(0.3, "probability that a training star loses one arm (zeroed), so a missing camera "
                              "still gets a label", bounds=(0.0, 0.5))
     augment_fraction: float = par(0.75, "fraction of training stars made fainter in each batch (noise from the frame's "
                                   "variance model; a deviation from the paper's S/N > 30 training set that keeps its "
                                   "stars)", bounds=(0.0, 1.0))
     augment_snr_min: float = par(3.0, "faintest S/N_r of an augmented star (log-uniform up to its own)",
                                  bounds=(0.5, 1e6))
+    mirror_fraction: float = par(0.5, "fraction of training stars whose stripes are mirrored across the trace (the "
+                                 "cross profile carries the instrument, not the star)", bounds=(0.0, 1.0))
     weight_decay: float = par(1e-4, "L2 weight decay of AdaGrad", bounds=(0.0, 1.0))
     max_minutes: float = par(7.0, "stop each network's training after this many minutes", unit="min",
                              bounds=(0.1, 10000.0))

@@ -118,6 +118,49 @@ def test_degraded_star_has_the_fainter_stars_noise():
     assert abs(fs[0] * 1e4 / np.sqrt(fs[0] * 1e4 + 100.0) - 5.0) < 1e-6 and fs[1] == 1.0
 
 
+def test_training_nights_spread_over_designs_and_validation_never_shares_one():
+    from fiberlake.jobs.classify_data import DESIGN_STRIDE, plan_exposures
+
+    specs = plan_exposures(1501, 12, exposures_per_night=2, designs=3)
+    nights = {}
+    for s in specs:
+        nights.setdefault(s.night, set()).add(s.seed)
+    assert len(nights) == 6 and all(len(v) == 1 for v in nights.values())          # one design per night
+    assert sorted({s.seed for s in specs}) == [1501, 1501 + DESIGN_STRIDE, 1501 + 2 * DESIGN_STRIDE]
+    held = plan_exposures(1551, 12, exposures_per_night=2, designs=3)
+    assert not {s.seed for s in specs} & {s.seed for s in held}
+    assert plan_exposures(1501, 4) == plan_exposures(1501, 4, designs=1)           # one design: the old plan
+
+
+def test_augmenter_mirrors_and_drops_arms_for_drcnet_only():
+    from fiberlake.jobs.train_classify import Augmenter
+    from fiberlake.processors.params import ClassifyTrainParams
+
+    rng = np.random.default_rng(0)
+    n, w = 6, 40
+    data = {"label": np.arange(n) % 7, "snr_r": np.full(n, 50.0)}
+    for a in ("b", "r"):
+        prof = np.exp(-0.5 * ((np.arange(11) - 4.0) / 1.2) ** 2)[None, :, None]        # off-centre, asymmetric
+        data[f"signal_{a}"] = (100.0 * prof * rng.uniform(0.5, 1.5, (n, 1, w))).astype(np.float32)
+        data[f"var_{a}"] = np.full((n, 11, w), 50.0, np.float32)
+        data[f"bkg_{a}"] = np.full((n, 11, w), 10.0, np.float32)
+        data[f"good_{a}"] = np.ones((n, 11, w), bool)
+    idx = np.arange(n)
+    plain = ClassifyTrainParams(augment_fraction=0.0, arm_dropout=0.0, mirror_fraction=0.0)
+    base = Augmenter(data, plain).batch(idx, np.random.default_rng(1))
+    mirrored = Augmenter(data, plain.updated({"mirror_fraction": 1.0})).batch(idx, np.random.default_rng(1))
+    np.testing.assert_allclose(mirrored["drcnet"][0], base["drcnet"][0][:, ::-1, :])
+    np.testing.assert_allclose(mirrored["drcnet"][1], base["drcnet"][1][:, ::-1, :])
+    np.testing.assert_allclose(mirrored["rcnet"][0], base["rcnet"][0])             # aperture sums do not change
+    dropped = Augmenter(data, plain.updated({"arm_dropout": 0.5})).batch(np.arange(n).repeat(20),
+                                                                         np.random.default_rng(2))
+    zb, zr = dropped["drcnet"]
+    lost_b, lost_r = ~zb.any(axis=(1, 2)), ~zr.any(axis=(1, 2))
+    assert not (lost_b & lost_r).any() and 0.3 < (lost_b | lost_r).mean() < 0.7     # one arm, never both
+    spec = dropped["rcnet"][0]
+    assert (spec[lost_b, :w] == 0).all() and (spec[lost_r, w:] == 0).all()
+
+
 @pytest.mark.parametrize("width", [64, 3000])
 def test_networks_take_sizes_from_the_input(width):
     torch.manual_seed(0)
