@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import voigt_profile
 
 HC_K = 1.438777e8
@@ -310,22 +310,76 @@ def model_spectrum(wave: np.ndarray, labels: StarLabels, sigma_lsf: float | np.n
     return flux * _hydrogen_absorption(rest, labels, sigma, k_h, hydrogen_step)
 
 
+HYDROGEN_CORE = 30.0
+"""Half-width (A) around a hydrogen line inside which its profile is evaluated on the fine grid."""
+HYDROGEN_WING_STEP = 0.5
+"""Step (A) on which a hydrogen line's wings (beyond :data:`HYDROGEN_CORE`, out to 400 A) are evaluated
+and from which they are interpolated linearly: the Stark wings there are smooth (relative error of the
+interpolation ``~0.75 step^2 / x^2``, below 2e-4 of the wing's optical depth)."""
+WING_STRIDE_MIN = 8
+"""The wings' grid is at least this many fine steps (on the 0.25 A grid of :func:`band_magnitudes`: 2 A,
+band means within 1e-5 mag of evaluating the wings on the fine grid)."""
+
+
 def _hydrogen_absorption(rest: np.ndarray, labels: StarLabels, sigma: np.ndarray, k_h: float,
                          step: float = 0.05) -> np.ndarray:
-    """``exp(-tau_H)`` on a ``step`` (A) grid, smoothed by the line-spread function, on ``rest``."""
+    """``exp(-tau_H)`` on a ``step`` (A) grid, smoothed by the line-spread function, on ``rest``.
+
+    Each line's profile is evaluated on the fine grid within :data:`HYDROGEN_CORE` of its centre and
+    on a :data:`HYDROGEN_WING_STEP` grid beyond (interpolated); the Gaussian smoothing is computed at
+    the fine points that ``rest`` interpolates between only (:func:`smoothed_at`), the same numbers
+    as smoothing the whole fine grid. Transmission within 3e-5 of evaluating every line on the fine grid
+    (``tests/test_fluxcal.py``); :func:`model_spectrum` of a mini arm ~2x faster.
+    """
     hw, ht, hs, hg = _hydrogen_strengths(labels.teff, labels.logg, labels.feh)
     near = (hw > rest[0] - 400.0) & (hw < rest[-1] + 400.0)
     if not near.any():
         return np.ones_like(rest)
     fine = np.arange(rest[0] - 5.0, rest[-1] + 5.0, step)
-    tau = np.zeros_like(fine)
+    every = max(1, int(round(HYDROGEN_WING_STEP / step)), WING_STRIDE_MIN)
+    at = np.unique(np.append(np.arange(0, fine.size, every), fine.size - 1))  # the coarse points, both ends kept
+    coarse = np.zeros(at.size)
+    exact = []
     for w, t, s, g in zip(hw[near], ht[near], hs[near], hg[near]):
-        lo, hi = np.searchsorted(fine, [w - 400.0, w + 400.0])
-        tau[lo:hi] += k_h * t * voigt_profile(fine[lo:hi] - w, s, g)
+        lo, hi = np.searchsorted(fine, [w - 400.0, w + 400.0])  # the line's window (cut at 400 A, as ever)
+        k_a, k_b = np.searchsorted(at, [lo, hi])  # its coarse points: at[k_a:k_b]
+        own = k_h * t * voigt_profile(fine[at[k_a:k_b]] - w, s, g)
+        coarse[k_a:k_b] += own
+        # fine points where interpolating the coarse grid is not this line: its core, and the ramps at its
+        # window's cut between the last coarse point inside and the first outside
+        c_lo, c_hi = np.clip(np.searchsorted(fine, [w - HYDROGEN_CORE, w + HYDROGEN_CORE]), lo, hi)
+        left_ramp = at[k_a - 1] + 1 if k_a > 0 else 0
+        right_ramp = at[k_b] if k_b < at.size else fine.size
+        mark = np.zeros(right_ramp - left_ramp, dtype=bool)
+        for a, b in ((c_lo, c_hi), (left_ramp, at[k_a] if k_a < k_b else lo), (at[k_b - 1] + 1 if k_b > k_a else hi, right_ramp)):
+            mark[max(a - left_ramp, 0):max(b - left_ramp, 0)] = True
+        idx = left_ramp + np.flatnonzero(mark)
+        inside = (idx >= lo) & (idx < hi)
+        value = np.zeros(idx.size)
+        value[inside] = k_h * t * voigt_profile(fine[idx[inside]] - w, s, g)
+        k0, k1 = max(k_a - 1, 0), min(k_b + 1, at.size)
+        own_ext = np.concatenate([np.zeros(k_a - k0), own, np.zeros(k1 - k_b)])
+        exact.append((idx, value - np.interp(fine[idx], fine[at[k0:k1]], own_ext)))
+    tau = np.interp(fine, fine[at], coarse)  # every line's wings, interpolated
+    for idx, correction in exact:
+        tau[idx] += correction  # its core and its window's edges, exact
     trans = np.exp(-tau)
     sig_px = float(np.median(sigma)) / step
-    trans = gaussian_filter1d(trans, sig_px, mode="nearest") if sig_px > 0.1 else trans
-    return np.interp(rest, fine, trans)
+    return smoothed_at(rest, fine, trans, sig_px) if sig_px > 0.1 else np.interp(rest, fine, trans)
+
+
+def smoothed_at(x: np.ndarray, grid: np.ndarray, values: np.ndarray, sigma_px: float) -> np.ndarray:
+    """``np.interp(x, grid, gaussian_filter1d(values, sigma_px, mode="nearest"))``, with the filter computed
+    only at the grid points ``x`` falls between (scipy's kernel: radius ``int(4 sigma + 0.5)``,
+    normalised), so its cost scales with ``len(x)``, not ``len(grid)``."""
+    radius = int(4.0 * sigma_px + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma_px) ** 2)
+    kernel /= kernel.sum()
+    left = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, grid.size - 2)
+    frac = np.clip((x - grid[left]) / (grid[left + 1] - grid[left]), 0.0, 1.0)
+    windows = sliding_window_view(np.pad(values, radius, mode="edge"), 2 * radius + 2)[left]  # around left, left + 1
+    return (windows[:, :-1] @ kernel) * (1.0 - frac) + (windows[:, 1:] @ kernel) * frac
 
 
 def band_magnitudes(labels: StarLabels, bands: tuple[tuple[float, float], ...], dw: float = 1.0) -> np.ndarray:

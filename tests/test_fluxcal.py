@@ -24,6 +24,45 @@ def test_hydrogen_lines_and_air_wavelengths():
     assert list(upper) == [3, 4, 5]
 
 
+def _hydrogen_on_the_fine_grid(rest, labels, sigma, k_h, step):
+    """The reference: every hydrogen line's Voigt profile over its whole 400 A window on the fine grid, the
+    whole grid smoothed (what :func:`sm._hydrogen_absorption` computed before it evaluated the wings on a
+    coarser grid and smoothed only where ``rest`` needs it)."""
+    from scipy.ndimage import gaussian_filter1d
+    from scipy.special import voigt_profile
+
+    hw, ht, hs, hg = sm._hydrogen_strengths(labels.teff, labels.logg, labels.feh)
+    fine = np.arange(rest[0] - 5.0, rest[-1] + 5.0, step)
+    tau = np.zeros_like(fine)
+    for w, t, s, g in zip(hw, ht, hs, hg):
+        lo, hi = np.searchsorted(fine, [w - 400.0, w + 400.0])
+        tau[lo:hi] += k_h * t * voigt_profile(fine[lo:hi] - w, s, g)
+    return np.interp(rest, fine, gaussian_filter1d(np.exp(-tau), np.median(sigma) / step, mode="nearest"))
+
+
+@pytest.mark.parametrize("step", [0.05, 0.25])
+def test_hydrogen_wings_on_a_coarse_grid_match_the_fine_grid(step):
+    k_h = sm._scales()[1]
+    for rest in (np.linspace(3700.0, 5900.0, 1200), np.linspace(5700.0, 9000.0, 1800)):
+        sigma = np.full(rest.shape, 1.5)
+        for teff, logg in ((4500.0, 2.5), (6500.0, 4.2), (8500.0, 5.5)):
+            labels = sm.StarLabels(teff, logg, -0.5, 30.0)
+            fast = sm._hydrogen_absorption(rest, labels, sigma, k_h, step)
+            np.testing.assert_allclose(fast, _hydrogen_on_the_fine_grid(rest, labels, sigma, k_h, step),
+                                       atol=3e-5 if step == 0.05 else 3e-4)
+
+
+def test_smoothing_only_where_needed_equals_smoothing_everything():
+    from scipy.ndimage import gaussian_filter1d
+
+    grid = np.arange(0.0, 100.0, 0.05)
+    values = np.random.default_rng(3).normal(size=grid.size).cumsum()
+    x = np.sort(np.random.default_rng(4).uniform(grid[0], grid[-1], 300))
+    for sigma_px in (0.6, 8.0, 30.0):
+        np.testing.assert_allclose(sm.smoothed_at(x, grid, values, sigma_px),
+                                   np.interp(x, grid, gaussian_filter1d(values, sigma_px, mode="nearest")), atol=1e-10)
+
+
 def test_models_are_calibrated_on_the_sun_and_positive():
     wave = np.arange(5240.0, 5300.0, 0.05)
     sun = sm.StarLabels(*sm.SOLAR)
