@@ -2,8 +2,10 @@
 
 A product above the frame keyed by (expid, spectrograph) (DESIGN.md, Products above the frame):
 :func:`fiberlake.jobs.products.run_after_frames` calls :func:`run_after_products` once the night's
-frames are reduced; it runs in the driver and commits through the same single writer. For each
-SCIENCE/STANDARD exposure and spectrograph with at least one reduced camera (``reductions``
+frames are reduced. The driver decides the work and commits through the same single writer; each
+group (step 2-3 below, one :class:`LabelUnit`) runs on one of the run's reducers (a Ray actor, CUDA
+when it has a GPU; in this process with ``--no-ray``), which loads the networks once and keeps them.
+For each SCIENCE/STANDARD exposure and spectrograph with at least one reduced camera (``reductions``
 markers, status ok):
 
 1. the group's hash: its cameras' (camera, calibration id, raw pixels' SHA-256), the model id,
@@ -67,6 +69,53 @@ class ClassifyReport:
         return text
 
 
+@dataclass
+class LabelUnit:
+    """One exposure and spectrograph to label on a reducer (:meth:`FrameReducer.classify_group`): both
+    arms' markers and rows, its fiber map, the run's parameters and the model the driver hashed."""
+
+    night: str
+    expid: int
+    spectrograph: int
+    cams: list[dict]
+    """``reductions`` markers of its reduced cameras (one per arm at most)."""
+    exposures: pl.DataFrame
+    fibermap: pl.DataFrame
+    config: ReductionParams
+    params: ClassifyParams
+    model_id: str
+    grid_id: str
+
+
+def model_card(source: str, lake_root) -> dict:
+    """The card of a classify model (checked against its weights), without building the networks."""
+    from fiberlake.storage import models as store
+
+    _, card = store.read_artifact(store.locate(source, "classify", lake_root))
+    return card
+
+
+def label_unit(lake: Lake, unit: LabelUnit, calibs: dict) -> list[dict]:
+    """The ``labels`` rows of one unit (without run id, hash and time), on this process's device.
+
+    ``calibs`` maps ``(calib_night, camera, calib_id)`` to calibration sets already loaded.
+    """
+    from fiberlake.jobs.classify_templates import template_grid
+
+    params = unit.params
+    device = _device(params.device)
+    nets, card = _models(params.model, str(lake.root), device)
+    if card["model_id"] != unit.model_id:
+        raise LookupError(f"classify model {params.model} is {card['model_id']} here, {unit.model_id} in the driver")
+    grid = template_grid(params.template_model, sigma_a=params.template_sigma) if "template" in params.methods else None
+    grid_id = template_grid_id(grid) if grid is not None else ""
+    if grid_id != unit.grid_id:
+        raise LookupError(f"template grid is {grid_id} here, {unit.grid_id} in the driver")
+    return _label_group(lake, unit.night, unit.expid, unit.spectrograph, unit.cams, unit.exposures, unit.fibermap,
+                        unit.config, params, nets, tuple(card["classes"]), grid, unit.model_id, grid_id,
+                        get_instrument(lake.instrument), calibs, device)
+
+
 @lru_cache(maxsize=2)
 def _models(source: str, lake_root: str, device: str):
     from fiberlake.jobs.train_classify import load_classify_models
@@ -118,9 +167,15 @@ def arm_of_frame(lake: Lake, exp: dict, marker: dict, config: ReductionParams, s
 
 
 def classify_night(lake: Lake, night: str, config: ReductionParams, params: ClassifyParams, *, run_id: str,
-                   reprocess: bool = False, stop: Callable[[], bool] | None = None) -> ClassifyReport:
-    """Label (or bring up to date) the stars of every exposure and spectrograph of ``night``."""
+                   reprocess: bool = False, stop: Callable[[], bool] | None = None, pool=None) -> ClassifyReport:
+    """Label (or bring up to date) the stars of every exposure and spectrograph of ``night``.
+
+    Each group to label runs on ``pool`` (the run's reducers: :class:`~fiberlake.jobs.executors.RayPool`
+    or :class:`~fiberlake.jobs.executors.LocalPool`; in this process when None); its rows are committed
+    here, one commit per group. A group that fails is recorded in the report, never raised.
+    """
     from fiberlake.jobs.classify_templates import template_grid
+    from fiberlake.jobs.executors import pool_or_local
     from fiberlake.jobs.process import latest_exposures
 
     stop = stop or (lambda: False)
@@ -137,8 +192,7 @@ def classify_night(lake: Lake, night: str, config: ReductionParams, params: Clas
         return report
     exposures = exposures.filter(pl.col("obstype").is_in(["SCIENCE", "STANDARD"]))
     fibermap = read_rows(tables, "fibermap", night=night)
-    device = _device(params.device)
-    nets, card = _models(params.model, str(lake.root), device)
+    card = model_card(params.model, lake.root)
     report.model_id = card["model_id"]
     classes = tuple(card["classes"])
     if classes != LABEL_CLASSES:
@@ -146,7 +200,6 @@ def classify_night(lake: Lake, night: str, config: ReductionParams, params: Clas
     grid = template_grid(params.template_model, sigma_a=params.template_sigma) if "template" in params.methods else None
     grid_id = template_grid_id(grid) if grid is not None else ""
     science = params.science_dict()
-    instrument = get_instrument(lake.instrument)
     groups: dict[tuple[int, int], list[dict]] = {}
     science_expids = set(exposures["expid"].to_list())
     for row in markers.iter_rows(named=True):
@@ -157,32 +210,57 @@ def classify_night(lake: Lake, night: str, config: ReductionParams, params: Clas
         for r in read_rows(tables, TABLE, night=night).select("expid", "spectrograph", "input_hash").unique().iter_rows(
                 named=True):
             stored[(int(r["expid"]), int(r["spectrograph"]))] = r["input_hash"]
-    calibs: dict = {}
     now = dt.datetime.now(dt.timezone.utc)
-    for (expid, spec), cams in sorted(groups.items()):
-        if stop():
-            break
-        frames = sorted((m["camera"], m["calib_id"], m["pixel_sha256"]) for m in cams)
+    wanted_of: dict[tuple[int, int], str] = {}
+    units = []
+    for (expid, spec), cams in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0])):  # a spectrograph's
+        frames = sorted((m["camera"], m["calib_id"], m["pixel_sha256"]) for m in cams)  # calibrations stay loaded
         wanted = digest_of({"frames": frames, "model": card["model_id"], "templates": grid_id, "params": science})
         if stored.get((expid, spec)) == wanted and not reprocess:
             report.skipped_groups += 1
             continue
-        try:
-            rows = _label_group(lake, night, expid, spec, cams, exposures, fibermap, config, params, nets, classes,
-                                grid, card["model_id"], grid_id, instrument, calibs, device)
-            for r in rows:
-                r.update({"run_id": run_id, "input_hash": wanted, "made_at": now})
-            if rows:
-                tables.replace_keys(TABLE, products_table(rows, TABLE),
-                                    {"night": night, "expid": expid, "spectrograph": spec})
-            report.exposures += 1
-            report.labels += sum(1 for r in rows if r["method"] == "drcnet")
-            for r in rows:
-                if r["method"] == "drcnet" and r["flag"] != "ok":
-                    report.flagged[r["flag"]] = report.flagged.get(r["flag"], 0) + 1
-        except Exception as err:  # recorded; the night goes on
-            report.failed[f"{expid}/{spec}"] = f"{type(err).__name__}: {err}"
+        wanted_of[(expid, spec)] = wanted
+        units.append(LabelUnit(night=night, expid=expid, spectrograph=spec, cams=cams,
+                               exposures=exposures.filter(pl.col("expid") == expid),
+                               fibermap=fibermap.filter((pl.col("expid") == expid) & (pl.col("spectrograph") == spec)),
+                               config=config, params=params, model_id=card["model_id"], grid_id=grid_id))
+
+    def calls():
+        for unit in units:
+            if stop():
+                return
+            yield (unit,)
+
+    with pool_or_local(pool, str(lake.root), config.to_dict()) as workers:
+        for (unit,), result in workers.map("classify_group", calls()):
+            _commit_group(tables, unit, result, wanted_of[(unit.expid, unit.spectrograph)], run_id, now, report)
     return report
+
+
+def _commit_group(tables: TableStore, unit: LabelUnit, result, wanted: str, run_id: str, now: dt.datetime,
+                  report: ClassifyReport) -> None:
+    """Commit one group's rows (replacing the group's old ones) or record why it has none."""
+    night, expid, spec = unit.night, unit.expid, unit.spectrograph
+    if isinstance(result, Exception):  # the reducer died for good
+        report.failed[f"{expid}/{spec}"] = f"worker lost: {type(result).__name__}: {str(result)[:300]}"
+        return
+    if result.error is not None:
+        report.failed[f"{expid}/{spec}"] = result.error
+        return
+    try:
+        rows = result.rows
+        for r in rows:
+            r.update({"run_id": run_id, "input_hash": wanted, "made_at": now})
+        if rows:
+            tables.replace_keys(TABLE, products_table(rows, TABLE),
+                                {"night": night, "expid": expid, "spectrograph": spec})
+        report.exposures += 1
+        report.labels += sum(1 for r in rows if r["method"] == "drcnet")
+        for r in rows:
+            if r["method"] == "drcnet" and r["flag"] != "ok":
+                report.flagged[r["flag"]] = report.flagged.get(r["flag"], 0) + 1
+    except Exception as err:  # recorded; the night goes on
+        report.failed[f"{expid}/{spec}"] = f"{type(err).__name__}: {err}"
 
 
 def _label_group(lake, night, expid, spec, cams, exposures, fibermap, config, params, nets, classes, grid, model_id,
@@ -234,11 +312,12 @@ def _label_group(lake, night, expid, spec, cams, exposures, fibermap, config, pa
 
 
 def run_after_products(lake: Lake, night: str, config: ReductionParams, report, fixed_run_id: str | None,
-                       stop: Callable[[], bool] | None = None) -> ClassifyReport | None:
-    """The hook after the products: label under the run's id; failures are recorded, never raised."""
+                       stop: Callable[[], bool] | None = None, pool=None) -> ClassifyReport | None:
+    """The hook after the products: label under the run's id on the run's reducers (``pool``); failures
+    are recorded, never raised."""
     params = getattr(config, "classify", None) or ClassifyParams()
     try:
         return classify_night(lake, night, config, params, run_id=report.run_id, reprocess=fixed_run_id is not None,
-                              stop=stop)
+                              stop=stop, pool=pool)
     except Exception as err:
         return ClassifyReport(failed={"classify": f"{type(err).__name__}: {err}"})

@@ -1,7 +1,10 @@
 """Denoising stage (seed 004): the night's joined spectra and coadds through the Bayesian denoiser.
 
 Runs after the products above the frame (:func:`fiberlake.jobs.products.run_after_frames` calls
-:func:`run_after_products`), in the driver, committing through the same single writer. Exactly once:
+:func:`run_after_products`). The driver decides the work and commits through the same single writer;
+the MAP runs on the run's reducers (Ray actors, CUDA when they have a GPU; in this process with
+``--no-ray``), one :class:`DenoiseChunk` of at most ``execution.denoise_chunk`` spectra per call,
+each reducer loading the model once and keeping it. Exactly once:
 
 * a group of rows (one exposure and spectrograph of ``joined``; one ``coadds`` row) is identified by
   a hash of its source (the ``fluxcal`` marker's ``input_hash`` of the exposure, the coadd's own
@@ -67,6 +70,43 @@ def _denoiser(model: str, lake_root, device: str) -> BayesianDenoiser:
     if key not in _LOADED:
         _LOADED[key] = load_denoiser(model, lake_root, device)
     return _LOADED[key]
+
+
+def model_card(source: str, lake_root) -> dict:
+    """The card of a denoise model (checked against its weights), without building the networks."""
+    from fiberlake.storage import models as store
+
+    _, card = store.read_artifact(store.locate(source, "denoise", lake_root))
+    if card.get("stage") != "denoise":
+        raise store.ArtifactError(f"model {card.get('model_id')} is a {card.get('stage')!r} model, not 'denoise'")
+    return card
+
+
+@dataclass
+class DenoiseChunk:
+    """Spectra rows to denoise on one reducer (:meth:`FrameReducer.denoise_chunk`)."""
+
+    group: int
+    """Which of the driver's groups (an exposure and spectrograph of ``joined``; a night's coadds) it is of."""
+    start: int
+    """Its first row in the group."""
+    source: pl.DataFrame
+    """``loglam_min``, ``dloglam``, ``flam``, ``flam_ivar``, ``flam_mask`` of its rows."""
+    params: DenoiseParams
+    model_id: str
+
+
+def denoise_unit(lake: Lake, unit: DenoiseChunk, max_threads: int | None = None) -> list[dict]:
+    """:func:`denoise_rows` of one chunk with this process's model (loaded once), on at most ``max_threads``
+    torch CPU threads (``denoise.cpu_threads`` when None)."""
+    import torch
+
+    params = unit.params
+    torch.set_num_threads(params.cpu_threads if max_threads is None else max(1, min(params.cpu_threads, max_threads)))
+    denoiser = _denoiser(params.model, lake.root, params.device)
+    if denoiser.model_id != unit.model_id:
+        raise LookupError(f"denoise model {params.model} is {denoiser.model_id} here, {unit.model_id} in the driver")
+    return denoise_rows(denoiser, unit.source, params)
 
 
 def extractions_to_denoise(run_extractions: tuple[str, ...], choice: str) -> tuple[str, ...]:
@@ -139,26 +179,99 @@ def _stored_hashes(tables: TableStore, night: str, source: str, method: str) -> 
 
 
 def denoise_night(lake: Lake, night: str, config: ReductionParams, params: DenoiseParams, *, run_id: str,
-                  reprocess: bool = False, stop: Callable[[], bool] | None = None) -> DenoiseReport:
-    """Denoise (or bring up to date) the night's joined spectra and coadds of every extraction."""
-    import torch
+                  reprocess: bool = False, stop: Callable[[], bool] | None = None, pool=None) -> DenoiseReport:
+    """Denoise (or bring up to date) the night's joined spectra and coadds of every extraction.
+
+    The spectra of each group to do are cut into chunks of ``config.execution.denoise_chunk`` rows
+    that run on ``pool`` (the run's reducers; in this process when None); a group is committed
+    here once all its chunks are back (a ``joined`` group only whole; the coadds without a failed
+    chunk's rows). ``stop`` is checked between groups. Failures are recorded per chunk, never raised.
+    """
+    from fiberlake.jobs.executors import pool_or_local
 
     stop = stop or (lambda: False)
     report = DenoiseReport()
     if not params.enabled:
         return report
-    torch.set_num_threads(params.cpu_threads)
-    denoiser = _denoiser(params.model, lake.root, params.device)
-    report.model_id = denoiser.model_id
+    model_id = model_card(params.model, lake.root)["model_id"]
+    report.model_id = model_id
     tables = TableStore(lake.root / "tables")
     science = params.science_dict()
     now = dt.datetime.now(dt.timezone.utc)
-    for method in extractions_to_denoise(config.extractions, params.extraction):
-        if "joined" in params.sources:
-            _joined(tables, night, method, denoiser, params, science, run_id, reprocess, now, report, stop)
-        if "coadds" in params.sources and not stop():
-            _coadds(tables, night, method, denoiser, params, science, run_id, reprocess, now, report)
+
+    def groups():
+        for method in extractions_to_denoise(config.extractions, params.extraction):
+            if "joined" in params.sources:
+                yield from _joined(tables, night, method, model_id, science, run_id, reprocess, now, report)
+            if "coadds" in params.sources:
+                yield from _coadds(tables, night, method, model_id, science, run_id, reprocess, now, report)
+
+    with pool_or_local(pool, str(lake.root), config.to_dict()) as workers:
+        _run_groups(workers, groups(), config.execution.denoise_chunk, params, model_id, stop, report)
     return report
+
+
+@dataclass
+class _Group:
+    """Rows of one commit to denoise: their source rows, and how to commit their outputs."""
+
+    name: str
+    """Its key in :attr:`DenoiseReport.failed`."""
+    source: pl.DataFrame
+    commit: Callable[[list[dict | None]], None]
+    """Commits the outputs, one per source row (None: the row's chunk failed)."""
+    whole: bool
+    """Committed only when every chunk succeeded."""
+    outs: list = field(default_factory=list)
+    pending: int = 0
+    failed: bool = False
+
+
+_CHUNK_COLUMNS = ("loglam_min", "dloglam", "flam", "flam_ivar", "flam_mask")
+
+
+def _run_groups(workers, groups, chunk: int, params: DenoiseParams, model_id: str, stop: Callable[[], bool],
+                report: DenoiseReport) -> None:
+    """Send every group's chunks to the reducers (``stop`` is checked between groups); commit each group
+    when its last chunk is back."""
+    open_groups: dict[int, _Group] = {}
+
+    def calls():
+        for index, group in enumerate(groups):
+            if stop():
+                return
+            n = group.source.height
+            group.outs = [None] * n
+            starts = range(0, n, chunk)
+            group.pending = len(starts)
+            open_groups[index] = group
+            source = group.source.select(_CHUNK_COLUMNS)
+            for start in starts:
+                yield (DenoiseChunk(group=index, start=start, source=source.slice(start, chunk), params=params,
+                                    model_id=model_id),)
+
+    for (unit,), result in workers.map("denoise_chunk", calls()):
+        group = open_groups[unit.group]
+        n = unit.source.height
+        name = group.name if group.source.height <= n else f"{group.name} rows {unit.start}-{unit.start + n - 1}"
+        if isinstance(result, Exception):  # the reducer died for good
+            report.failed[name] = f"worker lost: {type(result).__name__}: {str(result)[:300]}"
+            group.failed = True
+        elif result.error is not None or len(result.rows) != n:
+            report.failed[name] = result.error or f"{len(result.rows)} outputs for {n} spectra"
+            group.failed = True
+        else:
+            group.outs[unit.start:unit.start + n] = result.rows
+        group.pending -= 1
+        if group.pending:
+            continue
+        del open_groups[unit.group]
+        if group.failed and group.whole:
+            continue
+        try:
+            group.commit(group.outs)
+        except Exception as err:  # recorded; the night goes on
+            report.failed[group.name] = f"{type(err).__name__}: {err}"
 
 
 def _count(report: DenoiseReport, rows: list[dict]) -> None:
@@ -167,7 +280,8 @@ def _count(report: DenoiseReport, rows: list[dict]) -> None:
             report.flagged[r["status"]] = report.flagged.get(r["status"], 0) + 1
 
 
-def _joined(tables, night, method, denoiser, params, science, run_id, reprocess, now, report, stop) -> None:
+def _joined(tables, night, method, model_id, science, run_id, reprocess, now, report):
+    """The exposure groups (expid, spectrograph) of ``joined`` whose denoised rows are missing or stale."""
     cal = read_rows(tables, "fluxcal", night=night, extraction=method).filter(pl.col("expid") > 0)
     if cal.is_empty():
         return
@@ -176,18 +290,21 @@ def _joined(tables, night, method, denoiser, params, science, run_id, reprocess,
         src_hash.setdefault((int(r["expid"]), int(r["spectrograph"])), r["input_hash"])
     stored = _stored_hashes(tables, night, "joined", method)
     for (expid, spec), h in sorted(src_hash.items()):
-        if stop():
-            return
-        wanted = digest_of({"source": h, "model": denoiser.model_id, "params": science})
+        wanted = digest_of({"source": h, "model": model_id, "params": science})
         if stored.get((expid, spec)) == wanted and not reprocess:
             report.skipped_groups += 1
             continue
+        name = f"joined {expid}/{spec}/{method}"
         try:
             rows = read_rows(tables, "joined", night=night, expid=expid, spectrograph=spec, extraction=method)
             rows = rows.filter(pl.col("objtype").is_null() | (pl.col("objtype") != "SKY")).sort("fiber")
-            if rows.is_empty():
-                continue
-            outs = denoise_rows(denoiser, rows, params)
+        except Exception as err:  # recorded; the night goes on
+            report.failed[name] = f"{type(err).__name__}: {err}"
+            continue
+        if rows.is_empty():
+            continue
+
+        def commit(outs, rows=rows, expid=expid, spec=spec, wanted=wanted):
             full = []
             for src, out in zip(rows.iter_rows(named=True), outs):
                 full.append({"night": night, "source": "joined", "extraction": method, "scope": "exposure",
@@ -199,47 +316,53 @@ def _joined(tables, night, method, denoiser, params, science, run_id, reprocess,
                                  "spectrograph": spec})
             report.joined += len(full)
             _count(report, full)
-        except Exception as err:  # recorded; the night goes on
-            report.failed[f"joined {expid}/{spec}/{method}"] = f"{type(err).__name__}: {err}"
+
+        yield _Group(name=name, source=rows, commit=commit, whole=True)
 
 
-def _coadds(tables, night, method, denoiser, params, science, run_id, reprocess, now, report) -> None:
+def _coadds(tables, night, method, model_id, science, run_id, reprocess, now, report):
+    """The night's coadds of ``method`` whose denoised rows are missing or stale, as one group."""
     rows = read_rows(tables, "coadds", night=night, extraction=method)
     if rows.is_empty():
         return
     rows = rows.filter(pl.col("objtype").is_null() | (pl.col("objtype") != "SKY"))
     stored = _stored_hashes(tables, night, "coadds", method)
-    wanted = [digest_of({"source": r["input_hash"], "model": denoiser.model_id, "params": science})
+    wanted = [digest_of({"source": r["input_hash"], "model": model_id, "params": science})
               for r in rows.select("input_hash").iter_rows(named=True)]
     todo = [i for i, (r, w) in enumerate(zip(rows.select("targetid", "scope").iter_rows(named=True), wanted))
             if reprocess or stored.get((r["targetid"], r["scope"])) != w]
     report.skipped_groups += rows.height - len(todo)
     if not todo:
         return
-    try:
-        sel = rows[todo]
-        outs = denoise_rows(denoiser, sel, params)
+    sel = rows[todo]
+
+    def commit(outs):
         full = []
         for k, (src, out) in enumerate(zip(sel.iter_rows(named=True), outs)):
+            if out is None:  # its chunk failed (recorded): the next run does it
+                continue
             full.append({"night": night, "source": "coadds", "extraction": method, "scope": src["scope"],
                          "expid": 0, "spectrograph": -1, "fiber": -1, "targetid": int(src["targetid"]),
                          "run_id": run_id, "input_hash": wanted[todo[k]], "made_at": now} | out)
+        if not full:
+            return
         tables.replace_keys(TABLE, products_table(full, TABLE),
                             [{"night": night, "source": "coadds", "extraction": method, "scope": r["scope"],
                               "targetid": r["targetid"]} for r in full])
         report.coadds += len(full)
         _count(report, full)
-    except Exception as err:  # recorded; the night goes on
-        report.failed[f"coadds {night}/{method}"] = f"{type(err).__name__}: {err}"
+
+    yield _Group(name=f"coadds {night}/{method}", source=sel, commit=commit, whole=False)
 
 
 def run_after_products(lake: Lake, night: str, config: ReductionParams, report, fixed_run_id: str | None,
-                       stop: Callable[[], bool] | None = None) -> DenoiseReport | None:
-    """The hook after the products: denoise under the run's id; failures are recorded, never raised."""
+                       stop: Callable[[], bool] | None = None, pool=None) -> DenoiseReport | None:
+    """The hook after the products: denoise under the run's id on the run's reducers (``pool``);
+    failures are recorded, never raised."""
     params = getattr(config, "denoise", None) or DenoiseParams()
     try:
         result = denoise_night(lake, night, config, params, run_id=report.run_id,
-                               reprocess=fixed_run_id is not None, stop=stop)
+                               reprocess=fixed_run_id is not None, stop=stop, pool=pool)
     except Exception as err:
         result = DenoiseReport(failed={"denoise": f"{type(err).__name__}: {err}"})
     return result

@@ -2,7 +2,10 @@
 
 Both pools call methods of :class:`~fiberlake.jobs.reduce_worker.FrameReducer` and yield
 ``(call, result)`` pairs; a call that raised (a Ray actor that died for good) yields the
-exception as its result, so the driver records it and goes on.
+exception as its result, so the driver records it and goes on. A run makes one pool
+(:class:`LazyPool`, on first use): its frames and then the units of the neural stages after the
+products (labels per exposure and spectrograph, denoising per chunk of spectra) run on the same
+reducers; the driver commits every result.
 
 :class:`RayPool` starts ``n_actors`` stateful actors (each loads calibration sets once and keeps
 them; ``num_gpus`` per actor, fractions allowed, when the cluster has GPUs, CPU actors when it
@@ -36,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 Call = tuple[Any, ...]
@@ -64,6 +68,56 @@ class LocalPool:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+class LazyPool:
+    """A run's pool, made on first use and closed once: the frames and the stages after the products
+    share it (the same reducers, the same Ray actors), and a run with nothing to do starts none.
+
+    Parameters
+    ----------
+    make : callable
+        Returns the pool (:class:`LocalPool` or :class:`RayPool`).
+    """
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._pool = None
+
+    @property
+    def pool(self):
+        """The pool, made now if it was not yet."""
+        if self._pool is None:
+            self._pool = self._make()
+        return self._pool
+
+    def map(self, method: str, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
+        """:meth:`LocalPool.map` / :meth:`RayPool.map` of the pool."""
+        return self.pool.map(method, calls)
+
+    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
+        """:meth:`LocalPool.reduce_frames` / :meth:`RayPool.reduce_frames` of the pool."""
+        return self.pool.reduce_frames(calls)
+
+    def close(self) -> None:
+        """Close the pool if it was made."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+
+@contextmanager
+def pool_or_local(pool, lake_root: str, config: dict) -> Iterator[Any]:
+    """``pool``, or (when None) a :class:`LocalPool` made on first use and closed on leaving: a stage
+    called on its own runs its units in this process."""
+    if pool is not None:
+        yield pool
+        return
+    own = LazyPool(lambda: LocalPool(lake_root, config))
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -295,7 +349,7 @@ class RayPool:
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpu else 0,
                    "max_restarts": max_restarts, "max_task_retries": max_task_retries}
         actor_class = ray.remote(FrameReducer).options(**options)
-        self.actors = [actor_class.remote(lake_root, config) for _ in range(n_actors)]
+        self.actors = [actor_class.remote(lake_root, config, cpus=num_cpus) for _ in range(n_actors)]
         ray.get([a.ping.remote() for a in self.actors])
         self.n_bundles = ray.get(self.actors[0].n_bundles.remote())
         self.n_tiles = ray.get(self.actors[0].n_tiles.remote())

@@ -30,7 +30,7 @@ import polars as pl
 from tqdm import tqdm
 
 from fiberlake.jobs.calibrations import CalibrationChoice, choose_calibration
-from fiberlake.jobs.executors import LocalPool, RayPool
+from fiberlake.jobs.executors import LazyPool, LocalPool, RayPool
 from fiberlake.jobs.provenance import code_version
 from fiberlake.jobs.reduce_worker import FrameResult
 from fiberlake.jobs.table_writer import BatchWriter
@@ -328,16 +328,21 @@ def process_night(
         from fiberlake.jobs.model_pins import pin_models  # model settings -> the ids of the exact weights
 
         config = pin_models(lake, config)
-        report = _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
-                                executor or Executor(), batch_frames, run_id)
-        from fiberlake.jobs.products import run_after_frames  # products above the frame (issue 14)
-        run_after_frames(lake, night, config, report, run_id, stop)
+        executor = executor or Executor()
+        pool = LazyPool(lambda: make_pool(lake, config, executor))  # the frames and the neural stages share it
+        try:
+            report = _process_night(lake, night, config, progress, force, retry_failed, stop or (lambda: False),
+                                    executor, batch_frames, run_id, pool)
+            from fiberlake.jobs.products import run_after_frames  # products above the frame (issue 14)
+            run_after_frames(lake, night, config, report, run_id, stop, pool=pool)
+        finally:
+            pool.close()
         return report
 
 
 def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bool, force: bool,
                    retry_failed: bool, stop: Callable[[], bool], executor: Executor, batch_frames: int,
-                   fixed_run_id: str | None) -> ProcessReport:
+                   fixed_run_id: str | None, pool: LazyPool) -> ProcessReport:
     tables = TableStore(lake.root / "tables")
     exposures = latest_exposures(tables, night)
     if exposures.is_empty():
@@ -374,14 +379,12 @@ def _process_night(lake: Lake, night: str, config: ReductionParams, progress: bo
     if not work:
         return report
 
-    pool = make_pool(lake, config, executor)
     writer = BatchWriter(tables, run_id, {m: config.extraction_digest(m) for m in config.extractions},
                          batch_frames=batch_frames)
     try:
         _run(pool, writer, work, fibermaps, fixed_run_id or force, stop, report, progress, night)
     finally:
         writer.flush()
-        pool.close()
     markers_out = writer.markers
     if not markers_out:
         return report

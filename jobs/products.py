@@ -525,10 +525,14 @@ def _coadd_rows(ctx: _Context, method: str, joined: pl.DataFrame, hashes: dict[i
 
 
 def run_after_frames(lake: Lake, night: str, config: ReductionParams, report, fixed_run_id: str | None,
-                     stop: Callable[[], bool] | None = None) -> ProductsReport | None:
+                     stop: Callable[[], bool] | None = None, pool=None) -> ProductsReport | None:
     """The hook of :func:`fiberlake.jobs.process.process_night`: build the night's products after its
     frames, under the run's id (``report.products`` then holds the outcome; a failure is recorded there,
-    never raised, so the frames' run stands)."""
+    never raised, so the frames' run stands).
+
+    The products are made in this process; the neural stages after them (denoising, labels) split
+    their work into units that run on ``pool``, the run's reducers (its Ray actors on Ray; in this
+    process when None), and commit the units' rows here through the single writer."""
     try:
         products = build_products(lake, night, config, run_id=report.run_id, reprocess=fixed_run_id is not None,
                                   stop=stop)
@@ -537,8 +541,8 @@ def run_after_frames(lake: Lake, night: str, config: ReductionParams, report, fi
     report.products = products
     from fiberlake.jobs.denoise_stage import run_after_products  # Bayesian denoising (issue 16)
 
-    products.denoise = run_after_products(lake, night, config, report, fixed_run_id, stop)
+    products.denoise = run_after_products(lake, night, config, report, fixed_run_id, stop, pool=pool)
     from fiberlake.jobs.classify_stage import run_after_products as classify_after_products  # labels (issue 15)
 
-    products.classify = classify_after_products(lake, night, config, report, fixed_run_id, stop)
+    products.classify = classify_after_products(lake, night, config, report, fixed_run_id, stop, pool=pool)
     return products

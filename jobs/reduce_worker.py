@@ -17,6 +17,7 @@ import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -108,8 +109,19 @@ class FrameFailed(RuntimeError):
         self.kind = kind
 
 
+@dataclass
+class UnitResult:
+    """What one unit of a stage after the products (a group to label, a chunk of spectra to denoise) gave:
+    its rows, or why there are none (``data`` / ``environment``)."""
+
+    rows: list[dict] = field(default_factory=list)
+    error: str | None = None
+    error_kind: str | None = None
+
+
 class FrameReducer:
-    """Builds calibration sets and reduces frames of one lake with one set of parameters.
+    """Builds calibration sets, reduces frames of one lake with one set of parameters, and runs the
+    units of the neural stages after the products (:meth:`classify_group`, :meth:`denoise_chunk`).
 
     Parameters
     ----------
@@ -117,18 +129,28 @@ class FrameReducer:
         Lake root directory.
     config : dict
         :meth:`ReductionParams.to_dict` of the run.
+    cpus : int, optional
+        CPUs reserved for this reducer (a Ray actor's ``num_cpus``): caps the torch threads of the
+        neural stages. None in the driver's process (the stages' own thread settings apply).
     """
 
-    def __init__(self, lake_root: str, config: dict):
+    def __init__(self, lake_root: str, config: dict, cpus: int | None = None):
         self.lake = Lake.at(lake_root)
         self.config = ReductionParams.from_dict(config)
-        self.instrument = get_instrument(self.lake.instrument)
+        self.cpus = cpus
+        """CPUs this reducer may use (a Ray actor's reservation; None in the driver's process)."""
         self._calibs: OrderedDict[str, Calibration] = OrderedDict()
         if "cae" in self.config.extractions:  # loaded once per reducer (Ray actor), CUDA when present
             from fiberlake.jobs.train_cae import ensure_model
 
             run = self.config.execution
             ensure_model(self.config.cae.model, self.lake.root, run.cae_device, run.cae_batch)
+
+    @cached_property
+    def instrument(self):
+        """The lake's instrument (read on first use: a reducer that only runs the stages after the
+        products on rows it is given needs none)."""
+        return get_instrument(self.lake.instrument)
 
     def ping(self) -> str:
         """Liveness check (Ray waits on it when starting actors)."""
@@ -345,3 +367,29 @@ class FrameReducer:
         this process: :meth:`prepare`, :meth:`extract` for every bundle, :meth:`finish`."""
         prepared, *slabs = self.prepare(exp, calib_night, calib_id, methods)
         return self.finish(exp, fibermap, prepared, *(self.extract(prepared, slab) for slab in slabs))
+
+    def classify_group(self, unit) -> UnitResult:
+        """Label the stars of one exposure and spectrograph, both arms paired
+        (:func:`fiberlake.jobs.classify_stage.label_unit`); the networks are loaded once per process
+        (CUDA when this reducer has a GPU and ``classify.device`` is auto) and kept. Never raises."""
+        from fiberlake.jobs.classify_stage import label_unit
+
+        try:
+            calibs = {}
+            for marker in unit.cams:  # the calibration sets this reducer already holds (frames reduced here)
+                key = (marker["calib_night"], marker["camera"], marker["calib_id"])
+                calibs[key] = self._calibration(*key)
+            return UnitResult(rows=label_unit(self.lake, unit, calibs))
+        except Exception as err:  # recorded by the driver against the group
+            return UnitResult(error=f"{type(err).__name__}: {err}", error_kind=error_kind(err))
+
+    def denoise_chunk(self, unit) -> UnitResult:
+        """Denoise one chunk of spectra rows (:func:`fiberlake.jobs.denoise_stage.denoise_unit`); the
+        model is loaded once per process (CUDA when this reducer has a GPU and ``denoise.device`` is
+        auto) and kept. Never raises."""
+        from fiberlake.jobs.denoise_stage import denoise_unit
+
+        try:
+            return UnitResult(rows=denoise_unit(self.lake, unit, self.cpus))
+        except Exception as err:  # recorded by the driver against the chunk
+            return UnitResult(error=f"{type(err).__name__}: {err}", error_kind=error_kind(err))

@@ -250,6 +250,9 @@ class ExecutionParams(ParSet):
     cae_device: str = par("auto", "torch device of the CAE deconvolution (auto: CUDA when available)",
                           choices=DEVICES, science=False)
     cae_batch: int = par(32, "CAE tiles per forward pass", bounds=(1, 100000), science=False)
+    denoise_chunk: int = par(256, "spectra per denoising call on a reducer (a Ray actor), the unit of work of the "
+                             "denoising stage; a multiple of denoise.batch keeps the MAP batches of one call",
+                             unit="spectra", bounds=(1, 1_000_000), science=False)
 
 
 @dataclass(frozen=True)
