@@ -187,23 +187,32 @@ def equivalent_width(strength: np.ndarray, sigma_d: np.ndarray, gamma: np.ndarra
     return np.where(weak, strength, out)
 
 
+@lru_cache(maxsize=1)
+def _metal_line_table() -> dict[str, np.ndarray]:
+    """:data:`METAL_LINES` with their species' constants, as arrays (one entry per line)."""
+    species = [SPECIES[ln[1]] for ln in METAL_LINES]
+    return {
+        "wave": np.array([ln[0] for ln in METAL_LINES]), "ionised": np.array([bool(ln[2]) for ln in METAL_LINES]),
+        "chi": np.array([ln[3] for ln in METAL_LINES]), "loggf": np.array([ln[4] for ln in METAL_LINES]),
+        "damp": np.array([ln[5] for ln in METAL_LINES]),
+        "abund": np.array([sp[0] for sp in species]), "chi_ion": np.array([sp[1] for sp in species]),
+        "u_ratio": np.array([sp[2] for sp in species]), "mass": np.array([sp[3] for sp in species]),
+        "feh_factor": np.array([0.5 if ln[1] == "O" else 1.0 for ln in METAL_LINES]),
+    }
+
+
 def _metal_strengths(teff: float, logg: float, feh: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Metal lines' wavelengths, unscaled integrated optical depths, Doppler sigmas and damping (A)."""
-    wave = np.array([ln[0] for ln in METAL_LINES])
+    t = _metal_line_table()
+    wave = t["wave"]
     log_pe = log_electron_pressure(teff, logg, feh)
     theta = THETA_EV / teff
-    out = np.empty(wave.size)
-    sig = np.empty(wave.size)
-    gam = np.empty(wave.size)
-    for i, (w, sp, stage, chi, loggf, damp) in enumerate(METAL_LINES):
-        abund, chi_ion, u_ratio, mass = SPECIES[sp]
-        ratio = _saha_ratio(chi_ion, u_ratio, teff, log_pe)
-        frac = ratio / (1.0 + ratio) if stage else 1.0 / (1.0 + ratio)
-        met = feh if sp not in ("O",) else 0.5 * feh
-        out[i] = (w / 5000.0) ** 2 * 10.0 ** (abund - 12.0 + met + loggf - chi * theta) * frac
-        out[i] /= _continuum_opacity(teff, log_pe, w)
-        sig[i] = w / C_KMS * np.sqrt(0.0831 * teff / mass / 10.0 + MICROTURBULENCE_KMS**2 / 2.0)
-        gam[i] = damp * 0.006 * (w / 5000.0) ** 2 * 10.0 ** (0.4 * (log_pe - 1.05))
+    ratio = _saha_ratio(t["chi_ion"], t["u_ratio"], teff, log_pe)
+    frac = np.where(t["ionised"], ratio / (1.0 + ratio), 1.0 / (1.0 + ratio))
+    out = (wave / 5000.0) ** 2 * 10.0 ** (t["abund"] - 12.0 + t["feh_factor"] * feh + t["loggf"] - t["chi"] * theta) * frac
+    out = out / _continuum_opacity(teff, log_pe, wave)
+    sig = wave / C_KMS * np.sqrt(0.0831 * teff / t["mass"] / 10.0 + MICROTURBULENCE_KMS**2 / 2.0)
+    gam = t["damp"] * 0.006 * (wave / 5000.0) ** 2 * 10.0 ** (0.4 * (log_pe - 1.05))
     return wave, out, sig, gam
 
 
