@@ -15,13 +15,13 @@ import pytest
 import ray
 
 from fiberlake.jobs import executors
+from fiberlake.jobs.denoise_stage import DenoiseReport, _Group, _run_groups
 from fiberlake.jobs.process import Executor, process_night
-from fiberlake.processors.params import ReductionParams
+from fiberlake.jobs.reduce_worker import UnitResult
+from fiberlake.processors.params import DenoiseParams, ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
 from tests.qa_night import reduced_night
-
-pytestmark = pytest.mark.slow  # reduces a night, then starts Ray actors
 
 STAGES = ReductionParams().updated({
     "extractions": ("box",), "cosmics.enabled": False,            # the shared night's reduction
@@ -70,6 +70,7 @@ def _assert_same(got: pl.DataFrame, want: pl.DataFrame, keys: list[str], what: s
             assert a.equals(b), f"{what}.{col} differs from in process"
 
 
+@pytest.mark.slow  # reduces a night, then starts Ray actors
 def test_stages_on_ray_actors_give_the_in_process_rows(template, tmp_path, monkeypatch):
     local = _copy(template, tmp_path / "local")
     report = process_night(local, template.night, config=STAGES)
@@ -101,3 +102,65 @@ def test_stages_on_ray_actors_give_the_in_process_rows(template, tmp_path, monke
     assert set(want["source"].to_list()) == {"joined", "coadds"}
     assert want.filter(pl.col("source") == "joined").group_by("expid").len()["len"].max() > 8  # > 1 chunk
     _assert_same(got, want, dn_keys, "spectra_denoised")
+
+
+class _FakePool:
+    """Runs ``denoise_chunk`` calls in order: a chunk whose first row is in ``fail`` gives an error, one in
+    ``lost`` a dead actor's exception; the others one output per row (its row index)."""
+
+    def __init__(self, fail=(), lost=()):
+        self.fail, self.lost, self.sent = set(fail), set(lost), []
+
+    def map(self, method, calls):
+        assert method == "denoise_chunk"
+        for (unit,) in calls:
+            self.sent.append((unit.group, unit.start, unit.source.height))
+            key = (unit.group, unit.start)
+            if key in self.lost:
+                yield (unit,), RuntimeError("actor died")
+            elif key in self.fail:
+                yield (unit,), UnitResult(error="ValueError: bad chunk", error_kind="data")
+            else:
+                yield (unit,), UnitResult(rows=[{"row": unit.start + i} for i in range(unit.source.height)])
+
+
+def _group(name, n, whole, committed):
+    source = pl.DataFrame({"loglam_min": [3.6] * n, "dloglam": [1e-4] * n, "flam": [[1.0]] * n,
+                           "flam_ivar": [[1.0]] * n, "flam_mask": [[0]] * n})
+    return _Group(name=name, source=source, commit=lambda outs: committed.append((name, list(outs))), whole=whole)
+
+
+def test_chunks_are_gathered_per_group_and_failures_recorded_per_chunk():
+    committed, report = [], DenoiseReport()
+    groups = [_group("joined 1/1/box", 20, True, committed), _group("joined 2/1/box", 20, True, committed),
+              _group("coadds n/box", 20, False, committed), _group("joined 3/1/box", 5, True, committed)]
+    pool = _FakePool(fail={(1, 8)}, lost={(2, 16)})
+    _run_groups(pool, iter(groups), 8, DenoiseParams(), "denoise-x", lambda: False, report)
+    assert [(g, s) for g, s, _ in pool.sent] == [(0, 0), (0, 8), (0, 16), (1, 0), (1, 8), (1, 16), (2, 0), (2, 8),
+                                                  (2, 16), (3, 0)]
+    assert [n for n, _ in committed] == ["joined 1/1/box", "coadds n/box", "joined 3/1/box"]  # joined 2 only whole
+    assert committed[0][1] == [{"row": i} for i in range(20)]                    # the chunks in their rows' order
+    assert committed[1][1][16:] == [None] * 4 and committed[1][1][15] == {"row": 15}  # coadds without the lost chunk
+    assert report.failed == {"joined 2/1/box rows 8-15": "ValueError: bad chunk",
+                             "coadds n/box rows 16-19": "worker lost: RuntimeError: actor died"}
+
+
+def test_stop_is_checked_between_groups():
+    committed, report = [], DenoiseReport()
+    groups = [_group("joined 1/1/box", 20, True, committed), _group("joined 2/1/box", 20, True, committed)]
+    pool = _FakePool()
+    _run_groups(pool, iter(groups), 8, DenoiseParams(), "denoise-x", lambda: bool(committed), report)
+    assert [n for n, _ in committed] == ["joined 1/1/box"] and {g for g, _, _ in pool.sent} == {0}
+
+
+def test_a_group_that_fails_on_its_reducer_is_recorded_not_committed():
+    from fiberlake.jobs.classify_stage import ClassifyReport, LabelUnit, _commit_group
+
+    unit = LabelUnit(night="n", expid=7, spectrograph=1, cams=[], exposures=pl.DataFrame(), fibermap=pl.DataFrame(),
+                     config=ReductionParams(), params=None, model_id="m", grid_id="")
+    report = ClassifyReport()
+    _commit_group(None, unit, UnitResult(error="LookupError: calibration rebuilt", error_kind="data"), "h", "r", None,
+                  report)
+    _commit_group(None, LabelUnit(**{**unit.__dict__, "expid": 8}), RuntimeError("actor died"), "h", "r", None, report)
+    assert report.failed == {"7/1": "LookupError: calibration rebuilt", "8/1": "worker lost: RuntimeError: actor died"}
+    assert report.exposures == 0
