@@ -124,9 +124,10 @@ def extractions_to_denoise(run_extractions: tuple[str, ...], choice: str) -> tup
 
 def map_settings(params: DenoiseParams) -> MapSettings:
     """The MAP's settings from the stage's parameters."""
-    return MapSettings(steps=params.steps, lr=params.lr, refine_classes=params.refine_classes,
+    return MapSettings(steps=params.steps, start_iterations=params.start_iterations, lr=params.lr,
+                       refine_classes=params.refine_classes,
                        min_observed_fraction=params.min_observed_fraction, prior_margin=params.prior_margin,
-                       max_residual_rms=params.max_residual_rms)
+                       max_residual_rms=params.max_residual_rms, posterior_mean=params.posterior_mean)
 
 
 def denoise_rows(denoiser: BayesianDenoiser, source: pl.DataFrame, params: DenoiseParams) -> list[dict]:

@@ -31,6 +31,7 @@ import torch
 
 from fiberlake.ingest import sim_spectra1d as s1d
 from fiberlake.processors import denoise_baselines as bl
+from fiberlake.processors.denoise_discrepancy import discrepancy_variance
 from fiberlake.processors.denoise_generator import AEArch, FitSettings, IsometricAE, encode, fit_autoencoder
 from fiberlake.processors.denoise_map import BayesianDenoiser, KDEPrior, normalise
 from fiberlake.processors.noiseflow import FlowArch, FlowFitSettings, NoiseFlow, fit_noiseflow
@@ -105,6 +106,65 @@ def train_noiseflow(params: DenoiseTrainParams, n_wave: int, log=print) -> tuple
     return flow, fig, int(noise.shape[0])
 
 
+def training_discrepancy(decoder: torch.nn.Module, prior: KDEPrior, params_or_card: DenoiseTrainParams | dict,
+                         classes: list[str]) -> tuple[np.ndarray, dict]:
+    """``S_C`` of a generator: per subclass and bin, the mean squared ``G(z*) - s`` over its training stars.
+
+    ``z*`` are the prior's stored training latents (the encoder's latents of the training stars, in
+    the order :func:`fiberlake.ingest.sim_spectra1d.draw_stars` gives them per subclass), so the
+    training stars are drawn again from the training seed. Returns ``S_C`` (n_classes, D) and a
+    summary (median relative floor per subclass) for the card.
+    """
+    if isinstance(params_or_card, dict):
+        seed, per_subclass = int(params_or_card["seed"]), int(params_or_card["per_subclass"])
+    else:
+        seed, per_subclass = params_or_card.seed, params_or_card.per_subclass
+    stars = s1d.draw_stars(seed, per_subclass)
+    n_wave = s1d.DENOISE_NWAVE
+    targets = (stars.truth * n_wave).astype(np.float32)
+    labels = np.array([classes.index(c) for c in stars.subclass])
+    generated = np.zeros_like(targets)
+    with torch.no_grad():
+        for c in range(len(classes)):
+            rows = np.flatnonzero(labels == c)
+            if rows.size != int(prior.valid[c].sum()):
+                raise ValueError(f"subclass {classes[c]}: {rows.size} training stars drawn, the prior holds "
+                                 f"{int(prior.valid[c].sum())} latents (another seed or size?)")
+            generated[rows] = decoder(prior.points[c, :rows.size]).cpu().numpy()
+    var = discrepancy_variance(generated, targets, labels, len(classes))
+    rel = ((generated - targets) ** 2).mean(-1) / (targets ** 2).mean(-1)
+    summary = {"z_star": "the prior's training latents (encoder)", "train_seed": seed, "per_subclass": per_subclass,
+               "median_relative_floor": {c: round(float(np.median(rel[labels == k])), 6)
+                                         for k, c in enumerate(classes)}}
+    return var, summary
+
+
+def add_discrepancy(source: str | Path, out: str | Path, command: str = "", log=print) -> dict:
+    """A new artifact: ``source`` (decoder, prior, NoiseFlow unchanged) plus the discrepancy ``S_C``
+    (tensor ``discrepancy_var``) from its training stars; the card's ``lineage`` records the source."""
+    tensors, card = art.read_artifact(art.locate(str(source), STAGE))
+    den = load_denoiser(str(art.locate(str(source), STAGE)), device="cpu")
+    t0 = time.perf_counter()
+    var, summary = training_discrepancy(den.decoder, den.prior, card["training"], den.classes)
+    lineage = dict(card.get("lineage", {}))
+    card = {k: v for k, v in card.items() if k not in ("model_id", "weights_sha256", "size_bytes", "path")}
+    card["discrepancy"] = summary | {"seconds": round(time.perf_counter() - t0, 1)}
+    card["weights_dtype"] = dict(card.get("weights_dtype", {})) | {"discrepancy": "float32"}
+    card["lineage"] = lineage | {"discrepancy_added_to": card_id(source),
+                                 "discrepancy_added_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                 "discrepancy_command": command, "discrepancy_code_version": _code_version()}
+    tensors = {k: v for k, v in tensors.items() if k != "discrepancy_var"} | {"discrepancy_var": var}
+    card, path = art.write_artifact_named(out, tensors, card, STAGE)
+    card["path"] = str(path)
+    log(f"wrote {card['model_id']} ({card['size_bytes']} bytes) to {path}")
+    return card
+
+
+def card_id(source: str | Path) -> str:
+    """The model id of an artifact."""
+    return art.read_artifact(art.locate(str(source), STAGE))[1]["model_id"]
+
+
 def retrain_noiseflow(source: str | Path, params: DenoiseTrainParams, out: str | Path, command: str = "",
                       log=print) -> dict:
     """A new artifact: the generator and prior of ``source``, NoiseFlow trained again from ``params``.
@@ -169,6 +229,10 @@ def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, 
     # the decoder in float16 keeps the shipped artifact near 2 MB (rounding ~5e-4 relative per weight,
     # far below the generator's reconstruction floor); NoiseFlow and the prior stay float32
     tensors = _state(ae.decoder, "decoder", np.float16) | _state(flow, "flow") | prior.tensors()
+    # the discrepancy S_C of the decoder as shipped (float16 weights, as loading gives them)
+    shipped = _load(IsometricAE(arch).decoder, {k: v.astype(np.float32) for k, v in tensors.items()}, "decoder")
+    discrepancy, discrepancy_card = training_discrepancy(shipped, prior, params, classes)
+    tensors["discrepancy_var"] = discrepancy
     card = {
         "stage": STAGE, "architecture": ARCHITECTURE,
         "arch_params": {"autoencoder": arch.to_dict(), "noiseflow": flow.arch.to_dict()},
@@ -176,7 +240,8 @@ def train_denoise(params: DenoiseTrainParams | None = None, *, out: str | Path, 
         "prep": {"grid": {"wave_min": s1d.DENOISE_WAVE_MIN, "wave_max": s1d.DENOISE_WAVE_MAX, "nwave": n_wave,
                           "spacing": "linear"},
                  "normalisation": "unit flux sum over observed bins; networks see flux * nwave"},
-        "weights_dtype": {"decoder": "float16", "flow": "float32", "kde": "float32"},
+        "weights_dtype": {"decoder": "float16", "flow": "float32", "kde": "float32", "discrepancy": "float32"},
+        "discrepancy": discrepancy_card,
         "n_parameters": bl.n_parameters(ae.decoder) + bl.n_parameters(flow),
         "command": command, "code_version": _code_version(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -266,7 +331,8 @@ def load_denoiser(source: str = "default", lake_root=None, device: str = "auto")
     decoder = _load(IsometricAE(arch).decoder, tensors, "decoder")
     flow = _load(NoiseFlow(flow_arch), tensors, "flow")
     prior = KDEPrior.from_tensors(tensors)
-    return BayesianDenoiser(decoder, flow, prior, list(card["classes"]), card["model_id"], resolve_device(device))
+    return BayesianDenoiser(decoder, flow, prior, list(card["classes"]), card["model_id"], resolve_device(device),
+                            discrepancy=tensors.get("discrepancy_var"))
 
 
 def load_baselines(directory: str | Path) -> tuple[IsometricAE, IsometricAE]:

@@ -349,7 +349,9 @@ class DenoiseParams(ParSet):
     extraction: str = par("best", "which extraction of each spectrum to denoise: best (optimal when the run "
                           "extracts it, else deconv, else box), all of the run's, or one method",
                           choices=DENOISE_EXTRACTIONS)
-    steps: int = par(60, "Adam steps of the MAP over z (the best subclasses in parallel)", bounds=(0, 100000))
+    steps: int = par(20, "Adam steps of the MAP over z (the best subclasses in parallel)", bounds=(0, 100000))
+    start_iterations: int = par(3, "Gauss-Newton iterations on z before the Adam steps (the MAP's cheap start; 0: "
+                                "Adam from the best training latent)", bounds=(0, 1000))
     lr: float = par(0.1, "Adam learning rate of the MAP (latent units)", bounds=(1e-6, 100.0))
     refine_classes: int = par(3, "subclasses whose latent is optimised per spectrum (those fitting best at their "
                               "initial latent; the others keep that objective)", bounds=(1, 1000))
@@ -359,6 +361,9 @@ class DenoiseParams(ParSet):
                               "lowest training latent", unit="nats", bounds=(0.0, 1e6))
     max_residual_rms: float = par(2.13, "flag poor_fit when the NoiseFlow-whitened residuals have a larger rms",
                                   bounds=(0.0, 1e6))
+    posterior_mean: bool = par(True, "denoised flux = the posterior mean of the signal under the generator's "
+                               "discrepancy term, G(z) + S_C (S_C + N)^-1 (y - G(z)), when the model has S_C; "
+                               "false: G(z), the paper's")
     batch: int = par(64, "spectra per MAP batch", bounds=(1, 100000), science=False)
     device: str = par("auto", "torch device of the MAP (auto: CUDA when available)", choices=DEVICES, science=False)
     cpu_threads: int = par(2, "torch CPU threads of the MAP", bounds=(1, 1024), science=False)

