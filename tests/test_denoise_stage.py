@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from fiberlake.jobs.denoise_stage import denoise_night
+from fiberlake.processors.denoise_map import MapSettings
 from fiberlake.processors.params import DenoiseParams, ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.products import products_table
@@ -79,3 +81,25 @@ def test_stage_writes_flagged_rows_and_skips_on_rerun(tmp_path):
     final = tables.scan("spectra_denoised").collect()
     assert final.height == 4 and final["run_id"].unique().to_list() == ["r3"]
     assert final.filter(pl.col("status") == "no_data")["class_posterior"].list.sum().to_list() == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_train_denoise_stores_the_discrepancy_and_add_discrepancy_reproduces_it(tmp_path):
+    """A tiny ``train_denoise`` run writes ``S_C`` beside the decoder (from the decoder as shipped, float16);
+    ``add_discrepancy`` on that artifact recomputes the same ``S_C`` under a new id with the lineage."""
+    from fiberlake.jobs.train_denoise import add_discrepancy, load_denoiser, train_denoise
+    from fiberlake.processors.params import DenoiseTrainParams
+    from fiberlake.storage import models as art
+
+    params = DenoiseTrainParams(per_subclass=8, noise_per_subclass=2, ae_steps=3, flow_steps=3, dae_steps=0,
+                                batch=8, cpu_threads=1)
+    card = train_denoise(params, out=tmp_path, log=lambda _m: None)
+    den = load_denoiser(card["path"], device="cpu")
+    assert den.discrepancy is not None and den.discrepancy.shape == (len(den.classes), 2048)
+    assert (den.discrepancy >= 0).all() and (den.discrepancy.max(-1) > 0).all()
+    again = add_discrepancy(card["path"], tmp_path / "again", log=lambda _m: None)
+    tensors, card2 = art.read_artifact(Path(again["path"]))
+    np.testing.assert_allclose(tensors["discrepancy_var"], den.discrepancy, rtol=1e-5)
+    assert card2["lineage"]["discrepancy_added_to"] == card["model_id"] and card2["model_id"] != card["model_id"]
+    res = den.denoise(np.abs(np.random.default_rng(0).normal(1.0, 0.1, (2, 2048))), settings=MapSettings(steps=2))
+    assert np.isfinite(res.flux).all() and np.isfinite(res.generator_flux).all()
