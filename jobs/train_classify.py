@@ -360,7 +360,8 @@ def train_classify(params: ClassifyTrainParams | None = None, *, out: str | Path
                  "sky-subtracted (SKY fibers' median aperture spectrum x the fiber's profile), masked pixels 0",
                  "spectrum": "aperture sum of the sky-subtracted stripe, z-scored per arm, arms concatenated",
                  "augmentation": "training stars made fainter (target S/N_r log-uniform from augment_snr_min to "
-                 "their own) with noise from the frame's variance model; arm dropout"},
+                 "their own) with noise from the frame's variance model; arm dropout; stripes mirrored across the "
+                 "trace (mirror_fraction); nights over many instrument designs (designs)"},
         "n_parameters": {k: int(sum(p.numel() for p in m.parameters())) for k, m in nets.items()},
         "training": {**{k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in training.items()},
                      "history": {k: v["history"] for k, v in training.items()},
