@@ -252,14 +252,18 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fiberlake.jobs.train import register_model, train_params_from_args, train_typing
+    from fiberlake.jobs.train import assemble_typing_ensemble, register_model, train_params_from_args, train_typing
     from fiberlake.storage.layout import Lake
     from fiberlake.storage.models import ship
 
     params = train_params_from_args(args)
     command = _train_command_line(args.stage)
     out = Path(args.out)
-    card, path = train_typing(params, out=out, command=command, cache=args.cache, progress=not args.quiet)
+    if args.ensemble_of:
+        card, path = assemble_typing_ensemble(args.ensemble_of, out=out, command=command, cache=args.cache,
+                                              lake_root=Lake.open(args.lake).root if args.lake else None)
+    else:
+        card, path = train_typing(params, out=out, command=command, cache=args.cache, progress=not args.quiet)
     print(f"model {card['model_id']}: {path} (held-out final accuracy {card['heldout']['final_accuracy']:.4f}, "
           f"unknown {card['heldout']['unknown_rate']:.4f})")
     if args.lake:
@@ -487,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache", default=None, metavar="DIR",
                    help="keep the simulated, pre-processed frames here and reuse them on the next run")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--ensemble-of", action="append", default=[], metavar="MODEL",
+                   help="no training: join these trained typing models (folders or ids; same data, other seeds) "
+                        "into one ensemble that averages their probabilities, evaluate it and write its artifact")
     from fiberlake.jobs.train import add_train_flags
 
     add_train_flags(t)

@@ -316,8 +316,11 @@ def arch_params(model) -> dict:
     """The constructor arguments of a typing network (recorded in the model card)."""
     from torch import nn
 
-    from fiberlake.processors.spit import SPITCompact, SPITNet
+    from fiberlake.processors.spit import SPITCompact, SPITEnsemble, SPITNet
 
+    if isinstance(model, SPITEnsemble):
+        return {"members": [{"architecture": "paper" if isinstance(m, SPITNet) else "compact",
+                             "arch_params": arch_params(m)} for m in model.members]}
     if isinstance(model, SPITCompact):
         convs = [m.out_channels for m in model.features if hasattr(m, "out_channels")]
         return {"channels": convs, "hidden": model.classifier[1].out_features,
@@ -360,8 +363,16 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     train_specs, held_specs = night_specs(params, heldout=False), night_specs(params, heldout=True)
     train = prepare_dataset(train_specs, cache, progress, "simulate training nights")
     log(f"training frames: {len(train)} ({train.seconds:.0f} s to simulate and pre-process)")
-    model = build_model(params.arch, len(CLASSES), TARGET_SHAPE)
-    training = fit(model, train, params, log)
+    members, trainings = [], []
+    for k in range(params.members):  # member k: the same training with seed + k
+        if params.members > 1:
+            log(f"member {k + 1} of {params.members} (seed {params.seed + k})")
+        members.append(build_model(params.arch, len(CLASSES), TARGET_SHAPE))
+        trainings.append(fit(members[-1], train, params.updated({"seed": params.seed + k}), log))
+    model = members[0] if len(members) == 1 else ensemble_of(members)
+    training = trainings[0] if len(trainings) == 1 else {
+        "members": trainings, "seconds": round(sum(t["seconds"] for t in trainings), 1),
+        "updates": sum(t["updates"] for t in trainings), "epochs": trainings[0]["epochs"]}
     held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights")
     log(f"held-out frames: {len(held)} ({held.seconds:.0f} s)")
     typer = FrameTyper(model, CLASSES, device=params.device, batch=16)
@@ -389,6 +400,83 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
         "heldout": figures,
         "command": command,
         "code_version": code_version(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = None
+    if out is not None:
+        card, path = store.write_artifact_named(out, state_arrays(model), card, STAGE)
+    return card, path
+
+
+def ensemble_of(members: list):
+    """One :class:`~fiberlake.processors.spit.SPITEnsemble` holding trained networks (their weights copied)."""
+    from fiberlake.processors.spit import SPITNet, build_model
+
+    specs = [{"architecture": "paper" if isinstance(m, SPITNet) else "compact", "arch_params": arch_params(m)}
+             for m in members]
+    from fiberlake.processors.typing_prep import TARGET_SHAPE
+
+    ensemble = build_model("ensemble", len(CLASSES), TARGET_SHAPE, members=specs)
+    for target, member in zip(ensemble.members, members):
+        target.load_state_dict(member.state_dict())
+    return ensemble.eval()
+
+
+def assemble_typing_ensemble(sources: list[str], *, out: str | Path | None = None, command: str = "",
+                             cache: str | Path | None = None, lake_root=None,
+                             log: Callable[[str], None] = print) -> tuple[dict, Path | None]:
+    """Join trained typing artifacts into one ensemble artifact (no training) and evaluate it.
+
+    The members must be single networks trained on the same data with the same held-out nights
+    (their cards' training parameters equal but for the seed); the ensemble is evaluated on those
+    held-out nights. Its card lists every member's id, command, seed and held-out figures.
+
+    Parameters
+    ----------
+    sources : list of str
+        Artifact folders or model ids (see :func:`load_typing_model`).
+    out, command, cache
+        As :func:`train_typing`.
+
+    Raises
+    ------
+    fiberlake.processors.spit.ModelError
+        Fewer than two members, or members trained on different data or held-out nights.
+    """
+    from fiberlake.ingest.typing_dataset import simulator_settings
+    from fiberlake.jobs.provenance import code_version
+    from fiberlake.processors.spit import FrameTyper, ModelError, format_confusion, n_parameters, state_arrays
+
+    if len(sources) < 2:
+        raise ModelError("an ensemble needs at least two member models")
+    typers, cards = [], []
+    for source in sources:
+        typers.append(load_typing_model(source, lake_root, device="cpu"))
+        cards.append(store.read_artifact(store.locate(source, STAGE, lake_root))[1])
+    if any(c["architecture"] == "ensemble" for c in cards):
+        raise ModelError("an ensemble's members are single networks")
+    same = [{k: v for k, v in c["training"]["params"].items() if k not in ("seed", "cpu_threads", "device", "members")}
+            for c in cards]
+    if any(s != same[0] for s in same) or any(list(c["classes"]) != list(CLASSES) for c in cards):
+        raise ModelError("the members were trained with different data, classes or held-out nights")
+    model = ensemble_of([t.model for t in typers])
+    params = TypingTrainParams.from_dict(cards[0]["training"]["params"])
+    held = prepare_dataset(night_specs(params, heldout=True), cache, False, "simulate held-out nights")
+    figures = evaluate(FrameTyper(model, CLASSES, device=params.device, batch=16), held)
+    log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "
+        f"unknown {figures['unknown_rate']:.4f}")
+    log(format_confusion(figures, CLASSES))
+    card = {
+        "stage": STAGE, "architecture": "ensemble", "arch_params": arch_params(model), "classes": list(CLASSES),
+        "input_shape": list(cards[0]["input_shape"]), "prep": cards[0]["prep"], "n_parameters": n_parameters(model),
+        "training": {"params": cards[0]["training"]["params"], "members": [
+            {"model_id": c["model_id"], "seed": c["training"]["params"]["seed"], "command": c.get("command", ""),
+             "epochs": c["training"].get("epochs"), "updates": c["training"].get("updates"),
+             "seconds": c["training"].get("seconds"), "heldout_final_accuracy": c["heldout"]["final_accuracy"],
+             "heldout_unknown_rate": c["heldout"]["unknown_rate"]} for c in cards],
+            "combination": "mean of the members' softmax probabilities, then the final scheme's vote"},
+        "data": {"train": cards[0]["data"]["train"], "heldout": {**held.summary(), "from_cache": held.cached}},
+        "simulator": simulator_settings(), "heldout": figures, "command": command, "code_version": code_version(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     path = None

@@ -524,6 +524,7 @@ class TypingTrainParams(ParSet):
                     "paper: 1e-4 constant, over ~1,000 updates of 30 on a GPU)", bounds=(1e-7, 1.0))
     batch: int = par(32, "frames per Adam update", bounds=(1, 4096))
     seed: int = par(0, "seed of the initialisation, oversampling, flips and batch order", bounds=(0, 2**31 - 1))
+    members: int = par(1, "networks trained (seeds seed, seed + 1, ...) and averaged as one ensemble", bounds=(1, 16))
     max_minutes: float = par(22.0, "stop training after this many minutes (the data simulation not counted)",
                              unit="min", bounds=(0.1, 10000.0))
     cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)

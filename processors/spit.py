@@ -11,6 +11,8 @@ uint8 210 x 650 scaled to [0, 1]) and return one logit per frame type:
   convolutions with max-pools, then the global average *and* maximum of each feature map
   (the maximum keeps sparse evidence such as cosmic rays, the average the texture) before the
   dense layer of 128. 33 k weights (130 kB), ~20 times cheaper to run.
+* :class:`SPITEnsemble` - several trained networks (seeds) whose softmax probabilities are
+  averaged before the vote.
 
 Layer sizes derive from the input shape (:func:`conv_output_shape`), never from constants.
 
@@ -133,7 +135,38 @@ class SPITCompact(nn.Module):
         return self.classifier(self.features(x))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": SPITNet, "compact": SPITCompact}
+class SPITEnsemble(nn.Module):
+    """Several trained typing networks voting as one: the mean of their softmax probabilities.
+
+    The members are trained alone (different seeds of the same training); averaging their
+    probabilities before the final scheme's vote removes the errors of one member that the
+    others do not share. ``forward`` returns ``log(mean softmax)``, so the softmax of its output is the
+    mean of the members' probabilities and :class:`FrameTyper` types with it unchanged.
+
+    Parameters
+    ----------
+    n_classes : int
+    input_shape : (int, int)
+    members : list of dict
+        Each ``{"architecture": name, "arch_params": {...}}`` (a member's model card entries).
+    """
+
+    def __init__(self, n_classes: int = 6, input_shape: tuple[int, int] = TARGET_SHAPE, members: list | None = None):
+        super().__init__()
+        if not members:
+            raise ModelError("an ensemble needs at least one member")
+        if any(m.get("architecture") == "ensemble" for m in members):
+            raise ModelError("an ensemble's members are single networks")
+        self.members = nn.ModuleList(build_model(m["architecture"], n_classes, input_shape, **dict(m.get("arch_params", {})))
+                                     for m in members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``log`` of the members' mean softmax, ``(N, n_classes)``."""
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+        return torch.log(probs.clamp_min(1e-30))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": SPITNet, "compact": SPITCompact, "ensemble": SPITEnsemble}
 """Architectures by name (the ``architecture`` of a model card)."""
 
 

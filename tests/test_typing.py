@@ -434,6 +434,44 @@ def test_the_shipped_model_types_held_out_frames_of_every_class():
         assert any(c for c, y in zip(correct, truth) if y == obstype), obstype
 
 
+def _member_artifact(out, seed: int, epochs: int = 6):
+    """A randomly initialised compact network written as a trained member would be."""
+    torch.manual_seed(seed)
+    model = spit.build_model("compact", len(OBSTYPES))
+    params = TypingTrainParams(seed=seed, epochs=epochs).to_dict()
+    card = {"stage": "typing", "architecture": "compact", "arch_params": tr.arch_params(model),
+            "classes": list(OBSTYPES), "input_shape": list(tp.TARGET_SHAPE), "prep": tp.prep_config(),
+            "training": {"params": params}, "heldout": {"final_accuracy": 0.9, "unknown_rate": 0.01}}
+    return store.write_artifact_named(out, spit.state_arrays(model), card, "typing")[1]
+
+
+def test_an_ensemble_types_with_its_members_mean_probabilities(tmp_path):
+    members = [tr.load_typing_model(str(_member_artifact(tmp_path, seed)), device="cpu").model for seed in (0, 1)]
+    ensemble = tr.ensemble_of(members)
+    assert set(ensemble.state_dict()) == {f"members.{i}.{k}" for i in (0, 1) for k in members[0].state_dict()}
+    x = torch.rand(3, 1, *tp.TARGET_SHAPE)
+    with torch.no_grad():
+        mean = torch.stack([torch.softmax(m.eval()(x), 1) for m in members]).mean(0)
+        np.testing.assert_allclose(torch.softmax(ensemble(x), 1).numpy(), mean.numpy(), atol=1e-6)
+    # written and read back as one artifact: the same network
+    _, path = store.write_artifact_named(tmp_path / "ens", spit.state_arrays(ensemble), {
+        "stage": "typing", "architecture": "ensemble", "arch_params": tr.arch_params(ensemble),
+        "classes": list(OBSTYPES), "input_shape": list(tp.TARGET_SHAPE), "prep": tp.prep_config()}, "typing")
+    loaded = tr.load_typing_model(str(path), device="cpu")
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.model(x).numpy(), ensemble(x).numpy(), atol=1e-6)
+
+
+def test_an_ensemble_refuses_members_trained_differently(tmp_path):
+    a, b = _member_artifact(tmp_path, 0), _member_artifact(tmp_path, 1, epochs=12)
+    with pytest.raises(spit.ModelError, match="different data"):
+        tr.assemble_typing_ensemble([str(a), str(b)], cache=tmp_path)
+    with pytest.raises(spit.ModelError, match="at least two"):
+        tr.assemble_typing_ensemble([str(a)])
+    with pytest.raises(spit.ModelError, match="single networks"):
+        spit.build_model("ensemble", len(OBSTYPES), members=[{"architecture": "ensemble"}])
+
+
 @pytest.mark.slow
 def test_train_command_writes_an_artifact_that_loads(tmp_path):
     from fiberlake.jobs.cli import main
@@ -448,3 +486,13 @@ def test_train_command_writes_an_artifact_that_loads(tmp_path):
     assert card["command"].startswith("fiberlake train typing") and card["training"]["params"]["epochs"] == 1
     assert tr.load_typing_model(str(folder), device="cpu").model_id == folder.name
     shutil.rmtree(tmp_path / "models")
+    # two members (seeds 0 and 1) averaged as one ensemble artifact
+    rc = main(["train", "typing", "--out", str(tmp_path / "models"), "--quiet", "--train-mini-nights", "1",
+               "--train-per-class", "1", "--train-lamost-nights", "0", "--train-heldout-mini-nights", "1",
+               "--train-heldout-lamost-nights", "0", "--train-heldout-per-class", "1", "--train-epochs", "1",
+               "--train-members", "2"])
+    assert rc == 0
+    (folder,) = [p for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")]
+    card = json.loads((folder / "card.json").read_text())
+    assert card["architecture"] == "ensemble" and len(card["training"]["members"]) == 2
+    assert len(tr.load_typing_model(str(folder), device="cpu").model.members) == 2
