@@ -185,8 +185,9 @@ def retrain_noiseflow(source: str | Path, params: DenoiseTrainParams, out: str |
         "noiseflow": round(time.perf_counter() - t0, 1)}
     card["data"] = dict(card["data"]) | {"noise_vectors": n_noise, "noise_extra_white": NOISE_AUGMENTATION}
     card["arch_params"] = dict(card["arch_params"]) | {"noiseflow": flow.arch.to_dict()}
-    card["lineage"] = {"generator_and_prior_from": source_id, "noiseflow_retrained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command, "code_version": _code_version()}
+    card["lineage"] = {"generator_and_prior_from": source_id,
+                       "noiseflow_retrained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       "command": command, "code_version": _code_version()}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("flow.")} | _state(flow, "flow")
     card, path = art.write_artifact_named(out, tensors, card, STAGE)
     card["path"] = str(path)

@@ -358,10 +358,7 @@ SPECTRA_DENOISED = _schema([
     ("wave_min", pa.float64(), "first bin centre (A) of the linear grid"),
     ("wave_max", pa.float64(), "last bin centre (A)"),
     ("nwave", pa.int32(), "bins (2048)"),
-    ("flux", pa.list_(pa.float32()), "denoised spectrum at the MAP: the posterior mean of the signal under the "
-     "model's discrepancy term (denoise.posterior_mean; G(z) on unobserved bins), else G(z); scaled like G(z) "
-     "with unit absolute sum over the grid (the posterior mean's sum within ~1e-3 of 1). G(z) itself: the "
-     "model's decoder at latent"),
+    ("flux", pa.list_(pa.float32()), "denoised spectrum G(z) at the MAP, unit absolute sum over the grid"),
     ("flux_scale", pa.float64(), "the input's flux sum over its observed bins (erg s^-1 cm^-2 A^-1 summed over bins) "
      "that normalised it"),
     ("mask", pa.list_(pa.uint32()), "NODATA (schemas.maskbits) on bins no input observed: imputed by the generator"),

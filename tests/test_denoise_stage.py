@@ -86,7 +86,7 @@ def test_stage_writes_flagged_rows_and_skips_on_rerun(tmp_path):
 @pytest.mark.slow
 def test_train_denoise_stores_the_discrepancy_and_add_discrepancy_reproduces_it(tmp_path):
     """A tiny ``train_denoise`` run writes ``S_C`` beside the decoder (from the decoder as shipped, float16);
-    ``add_discrepancy`` on that artifact recomputes the same ``S_C`` under a new id with the lineage."""
+    ``add_discrepancy`` on that artifact recomputes the same ``S_C`` and records the lineage."""
     from fiberlake.jobs.train_denoise import add_discrepancy, load_denoiser, train_denoise
     from fiberlake.processors.params import DenoiseTrainParams
     from fiberlake.storage import models as art
@@ -100,6 +100,7 @@ def test_train_denoise_stores_the_discrepancy_and_add_discrepancy_reproduces_it(
     again = add_discrepancy(card["path"], tmp_path / "again", log=lambda _m: None)
     tensors, card2 = art.read_artifact(Path(again["path"]))
     np.testing.assert_allclose(tensors["discrepancy_var"], den.discrepancy, rtol=1e-5)
-    assert card2["lineage"]["discrepancy_added_to"] == card["model_id"] and card2["model_id"] != card["model_id"]
+    # the same weights and S_C: the same content-hash id, the lineage recorded
+    assert card2["lineage"]["discrepancy_added_to"] == card["model_id"] and card2["model_id"] == card["model_id"]
     res = den.denoise(np.abs(np.random.default_rng(0).normal(1.0, 0.1, (2, 2048))), settings=MapSettings(steps=2))
     assert np.isfinite(res.flux).all() and np.isfinite(res.generator_flux).all()
