@@ -50,7 +50,7 @@ class MapSettings:
     """Settings of the MAP (science: they change the result)."""
 
     steps: int = 20
-    """Adam steps after the Gauss-Newton start (60 from the template start before: 2.0x slower, the same
+    """Adam steps after the Gauss-Newton start (60 from the template start before: 2.1x slower, the same
     median posterior-mean MSE on the tuning seeds 1710-1711, ``bench/denoise.py`` compares both)."""
     lr: float = 0.1
     refine_classes: int = 3
