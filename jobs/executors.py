@@ -83,12 +83,19 @@ class LazyPool:
     def __init__(self, make: Callable[[], Any]):
         self._make = make
         self._pool = None
+        self._error: Exception | None = None
 
     @property
     def pool(self):
-        """The pool, made now if it was not yet."""
+        """The pool, made now if it was not yet (a pool that could not be made is not tried again)."""
+        if self._error is not None:
+            raise self._error
         if self._pool is None:
-            self._pool = self._make()
+            try:
+                self._pool = self._make()
+            except Exception as err:  # e.g. Ray did not start: every later use fails the same way, at once
+                self._error = err
+                raise
         return self._pool
 
     def map(self, method: str, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:

@@ -1,8 +1,9 @@
 """The neural stages after the products on Ray actors: the same labels and denoised spectra as in process.
 
-The shared reduced mini night (tests/qa_night.py: b1 and r1, two science exposures and a standard, box
-extraction, stages off) is copied twice; ``process_night`` with the stages on then finds every frame
-and product done and runs only the stages: once in this process, once on two Ray actors.
+A reduced mini night (b1 and r1, one science exposure with 4 standards and a standard exposure, box
+extraction, stages off; tests/qa_night.py's night has a second science exposure, which took the test
+from 80 to 98 s) is copied twice; ``process_night`` with the stages on then finds every frame and
+product done and runs only the stages: once in this process, once on two Ray actors.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from fiberlake.jobs.reduce_worker import UnitResult
 from fiberlake.processors.params import DenoiseParams, ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
-from tests.qa_night import reduced_night
+from tests.stages import WITHOUT_LABELS_AND_DENOISING
 
 STAGES = ReductionParams().updated({
-    "extractions": ("box",), "cosmics.enabled": False,            # the shared night's reduction
-    "classify.methods": ("drcnet", "rcnet"),                     # the networks (the template fit runs in the driver's
-                                                                 # code path all the same, but costs seconds a group)
+    "extractions": ("box",), "cosmics.enabled": False,            # the night's reduction
+    "classify.methods": ("drcnet", "rcnet"),                     # the networks (the template fit, no network,
+                                                                 # runs in the same call and costs seconds a group)
     "denoise.steps": 4, "denoise.batch": 8, "denoise.cpu_threads": 1,
     "execution.denoise_chunk": 8,                                # several chunks per exposure: gathered in the driver
 })
@@ -37,15 +38,29 @@ LABEL_ATOL = 1e-5
 """Absolute tolerance of the class probabilities."""
 
 
+NIGHT = "2026-12-14"
+SEED = 1803
+
+
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    night = reduced_night(tmp_path_factory)
-    yield night
+def template(tmp_path_factory) -> Lake:
+    """The reduced night's lake (frames and products, no labels, nothing denoised)."""
+    from fiberlake.ingest.simulate import simulate_night
+    from fiberlake.jobs.ingest import ingest_night
+
+    root = tmp_path_factory.mktemp("ray-stages")
+    simulate_night("mini", NIGHT, root / "sim", seed=SEED, n_bias=1, n_flat=1, n_arc=1, n_science=1, n_standard=1,
+                   std_per_spectrograph=4)
+    lake = Lake.at(root / "lake")
+    ingest_night(lake, root / "sim" / NIGHT, instrument="mini")
+    report = process_night(lake, NIGHT, config=STAGES.updated(WITHOUT_LABELS_AND_DENOISING))
+    assert len(report.done) == 4 and not report.failed and not report.products.failed, report.summary()
+    yield lake
     ray.shutdown()
 
 
-def _copy(night, path) -> Lake:
-    shutil.copytree(night.lake.root, path)
+def _copy(lake: Lake, path) -> Lake:
+    shutil.copytree(lake.root, path)
     return Lake.at(path)
 
 
@@ -58,22 +73,28 @@ def _assert_same(got: pl.DataFrame, want: pl.DataFrame, keys: list[str], what: s
     assert got.height == want.height and got.height > 0, f"{what}: {got.height} rows, in process {want.height}"
     assert got.columns == want.columns
     assert got.select(keys).equals(want.select(keys)), f"{what}: other keys than in process"
+    largest = 0.0
     for col in got.columns:
         a, b = got[col], want[col]
         if a.dtype in (pl.Float32, pl.Float64):
-            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=FLOAT_RTOL, atol=LABEL_ATOL,
-                                       err_msg=f"{what}.{col}")
+            x, y = a.to_numpy(), b.to_numpy()
+            np.testing.assert_allclose(x, y, rtol=FLOAT_RTOL, atol=LABEL_ATOL, err_msg=f"{what}.{col}")
         elif isinstance(a.dtype, pl.List) and a.dtype.inner in (pl.Float32, pl.Float64):
             x, y = np.concatenate(a.to_numpy()), np.concatenate(b.to_numpy())
             np.testing.assert_allclose(x, y, rtol=FLOAT_RTOL, atol=FLOAT_RTOL * np.abs(y).max(), err_msg=f"{what}.{col}")
         else:
             assert a.equals(b), f"{what}.{col} differs from in process"
+            continue
+        scale = np.nanmax(np.abs(y), initial=0.0)
+        if scale > 0:
+            largest = max(largest, float(np.nanmax(np.abs(x - y), initial=0.0) / scale))
+    print(f"{what}: {got.height} rows, largest float difference {largest:.2e} of its column's largest value")
 
 
 @pytest.mark.slow  # reduces a night, then starts Ray actors
 def test_stages_on_ray_actors_give_the_in_process_rows(template, tmp_path, monkeypatch):
     local = _copy(template, tmp_path / "local")
-    report = process_night(local, template.night, config=STAGES)
+    report = process_night(local, NIGHT, config=STAGES)
     assert not report.done and report.products.denoise.joined > 0 and report.products.classify.labels > 0
     assert not report.products.denoise.failed and not report.products.classify.failed
 
@@ -91,7 +112,7 @@ def test_stages_on_ray_actors_give_the_in_process_rows(template, tmp_path, monke
     monkeypatch.setattr(executors.RayPool, "__init__", counting_init)
     monkeypatch.setattr(executors.RayPool, "map", recording_map)
     on_ray = _copy(template, tmp_path / "ray")
-    report = process_night(on_ray, template.night, config=STAGES, executor=Executor(kind="ray", actors=2))
+    report = process_night(on_ray, NIGHT, config=STAGES, executor=Executor(kind="ray", actors=2))
     assert not report.products.denoise.failed and not report.products.classify.failed
     assert len(made) == 1 and methods == ["denoise_chunk", "classify_group"], (len(made), methods)
 
@@ -164,3 +185,32 @@ def test_a_group_that_fails_on_its_reducer_is_recorded_not_committed():
     _commit_group(None, LabelUnit(**{**unit.__dict__, "expid": 8}), RuntimeError("actor died"), "h", "r", None, report)
     assert report.failed == {"7/1": "LookupError: calibration rebuilt", "8/1": "worker lost: RuntimeError: actor died"}
     assert report.exposures == 0
+
+
+def test_the_run_pool_is_made_once_on_first_use_and_a_failed_start_is_not_retried():
+    made, closed = [], []
+
+    class Pool:
+        def map(self, method, calls):
+            return iter([(c, method) for c in calls])
+
+        def close(self):
+            closed.append(self)
+
+    lazy = executors.LazyPool(lambda: made.append(Pool()) or made[-1])
+    lazy.close()
+    assert not made and not closed                                  # nothing to do: no pool
+    assert list(lazy.map("denoise_chunk", [(1,)])) == [((1,), "denoise_chunk")]
+    assert list(lazy.map("classify_group", [(2,)])) == [((2,), "classify_group")]
+    lazy.close()
+    assert len(made) == 1 and closed == made                        # the stages shared the one pool
+
+    def no_ray():
+        made.append(None)
+        raise RuntimeError("local Ray did not start")
+
+    failing = executors.LazyPool(no_ray)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="did not start"):
+            failing.map("classify_group", [])
+    assert made.count(None) == 1
