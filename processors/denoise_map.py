@@ -4,8 +4,10 @@ The hierarchical model: a subclass ``C`` (uniform prior over the trained subclas
 ``z ~ p(z | C)`` (Gaussian KDE of the training latents of ``C``, Scott's bandwidth like
 ``scipy.stats.gaussian_kde``), the signal ``s = G(z)`` (the isometric generator) and, for every
 exposure ``y_n``, ``p(y_n | s)`` from NoiseFlow with the masked likelihood of eq. (16). For every
-spectrum and every subclass at once, ``z`` is optimised (Adam) from the subclass's training latent
-whose spectrum fits best; the MAP is the subclass with the lowest objective
+spectrum and every subclass at once, ``z`` starts at the subclass's training latent whose spectrum
+fits best; for the ``refine_classes`` best subclasses a few Gauss-Newton iterations (a weighted
+least-squares stand-in of ``J``) and then Adam steps optimise it; the MAP is the subclass with the
+lowest objective
 
     J_C = - sum_n log p(y_n | G(z_C)) - log p(z_C | C) - log p(C),
 
