@@ -568,9 +568,9 @@ class ClassifyTrainParams(ParSet):
     """Training of the stellar classifier (``fiberlake train classify``): DRC-Net and RC-Net.
 
     Data: simulated ``mini`` science exposures (:mod:`fiberlake.jobs.classify_data`), every class
-    equally likely; training on stars of S/N_r > ``snr_min`` as the paper, made fainter at random
-    (``augment_*``), the stars of 10 % of the exposures for validation (early stopping); held-out
-    exposures from other seeds for the figures.
+    equally likely, nights spread over ``designs`` instrument designs (seeds); training on stars of
+    S/N_r > ``snr_min`` as the paper, made fainter at random (``augment_*``), the stars of 10 % of
+    the designs for validation (early stopping); held-out exposures from other seeds for the figures.
     """
 
     stage: ClassVar[str] = "train_classify"
