@@ -382,7 +382,7 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     log(format_confusion(figures, CLASSES))
     card = {
         "stage": STAGE,
-        "architecture": params.arch,
+        "architecture": params.arch if len(members) == 1 else "ensemble",
         "arch_params": arch_params(model),
         "classes": list(CLASSES),
         "input_shape": list(TARGET_SHAPE),
