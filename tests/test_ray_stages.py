@@ -1,8 +1,8 @@
 """The neural stages after the products on Ray actors: the same labels and denoised spectra as in process.
 
 A reduced mini night (b1 and r1, one science exposure with 4 standards and a standard exposure, box
-extraction, stages off; tests/qa_night.py's night has a second science exposure, which took the test
-from 80 to 98 s) is copied twice; ``process_night`` with the stages on then finds every frame and
+extraction, stages off; tests/qa_night.py's night, with a second science exposure, took the test to 98 s
+on two free cores) is copied twice; ``process_night`` with the stages on then finds every frame and
 product done and runs only the stages: once in this process, once on two Ray actors.
 """
 
