@@ -377,6 +377,28 @@ def _hydrogen_absorption(rest: np.ndarray, labels: StarLabels, sigma: np.ndarray
     return smoothed_at(rest, fine, trans, sig_px) if sig_px > 0.1 else np.interp(rest, fine, trans)
 
 
+def hydrogen_absorption_reference(rest: np.ndarray, labels: StarLabels, sigma: np.ndarray, k_h: float,
+                                  step: float = 0.05) -> np.ndarray:
+    """The reference of :func:`_hydrogen_absorption` (what it computed before): every line's profile over
+    its whole 400 A window on the fine grid, the whole grid smoothed (``tests/test_fluxcal.py`` and
+    ``bench/stellar_fit.py`` compare against it)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    hw, ht, hs, hg = _hydrogen_strengths(labels.teff, labels.logg, labels.feh)
+    near = (hw > rest[0] - 400.0) & (hw < rest[-1] + 400.0)
+    if not near.any():
+        return np.ones_like(rest)
+    fine = np.arange(rest[0] - 5.0, rest[-1] + 5.0, step)
+    tau = np.zeros_like(fine)
+    for w, t, s, g in zip(hw[near], ht[near], hs[near], hg[near]):
+        lo, hi = np.searchsorted(fine, [w - 400.0, w + 400.0])
+        tau[lo:hi] += k_h * t * voigt_profile(fine[lo:hi] - w, s, g)
+    trans = np.exp(-tau)
+    sig_px = float(np.median(sigma)) / step
+    trans = gaussian_filter1d(trans, sig_px, mode="nearest") if sig_px > 0.1 else trans
+    return np.interp(rest, fine, trans)
+
+
 def smoothed_at(x: np.ndarray, grid: np.ndarray, values: np.ndarray, sigma_px: float) -> np.ndarray:
     """``np.interp(x, grid, gaussian_filter1d(values, sigma_px, mode="nearest"))``, with the filter computed
     only at the grid points ``x`` falls between (scipy's kernel: radius ``int(4 sigma + 0.5)``,
