@@ -319,8 +319,7 @@ def arch_params(model) -> dict:
     from fiberlake.processors.spit import SPITCompact, SPITEnsemble, SPITNet
 
     if isinstance(model, SPITEnsemble):
-        return {"members": [{"architecture": "paper" if isinstance(m, SPITNet) else "compact",
-                             "arch_params": arch_params(m)} for m in model.members]}
+        return {"members": [_member_spec(m) for m in model.members]}
     if isinstance(model, SPITCompact):
         convs = [m.out_channels for m in model.features if hasattr(m, "out_channels")]
         return {"channels": convs, "hidden": model.classifier[1].out_features,
@@ -408,15 +407,21 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     return card, path
 
 
+def _member_spec(model) -> dict:
+    """A single network's ``architecture`` and ``arch_params``: one member of an ensemble's card."""
+    from fiberlake.processors.spit import ModelError, SPITCompact, SPITNet
+
+    if not isinstance(model, (SPITCompact, SPITNet)):
+        raise ModelError("an ensemble's members are single networks")
+    return {"architecture": "paper" if isinstance(model, SPITNet) else "compact", "arch_params": arch_params(model)}
+
+
 def ensemble_of(members: list):
     """One :class:`~fiberlake.processors.spit.SPITEnsemble` holding trained networks (their weights copied)."""
-    from fiberlake.processors.spit import SPITNet, build_model
-
-    specs = [{"architecture": "paper" if isinstance(m, SPITNet) else "compact", "arch_params": arch_params(m)}
-             for m in members]
+    from fiberlake.processors.spit import build_model
     from fiberlake.processors.typing_prep import TARGET_SHAPE
 
-    ensemble = build_model("ensemble", len(CLASSES), TARGET_SHAPE, members=specs)
+    ensemble = build_model("ensemble", len(CLASSES), TARGET_SHAPE, members=[_member_spec(m) for m in members])
     for target, member in zip(ensemble.members, members):
         target.load_state_dict(member.state_dict())
     return ensemble.eval()
@@ -449,17 +454,17 @@ def assemble_typing_ensemble(sources: list[str], *, out: str | Path | None = Non
 
     if len(sources) < 2:
         raise ModelError("an ensemble needs at least two member models")
-    typers, cards = [], []
+    networks, cards = [], []
     for source in sources:
-        typers.append(load_typing_model(source, lake_root, device="cpu"))
-        cards.append(store.read_artifact(store.locate(source, STAGE, lake_root))[1])
-    if any(c["architecture"] == "ensemble" for c in cards):
-        raise ModelError("an ensemble's members are single networks")
+        directory = store.locate(source, STAGE, lake_root)
+        tensors, card = store.read_artifact(directory)
+        networks.append(_network(tensors, card, directory))
+        cards.append(card)
     same = [{k: v for k, v in c["training"]["params"].items() if k not in ("seed", "cpu_threads", "device", "members")}
             for c in cards]
     if any(s != same[0] for s in same) or any(list(c["classes"]) != list(CLASSES) for c in cards):
         raise ModelError("the members were trained with different data, classes or held-out nights")
-    model = ensemble_of([t.model for t in typers])
+    model = ensemble_of(networks)
     params = TypingTrainParams.from_dict(cards[0]["training"]["params"])
     held = prepare_dataset(night_specs(params, heldout=True), cache, False, "simulate held-out nights")
     figures = evaluate(FrameTyper(model, CLASSES, device=params.device, batch=16), held)
@@ -505,19 +510,25 @@ def load_typing_model(source: str = "default", lake_root=None, device: str = "au
     """
     import torch
 
-    from fiberlake.processors.spit import FrameTyper, ModelError, build_model, load_state
+    from fiberlake.processors.spit import FrameTyper
 
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     directory = store.locate(source, STAGE, lake_root)
     tensors, card = store.read_artifact(directory)
+    return FrameTyper(_network(tensors, card, directory), card["classes"], card["model_id"], device=device, batch=batch)
+
+
+def _network(tensors: dict, card: dict, directory):
+    """The network an artifact's card describes, with its weights (:func:`load_typing_model`)."""
+    from fiberlake.processors.spit import ModelError, build_model, load_state
+
     try:
         model = build_model(card["architecture"], len(card["classes"]), tuple(card["input_shape"]),
                             **card.get("arch_params", {}))
     except TypeError as err:
         raise ModelError(f"model card {directory}: architecture parameters do not fit ({err})") from None
-    load_state(model, tensors)
-    return FrameTyper(model, card["classes"], card["model_id"], device=device, batch=batch)
+    return load_state(model, tensors)
 
 
 def register_model(lake, directory: str | Path, source: str = "trained") -> dict:

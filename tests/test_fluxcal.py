@@ -10,6 +10,7 @@ from fiberlake.processors import stellar_models as sm
 from fiberlake.processors.telluric import band_mask, telluric_from_ratios
 from fiberlake.schemas.containers import Spectra1D
 from fiberlake.schemas.maskbits import Mask
+from bench.stellar_fit import synthetic_standard
 from tests.stages import WITHOUT_LABELS_AND_DENOISING
 
 SETTINGS = fc.FluxCalSettings(max_standards=3)
@@ -225,25 +226,12 @@ def test_synthetic_colours_are_the_full_resolution_models():
     assert np.isnan(no_g[0]) and no_g[1] == pytest.approx(0.1)
 
 
-def _misleading_standard(true: sm.StarLabels, lines: sm.StarLabels, rng) -> dict[str, fc.Arm]:
-    """One star with the continuum of ``true`` and the lines of ``lines`` (S/N ~45 per bin)."""
-    arms = {}
-    for cam, (w0, dw, n, sig) in {"b1": (4700.0, 0.54, 930, 0.75), "r1": (6300.0, 0.81, 990, 1.13)}.items():
-        wave = w0 + dw * np.arange(n)
-        flux = sm.continuum(wave, true) * sm.model_spectrum(wave, lines, sig) / sm.continuum(wave, lines)
-        flux = 1000.0 * flux / flux.mean()
-        var = flux / 2.0
-        obs = flux + rng.normal(size=n) * np.sqrt(var)
-        arms[cam] = fc.Arm(wave, Spectra1D(obs[None], 1.0 / var[None], np.zeros((1, n), np.uint32)), sig)
-    return arms
-
-
 def test_colours_recover_teff_where_the_lines_mislead():
     """As the simulator's F stars look to these models (their Balmer lines are those of a model ~1000 K cooler):
     a standard with the continuum of a 6400 K model and the lines of a 5600 K one. The spectrum alone (its
     continuum free) fits the lines' Teff; the catalogue colours of the 6400 K model bring it back."""
     true = sm.StarLabels(6400.0, 4.1, -0.6, 25.0)
-    arms = _misleading_standard(true, sm.StarLabels(5600.0, 4.1, -0.6, 25.0), np.random.default_rng(3))
+    arms = synthetic_standard(true, sm.StarLabels(5600.0, 4.1, -0.6, 25.0), np.random.default_rng(3))
     blind = fc.fit_standard(arms, 0, 14.0, SETTINGS)
     assert blind.labels.teff < 5900.0 and blind.model_colours is None
     colours = fc.model_colours(true, SETTINGS)
