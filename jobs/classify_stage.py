@@ -39,6 +39,7 @@ from fiberlake.processors.params import ClassifyParams, ReductionParams
 from fiberlake.schemas.instrument import get_instrument, parse_camera
 from fiberlake.schemas.parset import digest_of
 from fiberlake.schemas.tables import LABEL_CLASSES
+from fiberlake.storage import models as store
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.products import products_table, read_rows
 from fiberlake.storage.tables import TableStore
@@ -85,14 +86,6 @@ class LabelUnit:
     params: ClassifyParams
     model_id: str
     grid_id: str
-
-
-def model_card(source: str, lake_root) -> dict:
-    """The card of a classify model (checked against its weights), without building the networks."""
-    from fiberlake.storage import models as store
-
-    _, card = store.read_artifact(store.locate(source, "classify", lake_root))
-    return card
 
 
 def label_unit(lake: Lake, unit: LabelUnit, calibs: dict) -> list[dict]:
@@ -192,7 +185,7 @@ def classify_night(lake: Lake, night: str, config: ReductionParams, params: Clas
         return report
     exposures = exposures.filter(pl.col("obstype").is_in(["SCIENCE", "STANDARD"]))
     fibermap = read_rows(tables, "fibermap", night=night)
-    card = model_card(params.model, lake.root)
+    card = store.stage_card(params.model, "classify", lake.root)
     report.model_id = card["model_id"]
     classes = tuple(card["classes"])
     if classes != LABEL_CLASSES:

@@ -30,6 +30,7 @@ from fiberlake.processors.denoise_prep import NWAVE, WAVE_MAX, WAVE_MIN, to_deno
 from fiberlake.processors.params import DENOISE_PREFERENCE, DenoiseParams, ReductionParams
 from fiberlake.schemas.maskbits import MASK_DTYPE, Mask
 from fiberlake.schemas.parset import digest_of
+from fiberlake.storage import models as store
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.products import products_table, read_rows
 from fiberlake.storage.tables import TableStore
@@ -70,16 +71,6 @@ def _denoiser(model: str, lake_root, device: str) -> BayesianDenoiser:
     if key not in _LOADED:
         _LOADED[key] = load_denoiser(model, lake_root, device)
     return _LOADED[key]
-
-
-def model_card(source: str, lake_root) -> dict:
-    """The card of a denoise model (checked against its weights), without building the networks."""
-    from fiberlake.storage import models as store
-
-    _, card = store.read_artifact(store.locate(source, "denoise", lake_root))
-    if card.get("stage") != "denoise":
-        raise store.ArtifactError(f"model {card.get('model_id')} is a {card.get('stage')!r} model, not 'denoise'")
-    return card
 
 
 @dataclass
@@ -194,7 +185,7 @@ def denoise_night(lake: Lake, night: str, config: ReductionParams, params: Denoi
     report = DenoiseReport()
     if not params.enabled:
         return report
-    model_id = model_card(params.model, lake.root)["model_id"]
+    model_id = store.stage_card(params.model, "denoise", lake.root)["model_id"]
     report.model_id = model_id
     tables = TableStore(lake.root / "tables")
     science = params.science_dict()

@@ -251,6 +251,21 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def stage_card(source: str, stage: str, lake_root: LakeRoot | str | None = None) -> dict:
+    """The card of the model a setting names (:func:`locate`), checked against its weights and its stage,
+    without building a network (the driver of a stage whose networks run on the reducers).
+
+    Raises
+    ------
+    ArtifactError
+        As :func:`read_artifact`, or a model of another stage.
+    """
+    _, card = read_artifact(locate(source, stage, lake_root))
+    if card.get("stage") != stage:
+        raise ArtifactError(f"model {card.get('model_id')} is a {card.get('stage')!r} model, not {stage!r}")
+    return card
+
+
 def models_row(card: dict, path: str, source: str, registered_at) -> dict:
     """The ``models`` table row of an artifact (see :data:`fiberlake.schemas.tables.MODELS`)."""
     figures = card.get("heldout", {}) or {}
