@@ -50,7 +50,9 @@ class TypingData:
 
     Attributes
     ----------
-    images : ndarray of uint8, shape (N, 210, 650)
+    images : ndarray of uint8, shape (N, C, 210, 650)
+        Input channels of each frame (:func:`prepare_dataset` stores every one of
+        :data:`~fiberlake.processors.typing_prep.CHANNELS`).
     labels : ndarray of int, shape (N,)
         Index into :data:`~fiberlake.ingest.typing_dataset.CLASSES`.
     meta : list of dict
@@ -72,6 +74,17 @@ class TypingData:
 
     def __len__(self) -> int:
         return int(self.labels.size)
+
+    def select_channels(self, names: tuple[str, ...] | list[str], stored: tuple[str, ...] | list[str]) -> "TypingData":
+        """The same frames with only the input channels ``names`` (images ``(N, C, H, W)``), in that order.
+
+        ``stored`` names the channels of :attr:`images` (axis 1), e.g.
+        :data:`~fiberlake.processors.typing_prep.CHANNELS` for a data set of :func:`prepare_dataset`.
+        """
+        stored = list(stored)
+        index = [stored.index(n) for n in names]
+        return TypingData(np.ascontiguousarray(self.images[:, index]), self.labels, self.meta, self.specs,
+                          self.seconds, self.cached)
 
     def subset(self, keep: np.ndarray) -> "TypingData":
         """The frames where ``keep`` is true."""
@@ -118,9 +131,10 @@ def night_specs(params: TypingTrainParams, heldout: bool) -> list:
 
 def _cache_key(specs: list) -> str:
     from fiberlake.ingest.typing_dataset import simulator_settings
-    from fiberlake.processors.typing_prep import prep_config
+    from fiberlake.processors.typing_prep import CHANNELS, prep_config
 
-    text = json.dumps({"specs": [s.to_dict() for s in specs], "sim": simulator_settings(), "prep": prep_config()},
+    text = json.dumps({"specs": [s.to_dict() for s in specs], "sim": simulator_settings(),
+                       "prep": prep_config(CHANNELS)},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -133,7 +147,7 @@ def prepare_dataset(specs: list, cache: str | Path | None = None, progress: bool
     so a changed simulator never reads stale frames.
     """
     from fiberlake.ingest.typing_dataset import iter_frames
-    from fiberlake.processors.typing_prep import TARGET_SHAPE, prepare_frame
+    from fiberlake.processors.typing_prep import CHANNELS, TARGET_SHAPE, prepare_channels
 
     path = Path(cache) / f"typing-{_cache_key(specs)}.npz" if cache else None
     if path is not None and path.exists():
@@ -145,11 +159,11 @@ def prepare_dataset(specs: list, cache: str | Path | None = None, progress: bool
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc=label, unit="frame")
-    images = np.empty((total,) + TARGET_SHAPE, dtype=np.uint8)
+    images = np.empty((total, len(CHANNELS)) + TARGET_SHAPE, dtype=np.uint8)
     labels = np.empty(total, dtype=np.int64)
     meta = []
     for i, frame in enumerate(iter_frames(specs)):
-        images[i] = prepare_frame(frame.raw)
+        images[i] = prepare_channels(frame.raw, CHANNELS)
         labels[i] = CLASSES.index(frame.label)
         meta.append({"instrument": frame.instrument, "seed": frame.seed, "night": frame.night, "camera": frame.camera,
                      "expid": frame.expid, "exptime": round(frame.exptime, 2), "kind": frame.kind})
@@ -323,11 +337,13 @@ def arch_params(model) -> dict:
     if isinstance(model, SPITCompact):
         convs = [m.out_channels for m in model.features if hasattr(m, "out_channels")]
         return {"channels": convs, "hidden": model.classifier[1].out_features,
-                "batchnorm": any(isinstance(m, nn.BatchNorm2d) for m in model.features)}
+                "batchnorm": any(isinstance(m, nn.BatchNorm2d) for m in model.features),
+                **({"in_channels": model.in_channels} if model.in_channels != 1 else {})}
     if isinstance(model, SPITNet):
         convs = [m for m in model.features if hasattr(m, "out_channels")]
         return {"conv1": convs[0].out_channels, "conv2": convs[1].out_channels, "kernel": convs[0].kernel_size[0],
-                "hidden": model.classifier[1].out_features}
+                "hidden": model.classifier[1].out_features,
+                **({"in_channels": model.in_channels} if model.in_channels != 1 else {})}
     raise TypeError(f"not a typing network: {type(model).__name__}")
 
 
@@ -356,25 +372,27 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     from fiberlake.ingest.typing_dataset import simulator_settings
     from fiberlake.jobs.provenance import code_version
     from fiberlake.processors.spit import FrameTyper, build_model, format_confusion, n_parameters, state_arrays
-    from fiberlake.processors.typing_prep import TARGET_SHAPE, prep_config
+    from fiberlake.processors.typing_prep import CHANNELS, TARGET_SHAPE, prep_config
 
     params = params or TypingTrainParams()
+    channels = input_channels(params)
     train_specs, held_specs = night_specs(params, heldout=False), night_specs(params, heldout=True)
-    train = prepare_dataset(train_specs, cache, progress, "simulate training nights")
-    log(f"training frames: {len(train)} ({train.seconds:.0f} s to simulate and pre-process)")
+    train = prepare_dataset(train_specs, cache, progress, "simulate training nights").select_channels(channels, CHANNELS)
+    log(f"training frames: {len(train)} ({train.seconds:.0f} s to simulate and pre-process), "
+        f"input channels {', '.join(channels)}")
     members, trainings = [], []
     for k in range(params.members):  # member k: the same training with seed + k
         if params.members > 1:
             log(f"member {k + 1} of {params.members} (seed {params.seed + k})")
-        members.append(build_model(params.arch, len(CLASSES), TARGET_SHAPE))
+        members.append(build_model(params.arch, len(CLASSES), TARGET_SHAPE, **_in_channels_arg(channels)))
         trainings.append(fit(members[-1], train, params.updated({"seed": params.seed + k}), log))
     model = members[0] if len(members) == 1 else ensemble_of(members)
     training = trainings[0] if len(trainings) == 1 else {
         "members": trainings, "seconds": round(sum(t["seconds"] for t in trainings), 1),
         "updates": sum(t["updates"] for t in trainings), "epochs": trainings[0]["epochs"]}
-    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights")
+    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights").select_channels(channels, CHANNELS)
     log(f"held-out frames: {len(held)} ({held.seconds:.0f} s)")
-    typer = FrameTyper(model, CLASSES, device=params.device, batch=16)
+    typer = FrameTyper(model, CLASSES, device=params.device, batch=16, channels=channels)
     figures = evaluate(typer, held)
     log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "
         f"unknown {figures['unknown_rate']:.4f}")
@@ -385,7 +403,7 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
         "arch_params": arch_params(model),
         "classes": list(CLASSES),
         "input_shape": list(TARGET_SHAPE),
-        "prep": prep_config(),
+        "prep": prep_config(channels),
         "n_parameters": n_parameters(model),
         "training": {**training, "params": params.to_dict(), "optimizer": "Adam, half-cosine decay of the rate",
                      "loss": "cross-entropy on softmax", "oversampling": "every class to the largest",
@@ -405,6 +423,18 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     if out is not None:
         card, path = store.write_artifact_named(out, state_arrays(model), card, STAGE)
     return card, path
+
+
+def input_channels(params: TypingTrainParams) -> tuple[str, ...]:
+    """The input channels a training run's ``channels`` setting names (comma-separated), validated."""
+    from fiberlake.processors.typing_prep import check_channels
+
+    return check_channels([c.strip() for c in params.channels.split(",") if c.strip()])
+
+
+def _in_channels_arg(channels: tuple[str, ...]) -> dict:
+    """``in_channels`` for :func:`~fiberlake.processors.spit.build_model` (nothing for the paper's one channel)."""
+    return {"in_channels": len(channels)} if len(channels) != 1 else {}
 
 
 def _member_spec(model) -> dict:
@@ -451,6 +481,7 @@ def assemble_typing_ensemble(sources: list[str], *, out: str | Path | None = Non
     from fiberlake.ingest.typing_dataset import simulator_settings
     from fiberlake.jobs.provenance import code_version
     from fiberlake.processors.spit import FrameTyper, ModelError, format_confusion, n_parameters, state_arrays
+    from fiberlake.processors.typing_prep import CHANNELS
 
     if len(sources) < 2:
         raise ModelError("an ensemble needs at least two member models")
@@ -466,8 +497,12 @@ def assemble_typing_ensemble(sources: list[str], *, out: str | Path | None = Non
         raise ModelError("the members were trained with different data, classes or held-out nights")
     model = ensemble_of(networks)
     params = TypingTrainParams.from_dict(cards[0]["training"]["params"])
+    channels = card_channels(cards[0])
+    if any(card_channels(c) != channels for c in cards):
+        raise ModelError("the members read different input channels")
     held = prepare_dataset(night_specs(params, heldout=True), cache, False, "simulate held-out nights")
-    figures = evaluate(FrameTyper(model, CLASSES, device=params.device, batch=16), held)
+    held = held.select_channels(channels, CHANNELS)
+    figures = evaluate(FrameTyper(model, CLASSES, device=params.device, batch=16, channels=channels), held)
     log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "
         f"unknown {figures['unknown_rate']:.4f}")
     log(format_confusion(figures, CLASSES))
@@ -516,7 +551,15 @@ def load_typing_model(source: str = "default", lake_root=None, device: str = "au
         torch.set_num_threads(cpu_threads)
     directory = store.locate(source, STAGE, lake_root)
     tensors, card = store.read_artifact(directory)
-    return FrameTyper(_network(tensors, card, directory), card["classes"], card["model_id"], device=device, batch=batch)
+    return FrameTyper(_network(tensors, card, directory), card["classes"], card["model_id"], device=device, batch=batch,
+                      channels=card_channels(card))
+
+
+def card_channels(card: dict) -> tuple[str, ...]:
+    """The input channels a model card names (a card without ``prep.channels``: the paper's one channel)."""
+    from fiberlake.processors.typing_prep import PAPER_CHANNELS
+
+    return tuple(card.get("prep", {}).get("channels", PAPER_CHANNELS))
 
 
 def _network(tensors: dict, card: dict, directory):

@@ -512,6 +512,8 @@ class TypingTrainParams(ParSet):
     stage: ClassVar[str] = "train"
     arch: str = par("compact", "network: compact (shippable, global pooling) or paper (the paper's, 69 M weights)",
                     choices=TYPING_ARCHITECTURES)
+    channels: str = par("zscale", "input channels, comma-separated: zscale (the paper's), asinh (whole dynamic range), "
+                        "cosmics (cosmic-ray hits at full resolution)")
     mini_nights: int = par(40, "training nights of the mini instrument (one camera, every type)", bounds=(1, 200))
     lamost_nights: int = par(3, "training nights of the lamost instrument", bounds=(0, 200))
     per_class: int = par(6, "frames of each type in a mini training night", bounds=(1, 100))

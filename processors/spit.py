@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fiberlake.processors.typing_prep import TARGET_SHAPE, flips
+from fiberlake.processors.typing_prep import PAPER_CHANNELS, TARGET_SHAPE, check_channels, flips
 
 UNKNOWN = "UNKNOWN"
 """Pixel type of a frame the final scheme does not decide (no 3-of-4 super-majority, or untypable)."""
@@ -62,14 +62,17 @@ class SPITNet(nn.Module):
     conv1, conv2, kernel, hidden : int
         Depths of the convolutions, their kernel size and the dense layer's width (the paper's
         36, 64, 5 and 128). Convolutions keep the size ("same" padding, stride 1).
+    in_channels : int
+        Input channels (the paper's 1; :data:`~fiberlake.processors.typing_prep.CHANNELS`).
     """
 
     def __init__(self, n_classes: int = 6, input_shape: tuple[int, int] = TARGET_SHAPE, conv1: int = 36,
-                 conv2: int = 64, kernel: int = 5, hidden: int = 128):
+                 conv2: int = 64, kernel: int = 5, hidden: int = 128, in_channels: int = 1):
         super().__init__()
         pad = kernel // 2
+        self.in_channels = int(in_channels)
         self.features = nn.Sequential(
-            nn.Conv2d(1, conv1, kernel, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(self.in_channels, conv1, kernel, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(conv1, conv2, kernel, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
         )
         shape = tuple(input_shape)
@@ -80,7 +83,7 @@ class SPITNet(nn.Module):
                                         nn.Linear(hidden, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, n_classes)`` of images ``(N, 1, H, W)`` scaled to [0, 1]."""
+        """Logits ``(N, n_classes)`` of images ``(N, in_channels, H, W)`` scaled to [0, 1]."""
         return self.classifier(self.features(x))
 
 
@@ -107,18 +110,22 @@ class SPITCompact(nn.Module):
         Width of the dense layer (the paper's 128).
     batchnorm : bool
         Batch normalisation after each convolution (faster training on a CPU budget).
+    in_channels : int
+        Input channels (the paper's 1; :data:`~fiberlake.processors.typing_prep.CHANNELS`).
     """
 
     def __init__(self, n_classes: int = 6, input_shape: tuple[int, int] = TARGET_SHAPE,
-                 channels: tuple[int, ...] = (8, 16, 32, 64), hidden: int = 128, batchnorm: bool = True):
+                 channels: tuple[int, ...] = (8, 16, 32, 64), hidden: int = 128, batchnorm: bool = True,
+                 in_channels: int = 1):
         super().__init__()
         channels = tuple(int(c) for c in channels)
+        self.in_channels = int(in_channels)
 
         def block(c_in: int, c_out: int, kernel: int, stride: int) -> list[nn.Module]:
             conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=not batchnorm)
             return [conv] + ([nn.BatchNorm2d(c_out)] if batchnorm else []) + [nn.ReLU()]
 
-        layers: list[nn.Module] = block(1, channels[0], 5, 2)
+        layers: list[nn.Module] = block(self.in_channels, channels[0], 5, 2)
         shape = conv_output_shape(tuple(input_shape), 5, 2, 2)
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers += [nn.MaxPool2d(2)] + block(c_in, c_out, 3, 1)
@@ -131,7 +138,7 @@ class SPITCompact(nn.Module):
                                         nn.Linear(hidden, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, n_classes)`` of images ``(N, 1, H, W)`` scaled to [0, 1]."""
+        """Logits ``(N, n_classes)`` of images ``(N, in_channels, H, W)`` scaled to [0, 1]."""
         return self.classifier(self.features(x))
 
 
@@ -223,8 +230,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 images ``(N, H, W)`` to float tensors ``(N, 1, H, W)`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
+    """uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` to float tensors ``(N, C, H, W)`` in [0, 1] (C = 1 for 3-D)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / 255.0)
+    return x.unsqueeze(1) if x.ndim == 3 else x
 
 
 @dataclass
@@ -293,15 +301,19 @@ class FrameTyper:
         ``auto``, ``cpu`` or ``cuda``.
     batch : int
         Frames per forward pass (each frame is 4 images: its flips).
+    channels : sequence of str
+        Input channels the model reads, in order
+        (:func:`~fiberlake.processors.typing_prep.prepare_channels`); the paper's ``("zscale",)``.
     """
 
     def __init__(self, model: nn.Module, classes: tuple[str, ...] | list[str], model_id: str = "",
-                 device: str = "auto", batch: int = 16):
+                 device: str = "auto", batch: int = 16, channels: tuple[str, ...] | list[str] = PAPER_CHANNELS):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.classes = tuple(classes)
         self.model_id = model_id
         self.batch = max(1, int(batch))
+        self.channels = check_channels(channels)
 
     @torch.no_grad()
     def flip_probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -309,10 +321,15 @@ class FrameTyper:
 
         Parameters
         ----------
-        images : ndarray of uint8, shape (N, H, W)
-            Pre-processed frames (:func:`~fiberlake.processors.typing_prep.prepare_frame`).
+        images : ndarray of uint8, shape (N, H, W) or (N, C, H, W)
+            Pre-processed frames (:func:`~fiberlake.processors.typing_prep.prepare_channels` with
+            :attr:`channels`; 3-D for one channel).
         """
         images = np.asarray(images)
+        n_channels = 1 if images.ndim == 3 else images.shape[1]
+        if images.ndim not in (3, 4) or n_channels != len(self.channels):
+            raise ModelError(f"the model reads {len(self.channels)} channel(s) {self.channels}; "
+                             f"images of shape {images.shape} were given")
         out = np.empty((len(images), 4, len(self.classes)), dtype=np.float32)
         for start in range(0, len(images), self.batch):
             chunk = images[start:start + self.batch]

@@ -45,11 +45,25 @@ SATURATED_FRACTION = 0.5
 """A frame with more than this fraction of its pixels at the saturation level is not typed."""
 
 
-def prep_config() -> dict:
-    """The pre-processing constants as a dict (recorded in every model card)."""
-    return {"target_shape": list(TARGET_SHAPE), "zscale_contrast": ZSCALE_CONTRAST, "trim_jump": TRIM_JUMP,
-            "trim_sigma": TRIM_SIGMA, "trim_min_rows": TRIM_MIN_ROWS, "resize": "block mean then linear",
-            "orientation": "image[spatial, spectral]"}
+def prep_config(channels: tuple[str, ...] | list[str] | None = None) -> dict:
+    """The pre-processing constants as a dict (recorded in every model card).
+
+    Without ``channels``, the paper's one-channel input (the dict of the first models, which
+    carries no ``channels`` entry); with them, the channels in order and their constants.
+    """
+    config = {"target_shape": list(TARGET_SHAPE), "zscale_contrast": ZSCALE_CONTRAST, "trim_jump": TRIM_JUMP,
+              "trim_sigma": TRIM_SIGMA, "trim_min_rows": TRIM_MIN_ROWS, "resize": "block mean then linear",
+              "orientation": "image[spatial, spectral]"}
+    if channels is not None:
+        channels = check_channels(channels)
+        config["channels"] = list(channels)
+        if "asinh" in channels:
+            config["asinh"] = {"softening_adu": ASINH_SOFTENING_ADU, "full_scale_adu": ASINH_FULL_SCALE_ADU,
+                               "pedestal": "1st percentile"}
+        if "cosmics" in channels:
+            config["cosmics"] = {"sigma": COSMIC_SIGMA, "contrast": COSMIC_CONTRAST, "count_scale": COSMIC_COUNT_SCALE,
+                                 "neighbours": "along the spectral axis"}
+    return config
 
 
 def orient(image: np.ndarray, dispersion_axis: int | None = 0) -> np.ndarray:
@@ -202,6 +216,130 @@ def zscale_uint8(image: np.ndarray, contrast: float = ZSCALE_CONTRAST) -> np.nda
     return np.round(scaled * 255.0).astype(np.uint8)
 
 
+# --------------------------------------------------------------------------------------
+# extra input channels, computed before the resize (beyond the paper)
+# --------------------------------------------------------------------------------------
+CHANNELS: tuple[str, ...] = ("zscale", "asinh", "cosmics")
+"""Input channels a typing network can read, in the order a data set stores them:
+
+``zscale``
+    The paper's image (:func:`zscale_uint8` of the resized frame).
+``asinh``
+    :func:`asinh_uint8` of the resized frame: the whole dynamic range above the frame's
+    pedestal, so the brightness of every fiber and the frame's level survive (ZSCALE clips them).
+``cosmics``
+    :func:`cosmics_uint8`: pixels of the full-resolution frame that stand sharply above all
+    their neighbours (cosmic-ray hits), counted in each output pixel; resizing by block means
+    averages them away.
+"""
+PAPER_CHANNELS: tuple[str, ...] = ("zscale",)
+"""The paper's input: one ZSCALE channel."""
+ASINH_SOFTENING_ADU = 10.0
+"""Softening of the asinh stretch (ADU above the pedestal where it turns from linear to logarithmic)."""
+ASINH_FULL_SCALE_ADU = 65535.0
+"""Level above the pedestal that maps to 255 in the asinh channel (the 16-bit range)."""
+COSMIC_SIGMA = 10.0
+"""A cosmic-ray pixel exceeds its neighbours by more than this many times the frame's pixel noise."""
+COSMIC_CONTRAST = 0.5
+"""... and by more than this fraction of its own level above the pedestal (PSF-wide lines and fibers do not)."""
+COSMIC_COUNT_SCALE = 32
+"""uint8 value of one cosmic-ray pixel in an output pixel of the cosmics channel (8 or more saturate)."""
+
+
+def check_channels(channels: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate channel names (:data:`CHANNELS`), returning them as a tuple."""
+    channels = tuple(str(c) for c in channels)
+    unknown = [c for c in channels if c not in CHANNELS]
+    if not channels or unknown or len(set(channels)) != len(channels):
+        raise ValueError(f"input channels must be distinct names among {CHANNELS}, not {channels}")
+    return channels
+
+
+def asinh_uint8(image: np.ndarray, softening: float = ASINH_SOFTENING_ADU,
+                full_scale: float = ASINH_FULL_SCALE_ADU) -> np.ndarray:
+    """asinh stretch of a (resized) frame above its pedestal, to 0-255 uint8.
+
+    The pedestal is the 1st percentile (bias level plus the darkest background); the stretch is
+    ``asinh((x - pedestal) / softening) / asinh(full_scale / softening)``, clipped to [0, 1]. It is
+    absolute (ADU), not relative to the frame: a 10 s standard and a 2,700 s science frame keep
+    their levels, and fibers 1,000 times apart in brightness stay apart.
+
+    Examples
+    --------
+    >>> asinh_uint8(np.array([[100.0, 110.0, 65635.0]])).tolist()
+    [[0, 24, 255]]
+    """
+    data = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(data.shape, dtype=np.uint8)
+    data = np.where(finite, data, np.nan)
+    pedestal = np.nanpercentile(data, 1.0)
+    above = np.clip(np.nan_to_num(data - pedestal, nan=0.0), 0.0, None)
+    scaled = np.arcsinh(above / softening) / np.arcsinh(full_scale / softening)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def pixel_noise(image: np.ndarray, step: int = 8) -> float:
+    """Robust pixel noise (ADU) of a frame: the MAD of differences of neighbouring pixels along rows.
+
+    Every ``step``-th row is used; the differences of two pixels carry twice a pixel's variance.
+    """
+    rows = np.asarray(image, dtype=np.float32)[::max(1, int(step))]
+    diff = np.diff(rows, axis=1).ravel()
+    if diff.size == 0:
+        return 1.0
+    mad = float(np.median(np.abs(diff - np.median(diff))))
+    return max(1.4826 * mad / np.sqrt(2.0), 1e-3)
+
+
+def cosmic_hits(image: np.ndarray, sigma: float = COSMIC_SIGMA, contrast: float = COSMIC_CONTRAST) -> np.ndarray:
+    """Pixels that stand sharply above both their neighbours along the spectral axis (cosmic-ray hits).
+
+    ``image`` is oriented (``image[spatial, spectral]``, :func:`orient`), so its rows run along
+    the fibers: a fiber's neighbours along a row are as bright as itself, and an arc or sky
+    line, a line-spread function wide, falls off by a fraction of its peak. A pixel is a hit
+    when it exceeds the brighter of its two row neighbours by more than ``sigma`` times
+    :func:`pixel_noise` and by more than ``contrast`` times its own level above the pedestal
+    (the frame's 1st percentile, the bias level). Cosmic-ray spots and tracks are one or two
+    pixels wide and pass (tracks lying within a pixel of a row are missed); edge columns are
+    never hits. One pass over the frame finds the candidates; the contrast is tested on them only.
+
+    Returns
+    -------
+    ndarray of bool, same shape as ``image``
+    """
+    x = np.asarray(image, dtype=np.float32)
+    hits = np.zeros(x.shape, dtype=bool)
+    if x.ndim != 2 or x.shape[1] < 3:
+        return hits
+    floor = np.float32(sigma * pixel_noise(x))
+    rise = x[:, 1:-1] - np.maximum(x[:, :-2], x[:, 2:])
+    iy, ix = np.nonzero(rise > floor)
+    if iy.size == 0:
+        return hits
+    pedestal = np.float32(np.percentile(x[::8, ::8], 1.0))
+    keep = rise[iy, ix] > np.float32(contrast) * (x[iy, ix + 1] - pedestal)
+    hits[iy[keep], ix[keep] + 1] = True
+    return hits
+
+
+def count_map(mask: np.ndarray, shape: tuple[int, int] = TARGET_SHAPE) -> np.ndarray:
+    """Number of true pixels of ``mask`` falling in each pixel of a ``shape`` grid laid over it."""
+    ys, xs = np.nonzero(mask)
+    ny, nx = mask.shape
+    iy = (ys.astype(np.int64) * shape[0]) // max(ny, 1)
+    ix = (xs.astype(np.int64) * shape[1]) // max(nx, 1)
+    counts = np.bincount(iy * shape[1] + ix, minlength=shape[0] * shape[1])
+    return counts.reshape(shape)
+
+
+def cosmics_uint8(image: np.ndarray, shape: tuple[int, int] = TARGET_SHAPE, scale: int = COSMIC_COUNT_SCALE) -> np.ndarray:
+    """The cosmics channel: :func:`cosmic_hits` of the full-resolution frame counted on the output grid."""
+    counts = count_map(cosmic_hits(image), shape)
+    return np.minimum(counts * int(scale), 255).astype(np.uint8)
+
+
 def frame_defect(raw: np.ndarray, saturation: float | None = 65535) -> str | None:
     """Why a frame cannot be typed from its pixels, or None when it can.
 
@@ -255,8 +393,43 @@ def prepare_frame(raw: np.ndarray, dispersion_axis: int | None = 0) -> np.ndarra
     return zscale_uint8(resize(data[region]))
 
 
+def prepare_channels(raw: np.ndarray, channels: tuple[str, ...] | list[str] = PAPER_CHANNELS,
+                     dispersion_axis: int | None = 0) -> np.ndarray:
+    """Raw frame to a multi-channel network input: orient and trim as the paper, then each channel.
+
+    ``zscale`` is :func:`prepare_frame`'s image exactly; ``asinh`` stretches the same resized
+    frame; ``cosmics`` counts :func:`cosmic_hits` of the trimmed frame at full resolution.
+
+    Returns
+    -------
+    ndarray of uint8, shape ``(len(channels),) + TARGET_SHAPE``
+    """
+    channels = check_channels(channels)
+    image = orient(raw, dispersion_axis)
+    data = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(data).all():
+        finite = np.isfinite(data)
+        data = np.where(finite, data, np.median(data[finite]) if finite.any() else 0.0).astype(np.float32)
+    trimmed = data[trim_region(row_max_profile(data))]
+    out = np.empty((len(channels),) + TARGET_SHAPE, dtype=np.uint8)
+    resized = resize(trimmed) if {"zscale", "asinh"} & set(channels) else None
+    for i, name in enumerate(channels):
+        if name == "zscale":
+            out[i] = zscale_uint8(resized)
+        elif name == "asinh":
+            out[i] = asinh_uint8(resized)
+        else:
+            out[i] = cosmics_uint8(trimmed)
+    return out
+
+
 def flips(image: np.ndarray) -> np.ndarray:
     """The image and its three flips (the paper's augmentation and final scheme).
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W) or (C, H, W)
+        Flipped along its last two axes.
 
     Returns
     -------
@@ -264,4 +437,4 @@ def flips(image: np.ndarray) -> np.ndarray:
         Original, flipped left-right, flipped up-down, flipped both ways.
     """
     image = np.asarray(image)
-    return np.stack([image, image[:, ::-1], image[::-1, :], image[::-1, ::-1]])
+    return np.stack([image, image[..., ::-1], image[..., ::-1, :], image[..., ::-1, ::-1]])

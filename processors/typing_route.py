@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fiberlake.processors.spit import UNKNOWN, FrameTyper, vote
-from fiberlake.processors.typing_prep import frame_defect, prepare_frame
+from fiberlake.processors.typing_prep import PAPER_CHANNELS, frame_defect, prepare_channels, prepare_frame
 from fiberlake.schemas.header import OBSTYPES
 
 ROUTING_MODES = ("auto", "header", "pixels")
@@ -93,15 +93,22 @@ class Prepared:
     """A frame ready for the network: its pre-processed image, or why it cannot be typed."""
 
     image: np.ndarray | None
-    """uint8 ``(210, 650)`` (:func:`~fiberlake.processors.typing_prep.prepare_frame`); None when untypable."""
+    """uint8 ``(210, 650)`` (:func:`~fiberlake.processors.typing_prep.prepare_frame`), or ``(C, 210, 650)``
+    for a model of several input channels (``prepare_channels``); None when untypable."""
     defect: str | None
     """``blank``, ``saturated``, ``not finite``, ``empty`` or None."""
 
 
-def prepare_for_typing(raw: np.ndarray, saturation: float | None = 65535, dispersion_axis: int = 0) -> Prepared:
-    """Pre-process one raw frame (call it while the frame's pixels are in memory; keep only the 136 kB result)."""
+def prepare_for_typing(raw: np.ndarray, saturation: float | None = 65535, dispersion_axis: int = 0,
+                       channels: tuple[str, ...] = PAPER_CHANNELS) -> Prepared:
+    """Pre-process one raw frame (call it while the frame's pixels are in memory; keep only the 136 kB
+    per channel result). ``channels``: the model's input channels (:attr:`FrameTyper.channels`)."""
     defect = frame_defect(raw, saturation)
-    return Prepared(None if defect else prepare_frame(raw, dispersion_axis), defect)
+    if defect:
+        return Prepared(None, defect)
+    if tuple(channels) == PAPER_CHANNELS:
+        return Prepared(prepare_frame(raw, dispersion_axis), None)
+    return Prepared(prepare_channels(raw, channels, dispersion_axis), None)
 
 
 def type_prepared(typer: FrameTyper | None, prepared: list[Prepared], header_types: list[object], keys: list[dict], *,
@@ -175,7 +182,8 @@ def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: 
                 saturation: float | None = 65535, dispersion_axis: int = 0) -> list[dict]:
     """:func:`prepare_for_typing` of every raw frame, then :func:`type_prepared`: raw arrays and header
     types in, one ``frames`` row per frame out (without ``typed_at``)."""
-    prepared = [prepare_for_typing(raw, saturation, dispersion_axis) for raw in raws]
+    channels = typer.channels if typer is not None else PAPER_CHANNELS
+    prepared = [prepare_for_typing(raw, saturation, dispersion_axis, channels) for raw in raws]
     return type_prepared(typer, prepared, header_types, keys, routing=routing, min_flips=min_flips,
                          min_confidence=min_confidence, super_majority=super_majority)
 
