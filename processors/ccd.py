@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 import warnings
 from dataclasses import dataclass
 
-import astroscrappy
 import numpy as np
 from astropy.stats import sigma_clip
 from scipy.ndimage import binary_dilation
 
+from fiberlake.processors import cosmics
 from fiberlake.schemas.header import format_section, parse_section
 from fiberlake.schemas.instrument import Instrument
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
@@ -303,7 +303,9 @@ def correct_counts(raw: np.ndarray, params: CCDParams,
 
 
 def cosmic_mask(adu: np.ndarray, mask: np.ndarray, params: CCDParams) -> np.ndarray:
-    """L.A.Cosmic (``astroscrappy.detect_cosmics``) on counts from :func:`correct_counts`.
+    """L.A.Cosmic on counts from :func:`correct_counts`: the flags of ``astroscrappy.detect_cosmics``
+    (``sepmed=True``, ``cleantype='meanmask'``), with its iterations after the first recomputed only
+    around the newly flagged pixels (:func:`fiberlake.processors.cosmics.detect_cosmics`).
 
     Every step of the detection is local (the largest window is 7 x 7, a few times over
     ``cr_niter`` iterations), so a column slab with a margin of
@@ -323,10 +325,9 @@ def cosmic_mask(adu: np.ndarray, mask: np.ndarray, params: CCDParams) -> np.ndar
         Cosmic-ray pixels (grown by ``cr_grow``), never a non-finite one.
     """
     nonfinite = (mask & MASK_DTYPE(Mask.NONFINITE)) != 0
-    crmask, _ = astroscrappy.detect_cosmics(
-        adu, inmask=(mask != 0), sigclip=params.cr_sigclip, sigfrac=params.cr_sigfrac,
-        objlim=params.cr_objlim, gain=params.gain, readnoise=params.read_noise,
-        satlevel=np.inf, niter=params.cr_niter, sepmed=True, cleantype="meanmask")
+    crmask = cosmics.detect_cosmics(
+        adu, mask != 0, sigclip=params.cr_sigclip, sigfrac=params.cr_sigfrac, objlim=params.cr_objlim,
+        gain=params.gain, readnoise=params.read_noise, satlevel=np.inf, niter=params.cr_niter)
     return _grow(crmask, params.cr_grow) & ~nonfinite
 
 

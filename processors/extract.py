@@ -355,7 +355,7 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
                     deblend: bool = True, read_noise: float | None = None,
                     deblend_halfwidth: float | None = None,
                     profile_error: float = 0.02,
-                    profile: ProfileModel | None = None) -> Spectra1D:
+                    profile: ProfileModel | None = None, _block=None) -> Spectra1D:
     """Horne (1986) optimal extraction, optionally as a per-row simultaneous fit of all fibers.
 
     Each fiber's normalised profile ``P`` (module notes) is fitted to the data ``D`` with
@@ -438,8 +438,8 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     res = {k: np.zeros((nf, ny)) for k in ("flux", "var", "gfrac", "ofrac", "chi2", "npix")}
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
     for r0, r1 in _row_blocks(ny, nf, nw):
-        blk = _optimal_block(img, good, var, msk, xc_all[:, r0:r1], par_all[:, r0:r1], r0, r1,
-                             hw, coupled, rn2, reject_sigma, max_iter, profile_error)
+        blk = (_block or _optimal_block)(img, good, var, msk, xc_all[:, r0:r1], par_all[:, r0:r1], r0, r1,
+                                         hw, coupled, rn2, reject_sigma, max_iter, profile_error)
         for k in res:
             res[k][:, r0:r1] = blk[k]
         pixbits_out[:, r0:r1] = blk["pixbits"]
@@ -455,6 +455,29 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
                      npix=res["npix"][inv].astype(np.float32))
 
 
+WORK_DTYPE = np.float32
+_SUB_ROWS_ELEMENTS = 1 << 16
+"""Window elements per sub-block of rows inside a block of :func:`_optimal_block`: every array
+of a sub-block's iteration (~0.5 MB each in float64) stays in the CPU's cache."""
+
+
+def _neighbour_profile(P: np.ndarray, shift: np.ndarray, right: bool) -> np.ndarray:
+    """The normalised profile of a fiber's neighbour on the fiber's own window.
+
+    ``P`` (n, rows, nw) on each fiber's window, ``shift`` (n - 1, rows) the offset between the
+    windows of fibers ``f`` and ``f + 1``. ``right``: fiber ``f + 1`` on fiber ``f``'s window
+    (rows of fibers ``0..n - 2``); else fiber ``f`` on fiber ``f + 1``'s window (rows of fibers
+    ``1..n - 1``). A window holds its fiber's whole support, so these are the profile values
+    themselves (bit for bit), moved by ``shift``; zero outside the neighbour's window.
+    """
+    nw = P.shape[-1]
+    idx = np.arange(nw) + (-shift if right else shift)[..., None]
+    inside = (idx >= 0) & (idx < nw)
+    out = np.take_along_axis(P[1:] if right else P[:-1], np.clip(idx, 0, nw - 1), axis=-1)
+    out *= inside
+    return out
+
+
 def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, reject_sigma,
                    max_iter, profile_error, residuals=False):
     """Fit / reject iterations on rows ``r0:r1`` for all fibers (sorted by column).
@@ -462,86 +485,142 @@ def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, rejec
     With ``residuals`` (and ``max_iter=0``: a single fit with the input variance) return only
     the normalised residuals ``(D - model) / sqrt(V_in)`` on each fiber's window (0 off the
     support or where masked), shape ``(n_fibers, n_rows, n_window)``.
+
+    Rows are independent fits, so each iteration runs over sub-blocks of rows small enough to
+    stay in the cache (:data:`_SUB_ROWS_ELEMENTS`); the iterations stop together for the whole
+    block, when an iteration after the first rejects no pixel in it. The coupled model on a
+    fiber's window is its own profile and its two neighbours' (:func:`_neighbour_profile`): with
+    the support below the fiber spacing no other fiber reaches it. Same arithmetic, in the same
+    order, as :func:`fiberlake.processors.extract_reference.optimal_block_reference`.
     """
     ny, nx = img.shape
     nf, nr = xc.shape
-    start, nw = _window_start(xc, hw)
-    cols = start[..., None] + np.arange(nw)
-    on = (cols >= 0) & (cols < nx)
-    lidx = np.arange(nr)[None, :, None] * nx + np.clip(cols, 0, nx - 1)  # block's 2D arrays
-    gidx = lidx + r0 * nx                                              # full frame
+    start_all, nw = _window_start(xc, hw)
     wings = bool(np.any(par[..., 1] > 0))
-    P = _pixel_profile(start, nw, xc, par, hw, wings)
-    norm = P.sum(axis=-1)
-    inside = P > 0
-    P /= np.maximum(norm, 1e-300)[..., None]
-    D = img.ravel()[gidx]
-    G0 = good.ravel()[gidx] & on & inside
-    Vin = var.ravel()[gidx]
-    Q = None
-    if coupled:
-        # profile of fiber f + 1 on fiber f's window (zero outside f + 1's support)
-        Q = np.zeros_like(P)
-        Q[:-1] = (_pixel_profile(start[:-1], nw, xc[1:], par[1:], hw, wings)
-                  / np.maximum(norm[1:], 1e-300)[..., None])
-
-    rejected = np.zeros(nr * nx, bool)
     thr2 = float(reject_sigma) ** 2
+    step = max(1, _SUB_ROWS_ELEMENTS // max(1, nf * nw))
+    img_f, good_f, var_f, msk_f = img.ravel(), good.ravel(), var.ravel(), msk.ravel()
 
-    def solve(M, V):
-        W = np.where(M, 1.0 / V, 0.0)
+    def setup(s0: int, s1: int) -> dict:
+        start = start_all[:, s0:s1]
+        cols = start[..., None] + np.arange(nw)
+        on = (cols >= 0) & (cols < nx)
+        gidx = np.arange(r0 + s0, r0 + s1)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
+        P = _pixel_profile(start, nw, xc[:, s0:s1], par[:, s0:s1], hw, wings)
+        norm = P.sum(axis=-1)
+        inside = P > 0
+        P /= np.maximum(norm, 1e-300)[..., None]
+        P = P.astype(WORK_DTYPE)
+        sub = {"start": start, "on": on, "gidx": gidx, "P": P, "D": img_f[gidx].astype(WORK_DTYPE),
+               "G0": good_f[gidx] & on & inside, "Vin": var_f[gidx]}
+        if coupled:
+            shift = start[1:] - start[:-1]
+            sub["Q"] = _neighbour_profile(P, shift, right=True)   # fiber f + 1 on f's window
+            sub["R"] = _neighbour_profile(P, shift, right=False)  # fiber f - 1 on f's window
+        sub["M"] = sub["G0"].copy()
+        with np.errstate(divide="ignore"):
+            W = np.where(sub["G0"], 1.0 / np.where(sub["G0"], sub["Vin"], 1.0), 0.0).astype(WORK_DTYPE)
+        sums(sub, W)
+        return sub
+
+    def sums(sub: dict, W: np.ndarray) -> None:
+        """The normal equations of a sub-block: diagonal ``d``, right side ``b``, coupling ``e``."""
+        P, D = sub["P"], sub["D"]
         WP = W * P
-        d = np.sum(WP * P, axis=-1)
-        b = np.sum(WP * D, axis=-1)
+        sub["d"] = np.einsum("frw,frw->fr", WP, P)
+        sub["b"] = np.einsum("frw,frw->fr", WP, D)
+        if coupled:
+            sub["e"] = np.einsum("frw,frw->fr", WP[:-1], sub["Q"])
+
+    def solve_all() -> None:
+        """Solve every row of the block at once (one Thomas recursion over the fibers)."""
+        d = np.concatenate([s["d"] for s in subs], axis=1)
+        b = np.concatenate([s["b"] for s in subs], axis=1)
         tiny = d <= 1e-12 * max(float(np.max(d)), 1e-300)
         d = np.where(tiny, 1.0, d)
         b = np.where(tiny, 0.0, b)
         if coupled:
-            e = np.sum(WP[:-1] * Q[:-1], axis=-1)
+            e = np.concatenate([s["e"] for s in subs], axis=1)
             e = np.where(tiny[:-1] | tiny[1:], 0.0, e)
             a, va = solve_tridiagonal(d, e, b)
         else:
             a, va = b / d, 1.0 / d
         va = np.where(tiny, np.inf, va)
-        return a, va
+        for s, (s0, s1) in zip(subs, bounds):
+            s["a"], s["va"] = a[:, s0:s1], va[:, s0:s1]
 
-    def model_of(a):
-        contrib = a[..., None] * P
+    def model_of(sub: dict) -> np.ndarray:
+        a = sub["a"].astype(WORK_DTYPE)
         if not coupled:
-            return contrib
-        flat = np.bincount(lidx[on], weights=contrib[on], minlength=nr * nx)
-        return np.where(on, flat[lidx], 0.0)
+            return a[..., None] * sub["P"]
+        # the neighbours' light in the order the reference's scatter adds it: f - 1, f, f + 1
+        model = np.empty_like(sub["P"])
+        model[0] = 0.0
+        np.multiply(a[:-1, :, None], sub["R"], out=model[1:])
+        model += a[..., None] * sub["P"]
+        model[:-1] += a[1:, :, None] * sub["Q"]
+        return model
 
-    M = G0
-    V = np.where(G0, Vin, np.inf)
-    a, va = solve(M, V)
-    for it in range(max_iter):
-        model = model_of(a)
-        Vm = rn2 + np.maximum(model, 0.0)
-        V = np.where(G0, Vm, np.inf)
-        z2 = np.where(M, (D - model) ** 2 / (Vm + (profile_error * model) ** 2), 0.0)
+    def iterate(sub: dict) -> bool:
+        """One reject / refit step of a sub-block; whether it rejected a pixel."""
+        model = model_of(sub)
+        M, D, start = sub["M"], sub["D"], sub["start"]
+        Vm = np.maximum(model, WORK_DTYPE(0))
+        Vm += WORK_DTYPE(rn2)
+        z2 = D - model
+        z2 *= z2
+        model *= WORK_DTYPE(profile_error)
+        model *= model
+        model += Vm
+        z2 /= model
+        z2 *= M
         worst = np.argmax(z2, axis=-1)
         zmax = np.take_along_axis(z2, worst[..., None], axis=-1)[..., 0]
-        new = zmax > thr2
-        if new.any():
-            rejected[np.take_along_axis(lidx, worst[..., None], axis=-1)[..., 0][new]] = True
-            M = G0 & ~rejected[lidx]
-        a, va = solve(M, V)
-        if not new.any() and it > 0:
+        new = zmax > WORK_DTYPE(thr2)
+        rejected = bool(new.any())
+        if rejected:
+            # the worst pixel leaves the fit of every window that holds it (the fiber's and its
+            # neighbours')
+            f, r = np.nonzero(new)
+            col = start[f, r] + worst[f, r]
+            for df in ((-1, 0, 1) if coupled else (0,)):
+                g = f + df
+                ok = (g >= 0) & (g < nf)
+                g, rr, c = g[ok], r[ok], col[ok]
+                w = c - start[g, rr]
+                ok = (w >= 0) & (w < nw)
+                M[g[ok], rr[ok], w[ok]] = False
+        np.divide(M, Vm, out=Vm)  # weights M / V, 0 where masked
+        sums(sub, Vm)
+        return rejected
+
+    bounds = [(s0, min(nr, s0 + step)) for s0 in range(0, nr, step)]
+    subs = [setup(s0, s1) for s0, s1 in bounds]
+    solve_all()
+    for it in range(max_iter):
+        new = [iterate(sub) for sub in subs]
+        solve_all()
+        if not any(new) and it > 0:
             break
 
-    model = model_of(a)
+    parts = []
+    for sub in subs:
+        model = model_of(sub)
+        M, D = sub["M"], sub["D"]
+        if residuals:
+            parts.append(np.where(M, (D - model) / np.sqrt(np.where(M, sub["Vin"], 1.0)), 0.0))
+            continue
+        P, on = sub["P"], sub["on"]
+        Vm = rn2 + np.maximum(model, 0.0)
+        npix = np.sum(M, axis=-1)
+        chi2 = np.sum(np.where(M, (D - model) ** 2 / Vm, 0.0), axis=-1) / np.maximum(npix - 1, 1)
+        sig_pix = on & (P > SIGNIFICANT_WEIGHT)
+        parts.append({"flux": sub["a"], "var": sub["va"], "gfrac": np.sum(np.where(M, P, 0.0), axis=-1),
+                      "ofrac": np.sum(np.where(on, 0.0, P), axis=-1), "chi2": chi2, "npix": npix.astype(float),
+                      "pixbits": np.bitwise_or.reduce(np.where(sig_pix, msk_f[sub["gidx"]], MASK_DTYPE(0)), axis=-1)})
     if residuals:
-        return np.where(M, (D - model) / np.sqrt(np.where(M, Vin, 1.0)), 0.0)
-    Vm = rn2 + np.maximum(model, 0.0)
-    npix = np.sum(M, axis=-1)
-    chi2 = np.sum(np.where(M, (D - model) ** 2 / Vm, 0.0), axis=-1) / np.maximum(npix - 1, 1)
-    gfrac = np.sum(np.where(M, P, 0.0), axis=-1)
-    ofrac = np.sum(np.where(on, 0.0, P), axis=-1)
-    sig_pix = on & (P > SIGNIFICANT_WEIGHT)
-    pixbits = np.bitwise_or.reduce(np.where(sig_pix, msk.ravel()[gidx], MASK_DTYPE(0)), axis=-1)
-    return {"flux": a, "var": va, "gfrac": gfrac, "ofrac": ofrac, "chi2": chi2,
-            "npix": npix.astype(float), "pixbits": pixbits}
+        return np.concatenate(parts, axis=1)
+    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
 
 
 # ----------------------------------------------------------------------------- profile on the flat
