@@ -64,6 +64,10 @@ def preprocessing_rate(instrument: str, n: int, baseline: bool = False) -> dict:
     raws = [f.raw for f in td.simulate_night_frames(spec)][:n]
     seconds, images = best_of(lambda: [tp.prepare_frame(r) for r in raws], 2)
     out = {"fps": len(raws) / seconds}
+    for name, channels in (("asinh", ("zscale", "asinh")), ("cosmics", ("zscale", "cosmics")), ("all", tp.CHANNELS)):
+        ch_s, _ = best_of(lambda: [tp.prepare_channels(r, channels) for r in raws], 2)
+        out[f"fps_{name}"] = len(raws) / ch_s
+        out[f"cost_{name}"] = ch_s / seconds
     if baseline:
         current = tp.row_max_profile
         tp.row_max_profile = tp.row_max_profile_masked
@@ -82,10 +86,10 @@ def preprocessing_rate(instrument: str, n: int, baseline: bool = False) -> dict:
 
 
 def inference_rate(typer, n: int = 32) -> float:
-    """Frames per second (each frame: 4 flips) of a typer on random uint8 frames."""
+    """Frames per second (each frame: 4 flips) of a typer on random uint8 frames (its input channels)."""
     from fiberlake.processors.typing_prep import TARGET_SHAPE
 
-    images = np.random.default_rng(0).integers(0, 255, (n,) + TARGET_SHAPE, dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 255, (n, len(typer.channels)) + TARGET_SHAPE, dtype=np.uint8)
     seconds, _ = best_of(lambda: typer.flip_probabilities(images), 2)
     return n / seconds
 
@@ -94,7 +98,7 @@ def ingest_share(typer, workdir: Path) -> dict:
     """Ingest a simulated mini night and type its frames: seconds per frame of each, measured here."""
     from fiberlake.ingest.simulate import simulate_night
     from fiberlake.jobs.ingest import ingest_night
-    from fiberlake.processors.typing_prep import prepare_frame
+    from fiberlake.processors.typing_route import prepare_for_typing
     from fiberlake.storage.layout import Lake
 
     paths = simulate_night("mini", "2026-01-05", workdir / "nights", seed=9050, n_science=4)
@@ -107,7 +111,7 @@ def ingest_share(typer, workdir: Path) -> dict:
 
     raws = [fits.getdata(p) for p in paths]
     t0 = time.perf_counter()
-    images = np.stack([prepare_frame(r) for r in raws])
+    images = np.stack([prepare_for_typing(r, channels=typer.channels).image for r in raws])
     prep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     typer.type_images(images)
@@ -131,16 +135,22 @@ def main() -> None:
         print("pre-processing (prepare_frame), CPU, against the former masked-array row-maximum profile:")
         print("instrument | frames/s | frames/s before | speedup | profile s/frame | before | profile speedup "
               "| identical")
+        rates = {}
         for instrument, n in (("mini", 12), ("lamost", 4)):
-            r = preprocessing_rate(instrument, n, baseline=True)
+            r = rates[instrument] = preprocessing_rate(instrument, n, baseline=True)
             print(f"{instrument} | {r['fps']:.2f} | {r['fps_baseline']:.2f} | {r['speedup']:.2f} | "
                   f"{r['profile_s_per_frame']:.3f} | {r['profile_s_per_frame_baseline']:.3f} | "
                   f"{r['profile_speedup']:.2f} | {r['identical']}")
+        print("\nextra input channels (prepare_channels), time per frame relative to the paper's prepare_frame:")
+        print("instrument | zscale+asinh | zscale+cosmics | zscale+asinh+cosmics")
+        for instrument, r in rates.items():
+            print(f"{instrument} | {r['cost_asinh']:.2f} | {r['cost_cosmics']:.2f} | {r['cost_all']:.2f}")
         return
 
     import torch
 
     from fiberlake.jobs.train import evaluate, fit, load_typing_model, night_specs, prepare_dataset
+    from fiberlake.processors.typing_prep import CHANNELS, PAPER_CHANNELS
     from fiberlake.processors.params import TypingTrainParams
     from fiberlake.processors.spit import FrameTyper, SPITNet, format_confusion, n_parameters
     from fiberlake.storage.models import shipped_dir
@@ -151,7 +161,8 @@ def main() -> None:
     shipped = load_typing_model("default", device="cpu", batch=16)
     card = json.loads((shipped_dir("typing") / "card.json").read_text())
     params = TypingTrainParams.from_dict(card["training"]["params"])
-    held = prepare_dataset(night_specs(params, heldout=True), args.cache, progress=True, label="held-out nights")
+    held_all = prepare_dataset(night_specs(params, heldout=True), args.cache, progress=True, label="held-out nights")
+    held = held_all.select_channels(shipped.channels, CHANNELS)
     results: dict = {"heldout": held.summary(), "shipped_model": card["model_id"]}
     rows = []
     fig = evaluate(shipped, held)
@@ -161,23 +172,27 @@ def main() -> None:
     print("compact, final scheme on held-out frames:\n" + format_confusion(fig, CLASSES))
     if not args.skip_paper:
         train = prepare_dataset(night_specs(params, heldout=False), args.cache, progress=True, label="training nights")
+        train = train.select_channels(PAPER_CHANNELS, CHANNELS)   # the paper's network reads the paper's input
         paper_params = params.updated({"arch": "paper", "lr": 1e-4, "max_minutes": args.paper_minutes,
                                        "cpu_threads": args.threads, "device": "auto"})
         model = SPITNet(len(CLASSES))
         training = fit(model, train, paper_params)
         typer = FrameTyper(model, CLASSES, device="auto", batch=8)
-        fig = evaluate(typer, held)
+        fig = evaluate(typer, held_all.select_channels(PAPER_CHANNELS, CHANNELS))
         results["paper"] = {**fig, "training": training}
-        rows.append(accuracy_rows("paper (SPITNet, Adam 1e-4)", fig, n_parameters(model), training))
+        rows.append(accuracy_rows("paper (SPITNet, Adam 1e-4, zscale)", fig, n_parameters(model), training))
         print("paper, final scheme on held-out frames:\n" + format_confusion(fig, CLASSES))
         results["paper_inference_fps_cpu"] = inference_rate(FrameTyper(model, CLASSES, device="cpu", batch=8), 16)
     results["accuracy"] = rows
-    results["prep_fps"] = {"mini": preprocessing_rate("mini", 12)["fps"],
-                           "lamost": preprocessing_rate("lamost", 4)["fps"]}
-    results["compact_inference_fps_cpu"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cpu", batch=16))
+    rates = {"mini": preprocessing_rate("mini", 12), "lamost": preprocessing_rate("lamost", 4)}
+    results["prep_fps"] = {name: r["fps"] for name, r in rates.items()}
+    results["prep_fps_all_channels"] = {name: r["fps_all"] for name, r in rates.items()}
+    results["prep_cost_all_channels"] = {name: r["cost_all"] for name, r in rates.items()}
+    results["compact_inference_fps_cpu"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cpu", batch=16,
+                                                                     channels=shipped.channels))
     if torch.cuda.is_available():
         results["compact_inference_fps_cuda"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cuda",
-                                                                          batch=64), 256)
+                                                                          batch=64, channels=shipped.channels), 256)
     with tempfile.TemporaryDirectory() as tmp:
         results["ingest"] = ingest_share(shipped, Path(tmp))
 
@@ -188,7 +203,9 @@ def main() -> None:
     for row in rows:
         print(" | ".join(f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in head))
     print(f"pre-processing frames/s (CPU): mini {results['prep_fps']['mini']:.1f}, "
-          f"lamost {results['prep_fps']['lamost']:.2f}")
+          f"lamost {results['prep_fps']['lamost']:.2f}; with every extra channel (zscale, asinh, cosmics): "
+          f"mini {results['prep_fps_all_channels']['mini']:.1f}, lamost {results['prep_fps_all_channels']['lamost']:.2f} "
+          f"({results['prep_cost_all_channels']['lamost']:.2f} times the time per lamost frame)")
     print(f"inference frames/s (4 flips, CPU): compact {results['compact_inference_fps_cpu']:.1f}"
           + (f", paper {results['paper_inference_fps_cpu']:.2f}" if "paper_inference_fps_cpu" in results else "")
           + (f"; CUDA compact {results['compact_inference_fps_cuda']:.0f}" if "compact_inference_fps_cuda" in results

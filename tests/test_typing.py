@@ -425,7 +425,7 @@ def test_the_shipped_model_types_held_out_frames_of_every_class():
     typer = tr.load_typing_model("default", device="cpu")
     specs = td.plan_nights("mini", td.HELDOUT_SEEDS[-2:], 1)
     frames = list(td.iter_frames(specs))
-    images = np.stack([tp.prepare_frame(f.raw) for f in frames])
+    images = np.stack([tp.prepare_channels(f.raw, typer.channels) for f in frames])
     types, _ = typer.type_images(images)
     truth = [f.label for f in frames]
     correct = [t == y for t, y in zip(types, truth)]
