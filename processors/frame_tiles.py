@@ -97,7 +97,8 @@ def plan_tiles(nx: int, n_tiles: int, rmap: CoordinateMap | None = None, *,
 
 
 def correct_tile(adu: np.ndarray, mask: np.ndarray, tile: Tile, ccd_params: ccd.CCDParams, *,
-                 cosmics: bool, rmap: CoordinateMap | None = None, order: int = 3) -> ccd.CCDImage:
+                 cosmics: bool, rmap: CoordinateMap | None = None, order: int = 3,
+                 cache_plan: bool = True) -> ccd.CCDImage:
     """Cosmic rays, electrons and inverse variance, rectification of one tile.
 
     Parameters
@@ -112,6 +113,9 @@ def correct_tile(adu: np.ndarray, mask: np.ndarray, tile: Tile, ccd_params: ccd.
         Rectify with this map (the one ``tile`` was planned with).
     order : int
         Interpolation order of the rectification.
+    cache_plan : bool
+        Take the resampling's geometry from :func:`~fiberlake.processors.rectify.resample_plan`
+        (computed once per calibration set and tile); False computes it for this frame alone.
 
     Returns
     -------
@@ -127,13 +131,14 @@ def correct_tile(adu: np.ndarray, mask: np.ndarray, tile: Tile, ccd_params: ccd.
     image = ccd.to_electrons(np.array(adu[:, lo:hi], np.float32), np.ascontiguousarray(mask[:, lo:hi]), ccd_params)
     if rmap is None:
         return image
+    plan = rectify.resample_plan(rmap, tile.src[0], hi - lo, tile.out) if cache_plan else None
     return rectify.rectify_columns(image.image, image.ivar, image.mask, rmap, col0=tile.src[0], out=tile.out,
-                                   order=order)
+                                   order=order, plan=plan)
 
 
 def correct_frame(adu: np.ndarray, mask: np.ndarray, ccd_params: ccd.CCDParams, *, cosmics: bool,
                   rmap: CoordinateMap | None = None, order: int = 3, n_tiles: int = 1,
-                  threads: int = 1) -> ccd.CCDImage:
+                  threads: int = 1, cache_plan: bool = True) -> ccd.CCDImage:
     """The corrected frame from :func:`~fiberlake.processors.ccd.correct_counts`'s output, in tiles.
 
     ``n_tiles`` is capped by :func:`tile_count`; 1 is the whole frame at once (:func:`~fiberlake.processors.ccd.preprocess`'s
@@ -149,12 +154,15 @@ def correct_frame(adu: np.ndarray, mask: np.ndarray, ccd_params: ccd.CCDParams, 
         image = ccd.to_electrons(adu, mask, ccd_params)
         if rmap is None:
             return image
-        return rectify.rectify_image(image.image, image.ivar, image.mask, rmap, order=order)
+        plan = rectify.resample_plan(rmap, 0, nx, (0, nx)) if cache_plan else None
+        return rectify.rectify_columns(image.image, image.ivar, image.mask, rmap, col0=0, out=(0, nx), order=order,
+                                       plan=plan)
     tiles = plan_tiles(nx, n_tiles, rmap)
 
     def run(tile: Tile) -> ccd.CCDImage:
         cols = slice(*tile.read)
-        return correct_tile(adu[:, cols], mask[:, cols], tile, ccd_params, cosmics=cosmics, rmap=rmap, order=order)
+        return correct_tile(adu[:, cols], mask[:, cols], tile, ccd_params, cosmics=cosmics, rmap=rmap, order=order,
+                            cache_plan=cache_plan)
 
     if threads > 1:
         with ThreadPoolExecutor(max_workers=min(threads, len(tiles))) as pool:

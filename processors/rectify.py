@@ -45,7 +45,10 @@ covered fraction).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -332,15 +335,15 @@ def _padded_cumsum(q: np.ndarray) -> np.ndarray:
     return Q
 
 
-def _rebin_lines(q, var, bad, bits, breaks, n_out, order, bad_tol, min_weight):
+def _rebin_lines(q, var, bad, bits, tau, n_out, order, bad_tol, min_weight):
     """One pass: rebin each line (axis 1) of ``q``, ``var``, bad flags and mask bits.
 
-    ``breaks`` (L, n + 1): output coordinate of every input pixel edge along each line
-    (increasing). Output pixel ``m`` spans ``[m - 1/2, m + 1/2]``. Returns the rebinned flux,
-    variance, bad flags and bits (``OFFCCD`` added where uncovered), each (L, n_out).
+    ``tau`` (L, n_out + 1): input coordinate (fractional pixel-edge index) of every output pixel
+    edge along each line (:func:`_locate` of the output edges ``m - 1/2`` in the lines'
+    breakpoints). Returns the rebinned flux, variance, bad flags and bits (``OFFCCD`` added where
+    uncovered), each (L, n_out).
     """
     L, n = q.shape
-    tau = _locate(breaks, np.arange(n_out + 1, dtype=float) - 0.5)  # input edge coordinate of output edges
     tc = np.clip(tau, 0.0, float(n))
     span = tau[:, 1:] - tau[:, :-1]
     cspan = tc[:, 1:] - tc[:, :-1]
@@ -413,13 +416,13 @@ def _rebin_lines(q, var, bad, bits, breaks, n_out, order, bad_tol, min_weight):
     return flux, v, worse | off | ~(cover > 0), out_bits
 
 
-def _pass(q, var, bad, bits, breaks_fn, n_lines, n_out, order, bad_tol, min_weight, transpose=False):
+def _pass(q, var, bad, bits, tau_fn, n_lines, n_out, order, bad_tol, min_weight, transpose=False):
     """Rebin ``n_lines`` lines in blocks; outputs (n_lines, n_out), or their transposes."""
     shape = (n_out, n_lines) if transpose else (n_lines, n_out)
     outs = [np.empty(shape, np.float32), np.empty(shape), np.empty(shape, bool), np.empty(shape, MASK_DTYPE)]
     for s in range(0, n_lines, _BLOCK):
         e = min(n_lines, s + _BLOCK)
-        res = _rebin_lines(q(s, e), var(s, e), bad(s, e), bits(s, e), breaks_fn(s, e), n_out, order,
+        res = _rebin_lines(q(s, e), var(s, e), bad(s, e), bits(s, e), tau_fn(s, e), n_out, order,
                            bad_tol, min_weight)
         for o, r in zip(outs, res):
             if transpose:
@@ -481,7 +484,7 @@ def source_columns(rmap: CoordinateMap, out: tuple[int, int], pad: int = 4) -> t
 
 def rectify_columns(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, rmap: CoordinateMap, *,
                     col0: int, out: tuple[int, int], order: int = 3, bad_tolerance: float = BAD_TOLERANCE,
-                    min_weight: float = MIN_WEIGHT) -> CCDImage:
+                    min_weight: float = MIN_WEIGHT, plan: ResamplePlan | None = None) -> CCDImage:
     """:func:`rectify_image` of a column slab: the rectified columns ``out = [c0, c1)`` from the CCD
     columns ``[col0, col0 + width)`` held in ``image``, ``ivar`` and ``mask`` (every row).
 
@@ -489,6 +492,11 @@ def rectify_columns(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     then the output equals those columns of :func:`rectify_image` of the whole frame, up to the
     rounding of the cumulative sums (they start at the slab's first column). Raises ValueError
     when an inner edge of the slab is too close to the columns it must deliver.
+
+    ``plan`` (:func:`resample_plan` of the same map and columns) holds the resampling's geometry,
+    which is the same for every frame of a calibration set; without it the geometry is computed
+    here, in float64 (the plan keeps the fractional input positions in float32: the outputs then
+    agree to ~1e-6 of a pixel's value, ``tests/test_rectify_plan.py``).
     """
     img = np.asarray(image, np.float32)
     iv = np.asarray(ivar, np.float32)
@@ -509,49 +517,14 @@ def rectify_columns(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     with np.errstate(divide="ignore"):
         var = np.where(bad, np.float32(0), np.float32(1) / np.where(bad, np.float32(1), iv))
 
-    # map at every pixel corner, stored as displacements (float32: ~1e-6 px, half the memory)
-    col_edges = np.arange(nx + 1, dtype=float) - 0.5
-    if col0:
-        col_edges += col0
-    row_edges = np.arange(ny + 1, dtype=float) - 0.5
-    dfx = np.empty((ny + 1, nx + 1), np.float32)
-    dfy = np.empty((ny + 1, nx + 1), np.float32)
-    for s in range(0, ny + 1, _BLOCK):
-        e = min(ny + 1, s + _BLOCK)
-        fx, fy = rmap.forward_grid(col_edges, row_edges[s:e])
-        dfx[s:e] = fx - col_edges[None, :]
-        dfy[s:e] = fy - row_edges[s:e, None]
-
-    inner = (col0 > 0, col0 + nx < rmap.frame.nx)  # slab edges that are not the CCD's
-
-    def breaks1(s, e):  # rectified column of every column edge at the centres of rows s..e
-        b = col_edges[None, :] + 0.5 * (dfx[s:e].astype(float) + dfx[s + 1:e + 1])
-        _check_monotonic(b, "columns")
-        if (inner[0] and float(b[:, 2].max()) > o0 - 0.5) or (inner[1] and float(b[:, -3].min()) < o1 - 0.5):
-            raise ValueError(f"columns {col0}..{col0 + nx} do not cover the rectified columns {o0}..{o1}")
-        return b - o0 if o0 else b
-
+    geometry = plan if plan is not None else _Geometry(rmap, col0, nx, ny, o0, o1)
+    if plan is not None and (plan.col0, plan.nx, plan.ny, plan.out) != (col0, nx, ny, (o0, o1)):
+        raise ValueError(f"plan for columns {plan.col0}+{plan.nx} -> {plan.out}, slab {col0}+{nx} -> {(o0, o1)}")
     p1 = _pass(lambda s, e: img[s:e], lambda s, e: var[s:e], lambda s, e: bad[s:e], lambda s, e: msk[s:e],
-               breaks1, ny, n_out, order, bad_tolerance, min_weight)
+               geometry.tau1, ny, n_out, order, bad_tolerance, min_weight)
     t_flux, t_var, t_bad, t_bits = p1
-
-    # rectified row of every row edge along each output column (where F_x = column)
-    cols_out = np.arange(o0, o1, dtype=float)
-    dyb = np.empty((n_out, ny + 1), np.float32)
-    for s in range(0, ny + 1, _BLOCK):
-        e = min(ny + 1, s + _BLOCK)
-        fx = col_edges[None, :] + dfx[s:e]
-        _check_monotonic(fx, "columns")
-        tau = _locate(fx, cols_out)
-        dyb[:, s:e] = _lerp(dfy[s:e].astype(float), tau).T
-
-    def breaks2(s, e):
-        b = row_edges[None, :] + dyb[s:e].astype(float)
-        _check_monotonic(b, "rows")
-        return b
-
     p2 = _pass(lambda s, e: t_flux[:, s:e].T, lambda s, e: t_var[:, s:e].T, lambda s, e: t_bad[:, s:e].T,
-               lambda s, e: t_bits[:, s:e].T, breaks2, n_out, ny, order, bad_tolerance, min_weight, transpose=True)
+               lambda s, e: t_bits[:, s:e].T, geometry.tau2, n_out, ny, order, bad_tolerance, min_weight, transpose=True)
     flux, v, obad, obits = p2
     fatal = obad | ((obits & _FATAL) != 0)
     good = ~fatal & (v > 0)
@@ -559,6 +532,138 @@ def rectify_columns(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     np.divide(1.0, v, out=out_ivar, where=good, casting="unsafe")
     flux[~np.isfinite(flux)] = 0.0
     return CCDImage(image=flux, ivar=out_ivar, mask=obits)
+
+
+class _Geometry:
+    """Where the output pixel edges of both passes of :func:`rectify_columns` fall on the input
+    lines, computed block by block from the map (float64)."""
+
+    def __init__(self, rmap: CoordinateMap, col0: int, nx: int, ny: int, o0: int, o1: int) -> None:
+        # map at every pixel corner, stored as displacements (float32: ~1e-6 px, half the memory)
+        col_edges = np.arange(nx + 1, dtype=float) - 0.5
+        if col0:
+            col_edges += col0
+        row_edges = np.arange(ny + 1, dtype=float) - 0.5
+        dfx = np.empty((ny + 1, nx + 1), np.float32)
+        dfy = np.empty((ny + 1, nx + 1), np.float32)
+        for s in range(0, ny + 1, _BLOCK):
+            e = min(ny + 1, s + _BLOCK)
+            fx, fy = rmap.forward_grid(col_edges, row_edges[s:e])
+            dfx[s:e] = fx - col_edges[None, :]
+            dfy[s:e] = fy - row_edges[s:e, None]
+        # rectified row of every row edge along each output column (where F_x = column)
+        cols_out = np.arange(o0, o1, dtype=float)
+        dyb = np.empty((o1 - o0, ny + 1), np.float32)
+        for s in range(0, ny + 1, _BLOCK):
+            e = min(ny + 1, s + _BLOCK)
+            fx = col_edges[None, :] + dfx[s:e]
+            _check_monotonic(fx, "columns")
+            tau = _locate(fx, cols_out)
+            dyb[:, s:e] = _lerp(dfy[s:e].astype(float), tau).T
+        self.col_edges, self.row_edges, self.dfx, self.dyb = col_edges, row_edges, dfx, dyb
+        self.inner = (col0 > 0, col0 + nx < rmap.frame.nx)  # slab edges that are not the CCD's
+        self.col0, self.nx, self.o0, self.o1, self.ny = col0, nx, o0, o1, ny
+
+    def tau1(self, s: int, e: int) -> np.ndarray:
+        """Pass 1, input rows ``s..e``: input column edge index of every output column edge."""
+        dfx, o0, o1 = self.dfx, self.o0, self.o1
+        b = self.col_edges[None, :] + 0.5 * (dfx[s:e].astype(float) + dfx[s + 1:e + 1])
+        _check_monotonic(b, "columns")
+        if (self.inner[0] and float(b[:, 2].max()) > o0 - 0.5) or (self.inner[1] and float(b[:, -3].min()) < o1 - 0.5):
+            raise ValueError(f"columns {self.col0}..{self.col0 + self.nx} do not cover the rectified columns "
+                             f"{o0}..{o1}")
+        if o0:
+            b -= o0
+        return _locate(b, np.arange(o1 - o0 + 1, dtype=float) - 0.5)
+
+    def tau2(self, s: int, e: int) -> np.ndarray:
+        """Pass 2, output columns ``s..e``: input row edge index of every output row edge."""
+        b = self.row_edges[None, :] + self.dyb[s:e].astype(float)
+        _check_monotonic(b, "rows")
+        return _locate(b, np.arange(self.ny + 1, dtype=float) - 0.5)
+
+
+@dataclass(frozen=True, eq=False)
+class ResamplePlan:
+    """The geometry of :func:`rectify_columns` for one slab of one map: the input position of every
+    output pixel edge in both passes, as an integer pixel (int16) and a fraction (float32).
+
+    The same for every frame of a calibration set: :func:`resample_plan` keeps the last ones.
+    About 12 bytes per output pixel (200 MB for a 4096 x 4096 frame).
+    """
+
+    col0: int
+    nx: int
+    ny: int
+    out: tuple[int, int]
+    k1: np.ndarray
+    f1: np.ndarray
+    k2: np.ndarray
+    f2: np.ndarray
+
+    @classmethod
+    def build(cls, rmap: CoordinateMap, col0: int, nx: int, ny: int, out: tuple[int, int]) -> ResamplePlan:
+        o0, o1 = int(out[0]), int(out[1])
+        geometry = _Geometry(rmap, col0, nx, ny, o0, o1)
+        parts = {}
+        for name, tau_fn, n_lines, n_edges in (("1", geometry.tau1, ny, o1 - o0 + 1), ("2", geometry.tau2, o1 - o0, ny + 1)):
+            k = np.empty((n_lines, n_edges), np.int16)
+            f = np.empty((n_lines, n_edges), np.float32)
+            for s in range(0, n_lines, _BLOCK):
+                e = min(n_lines, s + _BLOCK)
+                tau = tau_fn(s, e)
+                if not np.all(np.abs(tau) < np.iinfo(np.int16).max - 1):
+                    raise ValueError("the rectification map moves pixels beyond the plan's range")
+                whole = np.floor(tau)
+                k[s:e] = whole
+                f[s:e] = tau - whole
+            for a in (k, f):
+                a.setflags(write=False)  # shared between frames and threads: never changed in place
+            parts["k" + name], parts["f" + name] = k, f
+        return cls(col0=int(col0), nx=int(nx), ny=int(ny), out=(o0, o1), **parts)
+
+    def tau1(self, s: int, e: int) -> np.ndarray:
+        return self.k1[s:e] + self.f1[s:e].astype(float)
+
+    def tau2(self, s: int, e: int) -> np.ndarray:
+        return self.k2[s:e] + self.f2[s:e].astype(float)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.k1, self.f1, self.k2, self.f2))
+
+
+RESAMPLE_PLAN_BYTES = 512 << 20
+"""Bytes of :class:`ResamplePlan` that :func:`resample_plan` keeps (the least recently used go
+first): two LAMOST calibration sets, whole or in tiles."""
+_plans: OrderedDict[tuple, ResamplePlan] = OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def _map_key(rmap: CoordinateMap) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(rmap.to_arrays().items()):
+        value = np.ascontiguousarray(value)
+        digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def resample_plan(rmap: CoordinateMap, col0: int, nx: int, out: tuple[int, int]) -> ResamplePlan:
+    """:meth:`ResamplePlan.build`, kept for the next frames (keyed by the map's content, so a
+    calibration set loaded again hits)."""
+    key = (_map_key(rmap), int(col0), int(nx), int(rmap.frame.ny), int(out[0]), int(out[1]))
+    with _plans_lock:
+        hit = _plans.get(key)
+        if hit is not None:
+            _plans.move_to_end(key)
+            return hit
+    plan = ResamplePlan.build(rmap, col0, nx, rmap.frame.ny, out)
+    with _plans_lock:
+        _plans[key] = plan
+        while len(_plans) > 1 and sum(p.nbytes for p in _plans.values()) > RESAMPLE_PLAN_BYTES:
+            _plans.popitem(last=False)
+    return plan
 
 
 def _check_monotonic(b: np.ndarray, what: str) -> None:
