@@ -1,21 +1,24 @@
-"""A full-size LAMOST frame reduced in-process: the frame's preparation whole against in column tiles.
+"""A full-size LAMOST frame reduced in-process: the code before issue 19's frame work against now.
 
-Usage: ``python bench/prepare.py [--camera b1] [--cache /tmp/lamost-b1.npz]``
+Usage: ``python bench/prepare.py [--camera b1] [--cache /tmp/lamost-b1.npz] [--reference 7e24edd]``
 
 Simulates one camera's bias, flat, arc and science frame (LAMOST, 250 fibers, 4096 x 4096),
 builds its calibration set (box + optimal, aberration map on: the frames are rectified) once,
-or reads it from ``--cache``, then reduces the science frame in-process in separate
-subprocesses, each with its own ``OMP_NUM_THREADS``:
+or reads it from ``--cache``, then reduces the science frame in-process, twice in a row (the
+first frame of a calibration set, then the next one), each mode in its own subprocess with its
+own ``OMP_NUM_THREADS`` (1):
 
-* ``before, 1 core``: ``prepare_tiles = 1`` (the whole frame at once, as before issue 19), one thread;
-* ``before, 2 cores``: the same with astroscrappy's own OpenMP threads on both cores;
-* ``tiles, 1 core``: 8 column tiles one after the other (the tiles' margins are the extra work);
-* ``tiles, 2 threads``: 8 tiles on 2 threads (OpenMP 1 thread each).
+* ``before``: the modules ``processors/{ccd,rectify,extract,frame_tiles,pipeline}.py`` of the
+  ``--reference`` commit (read with ``git show``, so the old code runs in the same run, on the same
+  machine), 8 column tiles on one thread;
+* ``now, 1 core``: the working tree, 8 tiles on one thread;
+* ``now, 2 threads``: 8 tiles on 2 threads, the 10 bundles extracted on 2 threads.
 
 For each: ``prepare`` (read, CCD correction, cosmic rays, rectification, slabs), extraction of
-the 10 bundles, finish (sky, metrics), the frame's total, and the ratios to ``before, 1 core``. The spectra of every mode
-are compared with ``before, 1 core`` (largest |difference| in sigma, and mask bits that differ).
-Then astroscrappy's ``niter`` (2, 3 against 4) on one tile: pixels whose flag changes.
+the 10 bundles, finish (sky, metrics), the frame's total, and the ratios to ``before``. The
+spectra of every mode are compared with ``before`` (largest |difference| in sigma, mask bits
+that differ). Then the floor: the bytes the frame's work must
+touch and its arithmetic, counted, at this machine's measured memory and numpy speeds.
 """
 
 from __future__ import annotations
@@ -37,12 +40,34 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 NIGHT = "2026-11-21"
-MODES = {  # name: (prepare_tiles, prepare_threads, OMP_NUM_THREADS)
-    "before, 1 core": (1, 1, 1),
-    "before, 2 cores (OpenMP)": (1, 1, 2),
-    "tiles, 1 core": (8, 1, 1),
-    "tiles, 2 threads": (8, 2, 1),
+REFERENCE = "7e24edd"
+"""main before issue 19's frame work (extraction, cosmic rays, rectification plan)."""
+REFERENCE_MODULES = ("ccd", "rectify", "extract", "frame_tiles", "pipeline")
+MODES = {  # name: (code, prepare_tiles, threads)
+    "before": ("reference", 8, 1),
+    "now, 1 core": ("now", 8, 1),
+    "now, 2 threads": ("now", 8, 2),
 }
+
+
+def use_reference(commit: str) -> None:
+    """Load the ``REFERENCE_MODULES`` of ``commit`` in place of the working tree's (before any
+    other fiberlake module imports them)."""
+    import types
+
+    import fiberlake.processors as package
+
+    root = Path(__file__).resolve().parents[1]
+    for name in REFERENCE_MODULES:
+        source = subprocess.run(["git", "-C", str(root), "show", f"{commit}:processors/{name}.py"], check=True,
+                                capture_output=True, text=True).stdout
+        full = f"fiberlake.processors.{name}"
+        module = types.ModuleType(full)
+        module.__file__ = f"{commit}:processors/{name}.py"
+        module.__package__ = "fiberlake.processors"
+        sys.modules[full] = module
+        setattr(package, name, module)
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
 
 
 def build(camera: str, cache: Path, instrument: str = "lamost") -> None:
@@ -77,44 +102,95 @@ def load(cache: Path):
         return calib, z["raw"], ccd.CCDParams.from_header(header, saturation=65535), z["sky"]
 
 
-def run_mode(cache: Path, tiles: int, threads: int, out: Path) -> None:
+def run_mode(cache: Path, code: str, tiles: int, threads: int, out: Path, reference: str) -> None:
+    if code == "reference":
+        use_reference(reference)
+    from concurrent.futures import ThreadPoolExecutor
+
     from fiberlake.processors.pipeline import ReductionParams, extract_bundle, finish_frame, prepare_frame
 
     calib, raw, cp, sky = load(cache)
     params = ReductionParams().updated({"extractions": ("box", "optimal"), "execution.prepare_tiles": tiles,
                                         "execution.prepare_threads": threads})
     times = {}
-    t = time.perf_counter()
-    constants, slabs = prepare_frame(raw, cp, calib, params)
-    times["prepare"] = t_prepare = time.perf_counter() - t
-    t = time.perf_counter()
-    parts = [extract_bundle(s, constants, calib, params) for s in slabs]
-    times["extract (10 bundles)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    reduced = finish_frame(parts, calib, sky, params)
-    times["finish"] = time.perf_counter() - t
-    times["frame"] = t_prepare + times["extract (10 bundles)"] + times["finish"]
+    for frame in ("first", "next"):
+        t = time.perf_counter()
+        constants, slabs = prepare_frame(raw, cp, calib, params)
+        times[f"{frame}: prepare"] = t_prepare = time.perf_counter() - t
+        t = time.perf_counter()
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(lambda s: extract_bundle(s, constants, calib, params), slabs))
+        else:
+            parts = [extract_bundle(s, constants, calib, params) for s in slabs]
+        times[f"{frame}: extract"] = time.perf_counter() - t
+        t = time.perf_counter()
+        reduced = finish_frame(parts, calib, sky, params)
+        times[f"{frame}: finish"] = time.perf_counter() - t
+        times[f"{frame}: frame"] = t_prepare + times[f"{frame}: extract"] + times[f"{frame}: finish"]
     np.savez(out, **{f"{m}/{k}": getattr(r.spectra, k) for m, r in reduced.items() for k in ("flux", "ivar", "mask")},
              read_noise=constants.read_noise)
     out.with_suffix(".json").write_text(json.dumps(times))
 
 
-def niter_check(cache: Path) -> None:
-    from fiberlake.processors import ccd, frame_tiles
+def floor(cache: Path, frame_seconds: float) -> None:
+    """The frame's work counted, at this machine's measured speeds (one core)."""
+    from fiberlake.processors import ccd, cosmics, extract
     from fiberlake.processors.pipeline import ReductionParams, camera_ccd_params
-    import dataclasses
 
     calib, raw, cp, _ = load(cache)
-    camera = camera_ccd_params(cp, ReductionParams())
+    ny, nx = calib.master_flat.shape
+    nf = calib.traces.n_fibers
+    params = ReductionParams()
+    camera = camera_ccd_params(cp, params)
     adu, mask = ccd.correct_counts(raw, camera, calib.master_bias)
-    tile = frame_tiles.plan_tiles(adu.shape[1], 8, calib.rectification.map)[3]
-    a, m = np.ascontiguousarray(adu[:, slice(*tile.read)]), np.ascontiguousarray(mask[:, slice(*tile.read)])
-    masks = {}
-    for niter in (4, 3, 2):
-        t = time.perf_counter()
-        masks[niter] = ccd.cosmic_mask(a, m, dataclasses.replace(camera, cr_niter=niter))
-        print(f"  niter {niter}: {time.perf_counter() - t:6.2f} s, {int(masks[niter].sum())} cosmic pixels, "
-              f"{int((masks[niter] != masks[4]).sum())} differ from niter 4", flush=True)
+    # measured: numpy float32 arithmetic on arrays in cache, memory bandwidth on large arrays
+    a, b, c = (np.random.default_rng(0).random(1 << 15, np.float32) for _ in range(3))
+    t = time.perf_counter()
+    for _ in range(2000):
+        np.multiply(a, b, out=c)
+        np.add(c, a, out=c)
+    rate = 2 * 2000 * a.size / (time.perf_counter() - t)
+    big = np.ones(1 << 26, np.float32)
+    dst = np.empty_like(big)
+    t = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, big)
+    bandwidth = 3 * 2 * big.nbytes / (time.perf_counter() - t)
+    del big, dst
+    # measured: one L.A.Cosmic detection over the whole frame (astroscrappy's kernels): the least any
+    # number of iterations costs
+    clean = np.ascontiguousarray(adu * np.float32(camera.gain))
+    t = time.perf_counter()
+    cosmics._detect(clean, clean + np.float32(camera.read_noise) ** 2, (mask != 0).astype(np.uint8), 5.0, 1.5, 5.0)
+    t_cosmic = time.perf_counter() - t
+    # counted: the flops of each stage (operations per element, written out in its code)
+    pixels = ny * nx
+    hw = extract.default_deblend_halfwidth(calib.traces, params.optimal.halfwidth, profile=calib.profile)
+    nw_opt = int(np.floor(2 * hw)) + 2
+    nw_box = int(np.floor(2 * params.box.halfwidth)) + 2
+    windows_opt = nf * ny * nw_opt
+    flops = {
+        "CCD correction (overscan, bias, gain, ivar)": 8 * pixels,
+        "rectification (2 passes: cubic cumulative flux, variance, cover)": 2 * 30 * pixels,
+        "box (profile edges 16, sums 10)": 26 * nf * ny * nw_box,
+        "optimal (profile 25; per iteration 21, 6 solves)": windows_opt * (25 + 6 * 21),
+    }
+    touched = {  # bytes each stage must read and write at least once
+        "CCD correction (overscan, bias, gain, ivar)": raw.nbytes + 4 * pixels + 12 * pixels,
+        "rectification (2 passes: cubic cumulative flux, variance, cover)": 2 * 2 * 12 * pixels,
+        "box (profile edges 16, sums 10)": 12 * pixels + 12 * nf * ny,
+        "optimal (profile 25; per iteration 21, 6 solves)": 12 * pixels + 16 * nf * ny,
+    }
+    print(f"\nfloor (one core): numpy float32 {rate / 1e9:.2f} Gflop/s in cache, memory {bandwidth / 1e9:.1f} GB/s")
+    total = t_cosmic
+    print(f"  {'L.A.Cosmic, one detection over the frame (measured)':66s} {t_cosmic:6.2f} s")
+    for name in flops:
+        s = max(flops[name] / rate, touched[name] / bandwidth)
+        total += s
+        print(f"  {name:66s} {s:6.2f} s  ({flops[name] / 1e9:.2f} Gflop, {touched[name] / 1e6:.0f} MB)")
+    print(f"  {'floor of the frame':66s} {total:6.2f} s; the frame now (1 core, next frame): "
+          f"{frame_seconds:.2f} s = {frame_seconds / total:.1f}x the floor")
 
 
 def main() -> None:
@@ -122,57 +198,55 @@ def main() -> None:
     parser.add_argument("--camera", default="b1")
     parser.add_argument("--instrument", default="lamost", help="mini: a quick check of this script")
     parser.add_argument("--cache", type=Path, default=None, help="calibration + science frame (.npz), built when missing")
+    parser.add_argument("--reference", default=REFERENCE, help="commit whose modules the 'before' mode runs")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--skip-niter", action="store_true")
+    parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--modes", default=None, help="comma-separated indices of the modes to run (0 first; 0 is "
                         "the baseline and always runs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fiberlake-prepbench-"))
     cache = args.cache or work / "lamost.npz"
-    if args.mode == "niter":
-        niter_check(cache)
-        return
     if args.mode is not None:
-        tiles, threads, _ = MODES[args.mode]
-        run_mode(cache, tiles, threads, args.out)
+        code, tiles, threads = MODES[args.mode]
+        run_mode(cache, code, tiles, threads, args.out, args.reference)
         return
     if not cache.exists():
         build(args.camera, cache, args.instrument)
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
     chosen = {0} | ({int(m) for m in args.modes.split(",")} if args.modes else set(range(len(MODES))))
-    for i, (name, (_, _, omp)) in enumerate(MODES.items()):
+    for i, name in enumerate(MODES):
         if i not in chosen:
             continue
         out = work / f"mode{i}.npz"
-        env = dict(os.environ, OMP_NUM_THREADS=str(omp), MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        subprocess.run([sys.executable, __file__, "--cache", str(cache), "--mode", name, "--out", str(out)],
-                       env=env, check=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        subprocess.run([sys.executable, __file__, "--cache", str(cache), "--mode", name, "--out", str(out),
+                        "--reference", args.reference], env=env, check=True)
         results[name] = (json.loads(out.with_suffix(".json").read_text()), dict(np.load(out)))
+        print(f"  {name}: done, load average {os.getloadavg()[0]:.1f}", flush=True)
     stages = list(next(iter(results.values()))[0])
-    base_times, base = results["before, 1 core"]
+    base_times, base = results["before"]
     print(f"\n{args.instrument} {args.camera} science frame, box + optimal, cosmic rays, rectification, in-process "
-          f"(seconds; load average at end {os.getloadavg()[0]:.1f})")
-    print(f"{'stage':24s}" + "".join(f"{n:>26s}" for n in results))
+          f"(seconds; before = {args.reference}; load average at end {os.getloadavg()[0]:.1f})")
+    print(f"{'stage':24s}" + "".join(f"{n:>18s}" for n in results))
     for s in stages:
-        print(f"{s:24s}" + "".join(f"{r[0][s]:26.2f}" for r in results.values()))
-    print(f"{'speed-up (frame)':24s}" + "".join(f"{base_times['frame'] / r[0]['frame']:26.2f}" for r in results.values()))
-    print(f"{'speed-up (prepare)':24s}" + "".join(f"{base_times['prepare'] / r[0]['prepare']:26.2f}"
-                                                   for r in results.values()))
+        print(f"{s:24s}" + "".join(f"{r[0][s]:18.2f}" for r in results.values()))
+    for frame in ("first", "next"):
+        for stage in ("frame", "prepare", "extract"):
+            key = f"{frame}: {stage}"
+            print(f"{'speed-up ' + key:24s}" + "".join(f"{base_times[key] / r[0][key]:18.2f}" for r in results.values()))
     for m in ("box", "optimal"):
         worst, bits = [], []
         for _, arr in results.values():
             a, b = base[f"{m}/flux"], arr[f"{m}/flux"]
             worst.append(float(np.max(np.abs(a - b) * np.sqrt(base[f"{m}/ivar"]))))
             bits.append(int(np.count_nonzero(base[f"{m}/mask"] != arr[f"{m}/mask"])))
-        print(f"{m + ' max |d| sigma':24s}" + "".join(f"{w:26.2e}" for w in worst))
-        print(f"{m + ' mask px differ':24s}" + "".join(f"{b:26d}" for b in bits))
-    print(f"{'read noise (e-)':24s}" + "".join(f"{float(r[1]['read_noise']):26.5f}" for r in results.values()))
-    if not args.skip_niter:
-        print("\nastroscrappy niter on tile 3 (one core):")
-        subprocess.run([sys.executable, __file__, "--cache", str(cache), "--mode", "niter"],
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+        print(f"{m + ' max |d| sigma':24s}" + "".join(f"{w:18.2e}" for w in worst))
+        print(f"{m + ' mask px differ':24s}" + "".join(f"{b:18d}" for b in bits))
+    print(f"{'read noise (e-)':24s}" + "".join(f"{float(r[1]['read_noise']):18.5f}" for r in results.values()))
+    if not args.skip_floor and "now, 1 core" in results:
+        floor(cache, results["now, 1 core"][0]["next: frame"])
 
 
 if __name__ == "__main__":
