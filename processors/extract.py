@@ -57,6 +57,7 @@ SIGNIFICANT_WEIGHT = 1e-3
 BAD2DFIT_FACTOR = 5.0
 """``BAD2DFIT`` where the reduced chi^2 exceeds this many times ``max(1, median chi^2)``."""
 _BLOCK_ELEMENTS = 1 << 21  # window elements per row block (bounds peak memory, ~16 MB/array)
+_BOX_BLOCK_ELEMENTS = 1 << 16  # the box's row blocks: its arrays stay in the CPU's cache
 _NONFATAL = np.uint32(~int(FATAL) & 0xFFFFFFFF)
 
 
@@ -178,8 +179,8 @@ def _dead(traces: TraceSet) -> np.ndarray:
     return dead if dead.size == traces.n_fibers else np.zeros(traces.n_fibers, bool)
 
 
-def _row_blocks(ny: int, nf: int, nw: int):
-    step = max(1, _BLOCK_ELEMENTS // max(1, nf * nw))
+def _row_blocks(ny: int, nf: int, nw: int, elements: int = _BLOCK_ELEMENTS):
+    step = max(1, elements // max(1, nf * nw))
     for r0 in range(0, ny, step):
         yield r0, min(ny, r0 + step)
 
@@ -248,7 +249,7 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     nw = int(np.floor(2 * halfwidth)) + 2
     out = [np.zeros((nf, ny)) for _ in range(5)]
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
-    for r0, r1 in _row_blocks(ny, nf, nw):
+    for r0, r1 in _row_blocks(ny, nf, nw, _BOX_BLOCK_ELEMENTS):  # rows are independent: blocks that stay in cache
         xc, par = xc_all[:, r0:r1], par_all[:, r0:r1]
         start, _ = _window_start(xc, halfwidth)
         cols = start[..., None] + np.arange(nw)
