@@ -67,15 +67,20 @@ def _detect(cleanarr: np.ndarray, clean_var: np.ndarray, mask: np.ndarray, sigcl
 
 
 class _Backgrounds:
-    """astroscrappy's background levels (medians of the unmasked input image and variance), the
-    fill of a cleaned pixel without an unflagged neighbour; computed when first needed."""
+    """astroscrappy's background levels (medians of the unmasked input image in electrons, and of
+    its variance), the fill of a cleaned pixel without an unflagged neighbour; computed from the
+    input when first needed."""
 
-    def __init__(self, cleanarr: np.ndarray, clean_var: np.ndarray, good: np.ndarray) -> None:
-        self._arrays, self._good, self._levels = (cleanarr.copy(), clean_var.copy()), good, {}
+    def __init__(self, indat: np.ndarray, gain: float, read_var: float, good: np.ndarray) -> None:
+        self._indat, self._gain, self._read_var, self._good, self._levels = indat, gain, read_var, good, {}
 
     def level(self, which: int) -> float:
         if which not in self._levels:
-            data = np.ascontiguousarray(self._arrays[which][self._good])
+            data = np.empty(self._indat.shape, np.float32)
+            data[:, :] = np.asarray(self._indat) * self._gain
+            if which == 1:
+                data = data + self._read_var
+            data = np.ascontiguousarray(data[self._good])
             self._levels[which] = float(median(data, len(data)))
         return self._levels[which]
 
@@ -125,12 +130,16 @@ def detect_cosmics(indat: np.ndarray, inmask: np.ndarray | None, *, sigclip: flo
     cleanarr = np.empty((ny, nx), np.float32)
     cleanarr[:, :] = np.asarray(indat) * gain
     mask = np.zeros((ny, nx), np.uint8) if inmask is None else np.ascontiguousarray(inmask, np.uint8).copy()
-    clean_var = cleanarr + float(np.float32(readnoise) * np.float32(readnoise))
-    update_mask(cleanarr, mask, satlevel, True)
+    read_var = float(np.float32(readnoise) * np.float32(readnoise))
+    clean_var = cleanarr + read_var
+    if np.any(cleanarr >= satlevel):
+        update_mask(cleanarr, mask, satlevel, True)
+    else:  # what update_mask leaves without saturated pixels (skips its 7 x 7 median of the image)
+        mask[:, :] = dilate3(mask).astype(bool)
     maskb = mask.astype(bool)
     if maskb.all():
         return np.zeros((ny, nx), bool)
-    backgrounds = _Backgrounds(cleanarr, clean_var, ~maskb)
+    backgrounds = _Backgrounds(indat, gain, read_var, ~maskb)
 
     crmask = np.zeros((ny, nx), bool)
     cosmics = np.zeros((ny, nx), bool)
