@@ -3,7 +3,7 @@ held-out simulated frames.
 
 Usage::
 
-    python bench/deconv.py speed [--camera b1] [--reference-patches N] [--no-shapes]
+    python bench/deconv.py speed [--camera b1] [--reference-patches N] [--no-shapes] [--before REV,...]
     python bench/deconv.py accuracy [--seed 4242]
 
 ``speed`` simulates a full-size LAMOST camera (250 fibers x 4096 rows: flat, arc, science),
@@ -13,7 +13,9 @@ when torch sees a GPU. It prints seconds per frame, peak memory, the agreement o
 paths, the floor (flops of the patch solves at this machine's measured float64 GEMM rate;
 bytes of the frame and products at its measured copy bandwidth) and a study of patch shapes.
 ``--reference-patches N`` times the reference on the first N patches only (and scales it to
-the frame; the table says so).
+the frame; the table says so). ``--before REV,...`` also runs ``processors/deconv.py`` as it
+was at each git revision (read with ``git show``, imported as a module of its own) on the same
+inputs in the same run, and compares its products with this tree's: the before/after figures.
 
 ``accuracy`` runs the mini instrument's two cameras through the pipeline's calibration path
 (raw frames -> CCD -> traces -> wavelengths -> PSF) on a seed no test uses, then measures:
@@ -35,6 +37,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -136,17 +139,35 @@ def _load_inputs(path: Path):
     return z["image"], z["ivar"], z["mask"], traces, psf
 
 
+def _deconv_module(rev: str):
+    """``processors/deconv.py`` of this tree (``rev`` empty) or as it was at git revision ``rev``."""
+    if not rev:
+        from fiberlake.processors import deconv
+        return deconv
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:processors/deconv.py"], capture_output=True,
+                         text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="fl-deconv-rev-")) / f"deconv_{rev}.py"
+    path.write_text(src)
+    name = f"fiberlake_deconv_at_{rev}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _child(args) -> None:
     """Run one extraction on the saved inputs; print a JSON line."""
     import torch
 
-    from fiberlake.processors import deconv as D
     from fiberlake.processors.deconv_reference import solve_patches_reference
 
+    D = _deconv_module(args.rev)
     image, ivar, mask, traces, psf = _load_inputs(Path(args.inputs))
     base = _rss_mb()
     params = D.DeconvParams(device="cuda" if args.what == "cuda" else "cpu")
-    res: dict = {"what": args.what, "threads": torch.get_num_threads()}
+    res: dict = {"what": args.what, "rev": args.rev, "threads": torch.get_num_threads()}
     if args.what == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if args.what == "numpy" and args.patches:
@@ -174,16 +195,17 @@ def _child(args) -> None:
             res["seconds_next"] = time.perf_counter() - t0
             res["info_next"] = again.info
             res["same_next"] = bool(np.array_equal(again.flux, out.flux) and np.array_equal(again.mask, out.mask))
-        np.savez(Path(args.inputs).with_name(f"out-{args.what}.npz"), flux=out.flux, ivar=out.ivar,
-                 res=out.resolution, mask=out.mask)
+        np.savez(Path(args.inputs).with_name(f"out-{args.what}{args.rev}.npz"), flux=out.flux, ivar=out.ivar,
+                 res=out.resolution, mask=out.mask, chi2=out.chi2)
     res["peak_mb"] = _rss_mb() - base
     if args.what == "cuda":
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(res))
 
 
-def _spawn(what: str, inputs: Path, patches: int = 0) -> dict:
-    cmd = [sys.executable, __file__, "_run", "--what", what, "--inputs", str(inputs), "--patches", str(patches)]
+def _spawn(what: str, inputs: Path, patches: int = 0, rev: str = "") -> dict:
+    cmd = [sys.executable, __file__, "_run", "--what", what, "--inputs", str(inputs), "--patches", str(patches),
+           "--rev", rev]
     # one thread for every path (BLAS of numpy/scipy included): on a shared 2-core machine more
     # threads than free cores make batched small-matrix LAPACK calls 4-40x slower
     env = os.environ.copy() | {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -226,6 +248,25 @@ def _shapes(inputs: Path, n_fibers: int = 50) -> list[dict]:
     return rows
 
 
+def _eigh_us(nb: int, n: int = 640) -> float:
+    """Microseconds per batched float64 eigen-decomposition (values and vectors) of ``nb x nb``
+    matrices with a deconvolution-like spectrum (1e-10 .. 1), one thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        q, _ = np.linalg.qr(rng.normal(size=(n, nb, nb)))
+        a = torch.as_tensor((q * np.logspace(-10, 0, nb)) @ q.transpose(0, 2, 1))
+        torch.linalg.eigh(a[:64])
+        t0 = time.perf_counter()
+        torch.linalg.eigh(a)
+        return (time.perf_counter() - t0) / n * 1e6
+    finally:
+        torch.set_num_threads(old)
+
+
 def speed(args) -> None:
     import torch
 
@@ -240,57 +281,80 @@ def speed(args) -> None:
           + f"; PSF from {built['psf_info']['n_lsf_lines']} arc lines, "
           f"{built['psf_info']['n_xsf_samples']} flat profiles")
     gemm, copy = _gemm_gflops(), _copy_gbs()
-    runs = [_spawn("torch", inputs), _spawn("numpy", inputs, args.reference_patches)]
-    if torch.cuda.is_available():
-        runs.append(_spawn("cuda", inputs))
     p = D.DeconvParams()
     image = np.load(inputs)["image"]
     ny, nx = image.shape
     plan = D.plan_patches(250, ny, p)
     nfp, nb = plan.fibers.shape[1], plan.nb
+    eigh_us = _eigh_us(nb)
+    revs = [r for r in args.before.split(",") if r]
+    runs = [_spawn("torch", inputs)] + [_spawn("torch", inputs, rev=r) for r in revs]
+    runs.append(_spawn("numpy", inputs, args.reference_patches))
+    if torch.cuda.is_available():
+        runs.append(_spawn("cuda", inputs))
+    gemm_end = _gemm_gflops()
     fl = patch_flops(nfp, nb, p.fibers_per_patch, 8)
     total_flop = plan.n_patches * sum(fl.values())
     bytes_moved = ny * nx * (4 + 4 + 4) + 250 * ny * (4 + 4 + 4 + 4 * (2 * p.resolution_halfwidth + 1))
-    floor_s = total_flop / (gemm * 1e9)
+    floor_s = total_flop / (gemm * 1e9) + bytes_moved / (copy * 1e9)
+    n_eigh = plan.n_patches * p.fibers_per_patch
     base = runs[0]["seconds"]
     print(f"\nfull frame 250 fibers x {ny} rows, {plan.n_patches} patches of {nfp} x {nb} = {nfp * nb} unknowns "
-          f"(core {p.fibers_per_patch} x {p.rows_per_patch})")
-    print(f"{'path':<34}{'s/frame':>10}{'vs torch CPU':>14}{'peak MB':>10}{'unknowns/s':>13}")
-    for r in runs:
-        label = {"torch": "torch CPU (1 thread)", "cuda": "torch CUDA",
-                 "numpy": "numpy/scipy reference (1 thread)"}[r["what"]]
-        if r.get("measured_patches"):
-            label += f" [{r['measured_patches']} patches, scaled]"
-        mem = r["peak_mb"] if r["what"] != "cuda" else r["cuda_peak_mb"]
-        print(f"{label:<34}{r['seconds']:>10.1f}{r['seconds'] / base:>13.2f}x{mem:>10.0f}"
-              f"{250 * ny / r['seconds']:>13.0f}")
-    t = runs[0]["info"]
-    print(f"torch CPU split, first frame of a calibration set: prepare {t['t_prepare']:.1f} s "
-          f"(of which PSF sampling {t.get('t_psf_samples', float('nan')):.1f} s), model variance {t['t_weights']:.1f} s, "
-          f"patch solves {t['t_solve']:.1f} s, flags/chi2 {t['t_finish']:.1f} s")
-    tn = runs[0]["info_next"]
-    print(f"torch CPU, next frame of the set (PSF samples reused): {runs[0]['seconds_next']:.1f} s "
-          f"(prepare {tn['t_prepare']:.1f} s, model variance {tn['t_weights']:.1f} s, patch solves "
-          f"{tn['t_solve']:.1f} s, flags/chi2 {tn['t_finish']:.1f} s); products identical: {runs[0]['same_next']}")
-    if (tmp / "out-numpy.npz").exists():
-        a, b = np.load(tmp / "out-torch.npz"), np.load(tmp / "out-numpy.npz")
-        scale = np.abs(b["flux"]).max()
-        print(f"torch vs reference: max |d flux| / max flux {np.abs(a['flux'] - b['flux']).max() / scale:.1e}, "
-              f"max |d R| {np.abs(a['res'] - b['res']).max():.1e}, masks equal {np.array_equal(a['mask'], b['mask'])}")
-    if (tmp / "out-cuda.npz").exists():
-        a, b = np.load(tmp / "out-torch.npz"), np.load(tmp / "out-cuda.npz")
-        rel = np.abs(a["flux"] - b["flux"]).max() / np.abs(a["flux"]).max()
-        print(f"CUDA vs CPU: max |d flux| / max flux {rel:.1e}, max |d R| {np.abs(a['res'] - b['res']).max():.1e}")
-    print(f"\nfloor (one thread): {total_flop / 1e9:.0f} GFLOP of patch solves "
+          f"(core {p.fibers_per_patch} x {p.rows_per_patch}); load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"floor (one thread): {total_flop / 1e9:.0f} GFLOP of patch solves "
           f"(assembly {plan.n_patches * fl['assembly'] / 1e9:.0f}, "
-          f"sweeps {plan.n_patches * fl['sweeps'] / 1e9:.0f}, eigh+sqrt {plan.n_patches * fl['eigh'] / 1e9:.0f}); "
-          f"measured float64 GEMM {gemm:.1f} GFLOP/s -> {floor_s:.1f} s")
-    print(f"       {bytes_moved / 1e6:.0f} MB in and out (frame f32 x3, products) at {copy:.1f} GB/s -> "
-          f"{bytes_moved / copy / 1e9:.2f} s")
-    print(f"torch CPU patch solves run at {total_flop / t['t_solve'] / 1e9:.1f} GFLOP/s = "
-          f"{total_flop / t['t_solve'] / 1e9 / gemm:.0%} of 1-thread GEMM; the whole frame takes "
-          f"{base / floor_s:.1f}x the flop floor (first frame of a set), "
-          f"{runs[0]['seconds_next'] / floor_s:.1f}x (next frames, PSF samples reused)")
+          f"sweeps {plan.n_patches * fl['sweeps'] / 1e9:.0f}, eigh+sqrt {plan.n_patches * fl['eigh'] / 1e9:.0f}) at the "
+          f"measured float64 GEMM rate {gemm:.1f} GFLOP/s ({gemm_end:.1f} after the runs) = "
+          f"{total_flop / gemm / 1e9:.2f} s, plus {bytes_moved / 1e6:.0f} MB in and out (frame f32 x3, products) "
+          f"at {copy:.1f} GB/s = {bytes_moved / copy / 1e9:.2f} s: floor {floor_s:.2f} s")
+    print(f"the {n_eigh} eigen-decompositions ({nb} x {nb}, LAPACK syevd through torch, batched) alone take "
+          f"{eigh_us:.0f} us each = {n_eigh * eigh_us / 1e6:.1f} s = {n_eigh * eigh_us / 1e6 / floor_s:.1f}x the floor "
+          f"(the floor counts them at {plan.n_patches * fl['eigh'] / gemm / 1e9:.1f} s)")
+
+    def label(r):
+        name = {"torch": "torch CPU (1 thread)", "cuda": "torch CUDA", "numpy": "numpy/scipy reference (1 thread)"}[r["what"]]
+        if r.get("rev"):
+            name += f" @ {r['rev']}"
+        elif r["what"] == "torch":
+            name += ", this tree"
+        if r.get("measured_patches"):
+            name += f" [{r['measured_patches']} patches, scaled]"
+        return name
+    width = max(len(label(r)) for r in runs) + 2
+    print(f"\n{'path':<{width}}{'s/frame':>9}{'x floor':>9}{'next frame':>12}{'x floor':>9}{'peak MB':>9}")
+    for r in runs:
+        mem = r["peak_mb"] if r["what"] != "cuda" else r["cuda_peak_mb"]
+        nxt = r.get("seconds_next")
+        nxt_s = f"{nxt:>12.1f}{nxt / floor_s:>8.1f}x" if nxt else f"{'':>12}{'':>9}"
+        print(f"{label(r):<{width}}{r['seconds']:>9.1f}{r['seconds'] / floor_s:>8.1f}x{nxt_s}{mem:>9.0f}")
+    print("\nsplit (s; first frame of a calibration set / next frame, PSF samples reused where the code caches them):")
+    print(f"{'path':<{width}}{'PSF samples':>13}{'prepare':>10}{'variance':>10}{'solves':>10}{'flags/chi2':>12}")
+    for r in runs:
+        if "info" not in r or r["what"] == "numpy":
+            continue
+        for key, tag in (("info", "first"), ("info_next", "next")):
+            t = r.get(key)
+            if not t:
+                continue
+            print(f"{label(r) + ', ' + tag:<{width + 7}}{t.get('t_psf_samples', float('nan')):>6.1f}"
+                  f"{t['t_prepare'] - t.get('t_psf_samples', 0.0):>10.1f}{t['t_weights']:>10.1f}{t['t_solve']:>10.1f}"
+                  f"{t['t_finish']:>12.1f}")
+        solve = r["info_next"]["t_solve"] if "info_next" in r else r["info"]["t_solve"]
+        print(f"{'':<{width + 7}}patch solves at {total_flop / solve / 1e9:.1f} GFLOP/s = "
+              f"{total_flop / solve / 1e9 / gemm:.0%} of 1-thread GEMM; the eigen-decompositions' share at the "
+              f"rate above {n_eigh * eigh_us / 1e6 / solve:.0%}; next frame same products: {r.get('same_next')}")
+    after = np.load(tmp / "out-torch.npz")
+    others = [(f"main @ {r}", tmp / f"out-torch{r}.npz") for r in revs] + [("numpy reference", tmp / "out-numpy.npz"),
+                                                                        ("CUDA", tmp / "out-cuda.npz")]
+    for name, path in others:
+        if not path.exists():
+            continue
+        b = np.load(path)
+        scale = np.abs(b["flux"]).max()
+        live = b["ivar"] > 0
+        print(f"this tree vs {name}: max |d flux| / max flux {np.abs(after['flux'] - b['flux']).max() / scale:.1e}, "
+              f"max |d ivar| / ivar {np.max(np.abs(after['ivar'] - b['ivar'])[live] / b['ivar'][live]):.1e}, "
+              f"max |d R| {np.abs(after['res'] - b['res']).max():.1e}, masks equal {np.array_equal(after['mask'], b['mask'])}")
     if not args.no_shapes:
         print("\npatch shapes (torch CPU, first 50 fibers x all rows):")
         print(f"{'core(+overlap) x rows(+pad)':<30}{'unknowns':>9}{'patches':>9}{'s':>8}{'solve s':>9}"
@@ -519,12 +583,15 @@ def main() -> None:
     s.add_argument("--reference-patches", type=int, default=0,
                    help="time the numpy reference on this many patches only (0: the whole frame)")
     s.add_argument("--no-shapes", action="store_true")
+    s.add_argument("--before", default="",
+                   help="comma-separated git revisions whose processors/deconv.py also runs (before/after)")
     a = sub.add_parser("accuracy")
     a.add_argument("--seed", type=int, default=4242)
     r = sub.add_parser("_run")
     r.add_argument("--what", required=True)
     r.add_argument("--inputs", required=True)
     r.add_argument("--patches", type=int, default=0)
+    r.add_argument("--rev", default="")
     args = parser.parse_args()
     {"speed": speed, "accuracy": accuracy, "_run": _child}[args.cmd](args)
 

@@ -38,7 +38,15 @@ Computation
   block (it bounds the relative bias of ``R F`` by ``sqrt(regularize)``); a patch whose
   Cholesky fails is solved again with ``retry_regularize`` and flagged ``BAD2DFIT``.
 * **Batched eigen-decomposition** of the ``C_ii^-1`` of every core fiber of a batch of
-  patches at once (the dominant cost, as in DESI's GPU port).
+  patches at once (the dominant cost, as in DESI's GPU port). ``R`` must be the symmetric
+  square root: the Cholesky factor of ``C_ii^-1`` decorrelates as well (every ``Q`` with
+  ``Q^T Q = C_ii^-1`` does; they differ by a rotation) but gives a one-sided ``R`` whose rows'
+  centroids sit rows off their bins, so it is not used. The ``deconv`` variance model's first
+  pass needs only the fitted light and skips the backward sweep and the eigen-decomposition.
+* **Profile windows** of the per-pixel arrays (weights, data, masks, residuals) are read
+  through strided views of sliding windows over row blocks padded by the window width, and
+  the model image is written back the same way (fibers in two interleaved groups, whose
+  windows never overlap): no flat index arrays the size of the frame.
 
 Everything runs in float64 with torch (CUDA when available); :mod:`.deconv_reference`
 implements the same equations with dense per-patch matrices in numpy/scipy.
@@ -424,21 +432,16 @@ def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces
     ox = np.zeros((nf, ny))
     bits = np.zeros((nf, ny), MASK_DTYPE)
     ngood = np.zeros((nf, ny))
-    rows_all = np.arange(ny)
-    goodflat, mskflat = good.ravel(), msk.ravel()
     for r0 in range(0, ny, row_block):
         r1 = min(ny, r0 + row_block)
-        rows = rows_all[r0:r1]
-        fc, Pfull = first[:, r0:r1], samples.xsf[:, r0:r1]
-        cols = fc[..., None] + np.arange(nw)
-        on = (cols >= 0) & (cols < nx)
-        idx = rows[None, :, None] * nx + np.clip(cols, 0, nx - 1)
-        Gp = on & goodflat[idx]
-        gx[:, r0:r1] = np.sum(np.where(Gp, Pfull, 0.0), axis=-1)
+        Pfull = samples.xsf[:, r0:r1]
+        on = _window_on(first, r0, r1, nw, nx)
+        goodw, mskw = _gather_windows((good, msk), first, r0, r1, nw)
+        gx[:, r0:r1] = np.sum(np.where(goodw, Pfull, 0.0), axis=-1)
         ox[:, r0:r1] = np.sum(np.where(on, 0.0, Pfull), axis=-1)
         sig = on & (Pfull > SIGNIFICANT_WEIGHT)
-        ngood[:, r0:r1] = np.sum(sig & Gp, axis=-1)
-        bits[:, r0:r1] = np.bitwise_or.reduce(np.where(sig, mskflat[idx], MASK_DTYPE(0)), axis=-1)
+        ngood[:, r0:r1] = np.sum(sig & goodw, axis=-1)
+        bits[:, r0:r1] = np.bitwise_or.reduce(np.where(sig, mskw, MASK_DTYPE(0)), axis=-1)
     n_ext = ny + 2 * pad
     tab = FrameTables(order=order, live=live, pad=pad, lsf=lsf, first=first, prof=prof,
                       K0=np.zeros((nf, n_ext)), K1=np.zeros((nf, n_ext)), b=np.zeros((nf, n_ext)),
@@ -447,27 +450,46 @@ def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces
     return tab
 
 
-def _windows(tab: FrameTables, r0: int, r1: int):
-    nx = tab.img.shape[1]
-    nw = tab.prof.shape[-1]
-    cols = tab.first[:, r0:r1, None] + np.arange(nw)
-    on = (cols >= 0) & (cols < nx)
-    idx = np.arange(r0, r1)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
-    return on, idx
+def _window_on(first: np.ndarray, r0: int, r1: int, nw: int, nx: int) -> np.ndarray:
+    """Which columns of each fiber's profile window (rows ``r0:r1``) lie on the CCD."""
+    cols = first[:, r0:r1, None] + np.arange(nw)
+    return (cols >= 0) & (cols < nx)
+
+
+def _window_starts(first: np.ndarray, r0: int, r1: int, nw: int, nx: int) -> np.ndarray:
+    """Start of each window in rows padded by ``nw`` columns on both sides (clipped: a window
+    entirely off the CCD then lies entirely in the padding)."""
+    return np.clip(first[:, r0:r1], -nw, nx) + nw
+
+
+def _gather_windows(arrays, first: np.ndarray, r0: int, r1: int, nw: int) -> list[np.ndarray]:
+    """Profile windows ``(nf, r1 - r0, nw)`` of per-pixel arrays (0 / False off the CCD).
+
+    Each block of rows is padded by ``nw`` columns of zeros on both sides and read through a
+    strided view of its sliding windows: a gather of contiguous runs, no flat index arrays.
+    """
+    nx = arrays[0].shape[1]
+    start = _window_starts(first, r0, r1, nw, nx)
+    rows = np.arange(r1 - r0)[None, :]
+    out = []
+    for a in arrays:
+        padded = np.zeros((r1 - r0, nx + 2 * nw), a.dtype)
+        padded[:, nw:nw + nx] = a[r0:r1]
+        out.append(np.lib.stride_tricks.sliding_window_view(padded, nw, axis=1)[rows, start])
+    return out
 
 
 def reduce_rows(tab: FrameTables, row_block: int = 256) -> None:
     """Fill ``tab.K0``, ``tab.K1``, ``tab.b`` from the profiles, pixel weights and data."""
     nf, ny, nw = tab.prof.shape
     pad = tab.pad
-    wflat, dflat = tab.w.ravel(), tab.img.ravel()
     for r0 in range(0, ny, row_block):
         r1 = min(ny, r0 + row_block)
-        on, idx = _windows(tab, r0, r1)
+        ww, dw = _gather_windows((tab.w, tab.img), tab.first, r0, r1, nw)
         P = tab.prof[:, r0:r1]
-        PW = P * np.where(on, wflat[idx], 0.0)
+        PW = P * ww
         tab.K0[:, pad + r0:pad + r1] = np.sum(PW * P, axis=-1)
-        tab.b[:, pad + r0:pad + r1] = np.sum(PW * dflat[idx], axis=-1)
+        tab.b[:, pad + r0:pad + r1] = np.sum(PW * dw, axis=-1)
         if nf > 1:
             fc = tab.first[:, r0:r1]
             shift = fc[1:] - fc[:-1]                                     # (nf-1, nr)
@@ -477,17 +499,22 @@ def reduce_rows(tab: FrameTables, row_block: int = 256) -> None:
             tab.K1[:-1, pad + r0:pad + r1] = np.sum(PW[:-1] * Pn, axis=-1)
 
 
-def model_image(tab: FrameTables, g: np.ndarray) -> np.ndarray:
+def model_image(tab: FrameTables, g: np.ndarray, row_block: int = 256) -> np.ndarray:
     """Model image ``sum_f g[f, r] P_f(r, c)`` of per-row light ``g`` (sorted fibers)."""
     nf, ny, nw = tab.prof.shape
     nx = tab.img.shape[1]
-    model = np.zeros(ny * nx)
-    on, idx = _windows(tab, 0, ny)
-    contrib = g[..., None] * tab.prof
-    for grp in range(2):                                   # windows within a group never overlap
-        sel = slice(grp, nf, 2)
-        model[idx[sel][on[sel]]] += contrib[sel][on[sel]]
-    return model.reshape(ny, nx)
+    model = np.zeros((ny, nx))
+    for r0 in range(0, ny, row_block):
+        r1 = min(ny, r0 + row_block)
+        padded = np.zeros((r1 - r0, nx + 2 * nw))
+        windows = np.lib.stride_tricks.sliding_window_view(padded, nw, axis=1, writeable=True)
+        start = _window_starts(tab.first, r0, r1, nw, nx)
+        rows = np.arange(r1 - r0)[None, :]
+        contrib = g[:, r0:r1, None] * tab.prof[:, r0:r1]
+        for grp in range(2):                               # windows within a group never overlap
+            windows[rows, start[grp::2]] += contrib[grp::2]
+        model[r0:r1] = padded[:, nw:nw + nx]
+    return model
 
 
 def row_fit(tab: FrameTables) -> np.ndarray:
@@ -636,6 +663,8 @@ def _device(name: str):
 
 
 def _band_to_dense_index(nb: int, wy: int):
+    """Indices placing a band ``(nb, 2 wy + 1)`` into a dense ``nb x nb`` matrix: ``(row, col)``
+    of the dense matrix and ``(bin, diagonal)`` of the band."""
     j = np.arange(nb)[:, None]
     d = np.arange(2 * wy + 1)[None, :]
     r = j + d - wy
@@ -643,7 +672,8 @@ def _band_to_dense_index(nb: int, wy: int):
     return r[ok], np.broadcast_to(j, r.shape)[ok], np.broadcast_to(d, r.shape)[ok], np.broadcast_to(j, r.shape)[ok]
 
 
-def solve_patches_torch(lsf_band, K0, K1, b, core_slots, *, regularize: float, halfwidth: int, device):
+def solve_patches_torch(lsf_band, K0, K1, b, core_slots, *, regularize: float, halfwidth: int, device,
+                        products: bool = True):
     """Batched block-tridiagonal solve and decorrelation of patches (torch, float64).
 
     Parameters
@@ -655,6 +685,9 @@ def solve_patches_torch(lsf_band, K0, K1, b, core_slots, *, regularize: float, h
     halfwidth : int
         Resolution band half-width ``h``.
     device : torch.device
+    products : bool
+        False: only the fitted light ``g`` (what the ``deconv`` variance model needs); no
+        backward sweep, no eigen-decomposition; ``flux``, ``ivar`` and ``res`` are zeros.
 
     Returns
     -------
@@ -662,72 +695,90 @@ def solve_patches_torch(lsf_band, K0, K1, b, core_slots, *, regularize: float, h
         ``flux``, ``ivar`` (B, nc, nb); ``res`` (B, nc, 2h+1, nb); ``g`` (B, nc, nb): the
         fitted light per patch row ``L F``; ``failed`` (B,) bool (Cholesky failure or
         non-finite result).
+
+    Notes
+    -----
+    Per patch of ``m`` fibers: ``2 m - 1`` block products for ``H``, ``m`` Cholesky
+    factorisations with ``m - 1`` triangular solves (each for the coupling block and the
+    right-hand side at once) and products ``W^T W`` in the forward sweep, the same down to the
+    first core fiber in the backward sweep, then one eigen-decomposition per core fiber. The
+    eigen-decomposition (LAPACK ``syevd`` on ``nb x nb``) is the largest single cost on a CPU;
+    it is kept because ``R`` is the *symmetric* square root (see :func:`cholesky_resolution`
+    for the Cholesky factor, which decorrelates as well but is a different, one-sided ``R``).
+    Everything stays float64: the ridge is ``1e-10`` of a block's diagonal, below float32's
+    resolution, and the deconvolved modes it bounds feed every product.
     """
     import torch
 
     dt = torch.float64
     B, m, nb, nd = lsf_band.shape
     wy = (nd - 1) // 2
-    r_idx, j_idx, d_idx, _ = _band_to_dense_index(nb, wy)
+    r_idx, j_idx, d_idx, _ = (torch.as_tensor(a, device=device) for a in _band_to_dense_index(nb, wy))
     band = torch.as_tensor(lsf_band, dtype=dt, device=device)
     L = torch.zeros((B, m, nb, nb), dtype=dt, device=device)
-    L[:, :, torch.as_tensor(r_idx, device=device), torch.as_tensor(j_idx, device=device)] = \
-        band[:, :, torch.as_tensor(j_idx, device=device), torch.as_tensor(d_idx, device=device)]
+    L[:, :, r_idx, j_idx] = band[:, :, j_idx, d_idx]
     k0 = torch.as_tensor(K0, dtype=dt, device=device)
     k1 = torch.as_tensor(K1, dtype=dt, device=device)
     bb = torch.as_tensor(b, dtype=dt, device=device)
     Lt = L.transpose(-1, -2)
     Hd = Lt @ (k0[..., None] * L)                                       # (B, m, nb, nb)
-    Ho = Lt[:, :-1] @ (k1[:, :-1, :, None] * L[:, 1:])                  # H_{i,i+1}
+    # H_{i,i+1} stored transposed with one more row for the right-hand side being eliminated:
+    # HoT[:, i].mT is the column-major [H_{i,i+1} | y_i] the triangular solves read without a copy
+    HoT = torch.empty((B, m - 1, nb + 1, nb), dtype=dt, device=device)
+    HoT[:, :, :nb] = L[:, 1:].transpose(-1, -2) @ (k1[:, :-1, :, None] * L[:, :-1])
+    Ho = HoT[:, :, :nb].transpose(-1, -2)                               # H_{i,i+1}
     rhs = (Lt @ bb[..., None])[..., 0]                                  # (B, m, nb)
-    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
+    diag = Hd.diagonal(dim1=-2, dim2=-1)
     scale = diag.amax(dim=-1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    Hd.diagonal(dim1=-2, dim2=-1).add_((regularize * scale)[..., None])
+    diag.add_((regularize * scale)[..., None])
     failed = torch.zeros(B, dtype=torch.bool, device=device)
 
-    def chol(A):
-        Lc, info = torch.linalg.cholesky_ex(A)
-        return Lc, info != 0
-
-    # forward sweep: S_i and the forward-eliminated rhs
-    LS, Wt, y = [None] * m, [None] * m, [None] * m
-    S_list = [None] * m
+    # forward sweep: S_i = H_ii - W^T W with W = chol(S_{i-1})^-1 H_{i-1,i}; the right-hand
+    # side is eliminated by the same triangular solve (one extra column)
+    LS, S_list, y = [None] * m, [None] * m, [None] * m
     S = Hd[:, 0]
     y[0] = rhs[:, 0]
     for i in range(m):
         if i > 0:
-            W_ = torch.linalg.solve_triangular(LS[i - 1], Ho[:, i - 1], upper=False)
-            Wt[i] = W_
-            S = Hd[:, i] - W_.transpose(-1, -2) @ W_
-            z = torch.linalg.solve_triangular(LS[i - 1], y[i - 1][..., None], upper=False)
-            y[i] = rhs[:, i] - (W_.transpose(-1, -2) @ z)[..., 0]
+            HoT[:, i - 1, nb] = y[i - 1]
+            Wz = torch.linalg.solve_triangular(LS[i - 1], HoT[:, i - 1].transpose(-1, -2), upper=False)
+            Wt = Wz[..., :nb].transpose(-1, -2)
+            S = torch.baddbmm(Hd[:, i], Wt, Wz[..., :nb], alpha=-1.0)
+            y[i] = rhs[:, i] - (Wt @ Wz[..., nb:])[..., 0]
         S_list[i] = S
-        LS[i], bad = chol(S)
-        failed |= bad
+        LS[i], info = torch.linalg.cholesky_ex(S)
+        failed |= info != 0
     # back-substitution
     F = [None] * m
     F[m - 1] = torch.cholesky_solve(y[m - 1][..., None], LS[m - 1])[..., 0]
     for i in range(m - 2, -1, -1):
         F[i] = torch.cholesky_solve((y[i] - (Ho[:, i] @ F[i + 1][..., None])[..., 0])[..., None], LS[i])[..., 0]
+    core = [int(c) for c in core_slots]
+    Fall = torch.stack(F, dim=1)                                        # (B, m, nb)
+    Fc = Fall[:, core]                                                  # (B, nc, nb)
+    g = (L @ Fall[..., None])[:, core, :, 0]                            # light per patch row
+    h = int(halfwidth)
+    nc = len(core)
+    if not products:
+        zeros = np.zeros((B, nc, nb))
+        return {"flux": zeros, "ivar": zeros.copy(), "res": np.zeros((B, nc, 2 * h + 1, nb), np.float32),
+                "g": g.cpu().numpy(), "failed": (failed | ~torch.isfinite(g).all(dim=(-1, -2))).cpu().numpy()}
     # backward sweep down to the first core slot: T_i
-    lo = int(np.min(core_slots))
+    lo = min(core)
     T_list = [None] * m
     T = Hd[:, m - 1]
     T_list[m - 1] = T
-    LT, bad = chol(T)
-    failed |= bad
+    LT, bad = torch.linalg.cholesky_ex(T)
+    failed |= bad != 0
     for i in range(m - 2, lo - 1, -1):
         V_ = torch.linalg.solve_triangular(LT, Ho[:, i].transpose(-1, -2), upper=False)
-        T = Hd[:, i] - V_.transpose(-1, -2) @ V_
+        T = torch.baddbmm(Hd[:, i], V_.transpose(-1, -2), V_, alpha=-1.0)
         T_list[i] = T
-        LT, bad = chol(T)
-        failed |= bad
-    core = [int(c) for c in core_slots]
+        LT, bad = torch.linalg.cholesky_ex(T)
+        failed |= bad != 0
     # C_ii^-1 of the core fibers (eigh reads the lower triangle only)
     icov = torch.stack([S_list[i] + T_list[i] - Hd[:, i] for i in core], dim=1)   # (B, nc, nb, nb)
-    Fc = torch.stack([F[i] for i in core], dim=1)                       # (B, nc, nb)
-    g = (L[:, core] @ Fc[..., None])[..., 0]                            # light per patch row
     w, V = torch.linalg.eigh(icov)
     Q = (V * torch.sqrt(torch.clamp(w, min=0.0))[..., None, :]) @ V.transpose(-1, -2)
     norm = Q.sum(dim=-1)
@@ -735,14 +786,12 @@ def solve_patches_torch(lsf_band, K0, K1, b, core_slots, *, regularize: float, h
     inv_norm = torch.where(okn, 1.0 / torch.where(okn, norm, torch.ones_like(norm)), torch.zeros_like(norm))
     flux = (Q @ Fc[..., None])[..., 0] * inv_norm                        # R F with R = Q / norm
     ivar = torch.where(okn, norm**2, torch.zeros_like(norm))
-    # band of R: res[k, j] = R[j, j + k - h]
-    h = int(halfwidth)
-    jj = torch.arange(nb, device=device)
-    kk = torch.arange(2 * h + 1, device=device)
-    col = jj[None, :] + kk[:, None] - h                                 # (2h+1, nb)
-    okc = (col >= 0) & (col < nb)
-    colc = col.clamp(0, nb - 1)
-    res = Q[..., jj[None, :].expand_as(colc), colc] * okc * inv_norm[..., None, :]
+    # band of R: res[k, j] = R[j, j + k - h], read off the diagonals of Q
+    res = torch.zeros(Q.shape[:-2] + (2 * h + 1, nb), dtype=dt, device=device)
+    for k in range(2 * h + 1):
+        o = k - h
+        res[..., k, max(0, -o):nb - max(0, o)] = Q.diagonal(o, dim1=-2, dim2=-1)
+    res *= inv_norm[..., None, :]
     finite = torch.isfinite(flux).all(dim=(-1, -2)) & torch.isfinite(ivar).all(dim=(-1, -2))
     failed |= ~finite
     return {"flux": flux.cpu().numpy(), "ivar": ivar.cpu().numpy(), "res": res.cpu().numpy(),
@@ -804,35 +853,32 @@ def _assemble(tab: FrameTables, plan: PatchPlan, sol: dict, ny: int, h: int):
     g = np.zeros((nf, n_ext))
     res = np.zeros((nf, 2 * h + 1, n_ext), np.float32)
     retried = np.zeros((nf, n_ext), bool)
-    core = plan.core_slots
-    for p in range(plan.n_patches):
-        e = plan.e0[p] + np.flatnonzero(plan.keep_bins[p])
-        kb = plan.keep_bins[p]
-        for ci, slot in enumerate(core):
-            f = plan.fibers[p, slot]
-            if f < 0 or not plan.keep_fiber[p, ci]:
-                continue
-            flux[f, e] = sol["flux"][p, ci, kb]
-            ivar[f, e] = sol["ivar"][p, ci, kb]
-            g[f, e] = sol["g"][p, ci, kb]
-            res[f, :, e] = sol["res"][p, ci][:, kb].T
-            retried[f, e] = sol["retried"][p]
+    fib = plan.fibers[:, plan.core_slots]                                # (n_patches, nc)
+    pi, ci, ji = np.nonzero((plan.keep_fiber & (fib >= 0))[:, :, None] & plan.keep_bins[:, None, :])
+    f, e = fib[pi, ci], plan.e0[pi] + ji                   # every kept (fiber, bin) exactly once
+    flux[f, e] = sol["flux"][pi, ci, ji]
+    ivar[f, e] = sol["ivar"][pi, ci, ji]
+    g[f, e] = sol["g"][pi, ci, ji]
+    res[f, :, e] = sol["res"][pi, ci, :, ji]
+    retried[f, e] = sol["retried"][pi]
     sl = slice(pad, pad + ny)
     return flux[:, sl], ivar[:, sl], g[:, sl], res[..., sl], retried[:, sl]
 
 
-def _chi2_rows(tab: FrameTables, g: np.ndarray, model: np.ndarray | None = None):
+def _chi2_rows(tab: FrameTables, g: np.ndarray, model: np.ndarray | None = None, row_block: int = 256):
     """Profile-weighted chi^2 per pixel of each fiber at each row (model of all fibers)."""
     if model is None:
         model = model_image(tab, g)
     nf, ny, nw = tab.prof.shape
-    on, idx = _windows(tab, 0, ny)
-    resid2 = ((tab.img - model) ** 2 * tab.w).ravel()
-    good = (tab.w > 0).ravel()
-    r2 = np.where(on, resid2[idx], 0.0)
-    gp = on & good[idx]
-    num = np.sum(tab.prof * r2 * gp, axis=-1)
-    den = np.sum(tab.prof * gp, axis=-1)
+    resid2 = (tab.img - model) ** 2 * tab.w
+    num = np.zeros((nf, ny))
+    den = np.zeros((nf, ny))
+    for r0 in range(0, ny, row_block):
+        r1 = min(ny, r0 + row_block)
+        r2, gw = _gather_windows((resid2, tab.w > 0), tab.first, r0, r1, nw)
+        P = tab.prof[:, r0:r1]
+        num[:, r0:r1] = np.sum(P * r2 * gw, axis=-1)
+        den[:, r0:r1] = np.sum(P * gw, axis=-1)
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), den
 
 
@@ -941,14 +987,18 @@ def deconv_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None,
 
         def solver(tab_, plan_, sel, **k):
             return solve_patches_torch(*gather_patches(tab_, plan_, sel), plan_.core_slots, device=dev, **k)
+
+        def light_solver(tab_, plan_, sel, **k):                 # the fitted light only
+            return solver(tab_, plan_, sel, products=False, **k)
         device_name = str(dev)
         if dev.type == "cpu" and params.cpu_threads > 0:
-            solver = _with_threads(solver, params.cpu_threads)
+            solver, light_solver = _with_threads(solver, params.cpu_threads), _with_threads(light_solver,
+                                                                                             params.cpu_threads)
     elif backend == "numpy":
         from fiberlake.processors.deconv_reference import solve_patches_reference
 
         batch = params.batch or 64
-        solver = solve_patches_reference
+        solver = light_solver = solve_patches_reference
         device_name = "numpy"
     else:
         raise ValueError(f"backend {backend!r} not one of torch, numpy")
@@ -957,7 +1007,7 @@ def deconv_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None,
     if params.variance_model == "rows":
         set_model_weights(tab, row_fit(tab), rn2)
     elif params.variance_model == "deconv":
-        sol = _run_patches(tab, plan, params, solver, batch)
+        sol = _run_patches(tab, plan, params, light_solver, batch)
         set_model_weights(tab, _assemble(tab, plan, sol, ny, h)[2], rn2)
     t2 = time.perf_counter()
     sol = _run_patches(tab, plan, params, solver, batch)

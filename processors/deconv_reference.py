@@ -18,6 +18,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
+from fiberlake.processors import deconv as D
 from fiberlake.processors.deconv import DeconvParams, DeconvSpectra, FrameTables, PatchPlan, deconv_extract
 
 
@@ -134,3 +135,135 @@ def solve_patches_reference(tab: FrameTables, plan: PatchPlan, sel: np.ndarray, 
 def deconv_extract_reference(image, ivar, mask, traces, psf, params: DeconvParams | None = None) -> DeconvSpectra:
     """:func:`~fiberlake.processors.deconv.deconv_extract` with the dense numpy/scipy solver."""
     return deconv_extract(image, ivar, mask, traces, psf, params, backend="numpy")
+
+
+def solve_patches_torch_dense(lsf_band, K0, K1, b, core_slots, *, regularize: float, halfwidth: int, device):
+    """The torch solver as it was before issue 19 (kept to compare the products against).
+
+    Same equations as :func:`fiberlake.processors.deconv.solve_patches_torch`; separate
+    triangular solves for the coupling blocks and the right-hand side, and every
+    Cholesky-solve step written out.
+
+    Parameters
+    ----------
+    lsf_band, K0, K1, b : ndarrays from :func:`gather_patches`
+    core_slots : int array (nc,)
+    regularize : float
+        Relative ridge per fiber block.
+    halfwidth : int
+        Resolution band half-width ``h``.
+    device : torch.device
+
+    Returns
+    -------
+    dict of ndarrays
+        ``flux``, ``ivar`` (B, nc, nb); ``res`` (B, nc, 2h+1, nb); ``g`` (B, nc, nb): the
+        fitted light per patch row ``L F``; ``failed`` (B,) bool (Cholesky failure or
+        non-finite result).
+    """
+    import torch
+
+    dt = torch.float64
+    B, m, nb, nd = lsf_band.shape
+    wy = (nd - 1) // 2
+    r_idx, j_idx, d_idx, _ = D._band_to_dense_index(nb, wy)
+    band = torch.as_tensor(lsf_band, dtype=dt, device=device)
+    L = torch.zeros((B, m, nb, nb), dtype=dt, device=device)
+    L[:, :, torch.as_tensor(r_idx, device=device), torch.as_tensor(j_idx, device=device)] = \
+        band[:, :, torch.as_tensor(j_idx, device=device), torch.as_tensor(d_idx, device=device)]
+    k0 = torch.as_tensor(K0, dtype=dt, device=device)
+    k1 = torch.as_tensor(K1, dtype=dt, device=device)
+    bb = torch.as_tensor(b, dtype=dt, device=device)
+    Lt = L.transpose(-1, -2)
+    Hd = Lt @ (k0[..., None] * L)                                       # (B, m, nb, nb)
+    Ho = Lt[:, :-1] @ (k1[:, :-1, :, None] * L[:, 1:])                  # H_{i,i+1}
+    rhs = (Lt @ bb[..., None])[..., 0]                                  # (B, m, nb)
+    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
+    scale = diag.amax(dim=-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Hd.diagonal(dim1=-2, dim2=-1).add_((regularize * scale)[..., None])
+    failed = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def chol(A):
+        Lc, info = torch.linalg.cholesky_ex(A)
+        return Lc, info != 0
+
+    # forward sweep: S_i and the forward-eliminated rhs
+    LS, Wt, y = [None] * m, [None] * m, [None] * m
+    S_list = [None] * m
+    S = Hd[:, 0]
+    y[0] = rhs[:, 0]
+    for i in range(m):
+        if i > 0:
+            W_ = torch.linalg.solve_triangular(LS[i - 1], Ho[:, i - 1], upper=False)
+            Wt[i] = W_
+            S = Hd[:, i] - W_.transpose(-1, -2) @ W_
+            z = torch.linalg.solve_triangular(LS[i - 1], y[i - 1][..., None], upper=False)
+            y[i] = rhs[:, i] - (W_.transpose(-1, -2) @ z)[..., 0]
+        S_list[i] = S
+        LS[i], bad = chol(S)
+        failed |= bad
+    # back-substitution
+    F = [None] * m
+    F[m - 1] = torch.cholesky_solve(y[m - 1][..., None], LS[m - 1])[..., 0]
+    for i in range(m - 2, -1, -1):
+        F[i] = torch.cholesky_solve((y[i] - (Ho[:, i] @ F[i + 1][..., None])[..., 0])[..., None], LS[i])[..., 0]
+    # backward sweep down to the first core slot: T_i
+    lo = int(np.min(core_slots))
+    T_list = [None] * m
+    T = Hd[:, m - 1]
+    T_list[m - 1] = T
+    LT, bad = chol(T)
+    failed |= bad
+    for i in range(m - 2, lo - 1, -1):
+        V_ = torch.linalg.solve_triangular(LT, Ho[:, i].transpose(-1, -2), upper=False)
+        T = Hd[:, i] - V_.transpose(-1, -2) @ V_
+        T_list[i] = T
+        LT, bad = chol(T)
+        failed |= bad
+    core = [int(c) for c in core_slots]
+    # C_ii^-1 of the core fibers (eigh reads the lower triangle only)
+    icov = torch.stack([S_list[i] + T_list[i] - Hd[:, i] for i in core], dim=1)   # (B, nc, nb, nb)
+    Fc = torch.stack([F[i] for i in core], dim=1)                       # (B, nc, nb)
+    g = (L[:, core] @ Fc[..., None])[..., 0]                            # light per patch row
+    w, V = torch.linalg.eigh(icov)
+    Q = (V * torch.sqrt(torch.clamp(w, min=0.0))[..., None, :]) @ V.transpose(-1, -2)
+    norm = Q.sum(dim=-1)
+    okn = norm > 0
+    inv_norm = torch.where(okn, 1.0 / torch.where(okn, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    flux = (Q @ Fc[..., None])[..., 0] * inv_norm                        # R F with R = Q / norm
+    ivar = torch.where(okn, norm**2, torch.zeros_like(norm))
+    # band of R: res[k, j] = R[j, j + k - h]
+    h = int(halfwidth)
+    jj = torch.arange(nb, device=device)
+    kk = torch.arange(2 * h + 1, device=device)
+    col = jj[None, :] + kk[:, None] - h                                 # (2h+1, nb)
+    okc = (col >= 0) & (col < nb)
+    colc = col.clamp(0, nb - 1)
+    res = Q[..., jj[None, :].expand_as(colc), colc] * okc * inv_norm[..., None, :]
+    finite = torch.isfinite(flux).all(dim=(-1, -2)) & torch.isfinite(ivar).all(dim=(-1, -2))
+    failed |= ~finite
+    return {"flux": flux.cpu().numpy(), "ivar": ivar.cpu().numpy(), "res": res.cpu().numpy(),
+            "g": g.cpu().numpy(), "failed": failed.cpu().numpy()}
+
+
+def cholesky_resolution(icov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resolution matrix from the Cholesky factor instead of the symmetric square root.
+
+    With ``icov = U^T U`` (``U`` upper triangular) the spectrum ``U F`` has unit-variance,
+    uncorrelated errors too: every ``Q`` with ``Q^T Q = icov`` decorrelates, and they differ
+    by an orthogonal rotation (``Q_sym = O U`` with ``O`` the polar factor of ``U``). Only
+    the symmetric one keeps ``R`` a symmetric, centred line-spread; ``U``'s rows are
+    one-sided. This function exists for the test that shows the two are *not* the same
+    product, which is why the solver keeps the eigen-decomposition.
+
+    Returns
+    -------
+    R : ndarray (nb, nb)
+        ``U`` with rows normalised to unit sum.
+    ivar : ndarray (nb,)
+        Squared row sums of ``U``.
+    """
+    U = scipy.linalg.cholesky(icov, lower=False)
+    norm = U.sum(axis=1)
+    return U / norm[:, None], norm**2

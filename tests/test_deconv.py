@@ -267,3 +267,107 @@ def test_cuda_matches_cpu(setup):
     np.testing.assert_allclose(a.flux, b.flux, rtol=0, atol=1e-6 * np.abs(a.flux).max())
     np.testing.assert_allclose(a.ivar, b.ivar, rtol=1e-5)
     np.testing.assert_allclose(a.resolution, b.resolution, atol=1e-6)
+
+
+# --------------------------------------------------------------------- issue 19: same products, faster
+
+
+def test_solver_matches_the_solver_before_issue_19(setup):
+    """The batched solver (fused triangular solves, band of R read off Q's diagonals) against
+    the torch solver as it was before issue 19: the same products within 1e-6 (observed ~3e-8:
+    the blocks' condition number ~1e10 turns summation-order rounding into ~1e-8)."""
+    import torch
+
+    from fiberlake.processors.deconv_reference import solve_patches_torch_dense
+
+    traces, psf = setup["traces"], setup["psf"]
+    obs, iv = observe(setup["expected"], np.random.default_rng(SEED + 21))
+    params = D.DeconvParams()
+    tab = D.prepare(obs, iv, None, traces, psf, params.pad_rows)
+    D.set_model_weights(tab, D.row_fit(tab), D.read_noise_variance(tab.img, tab.w))
+    plan = D.plan_patches(traces.n_fibers, obs.shape[0], params)
+    sel = np.arange(plan.n_patches)
+    args = (*D.gather_patches(tab, plan, sel), plan.core_slots)
+    kw = dict(regularize=params.regularize, halfwidth=H, device=torch.device("cpu"))
+    new, old = D.solve_patches_torch(*args, **kw), solve_patches_torch_dense(*args, **kw)
+    assert not old["failed"].any() and np.array_equal(new["failed"], old["failed"])
+    np.testing.assert_allclose(new["flux"], old["flux"], rtol=0, atol=1e-6 * np.abs(old["flux"]).max())
+    np.testing.assert_allclose(new["ivar"], old["ivar"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(new["res"], old["res"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(new["g"], old["g"], rtol=0, atol=1e-5 * np.abs(old["g"]).max())
+    light = D.solve_patches_torch(*args, **kw, products=False)           # the deconv variance model's pass
+    np.testing.assert_array_equal(light["g"], new["g"])
+    assert not light["failed"].any() and not light["flux"].any()
+
+
+def test_cholesky_R_decorrelates_too_but_is_not_the_products_R(setup):
+    """Why the solver keeps the eigen-decomposition: R from the Cholesky factor of C^-1 also gives
+    uncorrelated unit-variance errors, but it is a one-sided line-spread (its rows' centroids
+    sit a row or more off their bin), not the symmetric R of the stored products."""
+    import scipy.linalg
+
+    from fiberlake.processors.deconv_reference import cholesky_resolution, patch_matrix
+
+    traces, psf = setup["traces"], setup["psf"]
+    obs, iv = observe(setup["expected"], np.random.default_rng(SEED + 22))
+    params = D.DeconvParams(fibers_per_patch=2, rows_per_patch=20)
+    tab = D.prepare(obs, iv, None, traces, psf, params.pad_rows)
+    plan = D.plan_patches(traces.n_fibers, obs.shape[0], params)
+    p = plan.n_patches // 2 + 3                                         # an interior patch
+    A, pix = patch_matrix(tab, plan, p)
+    Hm = (A.T @ (A.multiply(tab.w.ravel()[pix][:, None]))).toarray()
+    nb = plan.nb
+    Hm += 1e-10 * Hm.diagonal().max() * np.eye(Hm.shape[0])
+    blk = slice(plan.core_slots[0] * nb, (plan.core_slots[0] + 1) * nb)
+    C = np.linalg.inv(Hm)[blk, blk]
+    icov = np.linalg.inv(0.5 * (C + C.T))
+    icov = 0.5 * (icov + icov.T)
+    w, V = np.linalg.eigh(icov)
+    Q = (V * np.sqrt(w)) @ V.T
+    U = scipy.linalg.cholesky(icov, lower=False)
+    for M in (Q, U):                                                    # both decorrelate: M C M^T = I
+        np.testing.assert_allclose(M @ C @ M.T, np.eye(nb), atol=1e-6)
+    R_sym = Q / Q.sum(axis=1)[:, None]
+    R_chol, ivar_chol = cholesky_resolution(icov)
+    rows = np.arange(10, nb - 10)
+    centroid = lambda R: (R[rows] * np.arange(nb)).sum(axis=1) - rows  # noqa: E731
+    assert np.max(np.abs(centroid(R_sym))) < 0.2
+    assert np.median(np.abs(centroid(R_chol))) > 1.0
+    assert np.abs(R_sym - R_chol)[rows].max() > 0.1
+
+
+def test_window_gathers_match_flat_index_gathers_off_the_ccd(setup):
+    """The strided-view window gathers (prepare, reduce_rows, model_image, chi^2) against the
+    flat-index gathers they replaced, on a frame cropped so fiber 0's windows leave the CCD."""
+    cam, traces, psf = setup["cam"], setup["traces"], setup["psf"]
+    obs, iv = observe(setup["expected"], np.random.default_rng(SEED + 23))
+    crop = int(np.floor(cam.trace_x[0].min()))
+    coeffs = traces.coeffs.copy()
+    coeffs[:, 0] -= crop
+    tr = TraceSet(coeffs, traces.ny, traces.dead, traces.rms, traces.sigma)
+    img, ivc = obs[:, crop:], iv[:, crop:].copy()
+    mask = np.zeros(img.shape, np.uint32)
+    mask[60:63, 0:12] = Mask.COSMIC
+    ivc[60:63, 0:12] = 0
+    tab = D.prepare(img, ivc, mask, tr, psf, 10)
+    nf, ny, nw = tab.prof.shape
+    nx = img.shape[1]
+    cols = tab.first[..., None] + np.arange(nw)
+    on = (cols >= 0) & (cols < nx)
+    assert not on.all() and on.any(axis=-1).all()                       # some windows hang off the CCD
+    idx = np.arange(ny)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
+    wv = np.where(on, tab.w.ravel()[idx], 0.0)
+    P = tab.prof
+    np.testing.assert_array_equal(tab.K0[:, 10:10 + ny], np.sum(P * wv * P, axis=-1))
+    np.testing.assert_array_equal(tab.b[:, 10:10 + ny], np.sum(P * wv * np.where(on, tab.img.ravel()[idx], 0.0),
+                                                                 axis=-1))
+    good = on & tab.good.ravel()[idx]
+    np.testing.assert_array_equal(tab.gx, np.sum(np.where(good, P, 0.0), axis=-1))
+    np.testing.assert_array_equal(tab.ox, np.sum(np.where(on, 0.0, P), axis=-1))
+    sig = on & (P > D.SIGNIFICANT_WEIGHT)
+    np.testing.assert_array_equal(tab.ngood, np.sum(sig & good, axis=-1))
+    g = np.random.default_rng(1).uniform(0, 1e4, (nf, ny))
+    model = np.zeros(ny * nx)
+    for grp in range(2):
+        model[idx[grp::2][on[grp::2]]] += (g[..., None] * P)[grp::2][on[grp::2]]
+    np.testing.assert_array_equal(D.model_image(tab, g), model.reshape(ny, nx))
