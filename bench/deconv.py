@@ -288,7 +288,7 @@ def speed(args) -> None:
     nfp, nb = plan.fibers.shape[1], plan.nb
     eigh_us = _eigh_us(nb)
     revs = [r for r in args.before.split(",") if r]
-    runs = [_spawn("torch", inputs)] + [_spawn("torch", inputs, rev=r) for r in revs]
+    runs = [_spawn("torch", inputs, rev=args.after)] + [_spawn("torch", inputs, rev=r) for r in revs]
     runs.append(_spawn("numpy", inputs, args.reference_patches))
     if torch.cuda.is_available():
         runs.append(_spawn("cuda", inputs))
@@ -313,10 +313,10 @@ def speed(args) -> None:
 
     def label(r):
         name = {"torch": "torch CPU (1 thread)", "cuda": "torch CUDA", "numpy": "numpy/scipy reference (1 thread)"}[r["what"]]
-        if r.get("rev"):
-            name += f" @ {r['rev']}"
+        if r.get("rev") and r["rev"] != args.after:
+            name += f" @ {r['rev']} (before)"
         elif r["what"] == "torch":
-            name += ", this tree"
+            name += f" @ {args.after} (after)" if args.after else ", this tree (after)"
         if r.get("measured_patches"):
             name += f" [{r['measured_patches']} patches, scaled]"
         return name
@@ -343,7 +343,7 @@ def speed(args) -> None:
         print(f"{'':<{width + 7}}patch solves at {total_flop / solve / 1e9:.1f} GFLOP/s = "
               f"{total_flop / solve / 1e9 / gemm:.0%} of 1-thread GEMM; the eigen-decompositions' share at the "
               f"rate above {n_eigh * eigh_us / 1e6 / solve:.0%}; next frame same products: {r.get('same_next')}")
-    after = np.load(tmp / "out-torch.npz")
+    after = np.load(tmp / f"out-torch{args.after}.npz")
     others = [(f"main @ {r}", tmp / f"out-torch{r}.npz") for r in revs] + [("numpy reference", tmp / "out-numpy.npz"),
                                                                         ("CUDA", tmp / "out-cuda.npz")]
     for name, path in others:
@@ -583,6 +583,8 @@ def main() -> None:
     s.add_argument("--reference-patches", type=int, default=0,
                    help="time the numpy reference on this many patches only (0: the whole frame)")
     s.add_argument("--no-shapes", action="store_true")
+    s.add_argument("--after", default="", help="git revision of processors/deconv.py for the 'after' run "
+                   "(default: this tree)")
     s.add_argument("--before", default="",
                    help="comma-separated git revisions whose processors/deconv.py also runs (before/after)")
     a = sub.add_parser("accuracy")
