@@ -21,13 +21,16 @@ z-scores each stripe. Here:
   spectrum that RC-Net and the template fit see, from the same (sky-subtracted) pixels;
 * :func:`degrade` makes a bright star fainter (training augmentation): the star's signal scaled by
   ``f`` plus the noise that the frame's variance model (read noise + Poisson) gives the fainter
-  star on the same sky.
+  star on the same sky;
+* :func:`optimal_extraction_gain` measures what a stripe carries beyond its aperture sum: the S/N
+  of a profile-weighted extraction over the sum's.
 
 Pure functions: arrays in, arrays out.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -256,6 +259,41 @@ def degrade(signal: np.ndarray, var: np.ndarray, background_var: np.ndarray, goo
     out = f * signal + rng.standard_normal(signal.shape) * np.sqrt(extra)
     new_var = np.maximum(f * (var - bkg), 0.0) + bkg
     return np.where(good, out, 0.0).astype(np.float32), np.where(good, new_var, 0.0).astype(np.float32)
+
+
+def optimal_extraction_gain(signal: np.ndarray, noise_var: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """S/N of a profile-weighted (optimal) extraction over the aperture sum, per stripe: what a stripe can carry
+    beyond its aperture spectrum at a given noise.
+
+    With the fiber's cross profile ``p`` (the stripe's summed signal over wavelength, clipped at 0,
+    normalised) and per-pixel noise variance ``v`` (median over wavelength), the optimal
+    extraction's S/N is ``sqrt(sum p^2 / v)`` per unit flux and the aperture sum's
+    ``1 / sqrt(sum v)``; their ratio is >= 1 (equal for a flat profile or noise-free wings).
+    ``noise_var = background`` gives the faint (background-limited) limit, ``noise_var = var``
+    the star's own brightness.
+
+    Parameters
+    ----------
+    signal, noise_var : ndarray, shape (n, rows, w)
+        Sky-subtracted stripes (electrons) and the variance to weigh by.
+    good : ndarray of bool, same shape
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The gain (NaN for a stripe without light or without good pixels).
+    """
+    sig = np.where(good, np.asarray(signal, np.float64), 0.0)
+    prof = np.clip(sig.sum(axis=2), 0.0, None)
+    total = prof.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)                  # all-NaN pixels of a dead stripe
+        prof = np.where(total > 0, prof / np.where(total > 0, total, 1.0), np.nan)
+        v = np.nanmedian(np.where(good, np.asarray(noise_var, np.float64), np.nan), axis=2)
+        v = np.where(v > 0, v, np.nan)
+        gain = np.sqrt(np.nansum(prof ** 2 / v, axis=1) * np.nansum(v, axis=1))
+    ok = np.isfinite(prof).all(axis=1) & np.isfinite(v).all(axis=1)
+    return np.where(ok, gain, np.nan)
 
 
 def factor_for_snr(star: np.ndarray, background: np.ndarray, snr: np.ndarray) -> np.ndarray:

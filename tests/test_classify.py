@@ -118,6 +118,24 @@ def test_degraded_star_has_the_fainter_stars_noise():
     assert abs(fs[0] * 1e4 / np.sqrt(fs[0] * 1e4 + 100.0) - 5.0) < 1e-6 and fs[1] == 1.0
 
 
+def test_optimal_extraction_gain_over_the_aperture_sum():
+    x = np.arange(11) - 5.0
+    w = 300
+    good = np.ones((3, 11, w), bool)
+    narrow, broad = np.exp(-0.5 * (x / 1.0) ** 2), np.exp(-0.5 * (x / 2.5) ** 2)
+    signal = np.stack([np.repeat(p[:, None], w, axis=1) for p in (narrow, broad, np.ones(11))])
+    bkg = np.full((3, 11, w), 10.0)
+    gain = st.optimal_extraction_gain(signal, bkg, good)
+    for g, p in zip(gain, (narrow, broad, np.ones(11))):     # uniform noise: sqrt(11 sum p^2), p normalised
+        assert abs(g - np.sqrt(11 * ((p / p.sum()) ** 2).sum())) < 1e-9
+    assert gain[0] > 1.7 and 1.1 < gain[1] < 1.2 and abs(gain[2] - 1.0) < 1e-12
+    # noise dominated by the star's own core (bright star): weighting buys nothing
+    assert abs(st.optimal_extraction_gain(signal[:1], 1e-6 + 100.0 * signal[:1], good[:1])[0] - 1.0) < 0.05
+    dead = good.copy()
+    dead[1] = False
+    assert np.isnan(st.optimal_extraction_gain(signal, bkg, dead)[1])
+
+
 def test_training_nights_spread_over_designs_and_validation_never_shares_one():
     from fiberlake.jobs.classify_data import DESIGN_STRIDE, plan_exposures
 
