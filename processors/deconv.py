@@ -44,9 +44,9 @@ Computation
   centroids sit rows off their bins, so it is not used. The ``deconv`` variance model's first
   pass needs only the fitted light and skips the backward sweep and the eigen-decomposition.
 * **Profile windows** of the per-pixel arrays (weights, data, masks, residuals) are read
-  through strided views of sliding windows over row blocks padded by the window width, and
-  the model image is written back the same way (fibers in two interleaved groups, whose
-  windows never overlap): no flat index arrays the size of the frame.
+  through strided views of sliding windows over row blocks padded by the window width (no
+  flat index arrays the size of the frame), their profile-weighted sums are stacked vector
+  products, and the model image is a weighted ``bincount`` of the windows per row block.
 
 Everything runs in float64 with torch (CUDA when available); :mod:`.deconv_reference`
 implements the same equations with dense per-patch matrices in numpy/scipy.
@@ -450,6 +450,11 @@ def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces
     return tab
 
 
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum(a * b, axis=-1)`` as stacked vector products (no temporary of the product)."""
+    return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
+
+
 def _window_on(first: np.ndarray, r0: int, r1: int, nw: int, nx: int) -> np.ndarray:
     """Which columns of each fiber's profile window (rows ``r0:r1``) lie on the CCD."""
     cols = first[:, r0:r1, None] + np.arange(nw)
@@ -488,15 +493,15 @@ def reduce_rows(tab: FrameTables, row_block: int = 256) -> None:
         ww, dw = _gather_windows((tab.w, tab.img), tab.first, r0, r1, nw)
         P = tab.prof[:, r0:r1]
         PW = P * ww
-        tab.K0[:, pad + r0:pad + r1] = np.sum(PW * P, axis=-1)
-        tab.b[:, pad + r0:pad + r1] = np.sum(PW * dw, axis=-1)
+        tab.K0[:, pad + r0:pad + r1] = _rowdot(PW, P)
+        tab.b[:, pad + r0:pad + r1] = _rowdot(PW, dw)
         if nf > 1:
             fc = tab.first[:, r0:r1]
             shift = fc[1:] - fc[:-1]                                     # (nf-1, nr)
             j = np.arange(nw)[None, None, :] - shift[..., None]
             okn = (j >= 0) & (j < nw)
             Pn = np.take_along_axis(P[1:], np.clip(j, 0, nw - 1), axis=-1) * okn
-            tab.K1[:-1, pad + r0:pad + r1] = np.sum(PW[:-1] * Pn, axis=-1)
+            tab.K1[:-1, pad + r0:pad + r1] = _rowdot(PW[:-1], Pn)
 
 
 def model_image(tab: FrameTables, g: np.ndarray, row_block: int = 256) -> np.ndarray:
@@ -504,16 +509,14 @@ def model_image(tab: FrameTables, g: np.ndarray, row_block: int = 256) -> np.nda
     nf, ny, nw = tab.prof.shape
     nx = tab.img.shape[1]
     model = np.zeros((ny, nx))
+    offsets = np.arange(nw)
     for r0 in range(0, ny, row_block):
         r1 = min(ny, r0 + row_block)
-        padded = np.zeros((r1 - r0, nx + 2 * nw))
-        windows = np.lib.stride_tricks.sliding_window_view(padded, nw, axis=1, writeable=True)
         start = _window_starts(tab.first, r0, r1, nw, nx)
-        rows = np.arange(r1 - r0)[None, :]
+        pix = (np.arange(r1 - r0)[None, :, None] * (nx + 2 * nw) + start[..., None]) + offsets
         contrib = g[:, r0:r1, None] * tab.prof[:, r0:r1]
-        for grp in range(2):                               # windows within a group never overlap
-            windows[rows, start[grp::2]] += contrib[grp::2]
-        model[r0:r1] = padded[:, nw:nw + nx]
+        padded = np.bincount(pix.ravel(), weights=contrib.ravel(), minlength=(r1 - r0) * (nx + 2 * nw))
+        model[r0:r1] = padded.reshape(r1 - r0, nx + 2 * nw)[:, nw:nw + nx]
     return model
 
 
@@ -876,9 +879,9 @@ def _chi2_rows(tab: FrameTables, g: np.ndarray, model: np.ndarray | None = None,
     for r0 in range(0, ny, row_block):
         r1 = min(ny, r0 + row_block)
         r2, gw = _gather_windows((resid2, tab.w > 0), tab.first, r0, r1, nw)
-        P = tab.prof[:, r0:r1]
-        num[:, r0:r1] = np.sum(P * r2 * gw, axis=-1)
-        den[:, r0:r1] = np.sum(P * gw, axis=-1)
+        Pg = tab.prof[:, r0:r1] * gw
+        num[:, r0:r1] = _rowdot(Pg, r2)
+        den[:, r0:r1] = Pg.sum(axis=-1)
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), den
 
 
