@@ -242,6 +242,8 @@ COSMIC_SIGMA = 10.0
 """A cosmic-ray pixel exceeds its neighbours by more than this many times the frame's pixel noise."""
 COSMIC_CONTRAST = 0.5
 """... and by more than this fraction of its own level above the pedestal (PSF-wide lines and fibers do not)."""
+HIT_BLOCK_ROWS = 128
+"""Rows :func:`cosmic_hits` processes at a time (speed only)."""
 COSMIC_COUNT_SCALE = 32
 """uint8 value of one cosmic-ray pixel in an output pixel of the cosmics channel (8 or more saturate)."""
 
@@ -314,13 +316,17 @@ def cosmic_hits(image: np.ndarray, sigma: float = COSMIC_SIGMA, contrast: float 
     if x.ndim != 2 or x.shape[1] < 3:
         return hits
     floor = np.float32(sigma * pixel_noise(x))
-    rise = x[:, 1:-1] - np.maximum(x[:, :-2], x[:, 2:])
-    iy, ix = np.nonzero(rise > floor)
-    if iy.size == 0:
-        return hits
     pedestal = np.float32(np.percentile(x[::8, ::8], 1.0))
-    keep = rise[iy, ix] > np.float32(contrast) * (x[iy, ix + 1] - pedestal)
-    hits[iy[keep], ix[keep] + 1] = True
+    rise = np.empty((min(HIT_BLOCK_ROWS, x.shape[0]), x.shape[1] - 2), dtype=np.float32)
+    for start in range(0, x.shape[0], HIT_BLOCK_ROWS):   # blocks of rows: the temporaries stay in cache
+        block = x[start:start + HIT_BLOCK_ROWS]
+        r = rise[:block.shape[0]]
+        np.maximum(block[:, :-2], block[:, 2:], out=r)
+        np.subtract(block[:, 1:-1], r, out=r)
+        iy, ix = np.nonzero(r > floor)
+        if iy.size:
+            keep = r[iy, ix] > np.float32(contrast) * (block[iy, ix + 1] - pedestal)
+            hits[start + iy[keep], ix[keep] + 1] = True
     return hits
 
 
