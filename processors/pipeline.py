@@ -408,10 +408,12 @@ def prepare_frame(raw: np.ndarray, ccd_params: ccd.CCDParams, calib: Calibration
     adu, mask = ccd.correct_counts(raw, camera, calib.master_bias)
     rect = calib.rectification  # when set, the calibration lives in the rectified frame
     run = params.execution
+    threads = frame_tiles.threads(run.prepare_threads)
+    # in one process, tiles beyond one per thread only add their margins' work
     image = frame_tiles.correct_frame(adu, mask, camera, cosmics=params.cosmics.enabled,
                                       rmap=None if rect is None else rect.map,
                                       order=3 if rect is None else rect.config.order,
-                                      n_tiles=run.prepare_tiles, threads=frame_tiles.threads(run.prepare_threads))
+                                      n_tiles=min(run.prepare_tiles, threads), threads=threads)
     return cut_frame(image, calib, params)
 
 
