@@ -586,8 +586,9 @@ class ClassifyTrainParams(ParSet):
     heldout_designs: int = par(12, "instrument designs of the held-out exposures of each star model",
                                bounds=(1, 100000))
     snr_min: float = par(30.0, "train on stars above this S/N_r (the paper: 30)", bounds=(0.0, 1e6))
-    epochs: int = par(60, "most passes over the training stars", bounds=(1, 100000))
-    patience: int = par(8, "stop when the validation loss has not improved for this many epochs (the paper: "
+    epochs: int = par(36, "most passes over the training stars (the shipped model: DRC-Net reaches it, RC-Net "
+                      "stops early at 17)", bounds=(1, 100000))
+    patience: int = par(10, "stop when the validation loss has not improved for this many epochs (the paper: "
                         "50 of 300)", bounds=(1, 100000))
     batch: int = par(32, "stars per AdaGrad update (the paper: 4)", bounds=(1, 4096))
     lr: float = par(1e-2, "AdaGrad learning rate (the paper: 1e-3 at batch 4)", bounds=(1e-7, 10.0))
@@ -601,7 +602,8 @@ class ClassifyTrainParams(ParSet):
     mirror_fraction: float = par(0.5, "fraction of training stars whose stripes are mirrored across the trace (the "
                                  "cross profile carries the instrument, not the star)", bounds=(0.0, 1.0))
     weight_decay: float = par(1e-4, "L2 weight decay of AdaGrad", bounds=(0.0, 1.0))
-    max_minutes: float = par(7.0, "stop each network's training after this many minutes", unit="min",
+    max_minutes: float = par(60.0, "safety cap: stop a network's training after this many minutes (a budget in "
+                             "minutes depends on the machine's load; epochs and patience are the rule)", unit="min",
                              bounds=(0.1, 10000.0))
     workers: int = par(2, "processes simulating the data", bounds=(1, 64), science=False)
     cpu_threads: int = par(2, "torch CPU threads while training", bounds=(1, 1024), science=False)
