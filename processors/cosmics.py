@@ -23,10 +23,10 @@ import numpy as np
 from astroscrappy.astroscrappy import update_mask
 from astroscrappy.utils import dilate3, laplaceconvolve, median, rebin, sepmedfilt5, sepmedfilt7, sepmedfilt9, subsample
 
-REACH = 10
+REACH = 8
 """Pixels of input around a pixel that one detection step reads: the Laplacian 1, the noise's
 7 x 7 median 3 more, the 7 x 7 median of the significance 3 more (the fine structure: 5 x 5 then
-9 x 9 medians, 6), two 3 x 3 dilations 2 more: 8, rounded up."""
+9 x 9 medians, 6), two 3 x 3 dilations 2 more."""
 CELL = 16
 """Side (pixels) of the cells an iteration after the first is recomputed in."""
 

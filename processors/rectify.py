@@ -65,7 +65,8 @@ BAD_TOLERANCE = 0.02
 MIN_WEIGHT = 1e-3
 """Good input pixels pass their mask bits to outputs receiving more than this of them."""
 _FATAL = MASK_DTYPE(FATAL)
-_BLOCK = 256  # lines per block of the 1D passes (bounds memory on 4096 x 4096 frames)
+_BLOCK = 256  # lines per block of the map's evaluation (bounds memory on 4096 x 4096 frames)
+_REBIN_ELEMENTS = 1 << 17  # output pixels per block of the 1D rebinning passes (fits the cache)
 
 
 # ----------------------------------------------------------------------------- config
@@ -420,8 +421,9 @@ def _pass(q, var, bad, bits, tau_fn, n_lines, n_out, order, bad_tol, min_weight,
     """Rebin ``n_lines`` lines in blocks; outputs (n_lines, n_out), or their transposes."""
     shape = (n_out, n_lines) if transpose else (n_lines, n_out)
     outs = [np.empty(shape, np.float32), np.empty(shape), np.empty(shape, bool), np.empty(shape, MASK_DTYPE)]
-    for s in range(0, n_lines, _BLOCK):
-        e = min(n_lines, s + _BLOCK)
+    step = max(8, _REBIN_ELEMENTS // (n_out + 1))  # lines whose arrays stay in the CPU's cache
+    for s in range(0, n_lines, step):
+        e = min(n_lines, s + step)
         res = _rebin_lines(q(s, e), var(s, e), bad(s, e), bits(s, e), tau_fn(s, e), n_out, order,
                            bad_tol, min_weight)
         for o, r in zip(outs, res):
