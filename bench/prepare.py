@@ -130,6 +130,10 @@ def run_mode(cache: Path, code: str, tiles: int, threads: int, out: Path, refere
         times[f"{frame}: frame"] = t_prepare + times[f"{frame}: extract"] + times[f"{frame}: finish"]
     np.savez(out, **{f"{m}/{k}": getattr(r.spectra, k) for m, r in reduced.items() for k in ("flux", "ivar", "mask")},
              read_noise=constants.read_noise)
+    root = Path(__file__).resolve().parents[1]
+    tree = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                          text=True).stdout.strip()
+    times["code"] = reference if code == "reference" else tree
     out.with_suffix(".json").write_text(json.dumps(times))
 
 
@@ -225,6 +229,8 @@ def main() -> None:
                         "--reference", args.reference], env=env, check=True)
         results[name] = (json.loads(out.with_suffix(".json").read_text()), dict(np.load(out)))
         print(f"  {name}: done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for name, (times, _) in results.items():
+        print(f"  {name}: code {times.pop('code')}")
     stages = list(next(iter(results.values()))[0])
     base_times, base = results["before"]
     print(f"\n{args.instrument} {args.camera} science frame, box + optimal, cosmic rays, rectification, in-process "
