@@ -27,8 +27,9 @@ REACH = 8
 """Pixels of input around a pixel that one detection step reads: the Laplacian 1, the noise's
 7 x 7 median 3 more, the 7 x 7 median of the significance 3 more (the fine structure: 5 x 5 then
 9 x 9 medians, 6), two 3 x 3 dilations 2 more."""
-CELL = 16
-"""Side (pixels) of the cells an iteration after the first is recomputed in."""
+CELL = 8
+"""Side (pixels) of the cells an iteration after the first is recomputed in (read with 2 x REACH
+more on each side: 8 covers the hits of a LAMOST frame with the fewest pixels read)."""
 
 
 def _f32(x: float) -> float:
