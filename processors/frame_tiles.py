@@ -1,7 +1,8 @@
 """The corrected frame computed in column tiles: cosmic rays and rectification per slab.
 
 Cosmic-ray detection (L.A.Cosmic) and the resampling into the rectified frame are the serial
-bulk of a frame's preparation (a full-size LAMOST frame: ~20-60 s and ~10-25 s on one core).
+bulk of a frame's preparation (a full-size LAMOST frame on one core: ~11 s and ~4 s, of which one
+L.A.Cosmic pass over the frame is ~8 s; ``bench/prepare.py``).
 Both are local: a cosmic-ray flag depends on a few pixels around it, and a rectified column on
 the CCD columns its light came from. So the frame is cut into ``n`` tiles of adjacent rectified
 columns; each tile's CCD columns (:func:`~fiberlake.processors.rectify.source_columns`), plus
