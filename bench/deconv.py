@@ -157,6 +157,42 @@ def _deconv_module(rev: str):
     return module
 
 
+def _interleaved(args) -> None:
+    """Every revision's ``deconv_extract`` in one process, interleaved, timed in CPU seconds.
+
+    On a shared machine the wall time of runs made one after the other varies by tens of per
+    cent with the other jobs; here each round runs every revision once, the stage timers of
+    each module read ``time.process_time`` (this process's CPU time), and the best of the
+    rounds after the first (the next frames of a calibration set) is reported. Code without
+    the per-set PSF-sample cache runs two rounds only (every frame is its first).
+    """
+    import types
+
+    import torch
+
+    revs = args.rev.split(",")
+    mods = {rev: _deconv_module(rev) for rev in revs}
+    cpu_clock = types.SimpleNamespace(perf_counter=time.process_time)
+    for D in mods.values():
+        D.time = cpu_clock                                  # the modules' stage timers in CPU seconds
+    image, ivar, mask, traces, psf = _load_inputs(Path(args.inputs))
+    res: dict = {"what": "interleaved", "threads": torch.get_num_threads(),
+                 "runs": {rev: {"cpu": [], "info": []} for rev in revs}}
+    for rnd in range(args.rounds):
+        for rev, D in mods.items():
+            if rnd >= 2 and not hasattr(D, "psf_samples"):
+                continue
+            params = D.DeconvParams(device="cpu")
+            t0 = time.process_time()
+            out = D.deconv_extract(image, ivar, mask, traces, psf, params)
+            res["runs"][rev]["cpu"].append(time.process_time() - t0)
+            res["runs"][rev]["info"].append(out.info)
+            if rnd == 0:
+                np.savez(Path(args.inputs).with_name(f"out-torch{rev}.npz"), flux=out.flux, ivar=out.ivar,
+                         res=out.resolution, mask=out.mask, chi2=out.chi2)
+    print("RESULT " + json.dumps(res))
+
+
 def _child(args) -> None:
     """Run one extraction on the saved inputs; print a JSON line."""
     import torch
@@ -206,9 +242,9 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def _spawn(what: str, inputs: Path, patches: int = 0, rev: str = "") -> dict:
+def _spawn(what: str, inputs: Path, patches: int = 0, rev: str = "", rounds: int = 3) -> dict:
     cmd = [sys.executable, __file__, "_run", "--what", what, "--inputs", str(inputs), "--patches", str(patches),
-           "--rev", rev]
+           "--rev", rev, "--rounds", str(rounds)]
     # one thread for every path (BLAS of numpy/scipy included): on a shared 2-core machine more
     # threads than free cores make batched small-matrix LAPACK calls 4-40x slower
     env = os.environ.copy() | {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -291,7 +327,19 @@ def speed(args) -> None:
     nfp, nb = plan.fibers.shape[1], plan.nb
     eigh_us = _eigh_us(nb)
     revs = [r for r in args.before.split(",") if r]
-    runs = [_spawn("torch", inputs, rev=args.after)] + [_spawn("torch", inputs, rev=r) for r in revs]
+    if revs:
+        # before/after: every revision in one process, interleaved, in CPU seconds (see _interleaved)
+        inter = _spawn("interleaved", inputs, rev=",".join([args.after] + revs), rounds=args.rounds)
+        runs = []
+        for rev, r in inter["runs"].items():
+            cached = "t_psf_samples" in r["info"][0]         # else every frame is a first frame
+            nxt = int(np.argmin(r["cpu"][1:])) + 1 if cached else int(np.argmin(r["cpu"]))
+            runs.append({"what": "torch", "rev": rev, "seconds": r["cpu"][0], "info": r["info"][0],
+                         "seconds_next": r["cpu"][nxt], "info_next": r["info"][nxt], "peak_mb": float("nan"),
+                         "same_next": f"CPU s, best of rounds {2 if cached else 1}-{len(r['cpu'])}: "
+                                      + ", ".join(f"{c:.1f}" for c in r["cpu"])})
+    else:
+        runs = [_spawn("torch", inputs, rev=args.after)]
     runs.append(_spawn("numpy", inputs, args.reference_patches))
     if torch.cuda.is_available():
         runs.append(_spawn("cuda", inputs))
@@ -347,7 +395,7 @@ def speed(args) -> None:
         solve = r["info_next"]["t_solve"] if "info_next" in r else r["info"]["t_solve"]
         print(f"{'':<{width + 7}}patch solves at {total_flop / solve / 1e9:.1f} GFLOP/s = "
               f"{total_flop / solve / 1e9 / gemm:.0%} of 1-thread GEMM; the eigen-decompositions' share at the "
-              f"rate above {n_eigh * eigh_us / 1e6 / solve:.0%}; next frame same products: {r.get('same_next')}")
+              f"rate above {n_eigh * eigh_us / 1e6 / solve:.0%}; next frame: {r.get('same_next')}")
     after = np.load(tmp / f"out-torch{args.after}.npz")
     others = [(f"main @ {r}", tmp / f"out-torch{r}.npz") for r in revs] + [("numpy reference", tmp / "out-numpy.npz"),
                                                                         ("CUDA", tmp / "out-cuda.npz")]
@@ -588,6 +636,7 @@ def main() -> None:
     s.add_argument("--reference-patches", type=int, default=0,
                    help="time the numpy reference on this many patches only (0: the whole frame)")
     s.add_argument("--no-shapes", action="store_true")
+    s.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved before/after runs")
     s.add_argument("--after", default="", help="git revision of processors/deconv.py for the 'after' run "
                    "(default: this tree)")
     s.add_argument("--before", default="",
@@ -599,7 +648,11 @@ def main() -> None:
     r.add_argument("--inputs", required=True)
     r.add_argument("--patches", type=int, default=0)
     r.add_argument("--rev", default="")
+    r.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.cmd == "_run" and args.what == "interleaved":
+        _interleaved(args)
+        return
     {"speed": speed, "accuracy": accuracy, "_run": _child}[args.cmd](args)
 
 
