@@ -61,3 +61,19 @@ def test_profile_residuals_match_reference(monkeypatch):
     ref = measure_profile(image, ivar, None, tr, **kw)
     np.testing.assert_allclose(new.sigma, ref.sigma, atol=1e-4)
     np.testing.assert_allclose(new.wing_fraction, ref.wing_fraction, atol=1e-4)
+
+
+def test_read_noise_from_the_subsample_equals_the_whole_frame():
+    from fiberlake.processors import extract
+
+    rng = np.random.default_rng(8)
+    image = rng.normal(50, 20, (900, 700)).astype(np.float32)
+    ivar = (1 / (12.25 + np.clip(image, 0, None))).astype(np.float32)
+    mask = np.zeros(image.shape, np.uint32)
+    mask[rng.random(image.shape) < 0.1] = Mask.COSMIC
+    ivar[rng.random(image.shape) < 0.05] = 0
+    image[rng.random(image.shape) < 0.01] = np.nan
+    img, good, var, _ = extract._prepare(image, ivar, mask)
+    whole = float(np.sqrt(extract._estimate_read_noise_var(img, good, var)))
+    assert extract.estimate_read_noise(image, ivar, mask) == whole
+    assert abs(whole - 3.5) < 0.01
