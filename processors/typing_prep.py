@@ -20,6 +20,12 @@ on arrays:
 
 :func:`prepare_frame` runs all four; :func:`frame_defect` says when a frame holds nothing a model
 could type (blank, saturated, not finite), which the typer reports as ``UNKNOWN``.
+
+Beyond the paper, :func:`prepare_channels` stacks further input channels computed from the same
+oriented, trimmed frame (:data:`CHANNELS`): ``asinh`` (:func:`asinh_uint8`, the whole dynamic
+range of the resized frame, which ZSCALE clips) and ``cosmics`` (:func:`cosmics_uint8`, cosmic-ray
+hits found at full resolution, before the block means average them away, counted on the output
+grid). A model's card names the channels it reads; the paper's one channel is the default.
 """
 
 from __future__ import annotations
