@@ -236,7 +236,8 @@ class ExecutionParams(ParSet):
                             unit="fibers", bounds=(0, 100000), science=False)
     chunk_margin: int = par(2, "neighbour fibers extracted with each bundle on either side, then dropped",
                             unit="fibers", bounds=(0, 100), science=False)
-    prepare_tiles: int = par(8, "column tiles a frame's cosmic rays and rectification are computed in (1: whole frame)",
+    prepare_tiles: int = par(8, "column tiles a frame's cosmic rays and rectification are computed in (1: whole frame; "
+                             "in one process at most one per thread)",
                              bounds=(1, 4096), science=False)
     prepare_threads: int = par(0, "threads over the tiles (0: OMP_NUM_THREADS, which Ray sets to an actor's CPUs, "
                                "else every CPU)", bounds=(0, 1024), science=False)
