@@ -390,7 +390,9 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     least-squares normal matrix is tridiagonal (nearest-neighbour coupling), solved per row by
     a Thomas recursion vectorized over rows (a Python loop over fibers, none over rows);
     ``var(f)`` is the diagonal of its inverse. For isolated fibers this reduces exactly to
-    Horne's estimator. Rows are processed in blocks to bound memory.
+    Horne's estimator. Rows are processed in blocks to bound memory. The per-pixel arithmetic is
+    float32 and the normal equations are solved in float64: the spectra agree with the float64
+    reference (:mod:`~fiberlake.processors.extract_reference`) within 1e-4 sigma.
 
     Parameters
     ----------
