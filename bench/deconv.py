@@ -351,7 +351,6 @@ def speed(args) -> None:
     bytes_moved = ny * nx * (4 + 4 + 4) + 250 * ny * (4 + 4 + 4 + 4 * (2 * p.resolution_halfwidth + 1))
     floor_s = total_flop / (gemm * 1e9) + bytes_moved / (copy * 1e9)
     n_eigh = plan.n_patches * p.fibers_per_patch
-    base = runs[0]["seconds"]
     print(f"\nfull frame 250 fibers x {ny} rows, {plan.n_patches} patches of {nfp} x {nb} = {nfp * nb} unknowns "
           f"(core {p.fibers_per_patch} x {p.rows_per_patch}); load average {os.getloadavg()[0]:.1f} at the end")
     print(f"floor (one thread): {total_flop / 1e9:.0f} GFLOP of patch solves "
