@@ -35,7 +35,7 @@ def reduced_night(factory: pytest.TempPathFactory) -> ReducedNight:
         from fiberlake.jobs.process import process_night
         from fiberlake.processors.params import ReductionParams
         from fiberlake.storage.layout import Lake
-        from tests.stages import WITHOUT_LABELS_AND_DENOISING
+        from tests.stages import LIGHT_PRODUCTS
 
         root = factory.mktemp("qa-night")
         simulate_night("mini", NIGHT, root / "sim", seed=SEED, n_bias=1, n_flat=1, n_arc=1, n_science=2, n_standard=1,
@@ -44,7 +44,7 @@ def reduced_night(factory: pytest.TempPathFactory) -> ReducedNight:
         ingest_night(lake, root / "sim" / NIGHT, instrument="mini")
         report = process_night(lake, NIGHT, config=ReductionParams().updated({"extractions": ("box",),
                                                                               "cosmics.enabled": False}
-                                                                             | WITHOUT_LABELS_AND_DENOISING))
+                                                                             | LIGHT_PRODUCTS))
         assert not report.failed and not report.products.failed, report.summary()
         _BUILT["night"] = ReducedNight(lake, NIGHT, root / "sim" / NIGHT)
     return _BUILT["night"]

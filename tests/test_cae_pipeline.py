@@ -13,7 +13,7 @@ from fiberlake.jobs.query import scan_tables
 from fiberlake.processors.params import ReductionParams
 from fiberlake.schemas.instrument import MINI
 from fiberlake.storage.layout import Lake
-from tests.stages import WITHOUT_LABELS_AND_DENOISING
+from tests.stages import LIGHT_PRODUCTS
 
 pytestmark = pytest.mark.slow  # simulates and reduces a night with the CAE extraction
 
@@ -25,7 +25,7 @@ def test_cae_rows_beside_box(tmp_path):
                    cameras=["b1"])
     lake = Lake.at(tmp_path / "lake")
     ingest_night(lake, tmp_path / NIGHT)
-    config = ReductionParams().updated({"extractions": ("box", "cae"), "cosmics.enabled": False} | WITHOUT_LABELS_AND_DENOISING)
+    config = ReductionParams().updated({"extractions": ("box", "cae"), "cosmics.enabled": False} | LIGHT_PRODUCTS)
     report = process_night(lake, NIGHT, config=config)
     assert len(report.done) == 1 and not report.failed, report.failed
     spectra = scan_tables(lake)["spectra"].collect()

@@ -26,17 +26,16 @@ from fiberlake.storage import failpoints
 from fiberlake.storage.layout import Lake
 from tests.lakecompare import assert_lakes_equal
 from tests.nights import night_with_bad_deliveries
-from tests.stages import WITHOUT_LABELS_AND_DENOISING, WITHOUT_LABELS_AND_DENOISING_FLAGS
+from tests.stages import LIGHT_PRODUCTS, LIGHT_PRODUCTS_FLAGS
 
 pytestmark = pytest.mark.slow  # SIGKILLs ingest/process workers at seeded points over a whole night
 
 NIGHT = "2026-11-23"
-# two standards per exposure and spectrograph (of four): the flux calibration's commits are crossed all the same, at
-# half its stellar fits, which every attempt that reaches the products repeats
-CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "fluxcal.max_standards": 2}
-                                   | WITHOUT_LABELS_AND_DENOISING)
+# two standards per exposure and spectrograph (LIGHT_PRODUCTS, of four): the flux calibration's commits are crossed
+# all the same, at half its stellar fits, which every attempt that reaches the products repeats
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False} | LIGHT_PRODUCTS)
 WORKER = [sys.executable, "-m", "fiberlake.jobs.cli", "watch", "--once", "--instrument", "mini", "--extract", "box",
-          "--no-cosmics", "--fluxcal-max-standards", "2", *WITHOUT_LABELS_AND_DENOISING_FLAGS]
+          "--no-cosmics", *LIGHT_PRODUCTS_FLAGS]
 
 
 @pytest.fixture(scope="module")

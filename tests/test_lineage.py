@@ -19,12 +19,12 @@ from fiberlake.jobs.runs import read_run
 from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.calibstore import read_calib_meta
 from fiberlake.storage.layout import Lake
-from tests.stages import WITHOUT_LABELS_AND_DENOISING
+from tests.stages import LIGHT_PRODUCTS
 
 pytestmark = pytest.mark.slow  # simulates and reduces a mini camera several times
 
 NIGHT, LATER = "2026-11-27", "2026-11-28"
-BASE = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False} | WITHOUT_LABELS_AND_DENOISING)
+BASE = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False} | LIGHT_PRODUCTS)
 
 
 @pytest.fixture

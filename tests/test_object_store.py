@@ -53,15 +53,15 @@ from fiberlake.storage.rawstore import list_raw_arrays, open_raw_frame, write_ra
 from fiberlake.storage.tables import TableStore  # noqa: E402
 from tests.lakecompare import assert_lakes_equal, table_rows  # noqa: E402
 from tests.nights import night_with_bad_deliveries  # noqa: E402
-from tests.stages import WITHOUT_LABELS_AND_DENOISING, WITHOUT_LABELS_AND_DENOISING_FLAGS  # noqa: E402
+from tests.stages import LIGHT_PRODUCTS, LIGHT_PRODUCTS_FLAGS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a moto S3 server and whole ingests/reductions on s3:// lakes
 
 NIGHT = "2026-11-28"
 BUCKET = "fiberlake-test"
-REDUCE = ["--extract", "box", "--no-cosmics", "--no-rectify", *WITHOUT_LABELS_AND_DENOISING_FLAGS]
+REDUCE = ["--extract", "box", "--no-cosmics", "--no-rectify", *LIGHT_PRODUCTS_FLAGS]
 FLAGS = [*REDUCE, "--quiet"]
-CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "rectify.enabled": False} | WITHOUT_LABELS_AND_DENOISING)
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "rectify.enabled": False} | LIGHT_PRODUCTS)
 REPO = Path(__file__).resolve().parents[1]
 STORED = ("raw", "calib", "quarantine", "lake.json")
 """What the lake stores outside its tables (the tables' Parquet files have random names: rows are compared)."""

@@ -13,7 +13,7 @@ from fiberlake.jobs.query import scan_tables
 from fiberlake.processors.params import ReductionParams
 from fiberlake.schemas.instrument import MINI
 from fiberlake.storage.layout import Lake
-from tests.stages import WITHOUT_LABELS_AND_DENOISING
+from tests.stages import LIGHT_PRODUCTS
 
 pytestmark = pytest.mark.slow  # simulates and reduces a night with the deconvolution extraction
 
@@ -25,7 +25,7 @@ def test_deconv_rows_carry_their_resolution(tmp_path):
                    cameras=["b1"])
     lake = Lake.at(tmp_path / "lake")
     ingest_night(lake, tmp_path / NIGHT)
-    report = process_night(lake, NIGHT, config=ReductionParams().updated({"extractions": ("box", "deconv"), "cosmics.enabled": False} | WITHOUT_LABELS_AND_DENOISING))
+    report = process_night(lake, NIGHT, config=ReductionParams().updated({"extractions": ("box", "deconv"), "cosmics.enabled": False} | LIGHT_PRODUCTS))
     assert len(report.done) == 1 and not report.failed, report.failed
     spectra = scan_tables(lake)["spectra"].collect()
     deconv = spectra.filter(pl.col("extraction") == "deconv")

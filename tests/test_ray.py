@@ -19,12 +19,12 @@ from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
 from tests.lakecompare import assert_lakes_equal
-from tests.stages import WITHOUT_LABELS_AND_DENOISING, WITHOUT_LABELS_AND_DENOISING_FLAGS
+from tests.stages import LIGHT_PRODUCTS, LIGHT_PRODUCTS_FLAGS
 
 pytestmark = pytest.mark.slow  # runs Ray actors over a simulated night
 
 NIGHT = "2026-11-26"
-CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "execution.chunk_fibers": 8} | WITHOUT_LABELS_AND_DENOISING)  # 4 bundles a frame
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False, "execution.chunk_fibers": 8} | LIGHT_PRODUCTS)  # 4 bundles a frame
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_reprocess_resumes_after_the_driver_is_killed(ingested, tmp_path):
     shutil.copytree(reference.root, killed)
     command = [sys.executable, "-m", "fiberlake.jobs.cli", "reprocess", "--lake", str(killed), "--release", "dr1",
                "--no-ray", "--batch-frames", "1", "--extract", "box", "--no-cosmics", "--chunk-fibers", "8", "--quiet",
-               *WITHOUT_LABELS_AND_DENOISING_FLAGS]
+               *LIGHT_PRODUCTS_FLAGS]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.run(command, env=env | {"FIBERLAKE_FAILPOINT": "committed.reductions:2"}, capture_output=True)
     assert first.returncode == -9, first.stderr.decode()[-2000:]

@@ -21,7 +21,7 @@ import pytest
 from fiberlake.ingest.simulate import simulate_night
 from fiberlake.jobs.ingest import ingest_night
 from fiberlake.storage.layout import Lake
-from tests.stages import WITHOUT_LABELS_AND_DENOISING_FLAGS
+from tests.stages import LIGHT_PRODUCTS_FLAGS
 
 pytestmark = pytest.mark.slow  # starts a local Ray through the CLI and kills its driver
 
@@ -76,7 +76,7 @@ def test_a_killed_driver_leaves_no_ray_process(ingested, tmp_path, sig):
     ray_tmp = tempfile.mkdtemp(prefix="flk-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")} | {"RAY_TMPDIR": ray_tmp}
     command = [sys.executable, "-m", "fiberlake.jobs.cli", "process", "--night", NIGHT, "--lake", str(lake),
-               "--extract", "box", "--no-cosmics", *WITHOUT_LABELS_AND_DENOISING_FLAGS, "--actors", "2", "--quiet"]
+               "--extract", "box", "--no-cosmics", *LIGHT_PRODUCTS_FLAGS, "--actors", "2", "--quiet"]
     survivors: dict[int, str] = {}
     with open(tmp_path / "stderr", "wb") as err:
         driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)

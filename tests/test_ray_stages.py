@@ -22,10 +22,11 @@ from fiberlake.jobs.reduce_worker import UnitResult
 from fiberlake.processors.params import DenoiseParams, ReductionParams
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.tables import TableStore
-from tests.stages import WITHOUT_LABELS_AND_DENOISING
+from tests.stages import LIGHT_PRODUCTS
 
 STAGES = ReductionParams().updated({
     "extractions": ("box",), "cosmics.enabled": False,            # the night's reduction
+    "fluxcal.max_standards": 2,                                  # as the template's (tests/stages.py LIGHT_PRODUCTS)
     "classify.methods": ("drcnet", "rcnet"),                     # the networks (the template fit, no network,
                                                                  # runs in the same call and costs seconds a group)
     "denoise.steps": 4, "denoise.batch": 8, "denoise.cpu_threads": 1,
@@ -53,7 +54,7 @@ def template(tmp_path_factory) -> Lake:
                    std_per_spectrograph=4)
     lake = Lake.at(root / "lake")
     ingest_night(lake, root / "sim" / NIGHT, instrument="mini")
-    report = process_night(lake, NIGHT, config=STAGES.updated(WITHOUT_LABELS_AND_DENOISING))
+    report = process_night(lake, NIGHT, config=STAGES.updated(LIGHT_PRODUCTS))
     assert len(report.done) == 4 and not report.failed and not report.products.failed, report.summary()
     yield lake
     ray.shutdown()

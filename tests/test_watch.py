@@ -19,11 +19,11 @@ from fiberlake.jobs.query import sql
 from fiberlake.jobs.watch import watch_night
 from fiberlake.processors.params import ReductionParams
 from fiberlake.storage.layout import Lake
-from tests.stages import WITHOUT_LABELS_AND_DENOISING
+from tests.stages import LIGHT_PRODUCTS
 
 pytestmark = pytest.mark.slow  # watches and reduces simulated nights
 
-CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False} | WITHOUT_LABELS_AND_DENOISING)
+CONFIG = ReductionParams().updated({"extractions": ("box",), "cosmics.enabled": False} | LIGHT_PRODUCTS)
 NIGHT_A, NIGHT_B = "2026-11-24", "2026-11-25"
 
 
