@@ -279,6 +279,10 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
 # ----------------------------------------------------------------------------- optimal
 
 
+_READ_NOISE_SAMPLE = 200_000
+"""Pixels (about) the read noise is estimated from: every ``size // _READ_NOISE_SAMPLE``-th one."""
+
+
 def _estimate_read_noise_var(img: np.ndarray, good: np.ndarray, var: np.ndarray) -> float:
     """Read-noise variance implied by the input variance, ``median(1/ivar - max(image, 0))``.
 
@@ -286,7 +290,7 @@ def _estimate_read_noise_var(img: np.ndarray, good: np.ndarray, var: np.ndarray)
     """
     if not good.any():
         return 1.0
-    stride = max(1, good.size // 200_000)  # a subsample is plenty for one number
+    stride = max(1, good.size // _READ_NOISE_SAMPLE)  # a subsample is plenty for one number
     v, d, g = var.ravel()[::stride], img.ravel()[::stride], good.ravel()[::stride]
     if not g.any():
         v, d, g = var.ravel(), img.ravel(), good.ravel()
@@ -349,19 +353,15 @@ def estimate_read_noise(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | 
 
     Only the pixels of :func:`_estimate_read_noise_var`'s subsample are prepared (the same number
     as preparing the whole frame: the steps are per pixel)."""
-    size = int(np.size(image))
-    stride = max(1, size // 200_000)
+    stride = max(1, int(np.size(image)) // _READ_NOISE_SAMPLE)
     if np.ndim(image) == 2 and stride > 1 and np.shape(ivar) == np.shape(image) \
             and (mask is None or np.shape(mask) == np.shape(image)):
         def sub(a):
             return np.asarray(a).reshape(-1)[::stride].reshape(1, -1)
 
         img, good, var, _ = _prepare(sub(image), sub(ivar), None if mask is None else sub(mask))
-        if good.any():
-            rn2 = float(np.median(var[good] - np.maximum(img[good], 0.0)))
-            if rn2 <= 0:
-                rn2 = float(np.percentile(var[good], 5))
-            return float(np.sqrt(max(rn2, 1e-6)))
+        if good.any():  # the subsample is below twice the sample size: taken whole
+            return float(np.sqrt(_estimate_read_noise_var(img, good, var)))
     img, good, var, _ = _prepare(image, ivar, mask)
     return float(np.sqrt(_estimate_read_noise_var(img, good, var)))
 
