@@ -24,6 +24,7 @@ PRELOAD = [
     "fiberlake.jobs.process",
     "fiberlake.jobs.products",
     "fiberlake.jobs.typing_stage",
+    "fiberlake.jobs.upkeep",
     "fiberlake.processors.pipeline",
     "scipy.signal",
     "scipy.optimize",

@@ -1,6 +1,7 @@
 """SIGKILL inside the upkeep commands (compact, vacuum), then a plain re-run: the lake equals a clean run's.
 
-Each attempt runs ``fiberlake compact`` or ``fiberlake vacuum`` in a subprocess armed with
+Each attempt runs ``fiberlake compact`` or ``fiberlake vacuum`` in a child process (forked from a
+server that imported the libraries once, ``tests/forkworker.py``) armed with
 ``FIBERLAKE_FAILPOINT=*:n`` (:mod:`fiberlake.storage.failpoints`): it kills itself at its n-th
 failpoint (before and after each table's compaction, before each table's vacuum, before each
 removal of an unreferenced array). The re-run must converge to the lake a clean run leaves.
@@ -11,8 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,9 @@ from fiberlake.jobs.ingest import ingest_night
 from fiberlake.jobs.upkeep import verify
 from fiberlake.storage.layout import Lake
 from fiberlake.storage.rawstore import write_raw_frame
+from tests.forkworker import run_cli
 
-pytestmark = pytest.mark.slow  # dozens of subprocess runs
+pytestmark = pytest.mark.slow  # dozens of child-process runs
 
 NIGHT = "2026-11-21"
 COMMANDS = {"compact": ["compact"], "vacuum": ["vacuum", "--retention-hours", "0"]}
@@ -47,13 +47,11 @@ def many_commits(tmp_path_factory) -> Path:
 
 def _run(lake: Path, argv: list[str], failpoint: str | None) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIBERLAKE_FAILPOINT")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     if failpoint:
         env["FIBERLAKE_FAILPOINT"] = failpoint
-    proc = subprocess.run([sys.executable, "-m", "fiberlake.jobs.cli", *argv, "--lake", str(lake)], env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode in (0, -signal.SIGKILL), f"{argv} failed (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    return proc.returncode
+    rc, err = run_cli([*argv, "--lake", str(lake)], env, lake.with_name(lake.name + ".stderr"))
+    assert rc in (0, -signal.SIGKILL), f"{argv} failed (rc {rc}): {err[-2000:]}"
+    return rc
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
