@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -506,8 +507,8 @@ def finish_frame(parts: list[BundleSpectra], calib: Calibration, sky_fibers: np.
     dead = calib.traces.dead
     sky_fibers = np.asarray(sky_fibers, bool) & ~dead
     offsets = np.concatenate([p.offsets for p in parts])
-    out: dict[str, ReducedFrame] = {}
-    for method in params.extractions:
+
+    def finish(method: str) -> ReducedFrame:
         on_grid = Spectra1D(*(np.concatenate([getattr(p.spectra[method], k) for p in parts])
                               for k in ("flux", "ivar", "mask")))
         res = [p.resolution[method] for p in parts]
@@ -515,7 +516,7 @@ def finish_frame(parts: list[BundleSpectra], calib: Calibration, sky_fibers: np.
         sky_model = sky.sky_model(on_grid, sky_fibers, clip_sigma=clip)
         final = sky.subtract_sky(on_grid, sky_model)
         residuals = sky.sky_residuals(on_grid, sky_fibers, clip_sigma=clip) if sky_fibers.sum() >= 3 else {}
-        out[method] = ReducedFrame(
+        return ReducedFrame(
             spectra=final,
             sky=sky_model,
             metrics=fiber_metrics(final, calib, offsets, sky_fibers),
@@ -523,7 +524,16 @@ def finish_frame(parts: list[BundleSpectra], calib: Calibration, sky_fibers: np.
             | {"trace_offset_rms": float(np.sqrt(np.nanmean(offsets[~dead] ** 2)))},
             resolution=None if any(r is None for r in res) else np.concatenate(res),
         )
-    return out
+
+    # the methods are independent: one thread each (numpy releases the GIL). The metrics silence
+    # their RuntimeWarnings (all-NaN fibers) with warnings.catch_warnings, which is not
+    # thread-safe: silenced here for the pool, and restored by the calling thread after it.
+    threads = min(frame_tiles.threads(params.execution.prepare_threads), len(params.extractions))
+    if threads > 1:
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return dict(zip(params.extractions, pool.map(finish, params.extractions)))
+    return {method: finish(method) for method in params.extractions}
 
 
 def reduce_frame(

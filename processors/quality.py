@@ -75,9 +75,15 @@ def running_nanmedian(f: np.ndarray, width: int) -> np.ndarray:
     ends (NaN padding). NaN where a window holds no finite value."""
     half = int(width) // 2
     pad = np.pad(f, ((0, 0), (half, half)), constant_values=np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(sliding_window_view(pad, 2 * half + 1, axis=1), axis=-1)
+    # each window sorted (NaN last), its median picked from its finite count: the same values as
+    # np.nanmedian over the windows (which goes through masked arrays, ~4x slower)
+    windows = np.sort(sliding_window_view(pad, 2 * half + 1, axis=1), axis=-1)
+    count = np.count_nonzero(np.isfinite(windows), axis=-1)
+    low = np.take_along_axis(windows, np.maximum((count - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    high = np.take_along_axis(windows, (count // 2)[..., None], axis=-1)[..., 0]
+    with np.errstate(invalid="ignore"):
+        median = np.where(count % 2 == 1, low, (low + high) / 2)
+    return np.where(count > 0, median, np.nan)
 
 
 def snr_eq15(flux: np.ndarray, mask: np.ndarray | None = None, *, width: int = 11,
