@@ -71,6 +71,7 @@ class TypingData:
     specs: list
     seconds: float = 0.0
     cached: bool = False
+    scalars: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -84,13 +85,36 @@ class TypingData:
         stored = list(stored)
         index = [stored.index(n) for n in names]
         return TypingData(np.ascontiguousarray(self.images[:, index]), self.labels, self.meta, self.specs,
-                          self.seconds, self.cached)
+                          self.seconds, self.cached, self.scalars)
+
+    def with_scalars(self, names: tuple[str, ...] | list[str], stored: tuple[str, ...] | list[str]) -> "TypingData":
+        """The same frames with :attr:`scalars` ``(N, len(names))`` computed from their stored ``asinh`` and
+        ``cosmics`` channels (:func:`~fiberlake.processors.typing_prep.frame_scalars`; the raw frame's size is
+        its instrument's :attr:`~fiberlake.schemas.instrument.Instrument.raw_shape`, as the simulator makes
+        it). Call before :meth:`select_channels` drops those channels; no names: no scalars."""
+        from fiberlake.processors.typing_prep import check_scalars, frame_scalars
+        from fiberlake.schemas.instrument import get_instrument
+
+        names = check_scalars(names)
+        if not names:
+            return TypingData(self.images, self.labels, self.meta, self.specs, self.seconds, self.cached, None)
+        stored = list(stored)
+        ia, ic = stored.index("asinh"), stored.index("cosmics")
+        pixels = {m["instrument"]: int(np.prod(get_instrument(m["instrument"]).raw_shape)) for m in self.meta}
+        values = np.stack([frame_scalars(self.images[i, ia], self.images[i, ic], pixels[m["instrument"]], names)
+                           for i, m in enumerate(self.meta)]) if len(self) else np.zeros((0, len(names)), np.float32)
+        return TypingData(self.images, self.labels, self.meta, self.specs, self.seconds, self.cached, values)
+
+    def without_scalars(self) -> "TypingData":
+        """The same frames without :attr:`scalars` (what an image network alone is trained on)."""
+        return TypingData(self.images, self.labels, self.meta, self.specs, self.seconds, self.cached, None)
 
     def subset(self, keep: np.ndarray) -> "TypingData":
         """The frames where ``keep`` is true."""
         keep = np.asarray(keep, dtype=bool)
         return TypingData(self.images[keep], self.labels[keep], [m for m, k in zip(self.meta, keep) if k],
-                          self.specs, self.seconds, self.cached)
+                          self.specs, self.seconds, self.cached,
+                          None if self.scalars is None else self.scalars[keep])
 
     def groups(self) -> np.ndarray:
         """One integer per (instrument, seed, camera): the frames of one night and camera."""
@@ -257,11 +281,12 @@ def fit(model, data: TypingData, params: TypingTrainParams, log: Callable[[str],
             batch = np.stack([flip_image(data.images[i], f) for i, f in chunk])
             x = to_input(batch).to(device)
             y = torch.as_tensor(data.labels[chunk[:, 0]], device=device)
+            extra = () if data.scalars is None else (torch.from_numpy(data.scalars[chunk[:, 0]]).to(device),)
             progress = max(updates / (per_epoch * params.epochs), (time.perf_counter() - t0) / (deadline - t0))
             for group in optimizer.param_groups:
                 group["lr"] = params.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
             optimizer.zero_grad()
-            logits = model(x)
+            logits = model(x, *extra)
             loss = loss_fn(logits, y)
             loss.backward()
             optimizer.step()
@@ -303,7 +328,7 @@ def evaluate(typer, data: TypingData, typing: TypingParams | None = None) -> dic
 
     typing = typing or TypingParams()
     t0 = time.perf_counter()
-    probs = typer.flip_probabilities(data.images)
+    probs = typer.flip_probabilities(data.images, data.scalars if typer.scalars else None)
     seconds = time.perf_counter() - t0
     figures = evaluate_votes(probs, data.labels, CLASSES, typing.super_majority)
     instruments = np.array([m["instrument"] for m in data.meta])
@@ -330,21 +355,102 @@ def arch_params(model) -> dict:
     """The constructor arguments of a typing network (recorded in the model card)."""
     from torch import nn
 
-    from fiberlake.processors.spit import SPITCompact, SPITEnsemble, SPITNet
+    from fiberlake.processors.spit import SPITCompact, SPITEnsemble, SPITFused, SPITNet
 
     if isinstance(model, SPITEnsemble):
         return {"members": [_member_spec(m) for m in model.members]}
+    if isinstance(model, SPITFused):
+        return {"image": _member_spec(model.image), "n_scalars": model.n_scalars,
+                "scalar_hidden": model.head.net[0].out_features}
     if isinstance(model, SPITCompact):
         convs = [m.out_channels for m in model.features if hasattr(m, "out_channels")]
-        return {"channels": convs, "hidden": model.classifier[1].out_features,
+        dense = [m for m in model.classifier if isinstance(m, nn.Linear)][0]
+        return {"channels": convs, "hidden": dense.out_features,
                 "batchnorm": any(isinstance(m, nn.BatchNorm2d) for m in model.features),
-                **({"in_channels": model.in_channels} if model.in_channels != 1 else {})}
+                **({"in_channels": model.in_channels} if model.in_channels != 1 else {}),
+                **({"n_scalars": model.n_scalars} if model.n_scalars else {})}
     if isinstance(model, SPITNet):
         convs = [m for m in model.features if hasattr(m, "out_channels")]
         return {"conv1": convs[0].out_channels, "conv2": convs[1].out_channels, "kernel": convs[0].kernel_size[0],
                 "hidden": model.classifier[1].out_features,
                 **({"in_channels": model.in_channels} if model.in_channels != 1 else {})}
     raise TypeError(f"not a typing network: {type(model).__name__}")
+
+
+def _arch_name(model) -> str:
+    """The card's ``architecture`` of a typing network (:data:`~fiberlake.processors.spit.ARCHITECTURES`)."""
+    from fiberlake.processors.spit import ARCHITECTURES
+
+    return next(name for name, cls in ARCHITECTURES.items() if type(model) is cls)
+
+
+def fit_scalar_head(scalars: np.ndarray, labels: np.ndarray, n_classes: int, params: TypingTrainParams,
+                    log: Callable[[str], None] = print):
+    """Train a :class:`~fiberlake.processors.spit.ScalarHead` on the training frames' scalars (full batch).
+
+    The inputs are standardised by their mean and spread over the training frames (stored in the
+    head); cross-entropy, Adam at 1e-2 for ``params.scalar_steps`` steps, seeded by ``params.seed``.
+
+    Returns
+    -------
+    head : ScalarHead
+    training : dict
+        ``steps``, ``seconds``, final ``loss`` and ``accuracy`` on the training frames.
+    """
+    import torch
+
+    from fiberlake.processors.spit import ScalarHead
+
+    t0 = time.perf_counter()
+    torch.manual_seed(params.seed)
+    x = torch.as_tensor(np.asarray(scalars, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    head = ScalarHead(x.shape[1], n_classes, params.scalar_hidden)
+    head.mean.copy_(x.mean(dim=0))
+    head.scale.copy_(x.std(dim=0).clamp_min(1e-6))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(params.scalar_steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y)
+        loss.backward()
+        optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        accuracy = float((head(x).argmax(1) == y).float().mean())
+    out = {"steps": params.scalar_steps, "seconds": round(time.perf_counter() - t0, 1), "loss": float(loss.detach()),
+           "accuracy": accuracy, "optimizer": "Adam 1e-2, full batch", "hidden": params.scalar_hidden}
+    log(f"scalars' classifier: training accuracy {accuracy:.4f} ({out['seconds']:.0f} s)")
+    return head, out
+
+
+def fuse(network, head, architecture: str):
+    """A :class:`~fiberlake.processors.spit.SPITFused` holding a trained image network and scalar head."""
+    from fiberlake.processors.spit import SPITFused
+    from fiberlake.processors.typing_prep import TARGET_SHAPE
+
+    model = SPITFused(len(CLASSES), TARGET_SHAPE, {"architecture": architecture, "arch_params": arch_params(network)},
+                      n_scalars=head.n_scalars, scalar_hidden=head.net[0].out_features)
+    model.image.load_state_dict(network.state_dict())
+    model.head.load_state_dict(head.state_dict())
+    return model.eval()
+
+
+def _reused_image_model(source: str, channels: tuple[str, ...], log: Callable[[str], None]):
+    """A trained single image network named by ``image_model`` (its card's training recorded as the training)."""
+    from fiberlake.processors.spit import ModelError
+
+    directory = store.locate(source, STAGE)
+    tensors, card = store.read_artifact(directory)
+    if card["architecture"] not in ("compact", "paper") or card_scalars(card):
+        raise ModelError(f"image_model {source}: a single image network is needed, not {card['architecture']}")
+    if card_channels(card) != tuple(channels):
+        raise ModelError(f"image_model {source} reads {card_channels(card)}, the training asks for {channels}")
+    log(f"image network: {card['model_id']} (trained before; not trained again)")
+    training = {k: card["training"].get(k) for k in ("epochs", "updates", "seconds", "stopped_by", "history")}
+    return _network(tensors, card, directory), {**training, "image_model": card["model_id"],
+                                                "image_model_command": card.get("command", ""),
+                                                "image_model_heldout_final_accuracy": card["heldout"]["final_accuracy"],
+                                                "image_model_heldout_unknown_rate": card["heldout"]["unknown_rate"]}
 
 
 def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | None = None, command: str = "",
@@ -371,39 +477,61 @@ def train_typing(params: TypingTrainParams | None = None, *, out: str | Path | N
     """
     from fiberlake.ingest.typing_dataset import simulator_settings
     from fiberlake.jobs.provenance import code_version
+    import torch
+
     from fiberlake.processors.spit import FrameTyper, build_model, format_confusion, n_parameters, state_arrays
     from fiberlake.processors.typing_prep import CHANNELS, TARGET_SHAPE, prep_config
 
     params = params or TypingTrainParams()
-    channels = input_channels(params)
+    channels, scalars = input_channels(params), input_scalars(params)
+    fused = bool(scalars) and params.scalar_fusion == "product"
+    if scalars and not fused and params.arch != "compact":
+        raise ValueError("per-frame scalars read by the dense layer (scalar_fusion dense) need the compact network")
+    if params.image_model and not fused:
+        raise ValueError("image_model is fused with the scalars' classifier: it needs scalars and scalar_fusion product")
     train_specs, held_specs = night_specs(params, heldout=False), night_specs(params, heldout=True)
-    train = prepare_dataset(train_specs, cache, progress, "simulate training nights").select_channels(channels, CHANNELS)
+    train = prepare_dataset(train_specs, cache, progress, "simulate training nights")
+    train = train.with_scalars(scalars, CHANNELS).select_channels(channels, CHANNELS)
     log(f"training frames: {len(train)} ({train.seconds:.0f} s to simulate and pre-process), "
-        f"input channels {', '.join(channels)}")
+        f"input channels {', '.join(channels)}" + (f", scalars {', '.join(scalars)}" if scalars else ""))
     members, trainings = [], []
     for k in range(params.members):  # member k: the same training with seed + k
         if params.members > 1:
             log(f"member {k + 1} of {params.members} (seed {params.seed + k})")
-        members.append(build_model(params.arch, len(CLASSES), TARGET_SHAPE, **_in_channels_arg(channels)))
-        trainings.append(fit(members[-1], train, params.updated({"seed": params.seed + k}), log))
+        seeded = params.updated({"seed": params.seed + k})
+        if params.image_model:
+            network, training = _reused_image_model(params.image_model, channels, log)
+        else:
+            torch.manual_seed(seeded.seed)   # the initial weights too: the same command gives the same model
+            network = build_model(params.arch, len(CLASSES), TARGET_SHAPE, **_in_channels_arg(channels),
+                                  **({"n_scalars": len(scalars)} if scalars and not fused else {}))
+            image_data = train.without_scalars() if fused else train
+            training = fit(network, image_data, seeded, log)
+        if fused:
+            head, head_training = fit_scalar_head(train.scalars, train.labels, len(CLASSES), seeded, log)
+            network = fuse(network, head, params.arch if not params.image_model else _arch_name(network))
+            training = {**training, "scalar_head": head_training}
+        members.append(network)
+        trainings.append(training)
     model = members[0] if len(members) == 1 else ensemble_of(members)
     training = trainings[0] if len(trainings) == 1 else {
         "members": trainings, "seconds": round(sum(t["seconds"] for t in trainings), 1),
         "updates": sum(t["updates"] for t in trainings), "epochs": trainings[0]["epochs"]}
-    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights").select_channels(channels, CHANNELS)
+    held = prepare_dataset(held_specs, cache, progress, "simulate held-out nights")
+    held = held.with_scalars(scalars, CHANNELS).select_channels(channels, CHANNELS)
     log(f"held-out frames: {len(held)} ({held.seconds:.0f} s)")
-    typer = FrameTyper(model, CLASSES, device=params.device, batch=16, channels=channels)
+    typer = FrameTyper(model, CLASSES, device=params.device, batch=16, channels=channels, scalars=scalars)
     figures = evaluate(typer, held)
     log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "
         f"unknown {figures['unknown_rate']:.4f}")
     log(format_confusion(figures, CLASSES))
     card = {
         "stage": STAGE,
-        "architecture": params.arch if len(members) == 1 else "ensemble",
+        "architecture": _arch_name(model),
         "arch_params": arch_params(model),
         "classes": list(CLASSES),
         "input_shape": list(TARGET_SHAPE),
-        "prep": prep_config(channels),
+        "prep": {**prep_config(channels), **(scalar_config(scalars) if scalars else {})},
         "n_parameters": n_parameters(model),
         "training": {**training, "params": params.to_dict(), "optimizer": "Adam, half-cosine decay of the rate",
                      "loss": "cross-entropy on softmax", "oversampling": "every class to the largest",
@@ -432,6 +560,31 @@ def input_channels(params: TypingTrainParams) -> tuple[str, ...]:
     return check_channels([c.strip() for c in params.channels.split(",") if c.strip()])
 
 
+def input_scalars(params: TypingTrainParams) -> tuple[str, ...]:
+    """The per-frame scalars a training run's ``scalars`` setting names (comma-separated; empty: none), validated."""
+    from fiberlake.processors.typing_prep import check_scalars
+
+    return check_scalars([c.strip() for c in params.scalars.split(",") if c.strip()])
+
+
+def scalar_config(scalars: tuple[str, ...]) -> dict:
+    """The model card's record of the per-frame scalars (``prep.scalars`` and how they are computed)."""
+    from fiberlake.processors.typing_prep import (COSMIC_CONTRAST, COSMIC_COUNT_SCALE, COSMIC_SIGMA,
+                                                  SCALAR_CHANNELS, SCALAR_LEVEL_PERCENTILES)
+
+    return {"scalars": list(scalars), "scalar_channels": list(SCALAR_CHANNELS),
+            "scalar_definition": {"hit_rate": "log10(1 + cosmics-channel hits per million raw pixels)",
+                                  "level_pXX": "log10(1 + ADU above the pedestal) of that percentile of the "
+                                               "asinh channel", "percentiles": list(SCALAR_LEVEL_PERCENTILES),
+                                  "cosmics": {"sigma": COSMIC_SIGMA, "contrast": COSMIC_CONTRAST,
+                                              "count_scale": COSMIC_COUNT_SCALE}}}
+
+
+def card_scalars(card: dict) -> tuple[str, ...]:
+    """The per-frame scalars a model card names (none on a card without ``prep.scalars``)."""
+    return tuple(card.get("prep", {}).get("scalars", ()))
+
+
 def _in_channels_arg(channels: tuple[str, ...]) -> dict:
     """``in_channels`` for :func:`~fiberlake.processors.spit.build_model` (nothing for the paper's one channel)."""
     return {"in_channels": len(channels)} if len(channels) != 1 else {}
@@ -439,11 +592,11 @@ def _in_channels_arg(channels: tuple[str, ...]) -> dict:
 
 def _member_spec(model) -> dict:
     """A single network's ``architecture`` and ``arch_params``: one member of an ensemble's card."""
-    from fiberlake.processors.spit import ModelError, SPITCompact, SPITNet
+    from fiberlake.processors.spit import ModelError, SPITCompact, SPITFused, SPITNet
 
-    if not isinstance(model, (SPITCompact, SPITNet)):
+    if not isinstance(model, (SPITCompact, SPITNet, SPITFused)):
         raise ModelError("an ensemble's members are single networks")
-    return {"architecture": "paper" if isinstance(model, SPITNet) else "compact", "arch_params": arch_params(model)}
+    return {"architecture": _arch_name(model), "arch_params": arch_params(model)}
 
 
 def ensemble_of(members: list):
@@ -491,18 +644,21 @@ def assemble_typing_ensemble(sources: list[str], *, out: str | Path | None = Non
         tensors, card = store.read_artifact(directory)
         networks.append(_network(tensors, card, directory))
         cards.append(card)
-    same = [{k: v for k, v in c["training"]["params"].items() if k not in ("seed", "cpu_threads", "device", "members")}
-            for c in cards]
+    same = [{k: v for k, v in TypingTrainParams.from_dict(c["training"]["params"]).to_dict().items()
+             if k not in ("seed", "cpu_threads", "device", "members")} for c in cards]   # old cards: defaults filled
     if any(s != same[0] for s in same) or any(list(c["classes"]) != list(CLASSES) for c in cards):
         raise ModelError("the members were trained with different data, classes or held-out nights")
     model = ensemble_of(networks)
     params = TypingTrainParams.from_dict(cards[0]["training"]["params"])
-    channels = card_channels(cards[0])
+    channels, scalars = card_channels(cards[0]), card_scalars(cards[0])
     if any(card_channels(c) != channels for c in cards):
         raise ModelError("the members read different input channels")
+    if any(card_scalars(c) != scalars for c in cards):
+        raise ModelError("the members read different per-frame scalars")
     held = prepare_dataset(night_specs(params, heldout=True), cache, False, "simulate held-out nights")
-    held = held.select_channels(channels, CHANNELS)
-    figures = evaluate(FrameTyper(model, CLASSES, device=params.device, batch=16, channels=channels), held)
+    held = held.with_scalars(scalars, CHANNELS).select_channels(channels, CHANNELS)
+    figures = evaluate(FrameTyper(model, CLASSES, device=params.device, batch=16, channels=channels,
+                                  scalars=scalars), held)
     log(f"held-out: normalized accuracy {figures['normalized_accuracy']:.4f}, final {figures['final_accuracy']:.4f}, "
         f"unknown {figures['unknown_rate']:.4f}")
     log(format_confusion(figures, CLASSES))
@@ -552,7 +708,7 @@ def load_typing_model(source: str = "default", lake_root=None, device: str = "au
     directory = store.locate(source, STAGE, lake_root)
     tensors, card = store.read_artifact(directory)
     return FrameTyper(_network(tensors, card, directory), card["classes"], card["model_id"], device=device, batch=batch,
-                      channels=card_channels(card))
+                      channels=card_channels(card), scalars=card_scalars(card))
 
 
 def card_channels(card: dict) -> tuple[str, ...]:

@@ -80,7 +80,8 @@ class IngestTyper:
 
     def add(self, raw: np.ndarray, header_type: str | None, key: dict, saturation: float = 65535.0) -> None:
         """Pre-process one frame while its pixels are in memory (keeps a 136 kB image)."""
-        prepared = (prepare_for_typing(raw, saturation=saturation, channels=self.typer.channels)
+        prepared = (prepare_for_typing(raw, saturation=saturation, channels=self.typer.channels,
+                                       scalars=self.typer.scalars)
                     if self.typer is not None else Prepared(None, None))
         self.pending.append((prepared, header_type, key))
 

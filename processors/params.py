@@ -515,6 +515,18 @@ class TypingTrainParams(ParSet):
                     choices=TYPING_ARCHITECTURES)
     channels: str = par("zscale", "input channels, comma-separated: zscale (the paper's), asinh (whole dynamic range), "
                         "cosmics (cosmic-ray hits at full resolution)")
+    scalars: str = par("hit_rate,level_p50,level_p90,level_p99",
+                       "per-frame scalars read beside the image, comma-separated (empty: none, the paper's image "
+                       "alone): hit_rate (cosmic-ray hits per raw pixel), level_p50, level_p90, level_p99 "
+                       "(absolute levels)")
+    scalar_fusion: str = par("product", "how the scalars are read: product (a small classifier of the scalars "
+                             "alone, trained after the image network, its class probabilities multiplied with the "
+                             "network's) or dense (concatenated to the pooled features before the dense layer, "
+                             "trained with the network)", choices=("product", "dense"))
+    scalar_hidden: int = par(32, "hidden units of the scalars' classifier (scalar_fusion product)", bounds=(1, 4096))
+    scalar_steps: int = par(1500, "full-batch Adam steps (rate 1e-2) of the scalars' classifier", bounds=(1, 100000))
+    image_model: str = par("", "a trained image network (folder or model id) to fuse with the scalars' classifier "
+                           "instead of training one (scalar_fusion product; empty: train it)")
     mini_nights: int = par(40, "training nights of the mini instrument (one camera, every type)", bounds=(1, 200))
     lamost_nights: int = par(3, "training nights of the lamost instrument", bounds=(0, 200))
     per_class: int = par(6, "frames of each type in a mini training night", bounds=(1, 100))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fiberlake.processors.typing_prep import PAPER_CHANNELS, TARGET_SHAPE, check_channels, flips
+from fiberlake.processors.typing_prep import PAPER_CHANNELS, TARGET_SHAPE, check_channels, check_scalars, flips
 
 UNKNOWN = "UNKNOWN"
 """Pixel type of a frame the final scheme does not decide (no 3-of-4 super-majority, or untypable)."""
@@ -112,14 +112,19 @@ class SPITCompact(nn.Module):
         Batch normalisation after each convolution (faster training on a CPU budget).
     in_channels : int
         Input channels (the paper's 1; :data:`~fiberlake.processors.typing_prep.CHANNELS`).
+    n_scalars : int
+        Per-frame scalars (:func:`~fiberlake.processors.typing_prep.frame_scalars`) read beside the
+        image: batch-normalised and concatenated to the pooled features before the dense layer
+        (0: none, the paper's image alone).
     """
 
     def __init__(self, n_classes: int = 6, input_shape: tuple[int, int] = TARGET_SHAPE,
                  channels: tuple[int, ...] = (8, 16, 32, 64), hidden: int = 128, batchnorm: bool = True,
-                 in_channels: int = 1):
+                 in_channels: int = 1, n_scalars: int = 0):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         self.in_channels = int(in_channels)
+        self.n_scalars = int(n_scalars)
 
         def block(c_in: int, c_out: int, kernel: int, stride: int) -> list[nn.Module]:
             conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=not batchnorm)
@@ -134,12 +139,25 @@ class SPITCompact(nn.Module):
             raise ModelError(f"input shape {tuple(input_shape)} is too small for {len(channels)} convolutions")
         self.feature_shape = (channels[-1],) + shape
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(GlobalPool(), nn.Linear(2 * channels[-1], hidden), nn.ReLU(),
-                                        nn.Linear(hidden, n_classes))
+        if self.n_scalars:
+            self.pool = GlobalPool()
+            self.scalar_norm = nn.BatchNorm1d(self.n_scalars)
+            self.classifier = nn.Sequential(nn.Linear(2 * channels[-1] + self.n_scalars, hidden), nn.ReLU(),
+                                            nn.Linear(hidden, n_classes))
+        else:   # the first models' layout (their state dicts load unchanged)
+            self.classifier = nn.Sequential(GlobalPool(), nn.Linear(2 * channels[-1], hidden), nn.ReLU(),
+                                            nn.Linear(hidden, n_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, n_classes)`` of images ``(N, in_channels, H, W)`` scaled to [0, 1]."""
-        return self.classifier(self.features(x))
+    def forward(self, x: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(N, n_classes)`` of images ``(N, in_channels, H, W)`` scaled to [0, 1] (and
+        ``scalars`` ``(N, n_scalars)`` when the network reads them)."""
+        if not self.n_scalars:
+            return self.classifier(self.features(x))
+        if scalars is None or scalars.shape != (x.shape[0], self.n_scalars):
+            raise ModelError(f"the network reads {self.n_scalars} per-frame scalars beside its images; "
+                             f"got {None if scalars is None else tuple(scalars.shape)}")
+        pooled = self.pool(self.features(x))
+        return self.classifier(torch.cat([pooled, self.scalar_norm(scalars.to(pooled.dtype))], dim=1))
 
 
 class SPITEnsemble(nn.Module):
@@ -167,13 +185,79 @@ class SPITEnsemble(nn.Module):
         self.members = nn.ModuleList(build_model(m["architecture"], n_classes, input_shape, **dict(m.get("arch_params", {})))
                                      for m in members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
         """``log`` of the members' mean softmax, ``(N, n_classes)``."""
-        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+        probs = torch.stack([torch.softmax((m(x, scalars) if getattr(m, "n_scalars", 0) else m(x)).float(), dim=1)
+                             for m in self.members]).mean(dim=0)
         return torch.log(probs.clamp_min(1e-30))
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": SPITNet, "compact": SPITCompact, "ensemble": SPITEnsemble}
+class ScalarHead(nn.Module):
+    """A small classifier of per-frame scalars alone: standardised inputs, one hidden layer, logits.
+
+    The standardisation (mean and spread of each scalar over the training frames) is part of the
+    weights (buffers), so an artifact carries it.
+
+    Parameters
+    ----------
+    n_scalars : int
+    n_classes : int
+    hidden : int
+    """
+
+    def __init__(self, n_scalars: int, n_classes: int = 6, hidden: int = 32):
+        super().__init__()
+        self.n_scalars = int(n_scalars)
+        self.register_buffer("mean", torch.zeros(self.n_scalars))
+        self.register_buffer("scale", torch.ones(self.n_scalars))
+        self.net = nn.Sequential(nn.Linear(self.n_scalars, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+
+    def forward(self, scalars: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, n_classes)`` of scalars ``(N, n_scalars)``."""
+        return self.net((scalars.to(self.mean.dtype) - self.mean) / self.scale)
+
+
+class SPITFused(nn.Module):
+    """An image network and a :class:`ScalarHead` whose class probabilities are multiplied (beyond the paper).
+
+    The image network (the paper's input, e.g. :class:`SPITCompact`) and the head are trained apart;
+    ``forward`` returns the sum of their log-softmax outputs, so the softmax of it is their normalised
+    product: a class must be likely from the pixels' pattern *and* from the frame's counts and
+    levels. The scalars are the same for the four flips, so the final scheme still votes over what
+    the image network sees in each flip.
+
+    Parameters
+    ----------
+    n_classes : int
+    input_shape : (int, int)
+    image : dict
+        ``{"architecture": name, "arch_params": {...}}`` of the image network.
+    n_scalars : int
+    scalar_hidden : int
+        Width of the head's hidden layer.
+    """
+
+    def __init__(self, n_classes: int = 6, input_shape: tuple[int, int] = TARGET_SHAPE, image: dict | None = None,
+                 n_scalars: int = 4, scalar_hidden: int = 32):
+        super().__init__()
+        image = image or {"architecture": "compact", "arch_params": {}}
+        if image.get("architecture") not in ("compact", "paper"):
+            raise ModelError("the image network of a fused model is a single compact or paper network")
+        self.image = build_model(image["architecture"], n_classes, input_shape, **dict(image.get("arch_params", {})))
+        self.head = ScalarHead(n_scalars, n_classes, scalar_hidden)
+        self.n_scalars = self.head.n_scalars
+        self.in_channels = getattr(self.image, "in_channels", 1)
+
+    def forward(self, x: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
+        """``log`` of the normalised product of the two softmax outputs (up to a constant), ``(N, n_classes)``."""
+        if scalars is None or scalars.shape != (x.shape[0], self.n_scalars):
+            raise ModelError(f"the fused model reads {self.n_scalars} per-frame scalars beside its images; "
+                             f"got {None if scalars is None else tuple(scalars.shape)}")
+        return torch.log_softmax(self.image(x).float(), dim=1) + torch.log_softmax(self.head(scalars).float(), dim=1)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": SPITNet, "compact": SPITCompact, "ensemble": SPITEnsemble,
+                                             "fused": SPITFused}
 """Architectures by name (the ``architecture`` of a model card)."""
 
 
@@ -304,19 +388,24 @@ class FrameTyper:
     channels : sequence of str
         Input channels the model reads, in order
         (:func:`~fiberlake.processors.typing_prep.prepare_channels`); the paper's ``("zscale",)``.
+    scalars : sequence of str
+        Per-frame scalars the model reads beside its images
+        (:func:`~fiberlake.processors.typing_prep.frame_scalars`); none for the paper's network.
     """
 
     def __init__(self, model: nn.Module, classes: tuple[str, ...] | list[str], model_id: str = "",
-                 device: str = "auto", batch: int = 16, channels: tuple[str, ...] | list[str] = PAPER_CHANNELS):
+                 device: str = "auto", batch: int = 16, channels: tuple[str, ...] | list[str] = PAPER_CHANNELS,
+                 scalars: tuple[str, ...] | list[str] = ()):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.classes = tuple(classes)
         self.model_id = model_id
         self.batch = max(1, int(batch))
         self.channels = check_channels(channels)
+        self.scalars = check_scalars(scalars)
 
     @torch.no_grad()
-    def flip_probabilities(self, images: np.ndarray) -> np.ndarray:
+    def flip_probabilities(self, images: np.ndarray, scalars: np.ndarray | None = None) -> np.ndarray:
         """Softmax probabilities of every frame and its flips, ``(N, 4, n_classes)``.
 
         Parameters
@@ -324,26 +413,41 @@ class FrameTyper:
         images : ndarray of uint8, shape (N, H, W) or (N, C, H, W)
             Pre-processed frames (:func:`~fiberlake.processors.typing_prep.prepare_channels` with
             :attr:`channels`; 3-D for one channel).
+        scalars : ndarray of float, shape (N, len(:attr:`scalars`)), optional
+            The frames' scalars (:func:`~fiberlake.processors.typing_prep.prepare_with_scalars`),
+            required when :attr:`scalars` names any; the same for all four flips of a frame.
         """
         images = np.asarray(images)
         n_channels = 1 if images.ndim == 3 else images.shape[1]
         if images.ndim not in (3, 4) or n_channels != len(self.channels):
             raise ModelError(f"the model reads {len(self.channels)} channel(s) {self.channels}; "
                              f"images of shape {images.shape} were given")
+        if self.scalars:
+            scalars = None if scalars is None else np.asarray(scalars, dtype=np.float32)
+            if scalars is None or scalars.shape != (len(images), len(self.scalars)):
+                raise ModelError(f"the model reads the scalars {self.scalars} of every frame; "
+                                 f"{'none' if scalars is None else 'shape ' + str(scalars.shape)} given "
+                                 f"for {len(images)} frames")
         out = np.empty((len(images), 4, len(self.classes)), dtype=np.float32)
         for start in range(0, len(images), self.batch):
             chunk = images[start:start + self.batch]
             stacked = np.concatenate([flips(im) for im in chunk])
-            logits = self.model(to_input(stacked).to(self.device))
+            if self.scalars:
+                values = torch.from_numpy(np.repeat(scalars[start:start + self.batch], 4, axis=0)).to(self.device)
+                logits = self.model(to_input(stacked).to(self.device), values)
+            else:
+                logits = self.model(to_input(stacked).to(self.device))
             out[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy().reshape(len(chunk), 4, -1)
         return out
 
-    def type_images(self, images: np.ndarray, super_majority: int = 3) -> tuple[list[str], Votes]:
-        """Pixel type of each frame by the final scheme, and the votes behind it."""
+    def type_images(self, images: np.ndarray, super_majority: int = 3,
+                    scalars: np.ndarray | None = None) -> tuple[list[str], Votes]:
+        """Pixel type of each frame by the final scheme, and the votes behind it (``scalars``: as
+        :meth:`flip_probabilities`)."""
         if len(images) == 0:
             empty = np.zeros((0, len(self.classes)))
             return [], Votes(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, np.zeros(0))
-        votes = vote(self.flip_probabilities(images), super_majority)
+        votes = vote(self.flip_probabilities(images, scalars), super_majority)
         return [self.classes[i] if i >= 0 else UNKNOWN for i in votes.index], votes
 
 

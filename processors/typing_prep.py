@@ -275,7 +275,7 @@ def asinh_uint8(image: np.ndarray, softening: float = ASINH_SOFTENING_ADU,
     Examples
     --------
     >>> asinh_uint8(np.array([[100.0, 110.0, 65635.0]])).tolist()
-    [[0, 24, 255]]
+    [[0, 23, 255]]
     """
     data = np.asarray(image, dtype=np.float64)
     finite = np.isfinite(data)
@@ -450,3 +450,92 @@ def flips(image: np.ndarray) -> np.ndarray:
     """
     image = np.asarray(image)
     return np.stack([image, image[..., ::-1], image[..., ::-1, :], image[..., ::-1, ::-1]])
+
+
+# --------------------------------------------------------------------------------------
+# per-frame scalars (beyond the paper): what a frame's counts and levels say, read by the dense layer
+# --------------------------------------------------------------------------------------
+SCALARS: tuple[str, ...] = ("hit_rate", "level_p50", "level_p90", "level_p99")
+"""Per-frame scalars a model can read beside its image (:func:`frame_scalars`)."""
+SCALAR_CHANNELS: tuple[str, ...] = ("asinh", "cosmics")
+"""The channels the scalars are computed from (whether or not the network's convolutions read them)."""
+SCALAR_LEVEL_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
+"""Percentiles of the resized frame's level above its pedestal (``level_p50`` ...)."""
+
+
+def check_scalars(scalars: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate scalar names (:data:`SCALARS`, any subset in that order), returning them as a tuple."""
+    scalars = tuple(str(s) for s in scalars)
+    if any(s not in SCALARS for s in scalars) or len(set(scalars)) != len(scalars):
+        raise ValueError(f"frame scalars must be distinct names among {SCALARS}, not {scalars}")
+    return scalars
+
+
+def asinh_level(stretched: np.ndarray, softening: float = ASINH_SOFTENING_ADU,
+                full_scale: float = ASINH_FULL_SCALE_ADU) -> np.ndarray:
+    """ADU above the pedestal of :func:`asinh_uint8` values (its inverse, to the uint8 step).
+
+    Examples
+    --------
+    >>> np.round(asinh_level(np.array([0, 24, 255])), 1).tolist()
+    [0.0, 10.2, 65535.0]
+    """
+    v = np.asarray(stretched, dtype=np.float64) / 255.0
+    return softening * np.sinh(v * np.arcsinh(full_scale / softening))
+
+
+def frame_scalars(asinh: np.ndarray, cosmics: np.ndarray, raw_pixels: int,
+                  scalars: tuple[str, ...] | list[str] = SCALARS) -> np.ndarray:
+    """Per-frame scalars from a frame's ``asinh`` and ``cosmics`` channels (:func:`prepare_channels`).
+
+    - ``hit_rate``: ``log10(1 + hits per million raw pixels)``, the hits being those the cosmics
+      channel counts (its value / :data:`COSMIC_COUNT_SCALE`, a saturated cell counting 255/32).
+      Cosmic rays arrive at a rate per pixel and second, so this is a clock the pixels carry: a
+      10-600 s standard has a few, a 300-2700 s science plate or dark tens to hundreds, a bias none;
+      per raw pixel, it is the same for a mini and a LAMOST frame.
+    - ``level_p50``, ``level_p90``, ``level_p99``: ``log10(1 + ADU)`` of those percentiles of the
+      resized frame above its pedestal (:func:`asinh_level` of the asinh channel): absolute
+      levels, which ZSCALE removes.
+
+    All are invariant under the four flips.
+
+    Parameters
+    ----------
+    asinh, cosmics : ndarray of uint8, shape ``TARGET_SHAPE``
+    raw_pixels : int
+        Pixels of the raw frame (overscan included), ``raw.size``.
+    scalars : sequence of str
+        Which scalars, in order (:data:`SCALARS`).
+
+    Returns
+    -------
+    ndarray of float32, shape ``(len(scalars),)``
+    """
+    scalars = check_scalars(scalars)
+    values = {}
+    if "hit_rate" in scalars:
+        hits = float(np.asarray(cosmics, dtype=np.float64).sum()) / COSMIC_COUNT_SCALE
+        values["hit_rate"] = np.log10(1.0 + 1e6 * hits / max(int(raw_pixels), 1))
+    levels = [s for s in scalars if s.startswith("level_")]
+    if levels:
+        pct = np.percentile(np.asarray(asinh), SCALAR_LEVEL_PERCENTILES)
+        for q, p in zip(SCALAR_LEVEL_PERCENTILES, asinh_level(pct)):
+            values[f"level_p{int(q)}"] = np.log10(1.0 + p)
+    return np.array([values[s] for s in scalars], dtype=np.float32)
+
+
+def prepare_with_scalars(raw: np.ndarray, channels: tuple[str, ...] | list[str] = PAPER_CHANNELS,
+                         scalars: tuple[str, ...] | list[str] = SCALARS,
+                         dispersion_axis: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A model's input channels and its per-frame scalars, from one pass of :func:`prepare_channels`.
+
+    Returns
+    -------
+    image : ndarray of uint8, shape ``(len(channels),) + TARGET_SHAPE``
+    values : ndarray of float32, shape ``(len(scalars),)`` (:func:`frame_scalars`)
+    """
+    channels, scalars = check_channels(channels), check_scalars(scalars)
+    needed = channels + tuple(c for c in SCALAR_CHANNELS if c not in channels)
+    stack = prepare_channels(raw, needed, dispersion_axis)
+    values = frame_scalars(stack[needed.index("asinh")], stack[needed.index("cosmics")], np.asarray(raw).size, scalars)
+    return stack[:len(channels)], values

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fiberlake.processors.spit import UNKNOWN, FrameTyper, vote
-from fiberlake.processors.typing_prep import PAPER_CHANNELS, frame_defect, prepare_channels, prepare_frame
+from fiberlake.processors.typing_prep import (PAPER_CHANNELS, frame_defect, prepare_channels, prepare_frame,
+                                              prepare_with_scalars)
 from fiberlake.schemas.header import OBSTYPES
 
 ROUTING_MODES = ("auto", "header", "pixels")
@@ -97,15 +98,22 @@ class Prepared:
     for a model of several input channels (``prepare_channels``); None when untypable."""
     defect: str | None
     """``blank``, ``saturated``, ``not finite``, ``empty`` or None."""
+    scalars: np.ndarray | None = None
+    """float32 ``(S,)`` per-frame scalars (:func:`~fiberlake.processors.typing_prep.frame_scalars`) for a
+    model that reads them; None otherwise."""
 
 
 def prepare_for_typing(raw: np.ndarray, saturation: float | None = 65535, dispersion_axis: int = 0,
-                       channels: tuple[str, ...] = PAPER_CHANNELS) -> Prepared:
+                       channels: tuple[str, ...] = PAPER_CHANNELS, scalars: tuple[str, ...] = ()) -> Prepared:
     """Pre-process one raw frame (call it while the frame's pixels are in memory; keep only the 136 kB
-    per channel result). ``channels``: the model's input channels (:attr:`FrameTyper.channels`)."""
+    per channel result). ``channels``, ``scalars``: the model's input channels and per-frame scalars
+    (:attr:`FrameTyper.channels`, :attr:`FrameTyper.scalars`)."""
     defect = frame_defect(raw, saturation)
     if defect:
         return Prepared(None, defect)
+    if scalars:
+        image, values = prepare_with_scalars(raw, channels, scalars, dispersion_axis)
+        return Prepared(image[0] if tuple(channels) == PAPER_CHANNELS else image, None, values)
     if tuple(channels) == PAPER_CHANNELS:
         return Prepared(prepare_frame(raw, dispersion_axis), None)
     return Prepared(prepare_channels(raw, channels, dispersion_axis), None)
@@ -144,7 +152,8 @@ def type_prepared(typer: FrameTyper | None, prepared: list[Prepared], header_typ
     confidence = np.full(n, np.nan)
     todo = [i for i in range(n) if prepared[i].image is not None]
     if typer is not None and todo:
-        types, votes = typer.type_images(np.stack([prepared[i].image for i in todo]), super_majority)
+        scalars = np.stack([prepared[i].scalars for i in todo]) if typer.scalars else None
+        types, votes = typer.type_images(np.stack([prepared[i].image for i in todo]), super_majority, scalars)
         for j, i in enumerate(todo):
             pixel_types[i] = types[j]
         probs[todo] = votes.probabilities
@@ -183,7 +192,8 @@ def type_frames(typer: FrameTyper | None, raws: list[np.ndarray], header_types: 
     """:func:`prepare_for_typing` of every raw frame, then :func:`type_prepared`: raw arrays and header
     types in, one ``frames`` row per frame out (without ``typed_at``)."""
     channels = typer.channels if typer is not None else PAPER_CHANNELS
-    prepared = [prepare_for_typing(raw, saturation, dispersion_axis, channels) for raw in raws]
+    scalars = typer.scalars if typer is not None else ()
+    prepared = [prepare_for_typing(raw, saturation, dispersion_axis, channels, scalars) for raw in raws]
     return type_prepared(typer, prepared, header_types, keys, routing=routing, min_flips=min_flips,
                          min_confidence=min_confidence, super_majority=super_majority)
 
