@@ -41,6 +41,7 @@ import numpy as np
 from numpy.polynomial import legendre
 from scipy.special import ndtr
 
+from fiberlake.processors import profile_cache
 from fiberlake.schemas.containers import ProfileModel, Spectra1D, TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
 
@@ -150,10 +151,15 @@ def _box_profile(start: np.ndarray, nw: int, xc: np.ndarray, par: np.ndarray, hw
         Pixel-integrated profile mass inside the aperture, normalised to unit sum over the
         aperture, and the pixel's overlap length (0..1) with the aperture.
     """
-    edges = np.clip(start[..., None] - 0.5 + np.arange(nw + 1) - xc[..., None], -hw, hw)
+    edges = _box_edges(start, nw, xc, hw)
     cdf = _profile_cdf(edges, par, wings)
     P = np.diff(cdf, axis=-1) / (cdf[..., -1:] - cdf[..., :1])
     return P, np.diff(edges, axis=-1)
+
+
+def _box_edges(start: np.ndarray, nw: int, xc: np.ndarray, hw: float) -> np.ndarray:
+    """The window's pixel edges relative to the trace, clipped to the aperture ``[-hw, hw]``."""
+    return np.clip(start[..., None] - 0.5 + np.arange(nw + 1) - xc[..., None], -hw, hw)
 
 
 def _pixel_profile(start: np.ndarray, nw: int, xc: np.ndarray, par: np.ndarray, hw: float,
@@ -210,7 +216,7 @@ def _flag(flux, var, gfrac, ofrac, pixbits, dead):
 def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet,
                 *, halfwidth: float = 7.0,
                 profile_sigma: np.ndarray | float | None = None,
-                profile: ProfileModel | None = None) -> Spectra1D:
+                profile: ProfileModel | None = None, cache_profile: bool = False) -> Spectra1D:
     """Aperture (box) extraction with fractional edge pixels.
 
     Parameters
@@ -229,6 +235,9 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
         Gaussian profile sigma, used only to correct for masked pixels; default ``traces.sigma``.
     profile : ProfileModel, optional
         Core + wing profile (e.g. from :func:`measure_profile`); overrides ``profile_sigma``.
+    cache_profile : bool
+        Keep the aperture's profile for the next frames of these traces and profile
+        (:mod:`~fiberlake.processors.profile_cache`; the same values).
 
     Returns
     -------
@@ -249,13 +258,24 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     nw = int(np.floor(2 * halfwidth)) + 2
     out = [np.zeros((nf, ny)) for _ in range(5)]
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
-    for r0, r1 in _row_blocks(ny, nf, nw, _BOX_BLOCK_ELEMENTS):  # rows are independent: blocks that stay in cache
+    blocks = list(_row_blocks(ny, nf, nw, _BOX_BLOCK_ELEMENTS))  # rows are independent: blocks that stay in cache
+
+    def profiles() -> list[dict[str, np.ndarray]]:
+        return [{"P": _box_profile(_window_start(xc_all[:, r0:r1], halfwidth)[0], nw, xc_all[:, r0:r1],
+                                   par_all[:, r0:r1], halfwidth, wings)[0]} for r0, r1 in blocks]
+
+    kept = profile_cache.cached(profile_cache.key("box", xc_all, par_all, float(halfwidth), nw, wings, len(blocks)),
+                                profiles) if cache_profile else None
+    for i, (r0, r1) in enumerate(blocks):
         xc, par = xc_all[:, r0:r1], par_all[:, r0:r1]
         start, _ = _window_start(xc, halfwidth)
         cols = start[..., None] + np.arange(nw)
         on = (cols >= 0) & (cols < nx)
         idx = np.arange(r0, r1)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
-        P, w = _box_profile(start, nw, xc, par, halfwidth, wings)
+        if kept is None:
+            P, w = _box_profile(start, nw, xc, par, halfwidth, wings)
+        else:
+            P, w = kept[i]["P"], np.diff(_box_edges(start, nw, xc, halfwidth), axis=-1)
         g = good.ravel()[idx] & on
         D = img.ravel()[idx]
         V = np.where(g, var.ravel()[idx], 0.0)
@@ -372,7 +392,7 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
                     deblend: bool = True, read_noise: float | None = None,
                     deblend_halfwidth: float | None = None,
                     profile_error: float = 0.02,
-                    profile: ProfileModel | None = None, _block=None) -> Spectra1D:
+                    profile: ProfileModel | None = None, cache_profile: bool = False, _block=None) -> Spectra1D:
     """Horne (1986) optimal extraction, optionally as a per-row simultaneous fit of all fibers.
 
     Each fiber's normalised profile ``P`` (module notes) is fitted to the data ``D`` with
@@ -423,6 +443,9 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
         Core + wing profile (e.g. from :func:`measure_profile` on the master flat); overrides
         ``profile_sigma``. Modelling the wings is what removes most of the crosstalk from
         bright neighbours with ``deblend=True``.
+    cache_profile : bool
+        Keep the profiles for the next frames of these traces and profile
+        (:mod:`~fiberlake.processors.profile_cache`; the same values).
 
     Returns
     -------
@@ -457,8 +480,10 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     res = {k: np.zeros((nf, ny)) for k in ("flux", "var", "gfrac", "ofrac", "chi2", "npix")}
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
     for r0, r1 in _row_blocks(ny, nf, nw):
+        keep = {"cache_key": profile_cache.key("optimal", xc_all[:, r0:r1], par_all[:, r0:r1], hw, coupled, nw,
+                                               np.dtype(WORK_DTYPE).str, _SUB_ROWS_ELEMENTS)} if cache_profile else {}
         blk = (_block or _optimal_block)(img, good, var, msk, xc_all[:, r0:r1], par_all[:, r0:r1], r0, r1,
-                                         hw, coupled, rn2, reject_sigma, max_iter, profile_error)
+                                         hw, coupled, rn2, reject_sigma, max_iter, profile_error, **keep)
         for k in res:
             res[k][:, r0:r1] = blk[k]
         pixbits_out[:, r0:r1] = blk["pixbits"]
@@ -498,8 +523,11 @@ def _neighbour_profile(P: np.ndarray, shift: np.ndarray, right: bool) -> np.ndar
 
 
 def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, reject_sigma,
-                   max_iter, profile_error, residuals=False):
+                   max_iter, profile_error, residuals=False, cache_key=None):
     """Fit / reject iterations on rows ``r0:r1`` for all fibers (sorted by column).
+
+    With ``cache_key`` (a :func:`~fiberlake.processors.profile_cache.key` of the profile's
+    inputs) the profiles are taken from, or kept in, :mod:`~fiberlake.processors.profile_cache`.
 
     With ``residuals`` (and ``max_iter=0``: a single fit with the input variance) return only
     the normalised residuals ``(D - model) / sqrt(V_in)`` on each fiber's window (0 off the
@@ -520,22 +548,30 @@ def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, rejec
     step = max(1, _SUB_ROWS_ELEMENTS // max(1, nf * nw))
     img_f, good_f, var_f, msk_f = img.ravel(), good.ravel(), var.ravel(), msk.ravel()
 
-    def setup(s0: int, s1: int) -> dict:
+    def profile_of(s0: int, s1: int) -> dict:
+        """The frame-independent part of a sub-block: its fibers' profiles on their windows."""
         start = start_all[:, s0:s1]
-        cols = start[..., None] + np.arange(nw)
-        on = (cols >= 0) & (cols < nx)
-        gidx = np.arange(r0 + s0, r0 + s1)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
         P = _pixel_profile(start, nw, xc[:, s0:s1], par[:, s0:s1], hw, wings)
         norm = P.sum(axis=-1)
         inside = P > 0
         P /= np.maximum(norm, 1e-300)[..., None]
         P = P.astype(WORK_DTYPE)
-        sub = {"start": start, "on": on, "gidx": gidx, "P": P, "D": img_f[gidx].astype(WORK_DTYPE),
-               "G0": good_f[gidx] & on & inside, "Vin": var_f[gidx]}
+        out = {"P": P, "inside": inside}
         if coupled:
             shift = start[1:] - start[:-1]
-            sub["Q"] = _neighbour_profile(P, shift, right=True)   # fiber f + 1 on f's window
-            sub["R"] = _neighbour_profile(P, shift, right=False)  # fiber f - 1 on f's window
+            out["Q"] = _neighbour_profile(P, shift, right=True)   # fiber f + 1 on f's window
+            out["R"] = _neighbour_profile(P, shift, right=False)  # fiber f - 1 on f's window
+        return out
+
+    def setup(s0: int, s1: int, profiles: dict) -> dict:
+        start = start_all[:, s0:s1]
+        cols = start[..., None] + np.arange(nw)
+        on = (cols >= 0) & (cols < nx)
+        gidx = np.arange(r0 + s0, r0 + s1)[None, :, None] * nx + np.clip(cols, 0, nx - 1)
+        sub = {"start": start, "on": on, "gidx": gidx, "P": profiles["P"], "D": img_f[gidx].astype(WORK_DTYPE),
+               "G0": good_f[gidx] & on & profiles["inside"], "Vin": var_f[gidx]}
+        if coupled:
+            sub["Q"], sub["R"] = profiles["Q"], profiles["R"]
         sub["M"] = sub["G0"].copy()
         with np.errstate(divide="ignore"):
             W = np.where(sub["G0"], 1.0 / np.where(sub["G0"], sub["Vin"], 1.0), 0.0).astype(WORK_DTYPE)
@@ -614,7 +650,11 @@ def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, rejec
         return rejected
 
     bounds = [(s0, min(nr, s0 + step)) for s0 in range(0, nr, step)]
-    subs = [setup(s0, s1) for s0, s1 in bounds]
+    if cache_key is None:
+        kept = [profile_of(s0, s1) for s0, s1 in bounds]
+    else:
+        kept = profile_cache.cached(cache_key, lambda: [profile_of(s0, s1) for s0, s1 in bounds])
+    subs = [setup(s0, s1, k) for (s0, s1), k in zip(bounds, kept)]
     solve_all()
     for it in range(max_iter):
         new = [iterate(sub) for sub in subs]

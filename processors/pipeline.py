@@ -177,13 +177,13 @@ def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: Reducti
                                        amplitude=params.cae.amplitude)
     if method == "box":
         return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box.halfwidth,
-                                   profile=profile)
+                                   profile=profile, cache_profile=True)
     opt = params.optimal
     return extract.optimal_extract(
         image.image, image.ivar, image.mask, traces,
         halfwidth=opt.halfwidth, reject_sigma=opt.reject_sigma, max_iter=opt.max_iter, deblend=opt.deblend,
         profile_error=opt.profile_error, profile=profile, read_noise=read_noise,
-        deblend_halfwidth=constants.deblend_halfwidth if constants else opt.deblend_halfwidth,
+        deblend_halfwidth=constants.deblend_halfwidth if constants else opt.deblend_halfwidth, cache_profile=True,
     )
 
 
@@ -315,8 +315,10 @@ def _trace_offsets(image: ccd.CCDImage, traces: TraceSet, halfwidth: float) -> n
     cols = np.rint(xc)[..., None].astype(int) + offsets  # [nf, ny, nw]
     inside = (cols >= 0) & (cols < nx)
     colsc = np.clip(cols, 0, nx - 1)
-    values = image.image[rows[None, :, None], colsc] * inside * (image.ivar[rows[None, :, None], colsc] > 0)
-    values = np.clip(values, 0, None)
+    flat = colsc + (rows * nx)[:, None]  # one gather per array (the same values as 2D indexing)
+    values = image.image.ravel()[flat]
+    values *= inside & (image.ivar.ravel()[flat] > 0)
+    np.maximum(values, 0, out=values)
     total = values.sum(-1)
     centroid = (values * (colsc - xc[..., None])).sum(-1) / np.where(total > 0, total, 1)
     weight = total > np.nanpercentile(total, 50, axis=1, keepdims=True)
