@@ -11,7 +11,10 @@ reducers; the driver commits every result.
 them; ``num_gpus`` per actor, fractions allowed, when the cluster has GPUs, CPU actors when it
 has none), keeps at most ``max_in_flight`` calls per actor outstanding (the driver never holds
 more than ``n_actors * max_in_flight`` results: backpressure), and restarts an actor that dies
-(``max_restarts``), retrying its calls there (``max_task_retries``).
+(``max_restarts``), retrying its calls there (``max_task_retries``). When a run ends its actors
+are kept for the next run of this process (one set of actors at a time, stopped by
+:func:`shutdown_ray` or when a pool of another shape is made), so ``watch`` and ``reprocess`` pay
+the actors' start (worker processes, imports) once.
 
 A local Ray (no ``address``) ends with the job that started it, however the job ends (exit,
 exception, SIGTERM, SIGKILL): :func:`init_ray` starts it from a watchdog child in a session of its
@@ -62,8 +65,9 @@ class LocalPool:
         for call in calls:
             yield call, fn(*call)
 
-    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
-        """Reduce frames (``(exp, calib_night, calib_id, fibermap, methods)`` calls) one after the other."""
+    def reduce_frames(self, calls: Iterable[Call], total: int | None = None) -> Iterator[tuple[Call, Any]]:
+        """Reduce frames (``(exp, calib_night, calib_id, fibermap, methods)`` calls) one after the other
+        (``total``, the number of calls, is not needed here)."""
         return self.map("reduce", calls)
 
     def close(self) -> None:
@@ -102,9 +106,9 @@ class LazyPool:
         """:meth:`LocalPool.map` / :meth:`RayPool.map` of the pool."""
         return self.pool.map(method, calls)
 
-    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
+    def reduce_frames(self, calls: Iterable[Call], total: int | None = None) -> Iterator[tuple[Call, Any]]:
         """:meth:`LocalPool.reduce_frames` / :meth:`RayPool.reduce_frames` of the pool."""
-        return self.pool.reduce_frames(calls)
+        return self.pool.reduce_frames(calls, total)
 
     def close(self) -> None:
         """Close the pool if it was made."""
@@ -136,8 +140,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    global _kept
     if ray.is_initialized():
         return
+    _kept = None  # actors kept on an earlier connection went with it
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False, "configure_logging": False}
     if address:
         kwargs["include_dashboard"] = False
@@ -154,6 +160,8 @@ def shutdown_ray(timeout: float = 30.0) -> None:
     """Disconnect from Ray and end the local Ray this process started, waiting up to ``timeout`` seconds."""
     import ray
 
+    if ray.is_initialized():
+        release_kept_actors()
     ray.shutdown()
     _stop_local_cluster(timeout)
 
@@ -322,7 +330,14 @@ def _end_session(grace: float) -> None:
 
 
 class RayPool:
-    """Stateful Ray actors running :class:`FrameReducer`, with bounded calls in flight.
+    """Stateful Ray actors running :class:`FrameReducer` methods, with bounded calls in flight.
+
+    The actors (:class:`~fiberlake.jobs.reduce_worker.ReducerHost`) outlive the pool: :meth:`close`
+    keeps them for the next pool of the same shape in this process (``keep``), which reuses them
+    after a liveness check, so a driver that runs many jobs (``watch``, ``reprocess`` over nights,
+    a benchmark) starts its actors once; each call names the run's lake and parameters
+    (:class:`~fiberlake.jobs.reduce_worker.ReducerContext`). An actor runs its calls as their
+    inputs become ready (Ray's ``allow_out_of_order_execution``), not in submission order.
 
     Parameters
     ----------
@@ -342,54 +357,99 @@ class RayPool:
         Ray fault tolerance of the actors.
     num_cpus : int
         CPUs per actor (Ray sets the actor's ``OMP_NUM_THREADS`` to it).
+    keep : bool
+        Keep the actors for the next pool of this process (False: :meth:`close` stops them).
+    frame_calls : str
+        How :meth:`reduce_frames` spreads a frame: ``auto`` (one ``reduce`` call per frame while at
+        least as many frames are left as there are actors, the call graph over all the actors for
+        the last ones), ``whole`` or ``graph`` (always).
+    out_of_order : bool
+        Let an actor run a call whose inputs are ready before earlier calls still waiting for theirs.
     """
 
     def __init__(self, lake_root: str, config: dict, *, n_actors: int = 2, num_gpus: float = 1.0,
                  max_in_flight: int = 2, address: str | None = None, max_restarts: int = 3,
-                 max_task_retries: int = 3, num_cpus: int = 1):
+                 max_task_retries: int = 3, num_cpus: int = 1, keep: bool = True, frame_calls: str = "auto",
+                 out_of_order: bool = True):
         import ray
 
-        from fiberlake.jobs.reduce_worker import FrameReducer
+        from fiberlake.jobs.reduce_worker import ReducerContext
 
+        if frame_calls not in ("auto", "whole", "graph"):
+            raise ValueError(f"frame_calls is auto, whole or graph, not {frame_calls!r}")
         init_ray(address, num_cpus=None)
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpu else 0,
-                   "max_restarts": max_restarts, "max_task_retries": max_task_retries}
-        actor_class = ray.remote(FrameReducer).options(**options)
-        self.actors = [actor_class.remote(lake_root, config, cpus=num_cpus) for _ in range(n_actors)]
-        ray.get([a.ping.remote() for a in self.actors])
-        self.n_bundles = ray.get(self.actors[0].n_bundles.remote())
-        self.n_tiles = ray.get(self.actors[0].n_tiles.remote())
+                   "max_restarts": max_restarts, "max_task_retries": max_task_retries,
+                   "allow_out_of_order_execution": bool(out_of_order)}
+        self.shape = (n_actors, tuple(sorted(options.items())))
+        self.context = ReducerContext.of(lake_root, config)
+        self.keep = keep
+        self.frame_calls = frame_calls
+        self.started = False
+        """True when this pool started its actors (False: it took actors an earlier pool kept)."""
+        self.actors = _take_kept(self.shape)
+        if self.actors is None:
+            from fiberlake.jobs.reduce_worker import ReducerHost
+
+            actor_class = ray.remote(ReducerHost).options(**options)
+            self.actors = [actor_class.remote(cpus=num_cpus) for _ in range(n_actors)]
+            self.started = True
+            ray.get([a.ping.remote() for a in self.actors])
+        self.n_bundles = self._get(0, "n_bundles")
+        self.n_tiles = self._get(0, "n_tiles")
         self.max_in_flight = max_in_flight
         self.device = "gpu" if options["num_gpus"] else "cpu"
+        self._in_flight = 0
+
+    def _call(self, actor: int, method: str, *args, num_returns: int = 1):
+        """Submit ``method(*args)`` of this run's reducer on actor ``actor``; its reference(s)."""
+        remote = self.actors[actor].call
+        if num_returns != 1:
+            remote = remote.options(num_returns=num_returns)
+        return remote.remote(self.context, method, *args)
+
+    def _get(self, actor: int, method: str, *args):
+        import ray
+
+        return ray.get(self._call(actor, method, *args))
 
     def map(self, method: str, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
         """Run ``method`` on every call across the actors, yielding ``(call, result)`` as they complete."""
-        return self._drive(calls, lambda call, actor: getattr(self.actors[actor], method).remote(*call))
+        return self._drive(calls, lambda call, actor: self._call(actor, method, *call))
 
-    def reduce_frames(self, calls: Iterable[Call]) -> Iterator[tuple[Call, Any]]:
-        """Reduce frames, each as a small graph of actor calls, yielding ``(call, result)`` as frames finish.
+    def reduce_frames(self, calls: Iterable[Call], total: int | None = None) -> Iterator[tuple[Call, Any]]:
+        """Reduce frames, yielding ``(call, result)`` as frames finish.
 
-        A frame ``(exp, calib_night, calib_id, fibermap, methods)`` is read on the least loaded
-        actor, its column tiles are corrected (cosmic rays, rectification) on all the actors in
-        turn, and the first actor joins them into one Ray object per fiber-bundle slab; its bundles are extracted on
-        all the actors in turn (each fetches only its slab); the actor that prepared it joins
-        them. The calls carry object references, so the driver never holds pixels. Actors run
-        their calls in submission order, and every call depends only on calls submitted before
-        it, so the graph always makes progress.
+        While at least as many frames are left (``total``, the frames ``calls`` holds, less those
+        submitted; unknown counts as many) as there are actors, a frame ``(exp, calib_night,
+        calib_id, fibermap, methods)`` is one ``reduce`` call on the least loaded actor: the
+        actors work on different frames and no pixels move. The last frames (and every frame with
+        ``frame_calls="graph"``) are a small graph of actor calls, so that one frame's work is spread
+        over the actors: read on the least loaded actor, its column tiles corrected (cosmic rays,
+        rectification) on all the actors in turn, joined by the first actor into one Ray object per
+        fiber-bundle slab, its bundles extracted on all the actors in turn (each fetches only its
+        slab), joined by the actor that prepared it. The calls carry object references, so the
+        driver never holds pixels; every call depends only on calls submitted before it, so the
+        graph always makes progress.
         """
         turn = itertools.cycle(range(len(self.actors)))
+        left = [total]
 
         def launch(call: Call, home: int):
+            whole = self.frame_calls == "whole" or (
+                self.frame_calls == "auto" and (left[0] is None or left[0] >= len(self.actors)))
+            if left[0] is not None:
+                left[0] -= 1
+            if whole:
+                return self._call(home, "reduce", *call)
             exp, calib_night, calib_id, fibermap, methods = call
-            home_actor = self.actors[home]
             # the frame's cosmic rays and rectification, tile by tile on all the actors in turn
-            head, *inputs = home_actor.read.options(num_returns=self.n_tiles + 1).remote(
-                exp, calib_night, calib_id, methods)
-            tiles = [self.actors[next(turn)].correct.remote(head, tile) for tile in inputs]
-            prepared, *slabs = home_actor.cut.options(num_returns=self.n_bundles + 1).remote(head, *tiles)
-            parts = [self.actors[next(turn)].extract.remote(prepared, slab) for slab in slabs]
-            return home_actor.finish.remote(exp, fibermap, prepared, *parts)
+            head, *inputs = self._call(home, "read", exp, calib_night, calib_id, methods, num_returns=self.n_tiles + 1)
+            tiles = [self._call(next(turn), "correct", head, tile) for tile in inputs]
+            prepared, *slabs = self._call(home, "cut", head, *tiles, num_returns=self.n_bundles + 1)
+            parts = [self._call(next(turn), "extract", prepared, slab) for slab in slabs]
+            return self._call(home, "finish", exp, fibermap, prepared, *parts)
 
         return self._drive(calls, launch)
 
@@ -415,6 +475,7 @@ class RayPool:
                 return False
             in_flight[launch(call, actor)] = (actor, call)
             load[actor] += 1
+            self._in_flight += 1
             return True
 
         while submit():
@@ -423,6 +484,7 @@ class RayPool:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             actor, call = in_flight.pop(ready[0])
             load[actor] -= 1
+            self._in_flight -= 1
             try:
                 result = ray.get(ready[0])
             except Exception as err:  # the actor died for good, or the call raised
@@ -432,9 +494,64 @@ class RayPool:
             yield call, result
 
     def close(self) -> None:
-        """Stop the actors (Ray itself stays up for the next job in this process)."""
-        import ray
+        """Keep the actors for the next pool of this process (``keep``, and no call of this pool left
+        running), else stop them. Ray itself stays up for the next job in this process."""
+        actors, self.actors = self.actors, []
+        if actors and self.keep and not self._in_flight:
+            _keep(self.shape, actors)
+        else:
+            _kill(actors)
 
-        for actor in self.actors:
+
+_kept: tuple[Any, list] | None = None
+"""The actors the last closed :class:`RayPool` of this process kept: ``(shape, actors)``."""
+
+KEPT_PING_TIMEOUT_S = 30.0
+"""How long a pool waits for kept actors to answer before it starts new ones."""
+
+
+def _keep(shape, actors: list) -> None:
+    """Keep ``actors`` for the next pool of ``shape``; actors kept before (another shape) are stopped."""
+    global _kept
+    release_kept_actors()
+    _kept = (shape, actors)
+
+
+def _take_kept(shape) -> list | None:
+    """The kept actors when they are of ``shape`` and all answer; otherwise None (and they are stopped).
+
+    Kept actors of another shape are stopped too: they hold the CPUs (and GPUs) the new ones need.
+    """
+    import ray
+
+    global _kept
+    kept, _kept = _kept, None
+    if kept is None:
+        return None
+    kept_shape, actors = kept
+    if kept_shape == shape:
+        try:
+            ray.get([a.ping.remote() for a in actors], timeout=KEPT_PING_TIMEOUT_S)
+            return actors
+        except Exception:  # noqa: BLE001 - a kept actor died for good: start afresh
+            pass
+    _kill(actors)
+    return None
+
+
+def release_kept_actors() -> None:
+    """Stop the actors a closed :class:`RayPool` kept (:func:`shutdown_ray` calls it)."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None:
+        _kill(kept[1])
+
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        try:
             ray.kill(actor)
-        self.actors = []
+        except Exception:  # noqa: BLE001 - already gone with its cluster
+            pass

@@ -212,7 +212,7 @@ def _run(pool, writer: BatchWriter, work: list[CameraWork], fibermaps: pl.DataFr
                 return
             yield call
 
-    for call, result in pool.reduce_frames(calls()):
+    for call, result in pool.reduce_frames(calls(), total=len(frame_calls)):
         if isinstance(result, Exception):  # the worker died for good: record, go on
             result = failed_result(call[0], call[4], call[1], call[2],
                                    f"worker lost: {type(result).__name__}: {str(result)[:300]}", "environment")

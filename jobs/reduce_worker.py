@@ -393,3 +393,81 @@ class FrameReducer:
             return UnitResult(rows=denoise_unit(self.lake, unit, self.cpus))
         except Exception as err:  # recorded by the driver against the chunk
             return UnitResult(error=f"{type(err).__name__}: {err}", error_kind=error_kind(err))
+
+
+WARM_IMPORTS = ("scipy.signal",)
+"""Modules a frame's reduction imports on first use (``scipy.signal``: ~1 s, the overscan's smoothing),
+imported by a :class:`ReducerHost` in the background as it starts, while it waits for its first calls."""
+
+
+@dataclass(frozen=True)
+class ReducerContext:
+    """Which reducer a call is for: a lake and a run's parameters (sent with every call to a
+    :class:`ReducerHost`, so an actor serves any run and a restarted actor rebuilds its reducer)."""
+
+    key: str
+    """A digest of ``lake_root`` and ``config`` (the host's reducers are keyed by it)."""
+    lake_root: str
+    config: dict
+
+    @classmethod
+    def of(cls, lake_root: str, config: dict) -> ReducerContext:
+        """The context of a run's lake and parameters (:meth:`ReductionParams.to_dict`)."""
+        import hashlib
+        import json
+
+        text = json.dumps([str(lake_root), config], sort_keys=True, default=str)
+        return cls(key=hashlib.blake2b(text.encode(), digest_size=16).hexdigest(), lake_root=str(lake_root),
+                   config=config)
+
+
+class ReducerHost:
+    """A Ray actor that runs :class:`FrameReducer` methods for any run: an actor outlives the job that
+    started it (the pool is kept by :mod:`fiberlake.jobs.executors`), so a driver that runs many
+    nights (``watch``, ``reprocess``) starts its actors once.
+
+    Each call names its :class:`ReducerContext`; the host keeps the reducers of its last
+    ``HOST_REDUCERS`` contexts (with their calibration sets and models) and makes a reducer on the
+    first call of a context, also after Ray restarted the actor.
+
+    Parameters
+    ----------
+    cpus : int, optional
+        CPUs the actor reserves (:class:`FrameReducer`'s ``cpus``).
+    """
+
+    HOST_REDUCERS = 2
+    """Reducers (runs' lakes and parameters) an actor keeps."""
+
+    def __init__(self, cpus: int | None = None):
+        import threading
+
+        self.cpus = cpus
+        self._reducers: OrderedDict[str, FrameReducer] = OrderedDict()
+        threading.Thread(target=_warm_imports, name="fiberlake-warm-imports", daemon=True).start()
+
+    def ping(self) -> str:
+        """Liveness check (the pool waits on it when starting or reusing actors)."""
+        return "ok"
+
+    def call(self, context: ReducerContext, method: str, *args):
+        """``method(*args)`` of the context's reducer (made now when this host has none)."""
+        reducer = self._reducers.get(context.key)
+        if reducer is None:
+            reducer = FrameReducer(context.lake_root, context.config, cpus=self.cpus)
+            self._reducers[context.key] = reducer
+            while len(self._reducers) > self.HOST_REDUCERS:
+                self._reducers.popitem(last=False)
+        self._reducers.move_to_end(context.key)
+        return getattr(reducer, method)(*args)
+
+
+def _warm_imports() -> None:
+    """Import :data:`WARM_IMPORTS` (a failure is left to the call that needs the module)."""
+    import importlib
+
+    for name in WARM_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the frame that needs it reports it
+            pass
