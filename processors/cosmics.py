@@ -9,10 +9,9 @@ cleaned value changes only within 2 pixels of a newly flagged one. So :func:`det
 runs the first iteration over the whole image with astroscrappy's own compiled kernels
 (``astroscrappy.utils``: subsampling, Laplacian, separable median filters, dilation) and the
 same numpy steps in the same order as ``astroscrappy.detect_cosmics`` (``sepmed=True``,
-``cleantype='meanmask'``, ``fsmode='median'``), then each later iteration on cells of
-:data:`CELL` x :data:`CELL` pixels around the changed pixels, each read with a margin of
-``2 * REACH`` (cells that do not touch the image's edge are stacked into one image per
-iteration, since what their margins see does not reach their inner part). The flags are those
+``cleantype='meanmask'``, ``fsmode='median'``), then each later iteration only in a box around
+each group of changed pixels (their bounding box widened by ``REACH``, read with a margin of
+``2 * REACH``: what lies beyond the margin does not reach the box's inner part). The flags are those
 of ``astroscrappy.detect_cosmics`` on the same input (``tests/test_cosmics.py``;
 ``bench/prepare.py`` counts the pixels that differ on a full-size LAMOST frame).
 """
@@ -22,14 +21,15 @@ from __future__ import annotations
 import numpy as np
 from astroscrappy.astroscrappy import update_mask
 from astroscrappy.utils import dilate3, laplaceconvolve, median, rebin, sepmedfilt5, sepmedfilt7, sepmedfilt9, subsample
+from scipy.ndimage import label
 
 REACH = 8
 """Pixels of input around a pixel that one detection step reads: the Laplacian 1, the noise's
 7 x 7 median 3 more, the 7 x 7 median of the significance 3 more (the fine structure: 5 x 5 then
 9 x 9 medians, 6), two 3 x 3 dilations 2 more."""
 CELL = 8
-"""Side (pixels) of the cells an iteration after the first is recomputed in (read with 2 x REACH
-more on each side: 8 covers the hits of a LAMOST frame with the fewest pixels read)."""
+"""Side (pixels) of the cells that group the changed pixels of an iteration after the first:
+changed pixels in touching cells share one box (one cosmic ray, usually)."""
 
 
 def _f32(x: float) -> float:
@@ -176,30 +176,36 @@ def detect_cosmics(indat: np.ndarray, inmask: np.ndarray | None, *, sigclip: flo
 
 def _redetect(cosmics: np.ndarray, cleanarr: np.ndarray, clean_var: np.ndarray, mask: np.ndarray,
               changed: tuple[np.ndarray, np.ndarray], args: tuple) -> None:
-    """In place: the detection of ``cosmics`` redone around the ``changed`` pixels."""
+    """In place: the detection of ``cosmics`` redone around the ``changed`` pixels.
+
+    Only pixels within :data:`REACH` of a changed one can change. The changed pixels are grouped
+    (touching :data:`CELL` x :data:`CELL` cells: one cosmic ray, usually); each group's flags are
+    redone in the bounding box of its changed pixels widened by ``REACH`` (what is written),
+    read with ``2 * REACH`` (clipped at the image's edges, where the detection sees the same
+    edges as over the whole image): one detection per group.
+    """
     ys, xs = changed
     if ys.size == 0:
         return
     ny, nx = cosmics.shape
+    # the groups: touching cells of CELL x CELL pixels that hold a changed pixel (labelling the
+    # binned image costs little)
+    ncy, ncx = (ny + CELL - 1) // CELL, (nx + CELL - 1) // CELL
+    cells = np.zeros((ncy, ncx), bool)
+    cells[ys // CELL, xs // CELL] = True
+    labels, _ = label(cells, structure=np.ones((3, 3), bool))
+    # each group's box: the bounding box of its changed pixels, widened by 2 x REACH
+    group = labels[ys // CELL, xs // CELL]
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(group[order]) != 0])
+    ys_g, xs_g = ys[order], xs[order]
+    bounds = (np.minimum.reduceat(ys_g, starts), np.maximum.reduceat(ys_g, starts) + 1,
+              np.minimum.reduceat(xs_g, starts), np.maximum.reduceat(xs_g, starts) + 1)
     margin = 2 * REACH
-    side = CELL + 2 * margin
-    cells = np.unique((ys // CELL) * ((nx + CELL - 1) // CELL) + xs // CELL)
-    ncx = (nx + CELL - 1) // CELL
-    y0, x0 = (cells // ncx) * CELL - margin, (cells % ncx) * CELL - margin
-    interior = (y0 >= 0) & (x0 >= 0) & (y0 + side <= ny) & (x0 + side <= nx)
-    keep = slice(margin - REACH, margin + CELL + REACH)
-    if interior.any():
-        oy, ox = y0[interior], x0[interior]
-        rr = oy[:, None, None] + np.arange(side)[None, :, None]
-        cc = ox[:, None, None] + np.arange(side)[None, None, :]
-        n = oy.size
-        stack = [np.ascontiguousarray(a[rr, cc].reshape(n * side, side)) for a in (cleanarr, clean_var, mask)]
-        det = _detect(*stack, *args).reshape(n, side, side)[:, keep, keep]
-        cosmics[rr[:, keep, :], cc[:, :, keep]] = det
-    for cy, cx in zip(y0[~interior], x0[~interior]):
-        r0, r1 = max(0, cy), min(ny, cy + side)
-        c0, c1 = max(0, cx), min(nx, cx + side)
+    for y0, y1, x0, x1 in zip(*(b.tolist() for b in bounds)):
+        r0, r1 = max(0, y0 - margin), min(ny, y1 + margin)
+        c0, c1 = max(0, x0 - margin), min(nx, x1 + margin)
         det = _detect(*(np.ascontiguousarray(a[r0:r1, c0:c1]) for a in (cleanarr, clean_var, mask)), *args)
-        k0, k1 = max(0, cy + margin - REACH), min(ny, cy + margin + CELL + REACH)
-        j0, j1 = max(0, cx + margin - REACH), min(nx, cx + margin + CELL + REACH)
+        k0, k1 = max(0, y0 - REACH), min(ny, y1 + REACH)
+        j0, j1 = max(0, x0 - REACH), min(nx, x1 + REACH)
         cosmics[k0:k1, j0:j1] = det[k0 - r0:k1 - r0, j0 - c0:j1 - c0]
