@@ -96,7 +96,7 @@ def bundle_columns(traces: TraceSet, bundle: Bundle, reach: float, nx: int) -> t
     nx : int
         Columns of the frame.
     """
-    x = traces.x()[bundle.fibers[0]:bundle.fibers[1]]
+    x = subset_traces(traces, bundle.fibers, 0).x()  # the bundle's fibers only (not all, then cut)
     c0 = int(math.floor(float(np.min(x)) - reach)) - 1
     c1 = int(math.ceil(float(np.max(x)) + reach)) + 2
     return max(0, c0), min(nx, c1)
