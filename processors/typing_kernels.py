@@ -1,0 +1,138 @@
+"""Exact fast paths of the frame typer's pre-processing (:mod:`fiberlake.processors.typing_prep`).
+
+Raw frames are unsigned 16-bit integers. On such pixels the trimming profile and the block means
+of the resize can be computed with integer arithmetic and fewer passes over the frame, with
+results equal, bit for bit, to the float paths that the shipped typing model and the cached
+training sets were made with (``tests/test_ingest_speed.py`` compares them on simulated mini and
+LAMOST frames and on adversarial arrays).
+
+:func:`row_max_profile_uint` reproduces ``astropy.stats.sigma_clip(axis=0, maxiters=1)`` (median
+centre, population standard deviation, astropy's C implementation) followed by each row's
+maximum over the pixels kept:
+
+- the median of each column from an exact selection on the integers (``np.partition``);
+- the standard deviation from exact integer sums: ``n sum(x^2) - (sum x)^2`` is an integer,
+  so the only rounding is the final ``sqrt``. astropy sums ``(x - mean)^2`` in float64 one term at
+  a time, which differs from the exact value by far less than :func:`_guard` (a bound on the
+  accumulated rounding of that loop). A pixel is clipped when it lies outside
+  ``median -/+ sigma std``; for integer pixels that is decided by the integers ``ceil(lower)`` and
+  ``floor(upper)``, which both computations share unless a bound lies within the guard of an
+  integer. Such columns (a constant column, whose bounds equal its value; otherwise about one in
+  10^6) get astropy's own bounds, from ``sigma_clip`` on those columns alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from astropy.stats import sigma_clip
+
+PROFILE_BLOCK = 16
+"""Columns of the oriented frame (rows of the raw frame) processed at a time (cache-sized)."""
+_EXACT_INT64_ROWS = 46_000
+"""Longest column whose ``n * sum(x^2)`` fits int64 for 16-bit pixels (n^2 65535^2 < 2^63)."""
+
+
+def _guard(n: int, centre: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """A bound on how far astropy's float64 bounds can lie from the exact ones (with a wide margin).
+
+    astropy's C loop sums ``n`` non-negative terms ``(x - mean)^2`` in float64, in whatever order
+    its compiler chose (relative error below ``n eps`` of the sum in any order), each from a rounded
+    ``x - mean`` (``eps`` of ``|mean| + |x - mean|``); carried through ``sqrt`` that is below
+    ``n eps std + eps |centre|`` on each bound. The guard is 16 times that, plus 1e-7.
+    """
+    eps = np.finfo(np.float64).eps
+    return 1e-7 + 16.0 * eps * (n * spread + np.abs(centre) + spread)
+
+
+def _astropy_bounds(columns: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """astropy's own clipping bounds of each column (axis 0), from the float32 pixels it is given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, lower, upper = sigma_clip(np.asarray(columns, dtype=np.float32), sigma=sigma, maxiters=1, axis=0,
+                                     masked=False, return_bounds=True)
+    return np.ravel(lower).astype(np.float64), np.ravel(upper).astype(np.float64)
+
+
+def row_max_profile_uint(image: np.ndarray, sigma: float) -> np.ndarray | None:
+    """Maximum of each row over the pixels that one sigma-clipping pass down each column keeps.
+
+    Equal to ``typing_prep.row_max_profile`` on ``image.astype(np.float32)``; a row whose
+    pixels are all clipped gets its unclipped maximum.
+
+    Parameters
+    ----------
+    image : ndarray of uint8 or uint16, shape (n_spatial, n_spectral)
+        Oriented frame (any memory layout; the raw frame's transpose is the fast one).
+    sigma : float
+        Clipping threshold.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_spatial,), or None
+        None when the exact path does not apply (another dtype, an empty frame, or columns
+        longer than :data:`_EXACT_INT64_ROWS`): the caller takes the general path.
+    """
+    x = np.asarray(image)
+    if x.ndim != 2 or x.dtype not in (np.uint8, np.uint16) or 0 in x.shape or x.shape[0] > _EXACT_INT64_ROWS:
+        return None
+    n, m = x.shape
+    k = n // 2
+    top = np.iinfo(x.dtype).max
+    columns = x.T                                   # row j: column j of the oriented frame
+    best = np.zeros(n, dtype=x.dtype)               # maximum kept pixel of each row so far
+    kept_any = np.zeros(n, dtype=bool)
+    for j0 in range(0, m, PROFILE_BLOCK):
+        block = np.ascontiguousarray(columns[j0:j0 + PROFILE_BLOCK])
+        values = block.astype(np.float64)
+        total = values.sum(axis=1)                  # exact: integers below 2^53
+        squares = np.einsum("ij,ij->i", values, values)   # exact: each term below 2^32, the sum below 2^53
+        spread2 = n * squares.astype(np.int64) - total.astype(np.int64) ** 2   # n^2 var, exact
+        std = np.sqrt(spread2 / n / n)
+        part = block.copy()
+        if n % 2 == 0:
+            part.partition(k - 1, axis=1)
+            median = 0.5 * (part[:, k - 1].astype(np.float64) + part[:, k:].min(axis=1))
+        else:
+            part.partition(k, axis=1)
+            median = part[:, k].astype(np.float64)
+        lower, upper = median - sigma * std, median + sigma * std
+        guard = _guard(n, median, sigma * std)
+        near = (np.abs(lower - np.rint(lower)) <= guard) | (np.abs(upper - np.rint(upper)) <= guard)
+        if near.any():                              # astropy's own arithmetic for these columns
+            idx = np.flatnonzero(near)
+            lower[idx], upper[idx] = _astropy_bounds(block[idx].T, sigma)
+        low = np.clip(np.ceil(lower), 0, top).astype(x.dtype)[:, None]
+        high = np.clip(np.floor(upper), 0, top).astype(x.dtype)[:, None]
+        keep = block >= low
+        keep &= block <= high
+        inside = (lower <= top) & (upper >= 0)
+        if not inside.all():                        # bounds beyond the dtype's range keep nothing
+            keep &= inside[:, None]
+        np.maximum(best, (block * keep).max(axis=0), out=best)
+        kept_any |= keep.any(axis=0)
+    profile = best.astype(np.float64)
+    if not kept_any.all():
+        rows = ~kept_any
+        profile[rows] = x[rows].max(axis=1)
+    return profile
+
+
+def block_mean_uint(image: np.ndarray, fy: int, fx: int) -> np.ndarray | None:
+    """Means of ``fy x fx`` blocks of an unsigned 8/16-bit image (edge remainders dropped), float64.
+
+    Equal to ``view.mean(axis=(1, 3), dtype=np.float64)`` of the float32 image: its float64 sum
+    of integers is exact in any order, as is the integer sum here, and both divide it by the
+    block size once. None for other dtypes or blocks whose sum could exceed 2^32.
+    """
+    x = np.asarray(image)
+    if x.ndim != 2 or x.dtype not in (np.uint8, np.uint16) or fy * fx * int(np.iinfo(x.dtype).max) >= 2**32:
+        return None
+    if not x.flags.c_contiguous and x.T.flags.c_contiguous:   # a transposed frame: sum its rows in place
+        means = block_mean_uint(x.T, fx, fy)
+        return None if means is None else np.ascontiguousarray(means.T)
+    ny, nx = x.shape[0] // fy * fy, x.shape[1] // fx * fx
+    rows = x[:ny, :nx].reshape(ny // fy, fy, nx).sum(axis=1, dtype=np.uint32)   # fy rows at a time
+    sums = rows.reshape(ny // fy, nx // fx, fx).sum(axis=2, dtype=np.uint32)
+    return sums / float(fy * fx)
