@@ -8,9 +8,10 @@ or reads it from ``--cache``, then reduces the science frame in-process, twice i
 first frame of a calibration set, then the next one), each mode in its own subprocess with its
 own ``OMP_NUM_THREADS`` (1):
 
-* ``before``: the modules ``processors/{ccd,rectify,extract,frame_tiles,pipeline}.py`` of the
-  ``--reference`` commit (read with ``git show``, so the old code runs in the same run, on the same
-  machine), 8 column tiles on one thread;
+* ``before``: the modules ``processors/{cosmics,quality,chunks,ccd,rectify,extract,frame_tiles,pipeline}.py``
+  of the ``--reference`` commit (read with ``git show``, so the old code runs in the same run, on
+  the same machine), 8 column tiles on one thread;
+* ``before, 2 threads``: the same code on 2 threads (as ``now, 2 threads``);
 * ``now, 1 core``: the working tree, 8 tiles on one thread;
 * ``now, 2 threads``: 8 tiles on 2 threads, the 10 bundles extracted on 2 threads.
 
@@ -42,9 +43,12 @@ import numpy as np  # noqa: E402
 NIGHT = "2026-11-21"
 REFERENCE = "7e24edd"
 """main before issue 19's frame work (extraction, cosmic rays, rectification plan)."""
-REFERENCE_MODULES = ("ccd", "rectify", "extract", "frame_tiles", "pipeline")
+REFERENCE_MODULES = ("cosmics", "quality", "chunks", "ccd", "rectify", "extract", "frame_tiles", "pipeline")
+"""Loaded from the reference commit in this order (each before the modules that import it); those
+the commit does not have are skipped."""
 MODES = {  # name: (code, prepare_tiles, threads)
     "before": ("reference", 8, 1),
+    "before, 2 threads": ("reference", 8, 2),
     "now, 1 core": ("now", 8, 1),
     "now, 2 threads": ("now", 8, 2),
 }
@@ -59,8 +63,11 @@ def use_reference(commit: str) -> None:
 
     root = Path(__file__).resolve().parents[1]
     for name in REFERENCE_MODULES:
-        source = subprocess.run(["git", "-C", str(root), "show", f"{commit}:processors/{name}.py"], check=True,
-                                capture_output=True, text=True).stdout
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{commit}:processors/{name}.py"],
+                               capture_output=True, text=True)
+        if shown.returncode != 0:  # not at that commit: the working tree's (nothing imports it there)
+            continue
+        source = shown.stdout
         full = f"fiberlake.processors.{name}"
         module = types.ModuleType(full)
         module.__file__ = f"{commit}:processors/{name}.py"
