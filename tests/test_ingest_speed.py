@@ -1,5 +1,8 @@
 """Ingest's fast paths give exactly what the paths they replace give.
 
+- reading a plain uint16 raw frame (ingest/fitsreader.py ``_read_plain_uint16``) against
+  ``fits.open`` with checksums: the same pixels, header and verdict on good, corrupted and unusual
+  files;
 - frame typing's pre-processing on uint16 frames (processors/typing_kernels.py) against the float32
   path through astropy's ``sigma_clip`` that the shipped model was trained with: profile, trim
   region and the uint8 image, bit for bit, on simulated mini frames of every type, adversarial
@@ -8,8 +11,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from astropy.io import fits
+from conftest import make_raw_header
+
+from fiberlake.ingest import fitsreader
+from fiberlake.ingest.fitsreader import FrameRejected, read_frame
 
 from fiberlake.ingest import simulate as sim
 from fiberlake.processors import typing_kernels as tk
@@ -82,3 +92,85 @@ def test_mini_frames_of_every_type_prepare_identically():
 def test_lamost_frame_prepares_identically():
     frame = sim.simulate_frame(LAMOST, "r3", "SCIENCE", night=NIGHT, expid=sim.make_expid(NIGHT, 1), seed=4)
     _old_and_new(frame.raw)
+
+
+def _outcome(data: bytes):
+    try:
+        frame = read_frame(data)
+    except FrameRejected as rejected:
+        return ("rejected", rejected.error_class, rejected.reason)
+    cards = [(c.keyword, c.value, c.comment) for c in frame.header.cards]
+    return ("read", frame.pixels.dtype.str, frame.pixels.shape, frame.pixels.tobytes(), cards, frame.obstype)
+
+
+def _fits_bytes(data: np.ndarray, checksum: bool = True, **overrides) -> bytes:
+    buffer = io.BytesIO()
+    fits.PrimaryHDU(data=data, header=make_raw_header(**overrides)).writeto(buffer, checksum=checksum)
+    return buffer.getvalue()
+
+
+def _without(header: fits.Header, key: str, datasum: str) -> bytes:
+    h = header.copy()
+    del h[key]
+    h["DATASUM"] = datasum
+    return h.tostring().encode()
+
+
+def _variants() -> dict[str, bytes]:
+    rng = np.random.default_rng(11)
+    pixels = (1000 + rng.normal(0, 30, MINI.raw_shape)).clip(0, 65535).astype(np.uint16)
+    pixels[3, 4], pixels[5, 6] = 0, 65535
+    good = _fits_bytes(pixels)
+    out = {"good": good, "no checksum": _fits_bytes(pixels, checksum=False)}
+    flip = bytearray(good)
+    flip[-3000] ^= 0x10                                          # a pixel byte: both sums fail
+    out["pixel corrupted"] = bytes(flip)
+    pad = bytearray(good)
+    pad[-1] = 7                                                  # the data padding is summed too
+    out["padding corrupted"] = bytes(pad)
+    hdr = bytearray(good)
+    at = good.index(b"EXPTIME")
+    hdr[at + 25:at + 30] = b"9.125"                              # a header value: CHECKSUM fails
+    out["header corrupted"] = bytes(hdr)
+    with fits.open(io.BytesIO(good)) as hdul:
+        header = hdul[0].header.copy()
+    for name, change in (("DATASUM only", ("CHECKSUM", None)), ("CHECKSUM only", ("DATASUM", None)),
+                         ("DATASUM wrong", ("DATASUM", "12345"))):
+        h = header.copy()
+        if name == "DATASUM wrong":
+            out["DATASUM only, wrong"] = _without(h, "CHECKSUM", change[1]) + good[len(header.tostring()):]
+        if change[1] is None:
+            del h[change[0]]
+        else:
+            h[change[0]] = change[1]
+        body = good[len(header.tostring()):]
+        out[name] = h.tostring().encode() + body
+    out["extra HDU"] = good + fits.ImageHDU(np.zeros((4, 4), np.int16)).header.tostring().encode() + bytes(2880)
+    out["int16 without BZERO"] = _fits_bytes(pixels.astype(np.int16) // 2)
+    out["float32"] = _fits_bytes(pixels.astype(np.float32))
+    out["wrong shape"] = _fits_bytes(pixels[:-2])
+    return out
+
+
+def test_plain_frame_reader_gives_astropys_pixels_header_and_verdict(monkeypatch):
+    variants = _variants()
+    fast = {name: _outcome(data) for name, data in variants.items()}
+    took_fast = {name for name, data in variants.items() if fitsreader._read_plain_uint16(data) is not None}
+    assert {"good", "no checksum", "pixel corrupted", "header corrupted", "DATASUM wrong"} <= took_fast
+    assert not {"extra HDU", "float32", "int16 without BZERO"} & took_fast
+    monkeypatch.setattr(fitsreader, "_read_plain_uint16", lambda data: None)
+    slow = {name: _outcome(data) for name, data in variants.items()}
+    for name in variants:
+        assert fast[name] == slow[name], name
+    assert fast["good"][0] == "read" and fast["pixel corrupted"][1] == "checksum"
+    assert fast["padding corrupted"][1] == "checksum" and fast["DATASUM wrong"][1] == "checksum"
+    assert "Datasum verification failed" in fast["DATASUM only, wrong"][2]
+
+
+def test_ones_complement_sum_is_astropys():
+    rng = np.random.default_rng(2)
+    for n in (0, 4, 2880, 4 * 100_003):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        data[: n // 2] = 255                                     # carries
+        hdu = object.__new__(fits.PrimaryHDU)
+        assert fitsreader.ones_complement_sum(data.tobytes()) == int(hdu._compute_checksum(data))
