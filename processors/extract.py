@@ -103,6 +103,12 @@ def _prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None):
     return img, good, var, msk
 
 
+def prepare_image(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None) -> tuple:
+    """The pixels as :func:`box_extract` and :func:`optimal_extract` prepare them (float64 image
+    with bad pixels 0, good-pixel map, variance, mask), for both to share (``prepared=``)."""
+    return _prepare(image, ivar, mask)
+
+
 def _resolve_profile(traces: TraceSet, profile_sigma, profile: ProfileModel | None) -> ProfileModel:
     """The profile to use: ``profile``, else Gaussians of ``profile_sigma`` or ``traces.sigma``."""
     nf, ny = traces.n_fibers, traces.ny
@@ -216,7 +222,8 @@ def _flag(flux, var, gfrac, ofrac, pixbits, dead):
 def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet,
                 *, halfwidth: float = 7.0,
                 profile_sigma: np.ndarray | float | None = None,
-                profile: ProfileModel | None = None, cache_profile: bool = False) -> Spectra1D:
+                profile: ProfileModel | None = None, cache_profile: bool = False,
+                prepared: tuple | None = None) -> Spectra1D:
     """Aperture (box) extraction with fractional edge pixels.
 
     Parameters
@@ -238,6 +245,8 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
     cache_profile : bool
         Keep the aperture's profile for the next frames of these traces and profile
         (:mod:`~fiberlake.processors.profile_cache`; the same values).
+    prepared : tuple, optional
+        :func:`prepare_image` of ``image``, ``ivar``, ``mask`` (shared with another extraction).
 
     Returns
     -------
@@ -246,7 +255,7 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
         good pixels. Masked pixels are corrected by the expected profile fraction
         ``g`` (flux / g, variance / g^2); see the module notes for the flags.
     """
-    img, good, var, msk = _prepare(image, ivar, mask)
+    img, good, var, msk = _prepare(image, ivar, mask) if prepared is None else prepared
     ny, nx = img.shape
     if traces.ny != ny:
         raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")
@@ -392,7 +401,8 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
                     deblend: bool = True, read_noise: float | None = None,
                     deblend_halfwidth: float | None = None,
                     profile_error: float = 0.02,
-                    profile: ProfileModel | None = None, cache_profile: bool = False, _block=None) -> Spectra1D:
+                    profile: ProfileModel | None = None, cache_profile: bool = False,
+                    prepared: tuple | None = None, _block=None) -> Spectra1D:
     """Horne (1986) optimal extraction, optionally as a per-row simultaneous fit of all fibers.
 
     Each fiber's normalised profile ``P`` (module notes) is fitted to the data ``D`` with
@@ -446,6 +456,8 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     cache_profile : bool
         Keep the profiles for the next frames of these traces and profile
         (:mod:`~fiberlake.processors.profile_cache`; the same values).
+    prepared : tuple, optional
+        :func:`prepare_image` of ``image``, ``ivar``, ``mask`` (shared with another extraction).
 
     Returns
     -------
@@ -454,7 +466,7 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
         per fiber per row; ``BAD2DFIT`` where it exceeds ``BAD2DFIT_FACTOR`` times
         ``max(1, median)``) and ``npix`` (good pixels in the support).
     """
-    img, good, var, msk = _prepare(image, ivar, mask)
+    img, good, var, msk = _prepare(image, ivar, mask) if prepared is None else prepared
     ny, nx = img.shape
     if traces.ny != ny:
         raise ValueError(f"traces.ny={traces.ny} but the image has {ny} rows")
