@@ -309,8 +309,11 @@ def _batch_instrument(lake: Lake, instrument: str | None, entries: list[Entry]) 
 
 
 # --- one batch ---------------------------------------------------------------------------------
-PREFETCH = 2
+PREFETCH = 3
 """Files inspected ahead of the one being published (bounds the frames held in memory)."""
+INSPECT_THREADS = 2
+"""Threads reading, hashing, validating and pre-processing for typing the next files while the
+current one is compressed and published (numpy, hashlib and blosc release the GIL)."""
 
 
 @dataclass
@@ -329,10 +332,14 @@ class _Inspected:
     fibermap: list[dict] | None = None
     rejected: FrameRejected | None = None
     refused: DeliveryRefused | None = None
+    prepared: object | None = None
+    """The frame's typing input (:meth:`IngestTyper.prepare`), computed on the reading thread."""
 
 
-def _inspect(entry: Entry, instrument: Instrument | None, state: LakeState, night: str) -> _Inspected:
-    """Read a file once, hash it and, unless its bytes are known, validate it as a frame or fiber map."""
+def _inspect(entry: Entry, instrument: Instrument | None, state: LakeState, night: str,
+             typing: IngestTyper | None = None) -> _Inspected:
+    """Read a file once, hash it and, unless its bytes are known, validate it as a frame or fiber map
+    (and pre-process a frame for ``typing``)."""
     digest = hashlib.sha256()
     try:
         data, st = read_delivery(entry, digest=digest)          # hashed while read: one pass
@@ -355,6 +362,13 @@ def _inspect(entry: Entry, instrument: Instrument | None, state: LakeState, nigh
         raise  # the machine, not the file: stop, a re-run resumes
     except Exception as err:  # a reader bug or a value no column holds must cost one file, not the night
         seen.rejected = FrameRejected("unreadable", f"unexpected {type(err).__name__} reading the file: {str(err)[:200]}")
+    if seen.frame is not None and typing is not None:
+        try:
+            seen.prepared = typing.prepare(seen.frame.pixels, saturation=float(seen.frame.header.get("SATURATE", 65535)))
+        except MemoryError:
+            raise
+        except Exception:  # not the file's fault: _take prepares it again, where an error surfaces as before
+            seen.prepared = None
     return seen
 
 
@@ -447,7 +461,7 @@ def _take(lake: Lake, night: str, entry: Entry, seen: _Inspected, instrument: In
         batch.typing.add(frame.pixels, None if frame.obstype == "UNKNOWN" else frame.obstype,
                          {"night": frame.night, "expid": frame.expid, "camera": frame.camera, "file_version": version,
                           "pixel_sha256": seen.pixel_sha},
-                         saturation=float(frame.header.get("SATURATE", 65535)))
+                         saturation=float(frame.header.get("SATURATE", 65535)), prepared=seen.prepared)
     state.versions[key] = version
     state.filenames[key] = name
     state.exposures[sha] = row
@@ -520,13 +534,14 @@ def ingest_files(lake: Lake, files: list[Path], night: str, *, progress: bool = 
         else:
             pending.append(entry)
     ahead: deque[tuple[Entry, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fiberlake-ingest") as pool:
-        # Reading, hashing and FITS decoding of the next file overlap with the compression and
-        # publication of the current one (both release the GIL): a two-stage pipeline.
+    with ThreadPoolExecutor(max_workers=INSPECT_THREADS, thread_name_prefix="fiberlake-ingest") as pool:
+        # Reading, hashing, FITS decoding and typing's pre-processing of the next files overlap with
+        # the compression and publication of the current one (all release the GIL); files are
+        # taken in delivery order whatever order their inspections finish in.
         def refill() -> None:
             while pending and len(ahead) < PREFETCH:
                 entry = pending.pop(0)
-                ahead.append((entry, pool.submit(_inspect, entry, inst, state, night)))
+                ahead.append((entry, pool.submit(_inspect, entry, inst, state, night, batch.typing)))
 
         bar = tqdm(total=len(pending), desc=f"ingest {night}", unit="file", disable=not progress)
         refill()

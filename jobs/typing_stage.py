@@ -78,12 +78,16 @@ class IngestTyper:
         """Id of the typing model (None when frames are typed by their headers)."""
         return getattr(self.typer, "model_id", None)
 
-    def add(self, raw: np.ndarray, header_type: str | None, key: dict, saturation: float = 65535.0) -> None:
-        """Pre-process one frame while its pixels are in memory (keeps a 136 kB image)."""
-        prepared = (prepare_for_typing(raw, saturation=saturation, channels=self.typer.channels,
-                                       scalars=self.typer.scalars)
-                    if self.typer is not None else Prepared(None, None))
-        self.pending.append((prepared, header_type, key))
+    def prepare(self, raw: np.ndarray, saturation: float = 65535.0) -> Prepared:
+        """Pre-process one frame (pure; ingest calls it on its reading threads, beside the writes)."""
+        if self.typer is None:
+            return Prepared(None, None)
+        return prepare_for_typing(raw, saturation=saturation, channels=self.typer.channels, scalars=self.typer.scalars)
+
+    def add(self, raw: np.ndarray | None, header_type: str | None, key: dict, saturation: float = 65535.0,
+            prepared: Prepared | None = None) -> None:
+        """Keep one frame for typing: its :meth:`prepare` result (136 kB), computed now unless given."""
+        self.pending.append((prepared if prepared is not None else self.prepare(raw, saturation), header_type, key))
 
     def rows(self) -> list[dict]:
         """``frames`` rows of the frames added so far (one forward pass per ``typing.batch``)."""

@@ -3,6 +3,8 @@
 - reading a plain uint16 raw frame (ingest/fitsreader.py ``_read_plain_uint16``) against
   ``fits.open`` with checksums: the same pixels, header and verdict on good, corrupted and unusual
   files;
+- a raw frame's shard encoded by storage/rawshard.py against zarr's own write: the same files,
+  byte for byte, for the lake's layouts, edge chunks, chunks of fill value and several codecs;
 - frame typing's pre-processing on uint16 frames (processors/typing_kernels.py) against the float32
   path through astropy's ``sigma_clip`` that the shipped model was trained with: profile, trim
   region and the uint8 image, bit for bit, on simulated mini frames of every type, adversarial
@@ -25,6 +27,7 @@ from fiberlake.ingest import simulate as sim
 from fiberlake.processors import typing_kernels as tk
 from fiberlake.processors import typing_prep as tp
 from fiberlake.schemas.instrument import LAMOST, MINI
+from fiberlake.storage import rawstore
 
 NIGHT = "2026-11-21"
 
@@ -174,3 +177,29 @@ def test_ones_complement_sum_is_astropys():
         data[: n // 2] = 255                                     # carries
         hdu = object.__new__(fits.PrimaryHDU)
         assert fitsreader.ones_complement_sum(data.tobytes()) == int(hdu._compute_checksum(data))
+
+
+def _files(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("codec", [rawstore.RAW_CODEC, {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"},
+                                   {"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"}])
+def test_shard_written_directly_equals_zarrs(tmp_path, monkeypatch, codec):
+    import zarr
+
+    monkeypatch.setattr(rawstore, "RAW_CODEC", codec)
+    rng = np.random.default_rng(1)
+    frames = {"mini": (1000 + rng.normal(0, 30, MINI.raw_shape)).astype(np.uint16)}
+    small = rng.integers(0, 4000, (150, 100), dtype=np.uint16)   # chunks 64 x 32: a 3 x 4 grid, Morton order
+    small[:64, :32] = 0                                          # a chunk of fill value: not stored
+    frames["grid"] = small
+    frames["zero"] = np.zeros((70, 40), np.uint16)               # no shard at all
+    for name, pixels in frames.items():
+        if name != "mini":
+            monkeypatch.setattr(rawstore, "RAW_CHUNK", (64, 32))
+        direct, via_zarr = tmp_path / f"{name}-direct", tmp_path / f"{name}-zarr"
+        rawstore._create(zarr.storage.LocalStore(direct), pixels, {"a": 1}, "digest", local=direct)
+        rawstore._create(zarr.storage.LocalStore(via_zarr), pixels, {"a": 1}, "digest")
+        assert _files(direct) == _files(via_zarr), name
+        assert np.array_equal(zarr.open_array(zarr.storage.LocalStore(direct), mode="r")[...], pixels)
