@@ -90,7 +90,8 @@ def inference_rate(typer, n: int = 32) -> float:
     from fiberlake.processors.typing_prep import TARGET_SHAPE
 
     images = np.random.default_rng(0).integers(0, 255, (n, len(typer.channels)) + TARGET_SHAPE, dtype=np.uint8)
-    seconds, _ = best_of(lambda: typer.flip_probabilities(images), 2)
+    scalars = np.random.default_rng(1).uniform(0, 3, (n, len(typer.scalars))).astype(np.float32) if typer.scalars else None
+    seconds, _ = best_of(lambda: typer.flip_probabilities(images, scalars), 2)
     return n / seconds
 
 
@@ -111,10 +112,12 @@ def ingest_share(typer, workdir: Path) -> dict:
 
     raws = [fits.getdata(p) for p in paths]
     t0 = time.perf_counter()
-    images = np.stack([prepare_for_typing(r, channels=typer.channels).image for r in raws])
+    prepared = [prepare_for_typing(r, channels=typer.channels, scalars=typer.scalars) for r in raws]
+    images = np.stack([p.image for p in prepared])
+    scalars = np.stack([p.scalars for p in prepared]) if typer.scalars else None
     prep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    typer.type_images(images)
+    typer.type_images(images, 3, scalars)
     infer_s = time.perf_counter() - t0
     n = len(paths)
     return {"frames": n, "ingest_s_per_frame": ingest_s / n, "prep_s_per_frame": prep_s / n,
@@ -162,7 +165,7 @@ def main() -> None:
     card = json.loads((shipped_dir("typing") / "card.json").read_text())
     params = TypingTrainParams.from_dict(card["training"]["params"])
     held_all = prepare_dataset(night_specs(params, heldout=True), args.cache, progress=True, label="held-out nights")
-    held = held_all.select_channels(shipped.channels, CHANNELS)
+    held = held_all.with_scalars(shipped.scalars, CHANNELS).select_channels(shipped.channels, CHANNELS)
     results: dict = {"heldout": held.summary(), "shipped_model": card["model_id"]}
     rows = []
     fig = evaluate(shipped, held)
@@ -189,10 +192,11 @@ def main() -> None:
     results["prep_fps_all_channels"] = {name: r["fps_all"] for name, r in rates.items()}
     results["prep_cost_all_channels"] = {name: r["cost_all"] for name, r in rates.items()}
     results["compact_inference_fps_cpu"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cpu", batch=16,
-                                                                     channels=shipped.channels))
+                                                                     channels=shipped.channels, scalars=shipped.scalars))
     if torch.cuda.is_available():
         results["compact_inference_fps_cuda"] = inference_rate(FrameTyper(shipped.model, CLASSES, device="cuda",
-                                                                          batch=64, channels=shipped.channels), 256)
+                                                                          batch=64, channels=shipped.channels,
+                                                                          scalars=shipped.scalars), 256)
     with tempfile.TemporaryDirectory() as tmp:
         results["ingest"] = ingest_share(shipped, Path(tmp))
 

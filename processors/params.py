@@ -505,7 +505,8 @@ class TypingTrainParams(ParSet):
     """Training of a typing model (``fiberlake train typing``): data, network and optimiser.
 
     The defaults make the shipped model: ~14 CPU-minutes to simulate the 1,476 training frames, ~11 to
-    simulate the 774 held-out ones, 6 epochs (~19 minutes on one thread). Seeds of training
+    simulate the 774 held-out ones, 6 epochs of the image network (~16-19 minutes on one thread), then
+    the scalars' classifier fused with it (seconds). Seeds of training
     nights come from :data:`fiberlake.ingest.typing_dataset.TRAIN_SEEDS`, held-out nights from
     :data:`~fiberlake.ingest.typing_dataset.HELDOUT_SEEDS`.
     """

@@ -18,7 +18,7 @@ from fiberlake.jobs import train as tr  # noqa: E402
 from fiberlake.processors import spit  # noqa: E402
 from fiberlake.processors import typing_prep as tp  # noqa: E402
 from fiberlake.processors.params import TypingParams, TypingTrainParams  # noqa: E402
-from fiberlake.processors.typing_route import header_audit, route, type_frames  # noqa: E402
+from fiberlake.processors.typing_route import header_audit, prepare_for_typing, route, type_frames  # noqa: E402
 from fiberlake.schemas.header import OBSTYPES  # noqa: E402
 from fiberlake.schemas.instrument import MINI  # noqa: E402
 from fiberlake.schemas.parset import ParameterError  # noqa: E402
@@ -425,8 +425,9 @@ def test_the_shipped_model_types_held_out_frames_of_every_class():
     typer = tr.load_typing_model("default", device="cpu")
     specs = td.plan_nights("mini", td.HELDOUT_SEEDS[-2:], 1)
     frames = list(td.iter_frames(specs))
-    images = np.stack([tp.prepare_channels(f.raw, typer.channels) for f in frames])
-    types, _ = typer.type_images(images)
+    prepared = [prepare_for_typing(f.raw, channels=typer.channels, scalars=typer.scalars) for f in frames]
+    images = np.stack([p.image for p in prepared])
+    types, _ = typer.type_images(images, 3, np.stack([p.scalars for p in prepared]) if typer.scalars else None)
     truth = [f.label for f in frames]
     correct = [t == y for t, y in zip(types, truth)]
     assert sum(correct) >= len(correct) - 1, list(zip(truth, types))

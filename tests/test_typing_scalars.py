@@ -79,13 +79,14 @@ def test_the_fused_model_multiplies_the_image_networks_and_the_scalars_probabili
     x, s = torch.rand(3, 1, *tp.TARGET_SHAPE), torch.from_numpy(scalars[[0, 20, 47]])
     with torch.no_grad():
         product = torch.softmax(model.image(x), 1) * torch.softmax(model.head(s), 1)
-        np.testing.assert_allclose(torch.softmax(model(x, s), 1).numpy(), (product / product.sum(1, keepdim=True)).numpy(),
-                                   atol=1e-6)
+        expected = (product / product.sum(1, keepdim=True)).numpy()
+        np.testing.assert_allclose(torch.softmax(model(x, s), 1).numpy(), expected, atol=1e-6)
     with pytest.raises(spit.ModelError, match="scalars"):
         model(x)
     # an artifact: the card names the scalars, ingest's typer reads them
     card = {"stage": "typing", "architecture": "fused", "arch_params": tr.arch_params(model), "classes": list(OBSTYPES),
-            "input_shape": list(tp.TARGET_SHAPE), "prep": {**tp.prep_config(("zscale",)), **tr.scalar_config(("hit_rate", "level_p50"))}}
+            "input_shape": list(tp.TARGET_SHAPE),
+            "prep": {**tp.prep_config(("zscale",)), **tr.scalar_config(("hit_rate", "level_p50"))}}
     _, path = store.write_artifact_named(tmp_path, spit.state_arrays(model), card, "typing")
     typer = tr.load_typing_model(str(path), device="cpu")
     assert typer.scalars == ("hit_rate", "level_p50") and card["arch_params"]["image"]["architecture"] == "compact"
