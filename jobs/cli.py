@@ -134,6 +134,7 @@ def _add_reduction_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
+    _prestart_ray(args)
     from fiberlake.jobs.process import process_night
     from fiberlake.storage.layout import Lake
 
@@ -143,6 +144,15 @@ def _cmd_process(args: argparse.Namespace) -> int:
                            batch_frames=args.batch_frames)
     print(report.summary())
     return 0 if not report.failed else 3
+
+
+def _prestart_ray(args: argparse.Namespace) -> None:
+    """A run on a local Ray starts it now, in the background: Ray's start overlaps the imports and the
+    reading of the lake (:func:`fiberlake.jobs.executors.prestart_local_ray`)."""
+    if not args.no_ray and not args.address:
+        from fiberlake.jobs.executors import prestart_local_ray
+
+        prestart_local_ray()
 
 
 def _executor(args: argparse.Namespace):
@@ -167,6 +177,7 @@ def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_reprocess(args: argparse.Namespace) -> int:
+    _prestart_ray(args)
     from fiberlake.jobs.reprocess import reprocess
     from fiberlake.storage.layout import Lake
 

@@ -170,21 +170,33 @@ _local_cluster: subprocess.Popen | None = None
 """The watchdog of the local Ray this process started (its stdin is the pipe that keeps it up)."""
 
 
+def prestart_local_ray(num_cpus: int | None = None) -> None:
+    """Start the local Ray that :func:`init_ray` will join, in the background, and return at once.
+
+    A command that will run on a local Ray calls it first, so that Ray's start (a watchdog process,
+    then Ray's own processes, several seconds) overlaps the command's imports and its reading of
+    the lake; ``init_ray`` then only waits for what is left of it. A no-op when this process is
+    connected or has a local Ray started or starting. The local Ray ends with this process as
+    always, also when ``init_ray`` is never called.
+    """
+    global _starting
+    if _local_cluster is not None or _starting is not None or "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    _starting = _launch_watchdog(num_cpus or os.cpu_count() or 1)
+
+
 def _start_local_cluster(num_cpus: int) -> str:
-    """Start a local Ray from a watchdog child in its own session; return the Ray address to join."""
-    global _local_cluster
-    _stop_local_cluster()  # one left by an earlier init_ray of this process, since disconnected (ray.shutdown)
-    if "RAY_AUTH_MODE" not in os.environ:
-        _use_token_auth()
-    temp_dir = tempfile.mkdtemp(prefix="fiberlake-ray-", dir=os.environ.get("RAY_TMPDIR"))
-    log_path = os.path.join(temp_dir, "watchdog.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from fiberlake.jobs.executors import serve_local_cluster; serve_local_cluster()",
-             str(num_cpus), temp_dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    """Start a local Ray from a watchdog child in its own session; return the Ray address to join.
+
+    Takes over a watchdog :func:`prestart_local_ray` launched, when there is one."""
+    global _local_cluster, _starting
+    starting, _starting = _starting, None
+    if starting is None:
+        _stop_local_cluster()  # one left by an earlier init_ray of this process, since disconnected (ray.shutdown)
+        starting = _launch_watchdog(num_cpus)
+    proc, temp_dir, log_path, launched = starting
     address = b""
-    deadline = time.monotonic() + LOCAL_RAY_START_TIMEOUT_S
+    deadline = launched + LOCAL_RAY_START_TIMEOUT_S
     while not address.endswith(b"\n") and proc.poll() is None and time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.5)[0]:
             chunk = os.read(proc.stdout.fileno(), 4096)
@@ -206,6 +218,24 @@ def _start_local_cluster(num_cpus: int) -> str:
         _register_atexit()
     _local_cluster = proc
     return address.decode().strip()
+
+
+_starting: tuple[subprocess.Popen, str, str, float] | None = None
+"""A watchdog :func:`prestart_local_ray` launched, not yet joined: ``(process, temp dir, log, launched at)``."""
+
+
+def _launch_watchdog(num_cpus: int) -> tuple[subprocess.Popen, str, str, float]:
+    """Launch the watchdog that starts a local Ray of ``num_cpus`` CPUs (:func:`serve_local_cluster`)."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        _use_token_auth()
+    temp_dir = tempfile.mkdtemp(prefix="fiberlake-ray-", dir=os.environ.get("RAY_TMPDIR"))
+    log_path = os.path.join(temp_dir, "watchdog.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from fiberlake.jobs.executors import serve_local_cluster; serve_local_cluster()",
+             str(num_cpus), temp_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    return proc, temp_dir, log_path, time.monotonic()
 
 
 _atexit_registered = False
@@ -230,6 +260,8 @@ def _use_token_auth() -> None:
     """
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # not ~/.ray/auth_token: nothing written
+    if "ray" not in sys.modules:  # Ray reads both when first imported
+        return
     try:
         from ray._raylet import AuthenticationTokenLoader, Config
     except ImportError:  # a Ray without token authentication ignores both settings
@@ -240,7 +272,10 @@ def _use_token_auth() -> None:
 
 def _stop_local_cluster(timeout: float = 0.0) -> None:
     """Let the watchdog end the local Ray (closing its pipe); wait up to ``timeout`` seconds for it."""
-    global _local_cluster
+    global _local_cluster, _starting
+    if _starting is not None:  # launched by prestart_local_ray and never joined
+        _starting[0].stdin.close()
+        _starting = None
     proc, _local_cluster = _local_cluster, None
     if proc is None:
         return

@@ -56,6 +56,32 @@ def test_ray_actors_give_the_same_tables_as_in_process(ingested, tmp_path):
     assert_lakes_equal(lake, reference)
 
 
+def test_a_second_run_reuses_the_kept_actors_and_a_dead_one_is_replaced(ingested, tmp_path, monkeypatch):
+    from fiberlake.jobs import executors
+
+    template, reference = ingested
+    pools = []
+    real_init = executors.RayPool.__init__
+
+    def recording_init(self, *a, **k):
+        real_init(self, *a, **k)
+        pools.append(self)
+
+    monkeypatch.setattr(executors.RayPool, "__init__", recording_init)
+    executors.release_kept_actors()
+    first, second = _copy(template, tmp_path / "first"), _copy(template, tmp_path / "second")
+    process_night(first, NIGHT, config=CONFIG, executor=Executor(kind="ray", actors=2))
+    report = process_night(second, NIGHT, config=CONFIG, executor=Executor(kind="ray", actors=2))
+    assert len(report.done) == 4 and not report.failed
+    assert [p.started for p in pools] == [True, False], "the second run takes the actors the first one kept"
+    assert_lakes_equal(second, reference)  # another lake: the kept actors read its calibration sets, not the first's
+    shape, actors = executors._kept
+    ray.kill(actors[0])                                 # a kept actor dies for good between two runs
+    assert executors._take_kept(shape) is None and executors._kept is None
+    with pytest.raises(ray.exceptions.RayActorError):  # the other one was stopped with it
+        ray.get(actors[1].ping.remote(), timeout=30)
+
+
 def test_a_killed_actor_is_restarted_and_the_tables_stay_exact(ingested, tmp_path):
     template, reference = ingested
     lake = _copy(template, tmp_path)

@@ -85,7 +85,7 @@ def test_a_killed_driver_leaves_no_ray_process(ingested, tmp_path, sig):
         seen: dict[int, str] = {}
         while time.monotonic() < deadline and driver.poll() is None:
             seen = _ray_processes(ray_tmp)
-            if sum("ray::FrameReducer" in c for c in seen.values()) == 2:  # the actors are up: the whole cluster
+            if sum("ray::ReducerHost" in c for c in seen.values()) == 2:  # the actors are up: the whole cluster
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before its actors were seen"
