@@ -157,7 +157,8 @@ class ReducedFrame:
 
 def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: ReductionParams,
              profile: extract.ProfileModel | None, psf: PSFModel | None = None,
-             constants: FrameConstants | None = None, prepared: tuple | None = None) -> Spectra1D:
+             constants: FrameConstants | None = None, prepared: tuple | None = None,
+             cache_profile: bool = False) -> Spectra1D:
     read_noise = constants.read_noise if constants else None
     if method == "deconv":
         if psf is None:
@@ -177,14 +178,14 @@ def _extract(method: str, image: ccd.CCDImage, traces: TraceSet, params: Reducti
                                        amplitude=params.cae.amplitude)
     if method == "box":
         return extract.box_extract(image.image, image.ivar, image.mask, traces, halfwidth=params.box.halfwidth,
-                                   profile=profile, cache_profile=True, prepared=prepared)
+                                   profile=profile, cache_profile=cache_profile, prepared=prepared)
     opt = params.optimal
     return extract.optimal_extract(
         image.image, image.ivar, image.mask, traces,
         halfwidth=opt.halfwidth, reject_sigma=opt.reject_sigma, max_iter=opt.max_iter, deblend=opt.deblend,
         profile_error=opt.profile_error, profile=profile, read_noise=read_noise,
-        deblend_halfwidth=constants.deblend_halfwidth if constants else opt.deblend_halfwidth, cache_profile=True,
-        prepared=prepared,
+        deblend_halfwidth=constants.deblend_halfwidth if constants else opt.deblend_halfwidth,
+        cache_profile=cache_profile, prepared=prepared,
     )
 
 
@@ -479,7 +480,7 @@ def extract_bundle(slab: FrameSlab, constants: FrameConstants, calib: Calibratio
                 if {"box", "optimal"} <= set(params.extractions) else None)
     for method in params.extractions:
         rows = _extract(method, slab.image, traces, params, profile, psf, constants,
-                        prepared=prepared if method in ("box", "optimal") else None)
+                        prepared=prepared if method in ("box", "optimal") else None, cache_profile=True)
         res = getattr(rows, "resolution", None)
         resolution[method] = None if res is None else res[bundle.keep]
         flatted = fiberflat.apply_fiberflat(_core(rows, bundle.keep), _core(calib.fiberflats[method], slice(lo, hi)))
