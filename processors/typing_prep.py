@@ -432,11 +432,14 @@ def prepare_channels(raw: np.ndarray, channels: tuple[str, ...] | list[str] = PA
     """
     channels = check_channels(channels)
     image = orient(raw, dispersion_axis)
-    data = np.asarray(image, dtype=np.float32)
-    if not np.isfinite(data).all():
-        finite = np.isfinite(data)
-        data = np.where(finite, data, np.median(data[finite]) if finite.any() else 0.0).astype(np.float32)
-    trimmed = data[trim_region(row_max_profile(image if image.dtype in (np.uint8, np.uint16) else data))]
+    if image.dtype in (np.uint8, np.uint16):  # finite and exact in float32: the integer paths, same result
+        trimmed = image[trim_region(row_max_profile(image))]
+    else:
+        data = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(data).all():
+            finite = np.isfinite(data)
+            data = np.where(finite, data, np.median(data[finite]) if finite.any() else 0.0).astype(np.float32)
+        trimmed = data[trim_region(row_max_profile(data))]
     out = np.empty((len(channels),) + TARGET_SHAPE, dtype=np.uint8)
     resized = resize(trimmed) if {"zscale", "asinh"} & set(channels) else None
     for i, name in enumerate(channels):

@@ -40,6 +40,7 @@ def _old_and_new(raw: np.ndarray) -> None:
     assert new.dtype == np.float64 and np.array_equal(new, old)
     assert tk.row_max_profile_uint(image, tp.TRIM_SIGMA) is not None  # the integer path ran
     assert np.array_equal(tp.prepare_frame(raw), tp.prepare_frame(raw.astype(np.float32)))
+    assert np.array_equal(tp.prepare_channels(raw, tp.CHANNELS), tp.prepare_channels(raw.astype(np.float32), tp.CHANNELS))
 
 
 def _adversarial() -> list[np.ndarray]:
