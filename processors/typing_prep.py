@@ -162,14 +162,15 @@ def trim_region(profile: np.ndarray, jump: float = TRIM_JUMP, min_rows: int = TR
     """Data region of a row-maximum profile by the 10 % rule, read from both ends.
 
     From the front, the first row whose value exceeds the previous row's by more than ``jump``
-    (relative) starts the region; from the back, the last such row (compared with the row after
-    it) ends it. Without a jump on either side, or when the region would be narrower than
-    ``min_rows``, the whole range is returned.
+    (relative) starts the region; from the back, the last row that exceeds the row after it by
+    more than ``jump`` is the region's last but one: the region keeps one row past the drop (as
+    every shipped typing model was trained). Without a jump on either side, or when the region
+    would be narrower than ``min_rows``, the whole range is returned.
 
     Examples
     --------
     >>> trim_region(np.array([10.0] * 20 + [30.0] * 40 + [10.0] * 20))
-    slice(20, 60, None)
+    slice(20, 61, None)
     >>> trim_region(np.full(50, 10.0))
     slice(0, 50, None)
     """
