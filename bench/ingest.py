@@ -235,7 +235,7 @@ def _floor(path: Path, model: str = "default") -> dict[str, float]:
     from fiberlake.jobs.train import load_typing_model
 
     typer = load_typing_model(model, None, device="cpu")
-    stages["typing: the shipped model's pre-processing ("
+    stages["typing: the model's pre-processing ("
            f"{'+'.join(typer.channels)}; {len(typer.scalars)} scalars)"], _ = cpu(
         lambda: prepare_for_typing(pixels, channels=typer.channels, scalars=typer.scalars))
     return stages
