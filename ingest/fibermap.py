@@ -17,7 +17,6 @@ held to a contract as strict as a frame's header:
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from astropy.io import fits
 
 from fiberlake.ingest.delivery import FIBERMAP_NAME
 from fiberlake.ingest.fitsreader import FrameRejected, frame_bytes
+from fiberlake.processors.warnings_guard import catch_warnings
 from fiberlake.schemas.header import INT64_MAX, check_expid, check_night
 from fiberlake.schemas.instrument import Instrument
 
@@ -104,8 +104,7 @@ def read_fibermap(source: Path | bytes, night: str, instrument: Instrument | Non
     name = name if name is not None else Path(source).name
     expid = fibermap_expid(name)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with catch_warnings():
             with fits.open(io.BytesIO(frame_bytes(source)), memmap=False) as hdul:
                 header = hdul["FIBERMAP"].header.copy()
                 table = hdul["FIBERMAP"].data

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from astropy.io import fits
 
 from fiberlake.ingest.delivery import GZIP_MAGIC, MAX_DELIVERY_BYTES, gunzip
+from fiberlake.processors.warnings_guard import catch_warnings
 from fiberlake.schemas.header import (
     OBSTYPES,
     REQUIRED_KEYWORDS,
@@ -244,8 +244,7 @@ def _read_plain_uint16(data: bytes) -> tuple[fits.Header, np.ndarray, str | None
         ``failure`` is astropy's warning text for a failed CHECKSUM or DATASUM, else None.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with catch_warnings(record=True, action="always") as caught:
             handle = io.BytesIO(data)
             header = fits.Header.fromfile(handle)
             header_bytes = handle.tell()
@@ -271,6 +270,8 @@ def _read_plain_uint16(data: bytes) -> tuple[fits.Header, np.ndarray, str | None
                     failure = "Datasum verification failed for HDU ('PRIMARY', 1)."
     except Exception:  # astropy's own reading gives the reason
         return None
+    if caught:  # any warning while parsing (astropy's reading says what it means)
+        return None
     pixels = np.frombuffer(data, dtype=">u2", count=nx * ny, offset=header_bytes).reshape(ny, nx)
     pixels = np.bitwise_xor(pixels, np.uint16(0x8000), dtype=np.uint16)   # BZERO 32768: int16 -> uint16
     return header, pixels, failure
@@ -288,8 +289,7 @@ def _read_with_astropy(data: bytes) -> tuple[fits.Header, np.ndarray | None]:
     size = len(data)
     caught: list = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with catch_warnings(record=True, action="always") as caught:
             with fits.open(io.BytesIO(data), memmap=False, checksum=True, do_not_scale_image_data=False,
                            uint=True) as hdul:
                 hdu = image_hdu(hdul)

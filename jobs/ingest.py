@@ -40,7 +40,6 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -55,6 +54,7 @@ from fiberlake.ingest.arrival import ArrivalTracker
 from fiberlake.ingest.delivery import DeliveryRefused, Entry, classify, delivery_order, read_delivery, scan_night
 from fiberlake.ingest.fibermap import read_fibermap
 from fiberlake.ingest.fitsreader import FrameRejected, RawFrame, image_hdu, frame_bytes, read_frame
+from fiberlake.processors.warnings_guard import catch_warnings
 from fiberlake.schemas.header import check_night
 from fiberlake.schemas.instrument import INSTRUMENTS, Instrument, get_instrument
 from fiberlake.storage.layout import Lake, LakeError
@@ -285,8 +285,7 @@ def _named_instrument(entry: Entry) -> str | None:
     """``INSTRUME`` of a frame delivery when it names a known instrument (None otherwise)."""
     try:
         data = frame_bytes(read_delivery(entry)[0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with catch_warnings():
             with fits.open(io.BytesIO(data), memmap=False) as hdul:
                 name = image_hdu(hdul).header.get("INSTRUME")
     except Exception:  # unreadable: the reader refuses it later with the reason

@@ -128,10 +128,10 @@ def coadd_noise_gain(singles: np.ndarray, coadd: np.ndarray, truth: np.ndarray, 
         r = ff - g * tt
         return r - mf(r, size=smooth, mode="nearest")
 
+    if len(singles) < 3 or good.sum() < 3 * smooth:  # e.g. a fiber masked in every exposure
+        return float("nan")
     rs = [resid(np.asarray(f, float)) for f in singles]
     n = len(rs)
-    if n < 3 or good.sum() < 3 * smooth:
-        return float("nan")
     pairs, rhs = [], []
     for i in range(n):
         for j in range(i + 1, n):

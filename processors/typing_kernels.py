@@ -24,10 +24,10 @@ maximum over the pixels kept:
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from astropy.stats import sigma_clip
+
+from fiberlake.processors.warnings_guard import catch_warnings
 
 PROFILE_BLOCK = 16
 """Columns of the oriented frame (rows of the raw frame) processed at a time (cache-sized)."""
@@ -49,8 +49,7 @@ def _guard(n: int, centre: np.ndarray, spread: np.ndarray) -> np.ndarray:
 
 def _astropy_bounds(columns: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """astropy's own clipping bounds of each column (axis 0), from the float32 pixels it is given."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with catch_warnings():
         _, lower, upper = sigma_clip(np.asarray(columns, dtype=np.float32), sigma=sigma, maxiters=1, axis=0,
                                      masked=False, return_bounds=True)
     return np.ravel(lower).astype(np.float64), np.ravel(upper).astype(np.float64)

@@ -30,14 +30,13 @@ grid). A model's card names the channels it reads; the paper's one channel is th
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from astropy.stats import sigma_clip
 from astropy.visualization import ZScaleInterval
 from skimage.transform import resize as sk_resize
 
 from fiberlake.processors.typing_kernels import block_mean_uint, row_max_profile_uint
+from fiberlake.processors.warnings_guard import catch_warnings
 
 TARGET_SHAPE: tuple[int, int] = (210, 650)
 """Shape (spatial, spectral) of the network's input (the paper's)."""
@@ -130,8 +129,7 @@ def row_max_profile(image: np.ndarray, sigma: float = TRIM_SIGMA) -> np.ndarray:
     if exact is not None:
         return exact
     data = np.asarray(image, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # all-equal or all-NaN columns, non-finite pixels
+    with catch_warnings():  # all-equal or all-NaN columns, non-finite pixels
         clipped = sigma_clip(data.copy(order="K"), sigma=sigma, maxiters=1, axis=0, masked=False, copy=False)
         prof = np.fmax.reduce(clipped, axis=1).astype(np.float64)
     bad = ~np.isfinite(prof)
@@ -148,8 +146,7 @@ def row_max_profile_masked(image: np.ndarray, sigma: float = TRIM_SIGMA) -> np.n
     the two are equal and ``bench/typing.py --prep-only`` times them against each other.
     """
     data = np.asarray(image, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with catch_warnings():
         clipped = sigma_clip(data, sigma=sigma, maxiters=1, axis=0, masked=True, copy=False)
     prof = np.ma.filled(clipped.astype(np.float64), -np.inf).max(axis=1)
     bad = ~np.isfinite(prof)
@@ -226,8 +223,7 @@ def zscale_uint8(image: np.ndarray, contrast: float = ZSCALE_CONTRAST) -> np.nda
         return np.zeros(data.shape, dtype=np.uint8)
     if not finite.all():
         data = np.where(finite, data, np.median(data[finite]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with catch_warnings():
         z1, z2 = ZScaleInterval(contrast=contrast).get_limits(data)
     if not np.isfinite(z1) or not np.isfinite(z2) or z2 <= z1:
         return np.zeros(data.shape, dtype=np.uint8)

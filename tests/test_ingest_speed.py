@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -169,6 +171,19 @@ def test_plain_frame_reader_gives_astropys_pixels_header_and_verdict(monkeypatch
     assert fast["good"][0] == "read" and fast["pixel corrupted"][1] == "checksum"
     assert fast["padding corrupted"][1] == "checksum" and fast["DATASUM wrong"][1] == "checksum"
     assert "Datasum verification failed" in fast["DATASUM only, wrong"][2]
+
+
+def test_reading_on_threads_keeps_the_verdicts_and_the_warning_filters():
+    """Ingest reads on two threads: concurrent reads give the serial verdicts, and no reader's
+    warning filter outlives it (an "error" filter left behind once made every later warning of
+    the process an exception; processors/warnings_guard.py)."""
+    variants = _variants()
+    serial = {name: _outcome(data) for name, data in variants.items()}
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda item: (item[0], _outcome(item[1])), list(variants.items()) * 6))
+    assert warnings.filters == before
+    assert all(outcome == serial[name] for name, outcome in outcomes)
 
 
 def test_ones_complement_sum_is_astropys():
