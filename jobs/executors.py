@@ -205,6 +205,7 @@ def _start_local_cluster(num_cpus: int) -> str:
             address += chunk
     if not address.endswith(b"\n"):
         proc.stdin.close()  # the watchdog stops whatever it started
+        proc.stdout.close()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -275,6 +276,7 @@ def _stop_local_cluster(timeout: float = 0.0) -> None:
     global _local_cluster, _starting
     if _starting is not None:  # launched by prestart_local_ray and never joined
         _starting[0].stdin.close()
+        _starting[0].stdout.close()
         _starting = None
     proc, _local_cluster = _local_cluster, None
     if proc is None:

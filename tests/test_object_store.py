@@ -107,6 +107,7 @@ def s3():
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        server.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,8 @@ def test_a_second_run_reuses_the_kept_actors_and_a_dead_one_is_replaced(ingested
     assert_lakes_equal(second, reference)  # another lake: the kept actors read its calibration sets, not the first's
     shape, actors = executors._kept
     ray.kill(actors[0])                                 # a kept actor dies for good between two runs
+    with pytest.raises(ray.exceptions.RayActorError):  # ray.kill is asynchronous: dead before the next take
+        ray.get(actors[0].ping.remote(), timeout=30)
     assert executors._take_kept(shape) is None and executors._kept is None
     with pytest.raises(ray.exceptions.RayActorError):  # the other one was stopped with it
         ray.get(actors[1].ping.remote(), timeout=30)
