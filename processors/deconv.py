@@ -86,14 +86,12 @@ left out of the model (``DEADFIBER``, flux 0, ivar 0). ``BAD2DFIT`` where ``chi2
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from fiberlake.processors.content_cache import ContentCache, content_key
 from fiberlake.processors.extract import prepare_pixels, solve_tridiagonal
 from fiberlake.schemas.containers import PSFModel, Spectra1D, TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
@@ -377,38 +375,22 @@ def sample_psf(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_
 PSF_SAMPLE_CACHE = 2
 """Calibration sets whose :class:`PSFSamples` :func:`psf_samples` keeps (about 0.2 GB each for a
 LAMOST camera): a worker reducing the frames of one camera samples its PSF once."""
-_samples_cache: OrderedDict[str, PSFSamples] = OrderedDict()
-_samples_lock = threading.Lock()
 
 
-def _samples_key(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_block: int) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for prefix, container in (("traces", traces), ("psf", psf)):
-        for name, value in sorted(container.to_arrays().items()):
-            value = np.ascontiguousarray(value)
-            digest.update(f"{prefix}/{name}:{value.dtype.str}:{value.shape}".encode())
-            digest.update(value.tobytes())
-    digest.update(repr((float(psf.x_offset), ny, nx, pad, row_block)).encode())
-    return digest.hexdigest()
+def _freeze_samples(samples: PSFSamples) -> None:
+    for array in (samples.order, samples.live, samples.lsf, samples.first, samples.xsf):
+        array.setflags(write=False)                     # shared between frames: never changed in place
+
+
+_samples_cache: ContentCache[PSFSamples] = ContentCache(lambda samples: 0, max_entries=PSF_SAMPLE_CACHE,
+                                                        freeze=_freeze_samples)
 
 
 def psf_samples(traces: TraceSet, psf: PSFModel, ny: int, nx: int, pad: int, row_block: int = 256) -> PSFSamples:
     """:func:`sample_psf`, kept for the last :data:`PSF_SAMPLE_CACHE` calibration sets (keyed by
     the content of the traces and PSF, so equal calibrations loaded twice share their samples)."""
-    key = _samples_key(traces, psf, ny, nx, pad, row_block)
-    with _samples_lock:
-        hit = _samples_cache.get(key)
-        if hit is not None:
-            _samples_cache.move_to_end(key)
-            return hit
-    samples = sample_psf(traces, psf, ny, nx, pad, row_block)
-    for array in (samples.order, samples.live, samples.lsf, samples.first, samples.xsf):
-        array.setflags(write=False)                     # shared between frames: never changed in place
-    with _samples_lock:
-        _samples_cache[key] = samples
-        while len(_samples_cache) > max(0, PSF_SAMPLE_CACHE):
-            _samples_cache.popitem(last=False)
-    return samples
+    key = content_key(traces.to_arrays(), psf.to_arrays(), float(psf.x_offset), ny, nx, pad, row_block)
+    return _samples_cache.get(key, lambda: sample_psf(traces, psf, ny, nx, pad, row_block))
 
 
 def prepare(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, traces: TraceSet, psf: PSFModel,

@@ -45,15 +45,13 @@ covered fraction).
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from fiberlake.processors.ccd import CCDImage
+from fiberlake.processors.content_cache import ContentCache, content_key
 from fiberlake.processors.rectify_map import CoordinateMap, Frame, MapConfig, fit_map
 from fiberlake.processors.rectify_sampling import LABELS, SAMPLINGS, build_training_set, trace_lines
 from fiberlake.processors.tls import Lines, perpendicular_distance, perpendicular_feet
@@ -638,34 +636,14 @@ class ResamplePlan:
 RESAMPLE_PLAN_BYTES = 512 << 20
 """Bytes of :class:`ResamplePlan` that :func:`resample_plan` keeps (the least recently used go
 first): two LAMOST calibration sets, whole or in tiles."""
-_plans: OrderedDict[tuple, ResamplePlan] = OrderedDict()
-_plans_lock = threading.Lock()
-
-
-def _map_key(rmap: CoordinateMap) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name, value in sorted(rmap.to_arrays().items()):
-        value = np.ascontiguousarray(value)
-        digest.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
+_plans: ContentCache[ResamplePlan] = ContentCache(lambda plan: plan.nbytes, max_bytes=RESAMPLE_PLAN_BYTES)
 
 
 def resample_plan(rmap: CoordinateMap, col0: int, nx: int, out: tuple[int, int]) -> ResamplePlan:
     """:meth:`ResamplePlan.build`, kept for the next frames (keyed by the map's content, so a
     calibration set loaded again hits)."""
-    key = (_map_key(rmap), int(col0), int(nx), int(rmap.frame.ny), int(out[0]), int(out[1]))
-    with _plans_lock:
-        hit = _plans.get(key)
-        if hit is not None:
-            _plans.move_to_end(key)
-            return hit
-    plan = ResamplePlan.build(rmap, col0, nx, rmap.frame.ny, out)
-    with _plans_lock:
-        _plans[key] = plan
-        while len(_plans) > 1 and sum(p.nbytes for p in _plans.values()) > RESAMPLE_PLAN_BYTES:
-            _plans.popitem(last=False)
-    return plan
+    key = content_key(rmap.to_arrays(), int(col0), int(nx), int(rmap.frame.ny), int(out[0]), int(out[1]))
+    return _plans.get(key, lambda: ResamplePlan.build(rmap, col0, nx, rmap.frame.ny, out))
 
 
 def _check_monotonic(b: np.ndarray, what: str) -> None:

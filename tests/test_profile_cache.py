@@ -74,7 +74,7 @@ def test_kept_profile_gives_the_same_spectra(method, monkeypatch):
 
 def test_least_recently_used_go_first(monkeypatch):
     entry = [{"a": np.zeros(1000)}]  # 8000 bytes
-    monkeypatch.setattr(profile_cache, "PROFILE_CACHE_BYTES", 20_000)
+    monkeypatch.setattr(profile_cache._cache, "max_bytes", 20_000)
     for name in ("x", "y"):
         profile_cache.cached(name, lambda: [{"a": np.zeros(1000)}])
     profile_cache.cached("x", lambda: entry)  # a hit: x is now the most recent

@@ -56,10 +56,10 @@ def test_plan_matches_the_geometry_per_frame(col0, width, out):
 
 
 def test_plans_are_kept_within_their_bytes(monkeypatch):
-    monkeypatch.setattr(rectify, "_plans", type(rectify._plans)())
+    monkeypatch.setattr(rectify, "_plans", rectify._plans.empty_copy())
     rmap = _map(64, 64)
     first = rectify.resample_plan(rmap, 0, 64, (0, 64))
-    monkeypatch.setattr(rectify, "RESAMPLE_PLAN_BYTES", first.nbytes)
+    monkeypatch.setattr(rectify._plans, "max_bytes", first.nbytes)
     rectify.resample_plan(rmap, 0, 32, (0, 20))
     assert len(rectify._plans) == 1 and rectify.resample_plan(rmap, 0, 64, (0, 64)) is not first
     other = _map(64, 64)
