@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,27 @@ def test_a_second_run_reuses_the_kept_actors_and_a_dead_one_is_replaced(ingested
     assert [p.started for p in pools] == [True, False], "the second run takes the actors the first one kept"
     assert_lakes_equal(second, reference)  # another lake: the kept actors read its calibration sets, not the first's
     shape, actors = executors._kept
-    ray.kill(actors[0])                                 # a kept actor dies for good between two runs
-    with pytest.raises(ray.exceptions.RayActorError):  # ray.kill is asynchronous: dead before the next take
-        ray.get(actors[0].ping.remote(), timeout=30)
+    ray.kill(actors[0])                     # a kept actor dies for good between two runs
+    _wait_until_dead(actors[0])             # ray.kill is asynchronous: dead before the next take
     assert executors._take_kept(shape) is None and executors._kept is None
-    with pytest.raises(ray.exceptions.RayActorError):  # the other one was stopped with it
-        ray.get(actors[1].ping.remote(), timeout=30)
+    _wait_until_dead(actors[1])             # the other one was stopped with it
+
+
+def _wait_until_dead(actor, timeout_s: float = 60.0) -> None:
+    """Return once ``actor`` answers a ping with RayActorError; fail after ``timeout_s``.
+
+    ``ray.kill`` only sends the request: a ping submitted right after it may still be served.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the actor still answers {timeout_s:.0f} s after it was killed")
 
 
 def test_a_killed_actor_is_restarted_and_the_tables_stay_exact(ingested, tmp_path):
