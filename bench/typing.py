@@ -82,6 +82,12 @@ def preprocessing_rate(instrument: str, n: int, baseline: bool = False) -> dict:
                     "profile_s_per_frame": profile_s / len(raws),
                     "profile_s_per_frame_baseline": base_profile_s / len(raws),
                     "identical": all(np.array_equal(a, b) for a, b in zip(images, base_images))})
+        all_s, stacks = best_of(lambda: [tp.prepare_channels(r, tp.CHANNELS) for r in raws], 2)
+        float_s, float_stacks = best_of(lambda: [tp.prepare_channels(r.astype(np.float32), tp.CHANNELS)
+                                                 for r in raws], 2)
+        out.update({"channels_s_per_frame": all_s / len(raws), "channels_s_per_frame_float": float_s / len(raws),
+                    "channels_speedup": float_s / all_s,
+                    "channels_identical": all(np.array_equal(a, b) for a, b in zip(stacks, float_stacks))})
     return out
 
 
@@ -148,6 +154,12 @@ def main() -> None:
         print("instrument | zscale+asinh | zscale+cosmics | zscale+asinh+cosmics")
         for instrument, r in rates.items():
             print(f"{instrument} | {r['cost_asinh']:.2f} | {r['cost_cosmics']:.2f} | {r['cost_all']:.2f}")
+        print("\nevery channel (prepare_channels), raw uint16 pixels (the integer kernels) against the same "
+              "frames as float32 (the general path):")
+        print("instrument | s/frame | s/frame float32 | speedup | identical")
+        for instrument, r in rates.items():
+            print(f"{instrument} | {r['channels_s_per_frame']:.3f} | {r['channels_s_per_frame_float']:.3f} | "
+                  f"{r['channels_speedup']:.2f} | {r['channels_identical']}")
         return
 
     import torch

@@ -136,3 +136,115 @@ def block_mean_uint(image: np.ndarray, fy: int, fx: int) -> np.ndarray | None:
     rows = x[:ny, :nx].reshape(ny // fy, fy, nx).sum(axis=1, dtype=np.uint32)   # fy rows at a time
     sums = rows.reshape(ny // fy, nx // fx, fx).sum(axis=2, dtype=np.uint32)
     return sums / float(fy * fx)
+
+
+# --------------------------------------------------------------------------------------
+# the cosmics channel and the frame's pixel noise, on the raw integers
+# --------------------------------------------------------------------------------------
+HIT_BLOCK_ROWS = 64
+"""Rows of the raw frame (spectral positions) :func:`cosmic_hit_coords_uint` processes at a time."""
+_DIFF_SPAN = 65535
+"""Largest magnitude of a difference of two 16-bit pixels."""
+
+
+def _median_from_counts(counts: np.ndarray, offset: int) -> float:
+    """``np.median`` of the integers whose histogram is ``counts`` (value ``i - offset`` at ``counts[i]``).
+
+    For an even count numpy averages the two middle values: their sum is exact in float32 and
+    float64 alike for 17-bit integers, so the result equals ``np.median`` of those integers as
+    float32.
+    """
+    cumulative = np.cumsum(counts)                  # integer-valued (float64 weights stay exact below 2^53)
+    n = int(cumulative[-1])
+    upper = int(np.searchsorted(cumulative, n // 2, side="right")) - offset
+    if n % 2:
+        return float(upper)
+    lower = int(np.searchsorted(cumulative, n // 2 - 1, side="right")) - offset
+    return (lower + upper) / 2.0
+
+
+def pixel_noise_mad_uint(image: np.ndarray, step: int) -> float | None:
+    """The MAD of the differences of neighbouring pixels along every ``step``-th row, exactly.
+
+    Equal to ``median(|d - median(d)|)`` of ``d = np.diff(rows.astype(np.float32), axis=1)``
+    (``typing_prep.pixel_noise``), from two histograms of the integer differences instead of two
+    selections over floats.
+
+    Parameters
+    ----------
+    image : ndarray of uint8 or uint16, shape (n_spatial, n_spectral)
+        Oriented frame (any memory layout).
+    step : int
+        Every ``step``-th row is used.
+
+    Returns
+    -------
+    float or None
+        None when the exact path does not apply (another dtype, or fewer than two columns).
+    """
+    x = np.asarray(image)
+    if x.ndim != 2 or x.dtype not in (np.uint8, np.uint16) or x.shape[1] < 2 or x.shape[0] == 0:
+        return None
+    rows = x[::max(1, int(step))].astype(np.int32)
+    diff = np.diff(rows, axis=1).ravel()
+    counts = np.bincount(diff + _DIFF_SPAN, minlength=2 * _DIFF_SPAN + 1)
+    centre = _median_from_counts(counts, _DIFF_SPAN)
+    present = np.flatnonzero(counts)                # the deviations' histogram from the differences' one
+    twice_deviation = np.abs(2 * (present - _DIFF_SPAN) - int(round(2 * centre)))   # 2 |d - median|: integers
+    return _median_from_counts(np.bincount(twice_deviation, weights=counts[present]), 0) / 2.0
+
+
+def cosmic_hit_coords_uint(image: np.ndarray, floor: float, contrast: float,
+                           pedestal: np.float32) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pixels standing above both spectral neighbours by more than ``floor`` and the contrast, exactly.
+
+    Equal to ``typing_prep.cosmic_hits`` on ``image.astype(np.float32)`` given the same ``floor``
+    (``sigma`` times the pixel noise, float32) and ``pedestal`` (float32): the rise over the
+    brighter neighbour is an integer, so ``rise > floor`` is ``rise > floor(floor)``, decided on
+    the 16-bit pixels with a saturating subtraction; the contrast test runs on the candidates in
+    float32, as the general path does. The raw frame's rows are the spectral positions, so the
+    neighbours are whole neighbouring rows in memory.
+
+    Parameters
+    ----------
+    image : ndarray of uint8 or uint16, shape (n_spatial, n_spectral)
+        Oriented frame; fastest as the transpose of a C-ordered raw frame.
+    floor : float
+        Minimum rise over the brighter neighbour (ADU).
+    contrast : float
+        Minimum rise as a fraction of the pixel's level above ``pedestal``.
+    pedestal : numpy.float32
+
+    Returns
+    -------
+    (rows, cols) : tuple of ndarray of int64, or None
+        Oriented coordinates of the hits, ``rows`` ascending within each spectral block; None
+        when the exact path does not apply (another dtype).
+    """
+    x = np.asarray(image)
+    if x.ndim != 2 or x.dtype not in (np.uint8, np.uint16):
+        return None
+    raw = x.T                                       # raw[spectral, spatial]
+    n = raw.shape[0]
+    empty = np.zeros(0, dtype=np.int64)
+    threshold = int(np.floor(np.float32(floor)))
+    if n < 3 or threshold >= int(np.iinfo(x.dtype).max):
+        return empty, empty
+    gain = np.float32(contrast)
+    rows_found, cols_found = [], []
+    for start in range(1, n - 1, HIT_BLOCK_ROWS):
+        stop = min(start + HIT_BLOCK_ROWS, n - 1)
+        centre = raw[start:stop]
+        brighter = np.maximum(raw[start - 1:stop - 1], raw[start + 1:stop + 1])
+        rise = np.maximum(centre, brighter)
+        rise -= brighter                            # centre - brighter where positive, else 0: no wrap
+        flat = np.flatnonzero(rise > threshold)    # 1-D: numpy's fast path (2-D nonzero is ~10x slower)
+        if flat.size:
+            spectral, spatial = np.divmod(flat, rise.shape[1])
+            level = centre[spectral, spatial].astype(np.float32)
+            keep = rise[spectral, spatial].astype(np.float32) > gain * (level - pedestal)
+            rows_found.append(spatial[keep])
+            cols_found.append(spectral[keep] + start)
+    if not rows_found:
+        return empty, empty
+    return np.concatenate(rows_found).astype(np.int64), np.concatenate(cols_found).astype(np.int64)

@@ -35,7 +35,8 @@ from astropy.stats import sigma_clip
 from astropy.visualization import ZScaleInterval
 from skimage.transform import resize as sk_resize
 
-from fiberlake.processors.typing_kernels import block_mean_uint, row_max_profile_uint
+from fiberlake.processors.typing_kernels import (block_mean_uint, cosmic_hit_coords_uint, pixel_noise_mad_uint,
+                                                 row_max_profile_uint)
 from fiberlake.processors.warnings_guard import catch_warnings
 
 TARGET_SHAPE: tuple[int, int] = (210, 650)
@@ -302,6 +303,9 @@ def pixel_noise(image: np.ndarray, step: int = 8) -> float:
 
     Every ``step``-th row is used; the differences of two pixels carry twice a pixel's variance.
     """
+    mad = pixel_noise_mad_uint(image, step)        # raw integers: exact histogram medians, same value
+    if mad is not None:
+        return max(1.4826 * mad / np.sqrt(2.0), 1e-3)
     rows = np.asarray(image, dtype=np.float32)[::max(1, int(step))]
     diff = np.diff(rows, axis=1).ravel()
     if diff.size == 0:
@@ -326,12 +330,32 @@ def cosmic_hits(image: np.ndarray, sigma: float = COSMIC_SIGMA, contrast: float 
     -------
     ndarray of bool, same shape as ``image``
     """
+    image = np.asarray(image)
+    hits = np.zeros(image.shape, dtype=bool)
+    if image.ndim == 2:
+        rows, cols = cosmic_hit_coords(image, sigma, contrast)
+        hits[rows, cols] = True
+    return hits
+
+
+def cosmic_hit_coords(image: np.ndarray, sigma: float = COSMIC_SIGMA,
+                      contrast: float = COSMIC_CONTRAST) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of :func:`cosmic_hits` (the same pixels, without the full-size mask).
+
+    Raw 8/16-bit frames take :func:`~fiberlake.processors.typing_kernels.cosmic_hit_coords_uint`
+    (the same pixels, bit for bit); other dtypes the float32 path below.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2 or image.shape[1] < 3 or image.shape[0] == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    floor = np.float32(sigma * pixel_noise(image))
+    pedestal = np.float32(np.percentile(image[::8, ::8].astype(np.float32), 1.0))
+    coords = cosmic_hit_coords_uint(image, floor, contrast, pedestal)
+    if coords is not None:
+        return coords
     x = np.asarray(image, dtype=np.float32)
     hits = np.zeros(x.shape, dtype=bool)
-    if x.ndim != 2 or x.shape[1] < 3:
-        return hits
-    floor = np.float32(sigma * pixel_noise(x))
-    pedestal = np.float32(np.percentile(x[::8, ::8], 1.0))
     rise = np.empty((min(HIT_BLOCK_ROWS, x.shape[0]), x.shape[1] - 2), dtype=np.float32)
     for start in range(0, x.shape[0], HIT_BLOCK_ROWS):   # blocks of rows: the temporaries stay in cache
         block = x[start:start + HIT_BLOCK_ROWS]
@@ -342,13 +366,19 @@ def cosmic_hits(image: np.ndarray, sigma: float = COSMIC_SIGMA, contrast: float 
         if iy.size:
             keep = r[iy, ix] > np.float32(contrast) * (block[iy, ix + 1] - pedestal)
             hits[start + iy[keep], ix[keep] + 1] = True
-    return hits
+    return np.nonzero(hits)
 
 
 def count_map(mask: np.ndarray, shape: tuple[int, int] = TARGET_SHAPE) -> np.ndarray:
     """Number of true pixels of ``mask`` falling in each pixel of a ``shape`` grid laid over it."""
-    ys, xs = np.nonzero(mask)
-    ny, nx = mask.shape
+    return count_coords(np.nonzero(mask), np.shape(mask), shape)
+
+
+def count_coords(coords: tuple[np.ndarray, np.ndarray], image_shape: tuple[int, int],
+                 shape: tuple[int, int] = TARGET_SHAPE) -> np.ndarray:
+    """Number of the pixels ``coords`` (rows, columns of an ``image_shape`` frame) in each cell of a ``shape`` grid."""
+    ys, xs = coords
+    ny, nx = image_shape
     iy = (ys.astype(np.int64) * shape[0]) // max(ny, 1)
     ix = (xs.astype(np.int64) * shape[1]) // max(nx, 1)
     counts = np.bincount(iy * shape[1] + ix, minlength=shape[0] * shape[1])
@@ -357,7 +387,7 @@ def count_map(mask: np.ndarray, shape: tuple[int, int] = TARGET_SHAPE) -> np.nda
 
 def cosmics_uint8(image: np.ndarray, shape: tuple[int, int] = TARGET_SHAPE, scale: int = COSMIC_COUNT_SCALE) -> np.ndarray:
     """The cosmics channel: :func:`cosmic_hits` of the full-resolution frame counted on the output grid."""
-    counts = count_map(cosmic_hits(image), shape)
+    counts = count_coords(cosmic_hit_coords(image), np.shape(image), shape)
     return np.minimum(counts * int(scale), 255).astype(np.uint8)
 
 

@@ -88,6 +88,43 @@ def test_block_means_equal_the_float_path():
     assert tk.block_mean_uint(raw.astype(np.float32), 2, 2) is None
 
 
+def _with_cosmic_rays(rng: np.random.Generator) -> list[np.ndarray]:
+    """Arrays with spikes (single pixels, pairs, saturated, next to the edges) on varied backgrounds."""
+    frames = []
+    base = (1000 + rng.normal(0, 4, (200, 300))).astype(np.uint16)
+    base[:, 100:104] += 3000                                    # a bright fibre: not a hit
+    ys, xs = rng.integers(0, 200, 60), rng.integers(0, 300, 60)
+    base[ys, xs] = rng.integers(1100, 65536, 60).astype(np.uint16)
+    base[ys[:20], np.minimum(xs[:20] + 1, 299)] = 65535          # two-pixel tracks and saturation
+    base[:, 0], base[:, -1] = 60000, 60000                      # edge columns are never hits
+    frames.append(base)
+    flat = np.full((50, 80), 7, dtype=np.uint16)                # zero noise: the floor is 0.01 ADU
+    flat[10, 10], flat[20, 40] = 8, 65535
+    frames.append(flat)
+    frames.append(rng.integers(0, 65536, (70, 90), dtype=np.uint16))   # noise as large as the range
+    frames.append(rng.integers(0, 256, (60, 61), dtype=np.uint8))
+    frames.append(np.zeros((5, 3), dtype=np.uint16))
+    return frames
+
+
+def test_cosmic_hits_and_pixel_noise_equal_the_float_path():
+    rng = np.random.default_rng(11)
+    arrays = _adversarial() + _with_cosmic_rays(rng)
+    for seq, obstype in enumerate(("DARK", "SCIENCE")):
+        frame = sim.simulate_frame(MINI, "r1", obstype, night=NIGHT, expid=sim.make_expid(NIGHT, seq + 1), seed=seq)
+        arrays.append(tp.orient(frame.raw))                     # the ingest layout: a transposed view
+    seen = 0
+    for array in arrays:
+        for image in (array, np.ascontiguousarray(array), array[1:, 2:]):
+            as_float = image.astype(np.float32)
+            assert tp.pixel_noise(image) == tp.pixel_noise(as_float), image.shape
+            new, old = tp.cosmic_hits(image), tp.cosmic_hits(as_float)
+            assert np.array_equal(new, old), (image.shape, int(new.sum()), int(old.sum()))
+            seen += int(new.sum())
+    assert tk.pixel_noise_mad_uint(np.zeros((4, 9)), 8) is None       # floats take the general path
+    assert seen > 200, "the arrays must hold hits for the comparison to mean anything"
+
+
 def test_mini_frames_of_every_type_prepare_identically():
     for seq, obstype in enumerate(("BIAS", "DARK", "FLAT", "ARC", "SCIENCE", "STANDARD")):
         frame = sim.simulate_frame(MINI, "b1", obstype, night=NIGHT, expid=sim.make_expid(NIGHT, seq + 1), seed=seq)
