@@ -19,7 +19,8 @@ Layer sizes derive from the input shape (:func:`conv_output_shape`), never from 
 The final scheme (the paper's section 4.2): the frame and its three flips are classified; the
 type that wins 3 or 4 of the 4 is adopted, anything less is ``UNKNOWN`` (:func:`vote`).
 :class:`FrameTyper` holds a model on a device (CUDA when available and asked, CPU always) and
-types batches of pre-processed frames.
+types batches of pre-processed frames with its evaluation form
+(:func:`~fiberlake.processors.spit_inference.inference_form`: batch normalisation folded in).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fiberlake.processors.spit_inference import channels_last_input, inference_form
 from fiberlake.processors.typing_prep import PAPER_CHANNELS, TARGET_SHAPE, check_channels, check_scalars, flips
 
 UNKNOWN = "UNKNOWN"
@@ -398,6 +400,7 @@ class FrameTyper:
                  scalars: tuple[str, ...] | list[str] = ()):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.runner = inference_form(self.model)   # what types: same outputs, fused layers (spit_inference)
         self.classes = tuple(classes)
         self.model_id = model_id
         self.batch = max(1, int(batch))
@@ -432,11 +435,12 @@ class FrameTyper:
         for start in range(0, len(images), self.batch):
             chunk = images[start:start + self.batch]
             stacked = np.concatenate([flips(im) for im in chunk])
+            batch = channels_last_input(to_input(stacked).to(self.device))
             if self.scalars:
                 values = torch.from_numpy(np.repeat(scalars[start:start + self.batch], 4, axis=0)).to(self.device)
-                logits = self.model(to_input(stacked).to(self.device), values)
+                logits = self.runner(batch, values)
             else:
-                logits = self.model(to_input(stacked).to(self.device))
+                logits = self.runner(batch)
             out[start:start + len(chunk)] = torch.softmax(logits.float(), dim=1).cpu().numpy().reshape(len(chunk), 4, -1)
         return out
 

@@ -180,6 +180,65 @@ def test_compact_network_is_small_and_shape_independent():
         spit.build_model("resnet", 6)
 
 
+def _trained_looking(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model`` with random batch-normalisation statistics and affine terms (fresh ones fold trivially)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(0.2 + torch.rand(n, generator=generator))
+            module.weight.data.copy_(torch.randn(n, generator=generator))
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("architecture, arch_params, shape, n_scalars", [
+    ("compact", {}, (210, 650), 0),
+    ("compact", {"in_channels": 3, "n_scalars": 4}, (210, 650), 4),
+    ("paper", {}, (42, 130), 0),
+    ("fused", {"image": {"architecture": "compact", "arch_params": {}}, "n_scalars": 4}, (210, 650), 4),
+    ("ensemble", {"members": [{"architecture": "compact", "arch_params": {"channels": (4, 8, 8, 8)}},
+                              {"architecture": "compact", "arch_params": {}}]}, (210, 650), 0),
+])
+def test_the_inference_form_computes_the_trained_networks_function(architecture, arch_params, shape, n_scalars):
+    from torch import nn
+
+    from fiberlake.processors.spit_inference import channels_last_input, inference_form
+
+    torch.manual_seed(3)
+    model = _trained_looking(spit.build_model(architecture, 6, shape, **arch_params), seed=4)
+    fast = inference_form(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()), "every batch normalisation folded"
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == (architecture != "paper")
+    for m in fast.modules():                      # pooling first, then the ReLU, wherever both follow
+        if isinstance(m, nn.Sequential):
+            pairs = list(zip(list(m)[:-1], list(m)[1:]))
+            assert not any(isinstance(a, nn.ReLU) and isinstance(b, nn.MaxPool2d) for a, b in pairs)
+    n_in = getattr(model, "in_channels", 1)
+    x = torch.rand(8, n_in, *shape, generator=torch.Generator().manual_seed(5))
+    extra = (torch.randn(8, n_scalars),) if n_scalars else ()
+    with torch.no_grad():
+        want = torch.softmax(model(x, *extra).float(), dim=1)
+        got = torch.softmax(fast(channels_last_input(x), *extra).float(), dim=1)
+    assert float((got - want).abs().max()) < 1e-5
+    assert float((want.max(dim=1).values - want.min(dim=1).values).min()) > 1e-3, "outputs must differ by class"
+
+
+def test_the_typer_types_with_the_inference_form_and_keeps_the_trained_model():
+    typer = tr.load_typing_model("default", device="cpu")
+    assert typer.runner is not typer.model
+    images = np.stack([tp.prepare_frame(synthetic_frame(seed=s, level=lv)) for s, lv in ((0, 5000.0), (1, 80.0))])
+    scalars = np.array([[1.9, 1.0, 2.0, 3.0], [0.0, 0.5, 1.0, 1.5]], dtype=np.float32)
+    got = typer.flip_probabilities(images, scalars)
+    with torch.no_grad():
+        x = spit.to_input(np.concatenate([tp.flips(im) for im in images]))
+        logits = typer.model(x, torch.from_numpy(np.repeat(scalars, 4, axis=0)))
+        want = torch.softmax(logits.float(), dim=1).numpy().reshape(2, 4, -1)
+    assert np.abs(got - want).max() < 1e-5
+    assert "running_mean" in " ".join(spit.state_arrays(typer.model)), "the stored form is the trained one"
+
+
 def test_final_scheme_votes_over_four_flips():
     p = np.full((4, 4, 3), 0.1)
     p[0, :, 1] = 0.8                       # 4 of 4
