@@ -29,7 +29,7 @@ from astropy.stats import sigma_clip
 
 from fiberlake.processors.warnings_guard import catch_warnings
 
-PROFILE_BLOCK = 16
+PROFILE_BLOCK = 64
 """Columns of the oriented frame (rows of the raw frame) processed at a time (cache-sized)."""
 _EXACT_INT64_ROWS = 46_000
 """Longest column whose ``n * sum(x^2)`` fits int64 for 16-bit pixels (n^2 65535^2 < 2^63)."""
