@@ -141,7 +141,7 @@ def block_mean_uint(image: np.ndarray, fy: int, fx: int) -> np.ndarray | None:
 # --------------------------------------------------------------------------------------
 # the cosmics channel and the frame's pixel noise, on the raw integers
 # --------------------------------------------------------------------------------------
-HIT_BLOCK_ROWS = 64
+HIT_BLOCK_RAW_ROWS = 64
 """Rows of the raw frame (spectral positions) :func:`cosmic_hit_coords_uint` processes at a time."""
 _DIFF_SPAN = 65535
 """Largest magnitude of a difference of two 16-bit pixels."""
@@ -150,8 +150,8 @@ _DIFF_SPAN = 65535
 def _median_from_counts(counts: np.ndarray, offset: int) -> float:
     """``np.median`` of the integers whose histogram is ``counts`` (value ``i - offset`` at ``counts[i]``).
 
-    For an even count numpy averages the two middle values: their sum is exact in float32 and
-    float64 alike for 17-bit integers, so the result equals ``np.median`` of those integers as
+    For an even count numpy averages the two middle values: for integers below 2^20 their sum is
+    exact in float32 and float64 alike, so the result equals ``np.median`` of those integers as
     float32.
     """
     cumulative = np.cumsum(counts)                  # integer-valued (float64 weights stay exact below 2^53)
@@ -218,7 +218,7 @@ def cosmic_hit_coords_uint(image: np.ndarray, floor: float, contrast: float,
     Returns
     -------
     (rows, cols) : tuple of ndarray of int64, or None
-        Oriented coordinates of the hits, ``rows`` ascending within each spectral block; None
+        Oriented coordinates of the hits (ordered by spectral position, not row-major); None
         when the exact path does not apply (another dtype).
     """
     x = np.asarray(image)
@@ -232,8 +232,8 @@ def cosmic_hit_coords_uint(image: np.ndarray, floor: float, contrast: float,
         return empty, empty
     gain = np.float32(contrast)
     rows_found, cols_found = [], []
-    for start in range(1, n - 1, HIT_BLOCK_ROWS):
-        stop = min(start + HIT_BLOCK_ROWS, n - 1)
+    for start in range(1, n - 1, HIT_BLOCK_RAW_ROWS):
+        stop = min(start + HIT_BLOCK_RAW_ROWS, n - 1)
         centre = raw[start:stop]
         brighter = np.maximum(raw[start - 1:stop - 1], raw[start + 1:stop + 1])
         rise = np.maximum(centre, brighter)
