@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import zlib
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-from astropy.io import fits
+# Under pytest-xdist (.ci/run: 2 workers on the CI machine's 2 cores) each worker gets one thread for
+# OpenMP, BLAS and torch, as a Ray actor of one CPU does: two workers each running a 2-thread torch or
+# OpenMP loop on 2 cores spin against each other. Set before numpy is imported; a caller's setting wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
 
-from fiberlake.schemas.instrument import MINI
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from astropy.io import fits  # noqa: E402
+
+from fiberlake.schemas.instrument import MINI  # noqa: E402
 
 # Test files that start a local Ray: under pytest-xdist (.ci/run: -n 2 --dist loadgroup) they share
 # one worker, so two Ray clusters never start on the same two cores at once.
