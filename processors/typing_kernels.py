@@ -129,7 +129,7 @@ def block_mean_uint(image: np.ndarray, fy: int, fx: int) -> np.ndarray | None:
     x = np.asarray(image)
     if x.ndim != 2 or x.dtype not in (np.uint8, np.uint16) or fy * fx * int(np.iinfo(x.dtype).max) >= 2**32:
         return None
-    if not x.flags.c_contiguous and x.T.flags.c_contiguous:   # a transposed frame: sum its rows in place
+    if x.strides[0] == x.itemsize and x.strides[1] != x.itemsize:   # a transposed (trimmed) frame: sum its rows
         means = block_mean_uint(x.T, fx, fy)
         return None if means is None else np.ascontiguousarray(means.T)
     ny, nx = x.shape[0] // fy * fy, x.shape[1] // fx * fx
