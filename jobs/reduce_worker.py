@@ -1,7 +1,8 @@
 """The unit of work of processing: a stateful reducer that builds calibration sets and reduces frames.
 
 One :class:`FrameReducer` runs in-process (``--no-ray``) or in a Ray actor (:class:`ReducerHost`,
-which keeps one reducer per run's lake and parameters and outlives the run); the code is the same. A frame is reduced in three calls: :meth:`~FrameReducer.prepare` (read, correct, cut into
+which keeps one reducer per run's lake and parameters and outlives the run); the code is the same.
+A frame is reduced in three calls: :meth:`~FrameReducer.prepare` (read, correct, cut into
 fiber-bundle slabs), :meth:`~FrameReducer.extract` once per bundle (on any reducer) and
 :meth:`~FrameReducer.finish` (sky, metrics, table rows); :meth:`~FrameReducer.reduce` chains
 them in one process. It reads raw arrays and calibration sets from the lake, keeps the calibration sets it has

@@ -42,6 +42,7 @@ from numpy.polynomial import legendre
 from scipy.special import ndtr
 
 from fiberlake.processors import profile_cache
+from fiberlake.processors.content_cache import content_key
 from fiberlake.schemas.containers import ProfileModel, Spectra1D, TraceSet
 from fiberlake.schemas.maskbits import FATAL, MASK_DTYPE, Mask
 
@@ -273,7 +274,7 @@ def box_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None, tr
         return [{"P": _box_profile(_window_start(xc_all[:, r0:r1], halfwidth)[0], nw, xc_all[:, r0:r1],
                                    par_all[:, r0:r1], halfwidth, wings)[0]} for r0, r1 in blocks]
 
-    kept = profile_cache.cached(profile_cache.key("box", xc_all, par_all, float(halfwidth), nw, wings, len(blocks)),
+    kept = profile_cache.cached(content_key("box", xc_all, par_all, float(halfwidth), nw, wings, len(blocks)),
                                 profiles) if cache_profile else None
     for i, (r0, r1) in enumerate(blocks):
         xc, par = xc_all[:, r0:r1], par_all[:, r0:r1]
@@ -492,7 +493,7 @@ def optimal_extract(image: np.ndarray, ivar: np.ndarray, mask: np.ndarray | None
     res = {k: np.zeros((nf, ny)) for k in ("flux", "var", "gfrac", "ofrac", "chi2", "npix")}
     pixbits_out = np.zeros((nf, ny), MASK_DTYPE)
     for r0, r1 in _row_blocks(ny, nf, nw):
-        keep = {"cache_key": profile_cache.key("optimal", xc_all[:, r0:r1], par_all[:, r0:r1], hw, coupled, nw,
+        keep = {"cache_key": content_key("optimal", xc_all[:, r0:r1], par_all[:, r0:r1], hw, coupled, nw,
                                                np.dtype(WORK_DTYPE).str, _SUB_ROWS_ELEMENTS)} if cache_profile else {}
         blk = (_block or _optimal_block)(img, good, var, msk, xc_all[:, r0:r1], par_all[:, r0:r1], r0, r1,
                                          hw, coupled, rn2, reject_sigma, max_iter, profile_error, **keep)
@@ -538,7 +539,7 @@ def _optimal_block(img, good, var, msk, xc, par, r0, r1, hw, coupled, rn2, rejec
                    max_iter, profile_error, residuals=False, cache_key=None):
     """Fit / reject iterations on rows ``r0:r1`` for all fibers (sorted by column).
 
-    With ``cache_key`` (a :func:`~fiberlake.processors.profile_cache.key` of the profile's
+    With ``cache_key`` (a :func:`~fiberlake.processors.content_cache.content_key` of the profile's
     inputs) the profiles are taken from, or kept in, :mod:`~fiberlake.processors.profile_cache`.
 
     With ``residuals`` (and ``max_iter=0``: a single fit with the input variance) return only

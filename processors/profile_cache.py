@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fiberlake.processors.content_cache import ContentCache, content_key
+from fiberlake.processors.content_cache import ContentCache
 
 PROFILE_CACHE_BYTES = 768 << 20
 """Bytes of profiles kept: one LAMOST camera's box and optimal profiles (~560 MB: box 150 MB in
@@ -34,12 +34,9 @@ def _freeze(value: Profiles) -> None:
 _cache: ContentCache[Profiles] = ContentCache(lambda value: sum(a.nbytes for part in value for a in part.values()),
                                               max_bytes=PROFILE_CACHE_BYTES, freeze=_freeze)
 
-key = content_key
-"""A content hash of arrays and scalars (:func:`~fiberlake.processors.content_cache.content_key`)."""
-
-
 def cached(name: str, build: Callable[[], Profiles]) -> Profiles:
-    """``build()``'s value for ``name`` (a :func:`key`), built on the first call and kept.
+    """``build()``'s value for ``name`` (a :func:`~fiberlake.processors.content_cache.content_key`), built on
+    the first call and kept.
 
     The arrays are shared between callers: read them, never write them.
     """
